@@ -1,0 +1,86 @@
+"""The `poolbroker` command (also `python -m broker`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+import zmq
+
+from broker import __version__, logs
+from broker.config import ConfigError, load
+from broker.runtime import prepare_ipc
+from broker.server import Server
+from client.endpoint import default_endpoint
+
+log = logging.getLogger("broker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolbroker", description="A connection pool shared by processes.")
+    parser.add_argument("--version", action="version", version=f"poolbroker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", metavar="FILE.toml", help="a [broker] table and one [pools.NAME] table per pool")
+    serve.add_argument("--bind", metavar="ENDPOINT", help="ipc://PATH or tcp://HOST:PORT (default: private ipc)")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        metavar="NAME=HOST:PORT",
+        help="a pool in front of an upstream; repeat for more pools",
+    )
+    serve.add_argument("--max-size", type=int, help="connections per pool, at most")
+    serve.add_argument("--max-waiting", type=int, help="requests that may wait per pool before refusal")
+    serve.add_argument("--acquire-timeout", type=float, help="seconds a lease request waits (if it gives none)")
+    serve.add_argument("--connect-timeout", type=float, help="seconds to open an upstream connection")
+    serve.add_argument("--io-timeout", type=float, help="seconds an I/O operation waits (if it gives none)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "max_size": args.max_size,
+        "max_waiting": args.max_waiting,
+        "acquire_timeout": args.acquire_timeout,
+        "connect_timeout": args.connect_timeout,
+        "io_timeout": args.io_timeout,
+    }
+    try:
+        config = load(
+            args.config, bind=args.bind, upstreams=args.upstream, overrides=overrides, log_level=args.log_level
+        )
+        endpoint = config.bind or default_endpoint()
+        if endpoint.startswith("ipc://"):
+            prepare_ipc(endpoint)
+    except ConfigError as exc:
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level)
+    server = Server(config)
+    try:
+        endpoint = server.bind(endpoint)
+    except zmq.ZMQError as exc:
+        print(f"poolbroker: can't bind {endpoint}: {exc}", file=sys.stderr)
+        server.close()
+        return 1
+    pools = ", ".join(f"{p.name}={p.address} (max_size {p.max_size})" for p in config.pools)
+    log.info("poolbroker %s listening on %s; pools: %s", __version__, endpoint, pools)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
+    try:
+        server.serve()
+    finally:
+        server.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2

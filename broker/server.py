@@ -1,0 +1,607 @@
+"""The broker's server loop: one thread, one zmq.Poller over the ROUTER socket and every upstream
+socket, and a timer heap for deadlines. It decodes requests, asks each pool's core what to do, and
+performs the actions. Nothing here blocks: connects, sends and reads are all non-blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from broker import __version__
+from broker.config import BrokerConfig, PoolConfig
+from broker.pool import Close, Grant, Open, PoolCore, Reject
+from broker.timers import Timer, Timers
+from broker.upstream import ReadFailed, UpstreamConn
+from client.protocol import (
+    OP_IO,
+    OP_LEASE,
+    OP_PING,
+    OP_RELEASE,
+    OP_STATS,
+    READ_ANY,
+    READ_EXACTLY,
+    RELEASE_KEEP,
+    VERSION,
+    BadRequest,
+    Request,
+    parse_request,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
+ENVELOPE_SLACK = 1024  # room for a reply's fields around its data
+
+
+class Waiter:
+    """A lease request from `peer`, as queued in a pool core."""
+
+    __slots__ = ("peer", "req")
+
+    def __init__(self, peer: bytes, req: Request) -> None:
+        self.peer = peer
+        self.req = req
+
+
+class Lease:
+    """A granted connection, known by its token and bound to the peer that asked for it."""
+
+    __slots__ = (
+        "token",
+        "pool",
+        "conn",
+        "peer",
+        "pid",
+        "host",
+        "tag",
+        "since",
+        "last_io",
+        "ops",
+        "bytes_sent",
+        "bytes_received",
+        "exchange",
+    )
+
+    def __init__(self, token: bytes, conn: UpstreamConn, waiter: Waiter, now: float) -> None:
+        req = waiter.req
+        self.token = token
+        self.pool = conn.pool
+        self.conn = conn
+        self.peer = waiter.peer
+        self.pid = req.pid
+        self.host = req.host
+        self.tag = req.tag
+        self.since = now
+        self.last_io = now
+        self.ops = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.exchange: Exchange | None = None
+
+    def __repr__(self) -> str:
+        # Never the whole token: it is a capability.
+        return f"<Lease {self.token[:4].hex()}.. pool={self.pool.config.name} pid={self.pid} tag={self.tag}>"
+
+
+class Exchange:
+    """One I/O operation on a lease: send, then read, then reply (and maybe release)."""
+
+    __slots__ = ("lease", "peer", "rid", "send", "read", "n", "delim", "scanned", "release", "first", "timer")
+
+    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_read: int) -> None:
+        self.lease = lease
+        self.peer = peer
+        self.rid = req.id
+        self.send: memoryview | None = memoryview(req.send) if req.send else None
+        self.read = req.read
+        # Reads are bounded by what a reply can carry: `any` and `until` are clamped to it.
+        self.n = min(req.n, max_read) if req.n is not None else max_read
+        self.delim = req.delim
+        self.scanned = 0
+        self.release = req.release
+        self.first = first  # the exchange carried by a lease request: its reply carries the token
+        self.timer: Timer | None = None
+
+
+class PoolState:
+    """A pool as the server sees it: its config, its pure core, and its upstream's health."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(
+            config.name, max_size=config.max_size, max_waiting=config.max_waiting
+        )
+        self.failing = False  # the last connect failed: log the next failure quietly
+
+    def __repr__(self) -> str:
+        return repr(self.core).replace("PoolCore", "Pool", 1)
+
+
+def _ok(rid: int, **fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "id": rid, "ok": True, **fields}
+
+
+def _error(rid: int | None, code: str, message: str) -> dict[str, Any]:
+    return {"v": VERSION, "id": rid, "ok": False, "error": code, "message": message}
+
+
+class Server:
+    """The broker: bind(), then serve() until stop() is called (from a signal handler or thread)."""
+
+    def __init__(self, config: BrokerConfig, ctx: zmq.Context[Any] | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or zmq.Context()
+        self.pools = {pool.name: PoolState(pool) for pool in config.pools}
+        self.leases: dict[bytes, Lease] = {}
+        self.conns: dict[int, UpstreamConn] = {}  # by fd
+        self.timers = Timers()
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.max_read = config.max_message_size - ENVELOPE_SLACK
+        self.bad_requests = 0
+        self.endpoint = ""
+        self.ipc_path: str | None = None
+        self.router = self.ctx.socket(zmq.ROUTER)
+        # A reply to a peer that is gone raises EHOSTUNREACH instead of vanishing: that is how an
+        # unclaimed grant goes back to the pool.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        # stop() writes a byte here: the one wake-up that works from a signal handler.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._stopping = False
+        self._handlers: dict[str, Callable[[bytes, Request, float], None]] = {
+            OP_LEASE: self._on_lease,
+            OP_IO: self._on_io,
+            OP_RELEASE: self._on_release,
+            OP_STATS: self._on_stats,
+            OP_PING: self._on_ping,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self, endpoint: str) -> str:
+        """Bind the ROUTER socket; returns the endpoint actually bound (tcp port resolved)."""
+        if endpoint.startswith("ipc://"):
+            # The socket file is created 0777 & ~umask: make it 0600 (owner only).
+            old = os.umask(0o177)
+            try:
+                self.router.bind(endpoint)
+            finally:
+                os.umask(old)
+            self.ipc_path = endpoint[len("ipc://") :]  # ours to remove at close
+        else:
+            self.router.bind(endpoint)
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to end. Safe from a signal handler or another thread."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the wake-up pipe is full: the loop is waking anyway
+
+    def serve(self) -> None:
+        """Run until stop(); then reject waiters, close every upstream connection and return."""
+        poll = self.poller.poll
+        router = self.router
+        wake_fd = self._wake_r.fileno()
+        while not self._stopping:
+            events = poll(self._poll_timeout())
+            now = time.monotonic()
+            for item, flags in events:
+                if item is router:
+                    self._drain_router(now)
+                elif item == wake_fd:
+                    self._drain_wake()
+                else:
+                    conn = self.conns.get(item)
+                    if conn is not None:
+                        self._on_upstream_event(conn, flags, now)
+            self._run_due(time.monotonic())
+        self._shutdown(time.monotonic())
+
+    def close(self) -> None:
+        """Release the sockets and remove the ipc socket file."""
+        for conn in list(self.conns.values()):
+            conn.close()
+        self.conns.clear()
+        # Give error replies to waiters a moment to leave, bounded.
+        self.router.close(linger=200)
+        self._wake_r.close()
+        self._wake_w.close()
+        if self.ipc_path:
+            try:
+                os.unlink(self.ipc_path)
+            except FileNotFoundError:
+                pass
+
+    def _shutdown(self, now: float) -> None:
+        log.info("shutting down: %d leases active, %d waiting", len(self.leases), self._waiting())
+        for pool in self.pools.values():
+            self._perform(pool, pool.core.shutdown(), now)
+        for lease in list(self.leases.values()):
+            self._end_lease(lease, now, keep=False, reason="shutdown")
+
+    def _waiting(self) -> int:
+        return sum(pool.core.waiting for pool in self.pools.values())
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _poll_timeout(self) -> int | None:
+        deadline = self.timers.next_deadline()
+        for pool in self.pools.values():
+            pool_deadline = pool.core.next_deadline()
+            if pool_deadline is not None and (deadline is None or pool_deadline < deadline):
+                deadline = pool_deadline
+        if deadline is None:
+            return None
+        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+    def _run_due(self, now: float) -> None:
+        self.timers.run_due(now)
+        for pool in self.pools.values():
+            deadline = pool.core.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._perform(pool, pool.core.expire(now), now)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _drain_router(self, now: float) -> None:
+        recv = self.router.recv_multipart
+        for _ in range(ROUTER_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.bad_requests += 1
+                self._send(frames[0], _error(None, "bad_request", "a request is exactly one frame"))
+                continue
+            self._on_message(frames[0], frames[1], now)
+
+    def _on_message(self, peer: bytes, body: bytes, now: float) -> None:
+        try:
+            req = parse_request(body)
+        except BadRequest as exc:
+            self.bad_requests += 1
+            self._send(peer, _error(exc.request_id, exc.code, exc.message))
+            return
+        try:
+            self._handlers[req.op](peer, req, now)
+        except Exception:
+            # A bug of ours must not end the broker, nor leave the client without an answer.
+            log.exception("failed to handle %s request %d", req.op, req.id)
+            self._send(peer, _error(req.id, "internal", "internal broker error; see the broker's log"))
+
+    def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
+        self._send(peer, _ok(req.id, version=__version__, pools=sorted(self.pools)))
+
+    def _on_stats(self, peer: bytes, req: Request, now: float) -> None:
+        if req.pool is not None and req.pool not in self.pools:
+            self._send(peer, self._unknown_pool(req))
+            return
+        names = [req.pool] if req.pool is not None else list(self.pools)
+        pools = {name: self.pools[name].core.stats() for name in names}
+        broker = {"bad_requests": self.bad_requests, "leases_active": len(self.leases)}
+        self._send(peer, _ok(req.id, pools=pools, broker=broker))
+
+    def _unknown_pool(self, req: Request) -> dict[str, Any]:
+        known = ", ".join(sorted(self.pools)) or "none"
+        return _error(req.id, "unknown_pool", f"no pool named {req.pool!r} (pools: {known})")
+
+    def _on_lease(self, peer: bytes, req: Request, now: float) -> None:
+        assert req.pool is not None  # parse_request guarantees it
+        pool = self.pools.get(req.pool)
+        if pool is None:
+            self._send(peer, self._unknown_pool(req))
+            return
+        if req.has_exchange and not self._exchange_fits(peer, req):
+            return
+        timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
+        self._perform(pool, pool.core.request(Waiter(peer, req), now, now + timeout), now)
+
+    def _on_io(self, peer: bytes, req: Request, now: float) -> None:
+        lease = self._lease_of(peer, req)
+        if lease is None:
+            return
+        if lease.exchange is not None:
+            self._send(peer, _error(req.id, "lease_busy", "an I/O operation is already in progress on this lease"))
+            return
+        if self._exchange_fits(peer, req):
+            self._start_exchange(lease, peer, req, now, first=False)
+
+    def _on_release(self, peer: bytes, req: Request, now: float) -> None:
+        lease = self._lease_of(peer, req)
+        if lease is None:
+            return
+        self._end_lease(lease, now, keep=req.release == RELEASE_KEEP)
+        if not req.noreply:
+            self._send(peer, _ok(req.id))
+
+    def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
+        assert req.lease is not None
+        lease = self.leases.get(req.lease)
+        # Another peer's token is treated exactly like an unknown one: it reveals and touches nothing.
+        if lease is None or lease.peer != peer:
+            if not req.noreply:
+                self._send(peer, _error(req.id, "lease_lost", "no such lease (released, reclaimed, or not yours)"))
+            return None
+        return lease
+
+    def _exchange_fits(self, peer: bytes, req: Request) -> bool:
+        if req.read == READ_EXACTLY and req.n is not None and req.n > self.max_read:
+            message = f"read exactly {req.n} bytes is over the limit of {self.max_read} (max_message_size)"
+            self._send(peer, _error(req.id, "limit_exceeded", message))
+            return False
+        return True
+
+    def _send(self, peer: bytes, reply: dict[str, Any]) -> bool:
+        """Send a reply; False when the peer is gone or not reading (never blocks the loop)."""
+        try:
+            self.router.send_multipart((peer, self.packer.pack(reply)), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: disconnected; EAGAIN: its queue is full. Either way it won't hear us.
+            log.debug("reply %s to a peer that is gone: %s", reply.get("id"), exc)
+            return False
+        return True
+
+    # -- pool actions ----------------------------------------------------------------------
+
+    def _perform(self, pool: PoolState, actions: list[Any], now: float) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Grant:
+                self._grant(action.request, action.conn, now)
+            elif kind is Open:
+                self._open(pool, now)
+            elif kind is Close:
+                self._close_conn(action.conn, action.reason)
+            elif kind is Reject:
+                waiter = action.request
+                self._send(waiter.peer, _error(waiter.req.id, action.code, action.message))
+
+    def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
+        token = secrets.token_bytes(16)
+        lease = Lease(token, conn, waiter, now)
+        self.leases[token] = lease
+        conn.lease = lease
+        req = waiter.req
+        if req.has_exchange:
+            self._start_exchange(lease, waiter.peer, req, now, first=True)
+            return
+        self._watch(conn)
+        if not self._send(waiter.peer, _ok(req.id, lease=token)):
+            # The requester left (timed out, gave up, died): the connection goes back at once.
+            self._end_lease(lease, now, keep=True)
+
+    def _open(self, pool: PoolState, now: float) -> None:
+        config = pool.config
+        conn = UpstreamConn(pool, now)
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0]
+            connected = conn.start_connect(family, sockaddr)
+        except OSError as exc:
+            self._connect_failed(conn, exc, now)
+            return
+        self.conns[conn.fd] = conn
+        if connected:
+            self._connected(conn, now)
+            return
+        self._watch(conn, zmq.POLLOUT)
+        conn.timer = self.timers.call_at(now + config.connect_timeout, lambda t: self._connect_timed_out(conn, t))
+
+    def _connect_timed_out(self, conn: UpstreamConn, now: float) -> None:
+        timeout = conn.pool.config.connect_timeout
+        self._connect_failed(conn, TimeoutError(f"no answer within connect_timeout={timeout}s"), now)
+
+    def _connect_failed(self, conn: UpstreamConn, exc: Exception, now: float) -> None:
+        pool = conn.pool
+        self._forget(conn)
+        message = f"can't connect to {pool.config.address} for pool {pool.config.name!r}: {exc}"
+        # Log the first failure of a run loudly; repeats would flood the log during an outage.
+        log.log(logging.DEBUG if pool.failing else logging.WARNING, "%s", message)
+        pool.failing = True
+        self._perform(pool, pool.core.connect_failed(now, message), now)
+
+    def _connected(self, conn: UpstreamConn, now: float) -> None:
+        pool = conn.pool
+        self.timers.cancel(conn.timer)
+        conn.timer = None
+        if pool.failing:
+            log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
+            pool.failing = False
+        self._perform(pool, pool.core.connected(conn, now), now)
+        self._watch(conn)
+
+    def _close_conn(self, conn: UpstreamConn, reason: str) -> None:
+        level = logging.WARNING if reason == "broken" else logging.DEBUG
+        log.log(level, "pool %r: closing a connection (%s)", conn.pool.config.name, reason)
+        self._forget(conn)
+
+    def _forget(self, conn: UpstreamConn) -> None:
+        self.timers.cancel(conn.timer)
+        conn.timer = None
+        if conn.watching:
+            self.poller.unregister(conn.fd)
+            conn.watching = 0
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+        conn.close()
+
+    def _watch(self, conn: UpstreamConn, flags: int | None = None) -> None:
+        """Poll `conn` for what its state needs: an idle one for readability (a close by the
+        upstream or stray bytes), a leased one only while an exchange sends or reads."""
+        if flags is None:
+            if conn.closed:
+                flags = 0
+            elif conn.lease is None:
+                flags = zmq.POLLIN
+            else:
+                exchange = conn.lease.exchange
+                if exchange is None:
+                    flags = 0
+                elif exchange.send is not None:
+                    flags = zmq.POLLOUT
+                else:
+                    flags = zmq.POLLIN
+        if flags != conn.watching:
+            if flags:
+                self.poller.register(conn.fd, flags)
+            else:
+                self.poller.unregister(conn.fd)
+            conn.watching = flags
+
+    def _on_upstream_event(self, conn: UpstreamConn, flags: int, now: float) -> None:
+        if conn.timer is not None:  # connecting
+            error = conn.connect_error()
+            if error is None:
+                self._connected(conn, now)
+            else:
+                self._connect_failed(conn, error, now)
+            return
+        lease = conn.lease
+        if lease is None:
+            # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
+            self._perform(conn.pool, conn.pool.core.lost(conn, now), now)
+            return
+        exchange = lease.exchange
+        if exchange is None:
+            self._watch(conn)
+            return
+        if exchange.send is None:
+            try:
+                conn.fill()
+            except OSError as exc:
+                conn.broken = True
+                self._finish_error(exchange, "upstream_error", f"read from upstream failed: {exc}", now)
+                return
+        self._advance(exchange, now)
+
+    # -- leases and exchanges --------------------------------------------------------------
+
+    def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
+        exchange = Exchange(lease, peer, req, first, self.max_read)
+        lease.exchange = exchange
+        lease.ops += 1
+        lease.last_io = now
+        self._advance(exchange, now)
+        if lease.exchange is exchange:  # still running: bound it in time
+            io_timeout = req.io_timeout if req.io_timeout is not None else lease.pool.config.io_timeout
+            exchange.timer = self.timers.call_at(now + io_timeout, lambda t: self._exchange_timed_out(exchange, t))
+
+    def _advance(self, exchange: Exchange, now: float) -> None:
+        """Move an exchange on as far as the socket allows: send, then read, then reply."""
+        lease = exchange.lease
+        conn = lease.conn
+        if exchange.send is not None:
+            try:
+                sent = conn.send(exchange.send)
+            except OSError as exc:
+                conn.broken = True
+                self._finish_error(exchange, "upstream_error", f"send to upstream failed: {exc}", now)
+                return
+            lease.bytes_sent += sent
+            exchange.send = exchange.send[sent:] if sent < len(exchange.send) else None
+            if exchange.send is not None:
+                self._watch(conn)
+                return
+        if exchange.read is None:
+            self._finish_ok(exchange, None, now)
+            return
+        try:
+            data, exchange.scanned = conn.take(exchange.read, exchange.n, exchange.delim, exchange.scanned)
+        except ReadFailed as exc:
+            if exc.code == "upstream_error":
+                conn.broken = True
+            self._finish_error(exchange, exc.code, exc.message, now)
+            return
+        if data is None:
+            self._watch(conn)
+            return
+        lease.bytes_received += len(data)
+        self._finish_ok(exchange, data, now)
+
+    def _exchange_timed_out(self, exchange: Exchange, now: float) -> None:
+        exchange.timer = None
+        if exchange.send is not None:
+            # Part of a message may have gone out: the upstream's view of the stream is unknown.
+            exchange.lease.conn.broken = True
+            message = "send to upstream timed out"
+        else:
+            message = "no answer from upstream in time (bytes already read stay buffered)"
+        self._finish_error(exchange, "upstream_timeout", message, now)
+
+    def _finish_ok(self, exchange: Exchange, data: bytes | None, now: float) -> None:
+        lease = self._end_exchange(exchange, now)
+        reply = _ok(exchange.rid)
+        if exchange.first:
+            reply["lease"] = lease.token
+        if data is not None:
+            reply["data"] = data
+            if not data and exchange.read == READ_ANY:
+                reply["eof"] = True
+        if exchange.release is not None:
+            self._end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
+            reply["released"] = True
+        if not self._send(exchange.peer, reply) and lease.token in self.leases:
+            # The holder is gone mid-conversation: the connection's state is unknown.
+            self._end_lease(lease, now, keep=False)
+
+    def _finish_error(self, exchange: Exchange, code: str, message: str, now: float) -> None:
+        lease = self._end_exchange(exchange, now)
+        reply = _error(exchange.rid, code, message)
+        # A failed exchange that was to end the lease, or that opened it (its requester has no
+        # token yet), ends it; an unfinished exchange leaves the connection in an unknown state.
+        if exchange.release is not None or exchange.first:
+            self._end_lease(lease, now, keep=False)
+            reply["released"] = True
+        if not self._send(exchange.peer, reply) and lease.token in self.leases:
+            self._end_lease(lease, now, keep=False)
+
+    def _end_exchange(self, exchange: Exchange, now: float) -> Lease:
+        lease = exchange.lease
+        self.timers.cancel(exchange.timer)
+        exchange.timer = None
+        lease.exchange = None
+        lease.last_io = now
+        self._watch(lease.conn)
+        return lease
+
+    def _end_lease(self, lease: Lease, now: float, *, keep: bool, reason: str | None = None) -> None:
+        """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
+        del self.leases[lease.token]
+        conn = lease.conn
+        exchange = lease.exchange
+        if exchange is not None:
+            # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
+            self._end_exchange(exchange, now)
+            conn.broken = True
+            self._send(exchange.peer, _error(exchange.rid, "lease_lost", "the lease ended during this operation"))
+        conn.lease = None
+        reusable = keep and conn.reusable()
+        if reason is None:
+            reason = "broken" if keep else "discarded"
+        self._perform(lease.pool, lease.pool.core.release(conn, now, reusable, reason), now)
+        self._watch(conn)

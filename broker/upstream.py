@@ -1,0 +1,139 @@
+"""One upstream TCP connection: non-blocking connect, buffered reads, and the reads a lease asks for."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import TYPE_CHECKING, Any
+
+from client.protocol import READ_ANY, READ_EXACTLY
+
+if TYPE_CHECKING:
+    from broker.server import Lease, PoolState
+    from broker.timers import Timer
+
+RECV_CHUNK = 256 * 1024
+
+
+class ReadFailed(Exception):
+    """A read can't be satisfied: `code` is a wire error code, the message says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class UpstreamConn:
+    """A socket to the upstream, its read buffer, and what the broker knows of its health."""
+
+    __slots__ = ("pool", "sock", "fd", "created", "rbuf", "eof", "broken", "closed", "lease", "timer", "watching")
+
+    def __init__(self, pool: PoolState, now: float) -> None:
+        self.pool = pool
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.created = now
+        self.rbuf = bytearray()  # bytes read from the upstream and not yet handed to a client
+        self.eof = False  # the upstream closed its side
+        self.broken = False  # an I/O failed or was cut short: never reuse
+        self.closed = False
+        self.lease: Lease | None = None
+        self.timer: Timer | None = None  # connect deadline
+        self.watching = 0  # poll flags currently registered
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConn {self.pool.config.name} fd={self.fd}>"
+
+    def start_connect(self, family: int, sockaddr: Any) -> bool:
+        """Begin a non-blocking connect; True if it completed at once. Raises OSError on failure."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        self.sock, self.fd = sock, sock.fileno()
+        if family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        err = sock.connect_ex(sockaddr)
+        if err == 0:
+            return True
+        if err in (errno.EINPROGRESS, errno.EWOULDBLOCK):
+            return False
+        raise OSError(err, errno.errorcode.get(err, "connect failed"))
+
+    def connect_error(self) -> OSError | None:
+        """After the socket turned writable: None if connected, else the connect error."""
+        assert self.sock is not None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return OSError(err, errno.errorcode.get(err, "connect failed")) if err else None
+
+    def send(self, data: memoryview) -> int:
+        """Send what the socket takes now; 0 when its buffer is full. Raises OSError if broken."""
+        assert self.sock is not None
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    def fill(self) -> None:
+        """Read what has arrived into the buffer (noting end of stream). Raises OSError if broken."""
+        assert self.sock is not None
+        try:
+            chunk = self.sock.recv(RECV_CHUNK)
+        except BlockingIOError:
+            return
+        if chunk:
+            self.rbuf += chunk
+        else:
+            self.eof = True
+
+    def take(self, mode: str, n: int, delim: bytes | None, scanned: int) -> tuple[bytes | None, int]:
+        """Take what a read asks for from the buffer, or (None, how far a delimiter search got).
+
+        `n`: any: the most to return; exactly: the count; until: the most to scan.
+        Raises ReadFailed when the read can never be satisfied.
+        """
+        buf = self.rbuf
+        if mode == READ_ANY:
+            if buf:
+                data = bytes(buf[:n])
+                del buf[:n]
+                return data, 0
+            return (b"", 0) if self.eof else (None, 0)
+        if mode == READ_EXACTLY:
+            if len(buf) >= n:
+                data = bytes(buf[:n])
+                del buf[:n]
+                return data, 0
+            if self.eof:
+                raise ReadFailed("upstream_error", f"upstream closed after {len(buf)} of {n} bytes")
+            return None, 0
+        assert delim is not None
+        # Resume the search where the last one stopped, less a delimiter's length that may straddle.
+        found = buf.find(delim, max(0, scanned - len(delim) + 1), n)
+        if found >= 0:
+            end = found + len(delim)
+            data = bytes(buf[:end])
+            del buf[:end]
+            return data, 0
+        if len(buf) >= n:
+            raise ReadFailed("limit_exceeded", f"no delimiter {delim!r} within {n} bytes")
+        if self.eof:
+            raise ReadFailed("upstream_error", f"upstream closed before delimiter {delim!r} ({len(buf)} bytes read)")
+        return None, len(buf)
+
+    def reusable(self) -> bool:
+        """Fit to go back to the pool: no I/O failed, nothing unread, and the peer has not closed."""
+        if self.broken or self.eof or self.rbuf or self.sock is None:
+            return False
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read: clean
+        except OSError:
+            return False
+        return False  # unread bytes (out of sync) or b"" (the peer closed)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.sock is not None:
+            self.sock.close()

@@ -1,0 +1,386 @@
+"""The worker side: Client leases connections from the broker; Lease does I/O through one.
+
+Sockets are made lazily, one DEALER per thread per process, so a Client may be created before
+fork (gunicorn --preload) and shared by threads. Every call has a deadline: a broker that does not
+answer gives BrokerUnavailable, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any
+
+import msgpack
+import zmq
+
+from client.endpoint import default_endpoint
+from client.errors import BrokerUnavailable, LeaseLost, ProtocolError, error_from_code
+from client.protocol import (
+    OP_IO,
+    OP_LEASE,
+    OP_PING,
+    OP_RELEASE,
+    OP_STATS,
+    READ_ANY,
+    READ_EXACTLY,
+    READ_UNTIL,
+    RELEASE_DISCARD,
+    RELEASE_KEEP,
+    VERSION,
+    exchange_fields,
+)
+
+HOSTNAME = socket.gethostname()
+DEFAULT_RECV = 65536
+
+
+class _Channel:
+    """One DEALER socket, used by one thread at a time (its lock lets a Lease cross threads)."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+        self.pid = os.getpid()
+        self.endpoint = endpoint
+        self.lock = threading.Lock()
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.next_id = 1
+        self._ctx = ctx
+        self.sock = self._connect()
+        self.generation = 0  # bumped on reset: leases taken on an older socket are lost
+
+    def _connect(self) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # never let close() or term() wait on unsent messages
+        sock.connect(self.endpoint)
+        return sock
+
+    def _reset(self) -> None:
+        # After a timeout the old socket may still deliver our request, and its reply, later: a
+        # new socket drops both, so no stale grant can arrive where nobody expects it.
+        self.sock.close(linger=0)
+        self.sock = self._connect()
+        self.generation += 1
+
+    def call(self, message: dict[str, Any], wait: float) -> dict[str, Any]:
+        """Send a request and return its reply (ok or error) within `wait` seconds."""
+        with self.lock:
+            rid = self.next_id
+            self.next_id += 1
+            message["v"] = VERSION
+            message["id"] = rid
+            try:
+                self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
+            except zmq.Again:
+                self._reset()
+                raise BrokerUnavailable(f"the broker at {self.endpoint} is not taking requests") from None
+            deadline = time.monotonic() + wait
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                    self._reset()
+                    raise BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s")
+                try:
+                    reply = msgpack.unpackb(self.sock.recv(), raw=False)
+                except Exception as exc:
+                    raise ProtocolError(f"undecodable reply from the broker: {exc}") from None
+                if isinstance(reply, dict) and reply.get("id") == rid:
+                    return reply
+                # Anything else is not ours to wait for (a reply can't be stale on a fresh socket).
+
+    def send_oneway(self, message: dict[str, Any]) -> None:
+        with self.lock:
+            message["v"] = VERSION
+            message["id"] = self.next_id
+            message["noreply"] = True
+            self.next_id += 1
+            try:
+                self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the broker is unreachable; it will reclaim the lease itself
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("ok") is True:
+        return reply
+    raise error_from_code(str(reply.get("error")), str(reply.get("message", "")))
+
+
+# Sockets and contexts a forked child inherited: never used, never closed, never collected there
+# (closing them in the child could disturb the parent's connections).
+_inherited: list[Any] = []
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Client:
+    """A handle on the broker, shared by the threads and surviving forks of a worker process.
+
+    `timeout` is the default acquire timeout of lease(), `io_timeout` the default of each I/O
+    operation; `broker_timeout` is how much longer than those a call waits for the broker before
+    raising BrokerUnavailable.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = 5.0,
+        io_timeout: float = 30.0,
+        broker_timeout: float = 2.0,
+    ) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self.io_timeout = io_timeout
+        self.broker_timeout = broker_timeout
+        self._lock = threading.Lock()
+        self._ctx: zmq.Context[Any] | None = None
+        self._channels: list[_Channel] = []
+        self._local = threading.local()
+        self._closed = False
+        _clients.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Client {self.endpoint}>"
+
+    def _forget_parent(self) -> None:
+        _inherited.extend([self._ctx, self._channels, self._local])
+        self._lock = threading.Lock()
+        self._ctx = None
+        self._channels = []
+        self._local = threading.local()
+
+    def _channel(self) -> _Channel:
+        channel: _Channel | None = getattr(self._local, "channel", None)
+        if channel is not None:
+            return channel
+        with self._lock:
+            if self._closed:
+                raise BrokerUnavailable("this Client is closed")
+            if self._ctx is None:
+                self._ctx = zmq.Context()
+            channel = _Channel(self._ctx, self.endpoint)
+            self._channels.append(channel)
+        self._local.channel = channel
+        return channel
+
+    def lease(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        *,
+        tag: str | None = None,
+        io_timeout: float | None = None,
+    ) -> Lease:
+        """Lease a connection from `pool`, waiting up to `timeout` seconds for one.
+
+        Use it in a `with` block: leaving normally releases it, leaving by an exception discards
+        it (its state is unknown).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        message: dict[str, Any] = {
+            "op": OP_LEASE,
+            "pool": pool,
+            "timeout": timeout,
+            "pid": os.getpid(),
+            "host": HOSTNAME,
+        }
+        if tag is not None:
+            message["tag"] = tag
+        channel = self._channel()
+        generation = channel.generation
+        reply = _check(channel.call(message, timeout + self.broker_timeout))
+        io_timeout = self.io_timeout if io_timeout is None else io_timeout
+        return Lease(self, channel, generation, pool, reply["lease"], io_timeout)
+
+    def request(
+        self,
+        pool: str,
+        data: bytes,
+        *,
+        until: bytes | None = None,
+        exactly: int | None = None,
+        max_bytes: int = DEFAULT_RECV,
+        timeout: float | None = None,
+        io_timeout: float | None = None,
+    ) -> bytes:
+        """A whole lease cycle in one round trip: lease, send `data`, read the answer, release.
+
+        The answer is read up to and including `until`, or `exactly` bytes, or else whatever
+        arrives first (at most `max_bytes`).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        io_timeout = self.io_timeout if io_timeout is None else io_timeout
+        message = {
+            "op": OP_LEASE,
+            "pool": pool,
+            "timeout": timeout,
+            "pid": os.getpid(),
+            "host": HOSTNAME,
+            **_read_fields(data, until, exactly, max_bytes, io_timeout, RELEASE_KEEP),
+        }
+        reply = _check(self._channel().call(message, timeout + io_timeout + self.broker_timeout))
+        return reply.get("data", b"")  # type: ignore[no-any-return]
+
+    def stats(self, pool: str | None = None) -> dict[str, dict[str, Any]]:
+        """{pool_name: {stat_name: value}} for every pool, or just `pool`."""
+        message: dict[str, Any] = {"op": OP_STATS}
+        if pool is not None:
+            message["pool"] = pool
+        return _check(self._channel().call(message, self.broker_timeout))["pools"]  # type: ignore[no-any-return]
+
+    def ping(self) -> dict[str, Any]:
+        """The broker's version and pool names; raises BrokerUnavailable if it does not answer."""
+        reply = _check(self._channel().call({"op": OP_PING}, self.broker_timeout))
+        return {"version": reply.get("version"), "pools": reply.get("pools", [])}
+
+    def close(self) -> None:
+        """Close this process's sockets. Call it when no thread uses the Client any more."""
+        with self._lock:
+            self._closed = True
+            if self._ctx is not None:
+                for channel in self._channels:
+                    channel.close()
+                self._ctx.term()
+            self._ctx = None
+            self._channels = []
+        self._local = threading.local()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_fields(
+    data: bytes | None,
+    until: bytes | None,
+    exactly: int | None,
+    max_bytes: int,
+    io_timeout: float,
+    release: str | None = None,
+) -> dict[str, Any]:
+    if until is not None and exactly is not None:
+        raise ValueError("give until= or exactly=, not both")
+    if until is not None:
+        return exchange_fields(data, read=READ_UNTIL, delim=until, io_timeout=io_timeout, release=release)
+    if exactly is not None:
+        return exchange_fields(data, read=READ_EXACTLY, n=exactly, io_timeout=io_timeout, release=release)
+    return exchange_fields(data, read=READ_ANY, n=max_bytes, io_timeout=io_timeout, release=release)
+
+
+class Lease:
+    """A leased upstream connection. Its methods read like a socket's; each is one round trip."""
+
+    def __init__(
+        self, client: Client, channel: _Channel, generation: int, pool: str, token: bytes, io_timeout: float
+    ) -> None:
+        self.client = client
+        self.pool = pool
+        self.io_timeout = io_timeout
+        self._channel = channel
+        self._generation = generation
+        self._token = token
+        self._done = False
+        self.eof = False  # the upstream closed its side
+
+    def __repr__(self) -> str:
+        state = "released" if self._done else "active"
+        return f"<Lease {self.pool} {self._token[:4].hex()}.. {state}>"
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.release()
+        else:
+            self.discard()
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    def sendall(self, data: bytes) -> None:
+        """Send all of `data` to the upstream."""
+        self._io(exchange_fields(data, io_timeout=self.io_timeout))
+
+    def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
+        """At least 1 byte and at most `bufsize`; b"" once the upstream has closed."""
+        return self._io(_read_fields(None, None, None, bufsize, self.io_timeout))
+
+    def recv_exactly(self, n: int) -> bytes:
+        """Exactly `n` bytes (UpstreamError if the upstream closes first)."""
+        return self._io(_read_fields(None, None, n, 0, self.io_timeout))
+
+    def recv_until(self, delimiter: bytes) -> bytes:
+        """Bytes up to and including `delimiter`."""
+        return self._io(_read_fields(None, delimiter, None, 0, self.io_timeout))
+
+    def request(
+        self, data: bytes, *, until: bytes | None = None, exactly: int | None = None, max_bytes: int = DEFAULT_RECV
+    ) -> bytes:
+        """Send `data` and read the answer in one round trip (see Client.request for how it reads)."""
+        return self._io(_read_fields(data, until, exactly, max_bytes, self.io_timeout))
+
+    def _io(self, fields: dict[str, Any]) -> bytes:
+        self._check_usable()
+        message = {"op": OP_IO, "lease": self._token, **fields}
+        try:
+            reply = self._channel.call(message, self.io_timeout + self.client.broker_timeout)
+        except BrokerUnavailable:
+            self._done = True  # the channel was reset: the broker will reclaim this lease
+            raise
+        if reply.get("released"):
+            self._done = True
+        if reply.get("error") == "lease_lost":
+            self._done = True
+        reply = _check(reply)
+        if reply.get("eof"):
+            self.eof = True
+        return reply.get("data", b"")  # type: ignore[no-any-return]
+
+    def _check_usable(self) -> None:
+        if self._done:
+            raise LeaseLost("this lease has been released")
+        if self._channel.pid != os.getpid():
+            raise LeaseLost("this lease belongs to the parent process; lease again after fork")
+        if self._channel.generation != self._generation:
+            self._done = True
+            raise LeaseLost("the connection to the broker was reset since this lease was taken")
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give the connection back to the pool (it is closed instead if it is not clean)."""
+        self._end(RELEASE_KEEP)
+
+    def discard(self) -> None:
+        """End the lease and close the connection: for when its state is unknown."""
+        self._end(RELEASE_DISCARD)
+
+    def _end(self, mode: str) -> None:
+        # One-way: nothing to wait for. A lease already lost, or a parent's, is left alone.
+        if self._done or self._channel.pid != os.getpid() or self._channel.generation != self._generation:
+            self._done = True
+            return
+        self._done = True
+        self._channel.send_oneway({"op": OP_RELEASE, "lease": self._token, "release": mode})
+
+    @property
+    def released(self) -> bool:
+        return self._done

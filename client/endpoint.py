@@ -1,0 +1,23 @@
+"""Where the broker listens by default: an ipc socket in a private per-user runtime directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ENDPOINT_ENV = "POOLBROKER_ENDPOINT"
+SOCKET_NAME = "broker.sock"
+
+
+def runtime_dir() -> Path:
+    """The per-user directory for the default socket ($XDG_RUNTIME_DIR/poolbroker, else in /tmp)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "poolbroker"
+    return Path(tempfile.gettempdir()) / f"poolbroker-{os.getuid()}"
+
+
+def default_endpoint() -> str:
+    """$POOLBROKER_ENDPOINT if set, else ipc:// in runtime_dir()."""
+    return os.environ.get(ENDPOINT_ENV) or f"ipc://{runtime_dir() / SOCKET_NAME}"

@@ -1,0 +1,200 @@
+"""The poolbroker wire format, version 1: one msgpack map per message (see docs/protocol.md).
+
+The client builds requests; the broker parses them with `parse_request`, which type-checks every
+field so that nothing a client sends can reach the broker's state unchecked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+
+# Operations.
+OP_PING = "ping"
+OP_STATS = "stats"
+OP_LEASE = "lease"
+OP_IO = "io"
+OP_RELEASE = "release"
+OPS = frozenset({OP_PING, OP_STATS, OP_LEASE, OP_IO, OP_RELEASE})
+
+# How an I/O operation reads after sending.
+READ_ANY = "any"  # whatever is available, at least 1 byte and at most n (b"" at end of stream)
+READ_EXACTLY = "exactly"  # exactly n bytes
+READ_UNTIL = "until"  # up to and including delim, scanning at most n bytes
+READ_MODES = frozenset({READ_ANY, READ_EXACTLY, READ_UNTIL})
+
+# What happens to the lease after an operation.
+RELEASE_KEEP = "keep"  # back to the pool if the connection is clean
+RELEASE_DISCARD = "discard"  # close the connection: its state is unknown
+RELEASE_MODES = frozenset({RELEASE_KEEP, RELEASE_DISCARD})
+
+TOKEN_BYTES = 16  # a lease token: 128 random bits
+MAX_ID = 2**63 - 1
+MAX_NAME = 128  # pool names, hosts
+MAX_TAG = 256
+
+
+class BadRequest(Exception):
+    """A request that can't be served; the broker answers it with this code and message."""
+
+    def __init__(self, code: str, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(slots=True)
+class Request:
+    """A parsed, type-checked request. Fields an operation does not use stay None."""
+
+    op: str
+    id: int
+    noreply: bool = False
+    pool: str | None = None
+    lease: bytes | None = None
+    timeout: float | None = None  # lease: the acquire timeout
+    tag: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    # An exchange (lease or io): send, then read.
+    send: bytes | None = None
+    read: str | None = None
+    n: int | None = None
+    delim: bytes | None = None
+    io_timeout: float | None = None
+    release: str | None = None  # after the exchange: keep or discard
+
+    @property
+    def has_exchange(self) -> bool:
+        return self.send is not None or self.read is not None
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: int | None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python: never accept it where a number is asked for.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadRequest("bad_request", f"field {name!r} has the wrong type", rid)
+    return value
+
+
+def _positive_seconds(body: dict[str, Any], name: str, rid: int | None) -> float | None:
+    value = _field(body, name, (int, float), rid)
+    if value is None:
+        return None
+    if not 0 < value <= 86400:
+        raise BadRequest("bad_request", f"field {name!r} must be in (0, 86400] seconds", rid)
+    return float(value)
+
+
+def _short_str(body: dict[str, Any], name: str, limit: int, rid: int | None) -> str | None:
+    value = _field(body, name, str, rid)
+    if value is not None and len(value) > limit:
+        raise BadRequest("bad_request", f"field {name!r} is longer than {limit}", rid)
+    return value  # type: ignore[no-any-return]
+
+
+def parse_request(frame: bytes) -> Request:
+    """Decode and check one request body; raise BadRequest with the request id when known."""
+    try:
+        body = msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises several types for bad input
+        raise BadRequest("bad_request", f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("bad_request", "a request is a msgpack map")
+    rid = body.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
+        raise BadRequest("bad_request", "field 'id' must be an integer in [0, 2**63)")
+    version = body.get("v")
+    if version != VERSION:
+        raise BadRequest("unsupported_version", f"protocol version {version!r}; this broker speaks {VERSION}", rid)
+    op = body.get("op")
+    if op not in OPS:
+        raise BadRequest("bad_request", f"unknown operation {op!r}", rid)
+    req = Request(op=op, id=rid, noreply=_field(body, "noreply", bool, rid) or False)
+    if op == OP_LEASE:
+        req.pool = _short_str(body, "pool", MAX_NAME, rid)
+        if not req.pool:
+            raise BadRequest("bad_request", "lease needs a 'pool'", rid)
+        req.timeout = _positive_seconds(body, "timeout", rid)
+        req.tag = _short_str(body, "tag", MAX_TAG, rid)
+        req.pid = _field(body, "pid", int, rid)
+        req.host = _short_str(body, "host", MAX_NAME, rid)
+        _parse_exchange(body, req)
+    elif op in (OP_IO, OP_RELEASE):
+        token = _field(body, "lease", bytes, rid)
+        if token is None or len(token) != TOKEN_BYTES:
+            raise BadRequest("bad_request", f"{op} needs a {TOKEN_BYTES}-byte 'lease'", rid)
+        req.lease = token
+        if op == OP_IO:
+            _parse_exchange(body, req)
+        else:
+            req.release = _release_mode(body, rid) or RELEASE_KEEP
+    elif op == OP_STATS:
+        req.pool = _short_str(body, "pool", MAX_NAME, rid)
+    if req.noreply and op != OP_RELEASE:
+        raise BadRequest("bad_request", "only release may be one-way (noreply)", rid)
+    return req
+
+
+def _release_mode(body: dict[str, Any], rid: int) -> str | None:
+    mode = _field(body, "release", str, rid)
+    if mode is not None and mode not in RELEASE_MODES:
+        raise BadRequest("bad_request", f"'release' must be one of {sorted(RELEASE_MODES)}", rid)
+    return mode  # type: ignore[no-any-return]
+
+
+def _parse_exchange(body: dict[str, Any], req: Request) -> None:
+    rid = req.id
+    req.send = _field(body, "send", bytes, rid)
+    req.read = _field(body, "read", str, rid)
+    req.n = _field(body, "n", int, rid)
+    req.delim = _field(body, "delim", bytes, rid)
+    req.io_timeout = _positive_seconds(body, "io_timeout", rid)
+    req.release = _release_mode(body, rid)
+    if req.read is None:
+        if req.n is not None or req.delim is not None:
+            raise BadRequest("bad_request", "'n' and 'delim' need a 'read' mode", rid)
+        return
+    if req.read not in READ_MODES:
+        raise BadRequest("bad_request", f"'read' must be one of {sorted(READ_MODES)}", rid)
+    if req.n is not None and req.n < 0:
+        raise BadRequest("bad_request", "'n' must not be negative", rid)
+    if req.read == READ_ANY and not req.n:
+        raise BadRequest("bad_request", "read 'any' needs 'n' >= 1 (the most bytes to return)", rid)
+    if req.read == READ_EXACTLY and req.n is None:
+        raise BadRequest("bad_request", "read 'exactly' needs 'n'", rid)
+    if req.read == READ_UNTIL and not req.delim:
+        raise BadRequest("bad_request", "read 'until' needs a non-empty 'delim'", rid)
+
+
+def exchange_fields(
+    send: bytes | None,
+    *,
+    read: str | None = None,
+    n: int | None = None,
+    delim: bytes | None = None,
+    io_timeout: float | None = None,
+    release: str | None = None,
+) -> dict[str, Any]:
+    """The fields of an exchange, for a lease or io request (client side)."""
+    fields: dict[str, Any] = {}
+    if send:
+        fields["send"] = send
+    if read is not None:
+        fields["read"] = read
+    if n is not None:
+        fields["n"] = n
+    if delim is not None:
+        fields["delim"] = delim
+    if io_timeout is not None:
+        fields["io_timeout"] = io_timeout
+    if release is not None:
+        fields["release"] = release
+    return fields
