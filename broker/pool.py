@@ -123,7 +123,9 @@ class PoolCore(Generic[C, R]):
             self.leased.add(conn)
             self.wait_time.record(0.0)
             return [Grant(request, conn)]
-        if self.waiting >= self.max_waiting:
+        # max_waiting bounds the requests waiting for a connection to come back; those a free
+        # permit will open a connection for don't count (else max_waiting=0 could never grow).
+        if self.waiting >= self.max_waiting + self.max_size - self.size:
             self.requests_rejected += 1
             return [
                 Reject(

@@ -1,0 +1,74 @@
+"""Fixtures: a real Redis and real broker processes, each started and stopped by the test."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import Broker, RedisServer, TestUpstream  # noqa: E402
+
+from client import Client  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis per test process, for tests that don't stop it."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis this test alone uses (it may stop and start it)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_broker() -> Iterator[Callable[..., Broker]]:
+    """Start broker processes with the given serve flags; every one is stopped at the end."""
+    brokers: list[Broker] = []
+
+    def start(*args: str, **kwargs: object) -> Broker:
+        broker = Broker(*args, **kwargs)  # type: ignore[arg-type]
+        brokers.append(broker)
+        return broker.start()
+
+    yield start
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Callable[[str], TestUpstream]]:
+    servers: list[TestUpstream] = []
+
+    def make(mode: str = "echo") -> TestUpstream:
+        server = TestUpstream(mode)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def make(endpoint: str, **kwargs: float) -> Client:
+        client = Client(endpoint, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -1,0 +1,231 @@
+"""Real processes for tests: a Redis, a broker, and small upstreams of our own; waits with deadlines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def short_tempdir() -> Path:
+    # ipc paths are limited to 107 bytes: pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port; stop() and start() keep the port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = short_tempdir()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (./scripts/test installs it)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--maxclients", "1000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, what=f"redis on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.ConnectionError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def broker_connections(self, own_id: int | None = None) -> int:
+        """Connections from anyone but the inspecting client (in tests: the broker's)."""
+        r = self.client()
+        me = r.client_id()
+        count = sum(1 for c in r.client_list() if int(c["id"]) not in (me, own_id))
+        r.close()
+        return count
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class Broker:
+    """A real broker process (`python -m broker serve`) on a private ipc endpoint."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, endpoint: str | None = None) -> None:
+        self.dir = short_tempdir()
+        self.endpoint = endpoint or f"ipc://{self.dir}/broker.sock"
+        self.log_path = self.dir / "broker.log"
+        self.args = args
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Broker:
+        argv = [sys.executable, "-m", "broker", "serve", "--bind", self.endpoint, *self.args]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        if wait:
+            wait_for(self.ready, what="the broker to answer ping")
+        return self
+
+    def ready(self) -> bool:
+        from client import BrokerUnavailable, Client
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+        client = Client(self.endpoint, broker_timeout=0.2)
+        try:
+            client.ping()
+            return True
+        except BrokerUnavailable:
+            return False
+        finally:
+            client.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        return self.proc.wait(15)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TestUpstream:
+    """A TCP server of our own for what Redis can't do: echo, stall, close, count connections.
+
+    mode: "echo" echoes every byte; "stall" accepts and never answers; "close" closes at once;
+    "greet" sends b"hello\\n" unasked right after accepting.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, mode: str = "echo") -> None:
+        self.mode = mode
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                self._conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            if self.mode == "close":
+                return
+            if self.mode == "greet":
+                conn.sendall(b"hello\n")
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                if self.mode == "echo":
+                    conn.sendall(data)
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self.open -= 1
+            conn.close()
+
+    def close_all(self) -> None:
+        """Close every accepted connection from the server side."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.listener.close()
+        self.close_all()
+
+
+def run_python(code: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> str:
+    """Run `code` in a fresh Python process (the project on its path); return its stdout."""
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"child failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
