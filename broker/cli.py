@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -69,11 +70,16 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     pools = ", ".join(f"{p.name}={p.address} (max_size {p.max_size})" for p in config.pools)
     log.info("poolbroker %s listening on %s; pools: %s", __version__, endpoint, pools)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where it is
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
+    # libzmq's I/O threads may take the signal, leaving the loop's poll() uninterrupted: the C-level
+    # handler writes to this fd from whatever thread, which wakes the poll so the handler can run.
+    signal.set_wakeup_fd(server.wakeup_fd)
     try:
         server.serve()
     finally:
+        signal.set_wakeup_fd(-1)
         server.close()
     log.info("stopped")
     return 0

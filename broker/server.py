@@ -189,6 +189,11 @@ class Server:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
 
+    @property
+    def wakeup_fd(self) -> int:
+        """Writing to this fd wakes the loop (for signal.set_wakeup_fd)."""
+        return self._wake_w.fileno()
+
     def stop(self) -> None:
         """Ask the loop to end. Safe from a signal handler or another thread."""
         self._stopping = True
@@ -287,6 +292,12 @@ class Server:
         except BadRequest as exc:
             self.bad_requests += 1
             self._send(peer, _error(exc.request_id, exc.code, exc.message))
+            return
+        except Exception:
+            # A parser bug must cost one request, never the broker.
+            log.exception("failed to parse a request")
+            self.bad_requests += 1
+            self._send(peer, _error(None, "bad_request", "malformed request"))
             return
         try:
             self._handlers[req.op](peer, req, now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -58,13 +59,13 @@ class UpstreamConn:
             return True
         if err in (errno.EINPROGRESS, errno.EWOULDBLOCK):
             return False
-        raise OSError(err, errno.errorcode.get(err, "connect failed"))
+        raise OSError(err, os.strerror(err))
 
     def connect_error(self) -> OSError | None:
         """After the socket turned writable: None if connected, else the connect error."""
         assert self.sock is not None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        return OSError(err, errno.errorcode.get(err, "connect failed")) if err else None
+        return OSError(err, os.strerror(err)) if err else None
 
     def send(self, data: memoryview) -> int:
         """Send what the socket takes now; 0 when its buffer is full. Raises OSError if broken."""

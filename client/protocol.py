@@ -115,7 +115,7 @@ def parse_request(frame: bytes) -> Request:
     if version != VERSION:
         raise BadRequest("unsupported_version", f"protocol version {version!r}; this broker speaks {VERSION}", rid)
     op = body.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:  # a list here would not even hash
         raise BadRequest("bad_request", f"unknown operation {op!r}", rid)
     req = Request(op=op, id=rid, noreply=_field(body, "noreply", bool, rid) or False)
     if op == OP_LEASE:

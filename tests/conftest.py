@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import Broker, RedisServer, TestUpstream  # noqa: E402
+from helpers import Broker, RedisServer, TestUpstream
 
-from client import Client  # noqa: E402
+from client import Client
 
 
 @pytest.fixture(scope="session")

@@ -56,8 +56,21 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (./scripts/test installs it)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--maxclients", "1000"],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--maxclients",
+                "1000",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -65,10 +78,13 @@ class RedisServer:
         return self
 
     def _answers(self) -> bool:
+        r = self.client()
         try:
-            return bool(self.client().ping())
+            return bool(r.ping())
         except redis.ConnectionError:
             return False
+        finally:
+            r.close()
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
@@ -134,16 +150,22 @@ class Broker:
         return self.proc.wait(15)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """SIGTERM, and fail loudly (with a stack dump in the log) if it does not end in time."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.send_signal(signal.SIGUSR1)  # faulthandler: where is it stuck?
+                    time.sleep(0.5)
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise AssertionError(f"the broker ignored SIGTERM for 10 s:\n{self.log()}") from None
+        finally:
+            if hasattr(self, "_log"):
+                self._log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class TestUpstream:

@@ -1,0 +1,119 @@
+"""The broker as a service: default endpoint, config file and flags, signals, refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
+
+from client import Client
+
+
+def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
+    redis_server: RedisServer, make_client: Callable[..., Client]
+) -> None:
+    runtime = short_tempdir()
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("POOLBROKER_ENDPOINT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--upstream", f"redis={redis_server.address}"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        first_line = proc.stderr.readline()  # type: ignore[union-attr]
+        sock_path = runtime / "poolbroker" / "broker.sock"
+        assert f"listening on ipc://{sock_path}" in first_line
+        assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
+        os.environ["XDG_RUNTIME_DIR"], saved = str(runtime), os.environ.get("XDG_RUNTIME_DIR")
+        try:
+            c = make_client(None)  # the default endpoint finds it
+        finally:
+            if saved is None:
+                del os.environ["XDG_RUNTIME_DIR"]
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = saved
+        assert c.ping()["pools"] == ["redis"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert not sock_path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_config_file_with_flags_overriding_it(
+    redis_server: RedisServer,
+    own_redis: RedisServer,
+    start_broker: Callable[..., Broker],
+    make_client: Callable[..., Client],
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[broker]\nlog_level = "debug"\n\n[pools.a]\nupstream = "{redis_server.address}"\nmax_size = 3\n\n'
+        f'[pools.b]\nupstream = "{own_redis.address}"\nmax_size = 5\nacquire_timeout = 0.5\n'
+    )
+    broker = start_broker("--config", str(config), "--max-size", "4")
+    c = make_client(broker.endpoint)
+    stats = c.stats()
+    assert (stats["a"]["pool_max"], stats["b"]["pool_max"]) == (4, 4)
+    c.lease("a").discard()  # logged at debug only: the file's log_level took effect
+    wait_for(
+        lambda: "DEBUG broker.server: pool 'a': closing a connection (discarded)" in broker.log(), what="the debug line"
+    )
+
+
+def test_sigterm_ends_it_cleanly_and_answers_waiters(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+    c = Client(broker.endpoint)
+    held = c.lease("redis")
+    assert held.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+    assert broker.signal(signal.SIGTERM) == 0
+    assert not Path(broker.endpoint.removeprefix("ipc://")).exists()
+    assert "shutting down: 1 leases active" in broker.log()
+    wait_for(lambda: redis_server.broker_connections() == 0, what="upstream connections to close")
+    c.close()
+
+
+def test_bad_configuration_exits_2_with_the_reason(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--upstream", "nonsense"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "is not NAME=HOST:PORT" in result.stderr
+
+
+def test_a_second_broker_on_the_same_socket_is_refused(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    first = start_broker("--upstream", f"redis={redis_server.address}")
+    second = Broker("--upstream", f"redis={redis_server.address}", endpoint=first.endpoint).start(wait=False)
+    assert second.proc is not None and second.proc.wait(10) == 2
+    assert "already listening" in second.log()
+    assert first.ready()
+
+
+def test_the_console_script_and_python_m_are_one_program() -> None:
+    script = Path(sys.executable).parent / "poolbroker"
+    if not script.exists():
+        pytest.skip("the package is not installed in this environment")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+    mod = subprocess.run([sys.executable, "-m", "broker", "--version"], capture_output=True, text=True, timeout=30)
+    assert out.stdout == mod.stdout and out.stdout.startswith("poolbroker ")

@@ -1,0 +1,137 @@
+"""I/O through leases against upstreams of our own: stalls, closes, large payloads, connect timeouts."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from helpers import Broker, RedisServer, TestUpstream, wait_for
+
+from client import Client, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+
+def test_large_payloads_cross_in_both_directions(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    echo = upstream("echo")
+    broker = start_broker("--upstream", f"echo={echo.address}")
+    c = make_client(broker.endpoint)
+    payload = bytes(i % 251 for i in range(4 * 1024 * 1024))
+    with c.lease("echo") as conn:
+        assert conn.request(payload, exactly=len(payload)) == payload
+        assert conn.request(b"x" * 100 + b"END", until=b"END") == b"x" * 100 + b"END"
+
+
+def test_a_stalled_upstream_times_out_and_stalls_nobody_else(
+    upstream: Callable[[str], TestUpstream],
+    redis_server: RedisServer,
+    start_broker: Callable[..., Broker],
+    make_client: Callable[..., Client],
+) -> None:
+    stall = upstream("stall")
+    broker = start_broker("--upstream", f"stall={stall.address}", "--upstream", f"redis={redis_server.address}")
+    stalled_result: list[BaseException] = []
+    finished_at: list[float] = []
+
+    def stalled_read() -> None:
+        c = Client(broker.endpoint, io_timeout=3.0)
+        try:
+            with c.lease("stall") as conn:
+                conn.request(b"anyone?\n", until=b"\n")
+        except BaseException as exc:
+            stalled_result.append(exc)
+        finished_at.append(time.monotonic())
+        c.close()
+
+    thread = threading.Thread(target=stalled_read)
+    thread.start()
+    c = make_client(broker.endpoint)
+    wait_for(lambda: c.stats()["stall"]["leases_active"] == 1, what="the stalled lease")
+    for _ in range(200):  # others carry on while that read waits
+        assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+    others_done = time.monotonic()
+    thread.join(10)
+    assert finished_at and others_done < finished_at[0], "the other pool waited for the stalled one"
+    assert isinstance(stalled_result[0], UpstreamTimeout)
+    assert "no answer from upstream in time" in str(stalled_result[0])
+
+
+def test_a_read_timeout_keeps_the_lease_and_loses_no_bytes(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    echo = upstream("echo")
+    broker = start_broker("--upstream", f"echo={echo.address}")
+    c = make_client(broker.endpoint, io_timeout=0.3)
+    with c.lease("echo") as conn:
+        with pytest.raises(UpstreamTimeout):
+            conn.request(b"partial", until=b"\n")  # the echo never sends the newline
+        assert conn.request(b" line\n", until=b"\n") == b"partial line\n"
+
+
+def test_an_upstream_that_closes_gives_eof_then_errors(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    closer = upstream("close")
+    broker = start_broker("--upstream", f"close={closer.address}")
+    c = make_client(broker.endpoint)
+    with c.lease("close") as conn:
+        assert conn.recv(100) == b""
+        assert conn.eof
+        with pytest.raises(UpstreamError, match="closed after 0 of 5 bytes"):
+            conn.recv_exactly(5)
+    stats = c.stats()["close"]
+    assert stats["connections_closed_broken"] == 1 and stats["pool_size"] == 0
+
+
+def test_an_idle_connection_closed_by_the_upstream_is_dropped_at_once(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    echo = upstream("echo")
+    broker = start_broker("--upstream", f"echo={echo.address}")
+    c = make_client(broker.endpoint)
+    assert c.request("echo", b"hi\n", until=b"\n") == b"hi\n"
+    echo.close_all()
+    wait_for(lambda: c.stats()["echo"]["connections_closed_broken"] == 1, what="the broker to notice the close")
+    assert c.request("echo", b"again\n", until=b"\n") == b"again\n"
+    assert c.stats()["echo"]["connections_created"] == 2
+
+
+def test_unasked_bytes_on_an_idle_connection_drop_it(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    greeter = upstream("greet")  # sends "hello\n" right after accepting
+    broker = start_broker("--upstream", f"greet={greeter.address}")
+    c = make_client(broker.endpoint)
+    with c.lease("greet") as conn:
+        assert conn.recv_until(b"\n") == b"hello\n"
+    assert c.stats()["greet"]["pool_idle"] == 1
+
+
+def test_a_connect_that_hangs_ends_at_connect_timeout(
+    start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connects hang.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        broker = start_broker("--upstream", f"hang=127.0.0.1:{port}", "--connect-timeout", "0.5")
+        c = make_client(broker.endpoint)
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match=r"connect_timeout=0\.5s"):
+            c.lease("hang", timeout=5.0)
+        assert time.monotonic() - started < 4.0  # the connect timeout, not the acquire timeout
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

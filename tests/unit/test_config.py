@@ -1,0 +1,90 @@
+"""Configuration: defaults < TOML file < environment < flags, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import ConfigError, load, parse_upstream
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_file_with_two_pools_and_flags_overriding_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POOLBROKER_ENDPOINT", raising=False)
+    path = write(
+        tmp_path,
+        """
+[broker]
+bind = "ipc:///tmp/x.sock"
+
+[pools.redis]
+upstream = "127.0.0.1:6379"
+max_size = 4
+acquire_timeout = 1.5
+
+[pools.cache]
+upstream = "[::1]:11211"
+""",
+    )
+    config = load(path, overrides={"max_size": 7, "acquire_timeout": None})
+    redis, cache = config.pools
+    assert config.bind == "ipc:///tmp/x.sock"
+    assert (redis.name, redis.host, redis.port, redis.max_size, redis.acquire_timeout) == (
+        "redis",
+        "127.0.0.1",
+        6379,
+        7,
+        1.5,
+    )
+    assert (cache.host, cache.port, cache.address) == ("::1", 11211, "[::1]:11211")
+    assert load(path, bind="tcp://127.0.0.1:5555").bind == "tcp://127.0.0.1:5555"
+
+
+def test_the_environment_overrides_the_file_and_flags_override_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, '[broker]\nbind = "ipc:///tmp/file.sock"\n[pools.a]\nupstream = "h:1"\n')
+    monkeypatch.setenv("POOLBROKER_ENDPOINT", "ipc:///tmp/env.sock")
+    assert load(path).bind == "ipc:///tmp/env.sock"
+    assert load(path, bind="ipc:///tmp/flag.sock").bind == "ipc:///tmp/flag.sock"
+
+
+def test_upstream_flags_add_pools() -> None:
+    config = load(upstreams=["a=127.0.0.1:1", "b=localhost:2"], overrides={"max_waiting": 3})
+    assert [(p.name, p.host, p.port, p.max_waiting) for p in config.pools] == [
+        ("a", "127.0.0.1", 1, 3),
+        ("b", "localhost", 2, 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[pools.a]\nupstream = "h:1"\nmax_sise = 3\n', "unknown key 'max_sise'"),
+        ("[pools.a]\nmax_size = 3\n", "needs upstream"),
+        ('[pools.a]\nupstream = "h:1"\nmax_size = 0\n', "max_size must be at least 1"),
+        ('[pools.a]\nupstream = "h:1"\nmax_size = 2.5\n', "whole number"),
+        ('[pools.a]\nupstream = "h:1"\nconnect_timeout = "5"\n', "must be a number"),
+        ('[pools.a]\nupstream = "h:port"\n', "not HOST:PORT"),
+        ('[broker]\nport = 1\n[pools.a]\nupstream = "h:1"\n', "unknown keys ['port']"),
+        ("[pool.a]\n", "unknown tables"),
+        ("[broker]\n", "no pools"),
+        ("not toml [", "can't read config"),
+    ],
+)
+def test_bad_config_says_what_is_wrong(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=None) as caught:
+        load(write(tmp_path, text))
+    assert words in str(caught.value)
+
+
+def test_upstream_flag_syntax() -> None:
+    assert parse_upstream("r=127.0.0.1:6379") == ("r", "127.0.0.1", 6379)
+    with pytest.raises(ConfigError):
+        parse_upstream("127.0.0.1:6379")
