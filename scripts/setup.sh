@@ -32,8 +32,7 @@ ensure_venv() {
     # Reinstall when pyproject.toml changed since the last install.
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "setup: installing poolbroker[$extras] into .venv" >&2
-        .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 | grep -v '^WARNING: Location' || true
-        .venv/bin/python -c 'import zmq, msgpack' # fail loudly if the install did not happen
-        touch "$stamp"
+        .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+        touch "$stamp"  # only reached when the install succeeded (set -e)
     fi
 }
