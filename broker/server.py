@@ -218,7 +218,11 @@ class Server:
                 else:
                     conn = self.conns.get(item)
                     if conn is not None:
-                        self._on_upstream_event(conn, flags, now)
+                        try:
+                            self._on_upstream_event(conn, flags, now)
+                        except Exception:
+                            # A bug of ours on one connection must not end every client's pool.
+                            log.exception("failed to handle an event on %r", conn)
             self._run_due(time.monotonic())
         self._shutdown(time.monotonic())
 
