@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -89,12 +88,13 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
-    def broker_connections(self, own_id: int | None = None) -> int:
-        """Connections from anyone but the inspecting client (in tests: the broker's)."""
-        r = self.client()
+    def broker_connections(self, via: redis.Redis | None = None) -> int:
+        """Connections from anyone but the inspecting client `via` (in tests: the broker's)."""
+        r = via or self.client()
         me = r.client_id()
-        count = sum(1 for c in r.client_list() if int(c["id"]) not in (me, own_id))
-        r.close()
+        count = sum(1 for c in r.client_list() if int(c["id"]) != me)
+        if via is None:
+            r.close()
         return count
 
     def stop(self) -> None:
@@ -169,7 +169,7 @@ class Broker:
 
 
 class TestUpstream:
-    """A TCP server of our own for what Redis can't do: echo, stall, close, count connections.
+    """A TCP server of our own for what Redis can't do: echo, stall, close.
 
     mode: "echo" echoes every byte; "stall" accepts and never answers; "close" closes at once;
     "greet" sends b"hello\\n" unasked right after accepting.
@@ -181,9 +181,6 @@ class TestUpstream:
         self.mode = mode
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self.open = 0
-        self.peak = 0
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._stopping = False
@@ -201,9 +198,6 @@ class TestUpstream:
             except OSError:
                 return
             with self._lock:
-                self.accepted += 1
-                self.open += 1
-                self.peak = max(self.peak, self.open)
                 self._conns.append(conn)
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
@@ -222,8 +216,6 @@ class TestUpstream:
         except OSError:
             return
         finally:
-            with self._lock:
-                self.open -= 1
             conn.close()
 
     def close_all(self) -> None:
@@ -240,14 +232,3 @@ class TestUpstream:
         self._stopping = True
         self.listener.close()
         self.close_all()
-
-
-def run_python(code: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> str:
-    """Run `code` in a fresh Python process (the project on its path); return its stdout."""
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"child failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result.stdout

@@ -17,11 +17,12 @@ from client import Client
 
 
 def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
-    redis_server: RedisServer, make_client: Callable[..., Client]
+    redis_server: RedisServer, make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime = short_tempdir()
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    env.pop("POOLBROKER_ENDPOINT", None)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # for the broker and for this test's Client
+    monkeypatch.delenv("POOLBROKER_ENDPOINT", raising=False)
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve", "--upstream", f"redis={redis_server.address}"],
         stderr=subprocess.PIPE,
@@ -35,14 +36,7 @@ def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
         assert f"listening on ipc://{sock_path}" in first_line
         assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
-        os.environ["XDG_RUNTIME_DIR"], saved = str(runtime), os.environ.get("XDG_RUNTIME_DIR")
-        try:
-            c = make_client(None)  # the default endpoint finds it
-        finally:
-            if saved is None:
-                del os.environ["XDG_RUNTIME_DIR"]
-            else:
-                os.environ["XDG_RUNTIME_DIR"] = saved
+        c = make_client(None)  # the default endpoint finds it
         assert c.ping()["pools"] == ["redis"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0

@@ -25,13 +25,12 @@ def test_100_tasks_in_4_processes_share_a_pool_of_10(
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", str(MAX_SIZE))
     # Redis's own view, sampled throughout: connections other than the sampler's.
     sampler = own_redis.client()
-    my_id = sampler.client_id()
     seen: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            seen.append(sum(1 for c in sampler.client_list() if int(c["id"]) != my_id))
+            seen.append(own_redis.broker_connections(via=sampler))
             done.wait(0.005)
 
     watcher = threading.Thread(target=sample)
@@ -77,5 +76,5 @@ def test_100_tasks_in_4_processes_share_a_pool_of_10(
     assert stats["requests_timeouts"] == stats["requests_rejected"] == stats["requests_failed"] == 0
     assert stats["leases_active"] == 0 and stats["requests_waiting"] == 0
     assert stats["pool_size"] == MAX_SIZE and stats["connections_created"] == MAX_SIZE
-    assert own_redis.broker_connections(own_id=my_id) == stats["pool_size"]
+    assert own_redis.broker_connections(via=sampler) == stats["pool_size"]
     sampler.close()
