@@ -7,12 +7,11 @@ import faulthandler
 import logging
 import signal
 import sys
-from typing import Any
 
 import zmq
 
 from broker import __version__, logs
-from broker.config import ConfigError, load
+from broker.config import POOL_SETTINGS, PROBES, ConfigError, load
 from broker.runtime import prepare_ipc
 from broker.server import Server
 from client.endpoint import default_endpoint
@@ -33,23 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT",
         help="a pool in front of an upstream; repeat for more pools",
     )
-    serve.add_argument("--max-size", type=int, help="connections per pool, at most")
-    serve.add_argument("--max-waiting", type=int, help="requests that may wait per pool before refusal")
-    serve.add_argument("--acquire-timeout", type=float, help="seconds a lease request waits (if it gives none)")
-    serve.add_argument("--connect-timeout", type=float, help="seconds to open an upstream connection")
-    serve.add_argument("--io-timeout", type=float, help="seconds an I/O operation waits (if it gives none)")
+    pools = serve.add_argument_group("pool settings (apply to every pool; override the file)")
+    for name, setting in POOL_SETTINGS.items():
+        kind = {"int": int, "float": float}.get(str(setting.type), str)
+        choices = PROBES if name == "probe" else None
+        help_text = f"{setting.metadata['help']} (default {setting.default})".replace("%", "%%")
+        pools.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices, help=help_text)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {
-        "max_size": args.max_size,
-        "max_waiting": args.max_waiting,
-        "acquire_timeout": args.acquire_timeout,
-        "connect_timeout": args.connect_timeout,
-        "io_timeout": args.io_timeout,
-    }
+    overrides = {name: getattr(args, name) for name in POOL_SETTINGS}
     try:
         config = load(
             args.config, bind=args.bind, upstreams=args.upstream, overrides=overrides, log_level=args.log_level

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +16,38 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
+PROBES = ("tcp", "send", "redis", "memcached", "http")
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A pool setting: its default and the one line that explains it (for --help and errors)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """One named pool in front of one upstream address. Durations are float seconds."""
+    """One named pool in front of one upstream address. Durations are float seconds; for
+    idle_timeout, max_lifetime and check_interval, 0 turns the feature off."""
 
     name: str
     host: str
     port: int
-    max_size: int = 10
-    max_waiting: int = 10_000
-    acquire_timeout: float = 5.0  # for lease requests that carry no timeout of their own
-    connect_timeout: float = 5.0
-    io_timeout: float = 30.0  # for I/O operations that carry no timeout of their own
+    max_size: int = _setting(10, "connections per pool, open or opening, at most")
+    min_idle: int = _setting(0, "idle connections kept ready (opened at start and after losses)")
+    max_waiting: int = _setting(10_000, "requests that may wait for a busy pool before refusal")
+    acquire_timeout: float = _setting(5.0, "seconds a lease request waits, if it gives no timeout")
+    connect_timeout: float = _setting(5.0, "seconds to open an upstream connection")
+    connect_backoff: float = _setting(0.1, "first delay before retrying a failed connect (doubles each time)")
+    connect_backoff_max: float = _setting(5.0, "longest delay between connect retries")
+    io_timeout: float = _setting(30.0, "seconds an I/O operation waits, if it gives no timeout")
+    idle_timeout: float = _setting(600.0, "close connections idle this long, down to min_idle (0: never)")
+    max_lifetime: float = _setting(3600.0, "close connections this old, less up to 5% jitter (0: never)")
+    check_idle_after: float = _setting(0.5, "probe a connection idle this long before handing it out")
+    check_interval: float = _setting(30.0, "probe idle connections this often (0: never)")
+    probe: str = _setting("tcp", "how to check a connection: " + ", ".join(PROBES))
+    probe_send: str = _setting("", "probe=send: bytes to send; probe=http: the request line")
+    probe_expect: str = _setting("", "probe=send: the reply starts with this; probe=http: the status does")
+    probe_timeout: float = _setting(1.0, "seconds a probe's answer may take")
 
     def __post_init__(self) -> None:
         where = f"pool {self.name!r}"
@@ -37,11 +57,34 @@ class PoolConfig:
             raise ConfigError(f"{where}: port {self.port} is out of range")
         if self.max_size < 1:
             raise ConfigError(f"{where}: max_size must be at least 1")
+        if not 0 <= self.min_idle <= self.max_size:
+            raise ConfigError(f"{where}: min_idle must be between 0 and max_size ({self.max_size})")
         if self.max_waiting < 0:
             raise ConfigError(f"{where}: max_waiting must not be negative")
-        for name in ("acquire_timeout", "connect_timeout", "io_timeout"):
+        positive = ("acquire_timeout", "connect_timeout", "connect_backoff", "connect_backoff_max")
+        for name in (*positive, "io_timeout", "probe_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{where}: {name} must be positive")
+        for name in ("idle_timeout", "max_lifetime", "check_idle_after", "check_interval"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{where}: {name} must not be negative")
+        if self.connect_backoff > self.connect_backoff_max:
+            raise ConfigError(f"{where}: connect_backoff must not exceed connect_backoff_max")
+        self._check_probe(where)
+
+    def _check_probe(self, where: str) -> None:
+        if self.probe not in PROBES:
+            raise ConfigError(f"{where}: probe {self.probe!r} is not one of {', '.join(PROBES)}")
+        if self.probe == "send" and not (self.probe_send and self.probe_expect):
+            raise ConfigError(f'{where}: probe = "send" needs probe_send and probe_expect')
+        if self.probe in ("tcp", "redis", "memcached") and (self.probe_send or self.probe_expect):
+            raise ConfigError(f'{where}: probe_send and probe_expect are for probe = "send" or "http"')
+        if self.probe == "http":
+            parts = self.probe_send.split()
+            if self.probe_send and not (2 <= len(parts) <= 3 and parts[1].startswith("/")):
+                raise ConfigError(f"{where}: probe_send {self.probe_send!r} is not an HTTP request line (HEAD /path)")
+            if not self.probe_expect.isdigit() and self.probe_expect:
+                raise ConfigError(f'{where}: probe_expect for http is a status prefix, such as "2" or "204"')
 
     @property
     def address(self) -> str:
@@ -69,8 +112,8 @@ class BrokerConfig:
             raise ConfigError("max_message_size must be at least 1024 bytes")
 
 
-POOL_KEYS = frozenset(f.name for f in dataclasses.fields(PoolConfig)) - {"name", "host", "port"}
-POOL_NUMBERS = {f.name: f.type for f in dataclasses.fields(PoolConfig) if f.name in POOL_KEYS}
+POOL_SETTINGS = {f.name: f for f in dataclasses.fields(PoolConfig) if "help" in f.metadata}
+POOL_KEYS = frozenset(POOL_SETTINGS)
 BROKER_KEYS = frozenset({"bind", "max_message_size", "log_level"})
 
 
@@ -97,11 +140,15 @@ def _pool_settings(name: str, table: dict[str, Any]) -> dict[str, Any]:
             continue
         if key not in POOL_KEYS:
             raise ConfigError(f"pool {name!r}: unknown key {key!r} (known: {', '.join(sorted(POOL_KEYS))})")
-        settings[key] = _number(f"pool {name!r}: {key}", value, POOL_NUMBERS[key])
+        settings[key] = _typed(f"pool {name!r}: {key}", value, POOL_SETTINGS[key].type)
     return settings
 
 
-def _number(where: str, value: Any, kind: Any) -> int | float:
+def _typed(where: str, value: Any, kind: Any) -> str | int | float:
+    if kind in (str, "str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string")
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where} must be a number")
     if kind in (int, "int"):
@@ -157,6 +204,6 @@ def load(
     return BrokerConfig(
         bind=bind or os.environ.get(ENDPOINT_ENV) or file_broker.get("bind"),
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
-        max_message_size=int(_number("[broker] max_message_size", max_message_size, int)),
+        max_message_size=int(_typed("[broker] max_message_size", max_message_size, int)),
         log_level=log_level or file_broker.get("log_level", DEFAULT_LOG_LEVEL),
     )

@@ -1,20 +1,25 @@
 """The pure pool core: state and decisions, no sockets, no clock reads, no logging.
 
 Every method takes `now` (monotonic seconds) where time matters and returns the actions the caller
-must perform: open a connection, close one, grant one to a request, or reject a request. The caller
-reports back what happened (connected, connect failed, released). Connections and requests are
-opaque handles to the core; it only counts, orders and pairs them.
+must perform: open a connection, probe one, close one, grant one to a request, or reject a request.
+The caller reports back what happened (connected, connect failed, probe passed or failed,
+released). Connections and requests are opaque handles to the core; it only counts, orders, times
+and pairs them. Randomness (lifetime and backoff jitter) comes from an injected `rng`.
 
-The bound, the seed's semaphore: len(idle) + len(leased) + connecting <= max_size, always.
+The bound, the seed's semaphore: idle + checking + leased + connecting <= max_size, always.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from broker.config import PoolConfig
 from broker.histogram import Histogram
 
 C = TypeVar("C")  # a connection
@@ -35,6 +40,13 @@ class Open:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe(Generic[C]):
+    """Check that `conn` still works; report probe_ok() or probe_failed()."""
+
+    conn: C
+
+
+@dataclass(frozen=True, slots=True)
 class Close(Generic[C]):
     """Close `conn`: it has left the pool."""
 
@@ -51,11 +63,15 @@ class Reject(Generic[R]):
     message: str
 
 
-Action = Grant[C, R] | Open | Close[C] | Reject[R]
+Action = Grant[C, R] | Open | Probe[C] | Close[C] | Reject[R]
 OPEN = Open()
 
 # Why a connection left the pool; each is a connections_closed_<reason> counter.
-CLOSE_REASONS = ("discarded", "broken", "shutdown")
+# discarded: by its holder; broken: I/O or a probe failed, or the upstream closed it; unread: it
+# came back with bytes nobody read (out of sync); idle / lifetime: the reaper; shutdown.
+CLOSE_REASONS = ("discarded", "broken", "unread", "idle", "lifetime", "shutdown")
+
+LIFETIME_JITTER = 0.05  # connections expire up to 5% before max_lifetime, so they don't all go at once
 
 
 class _Waiter(Generic[R]):
@@ -68,25 +84,49 @@ class _Waiter(Generic[R]):
         self.done = False  # granted, timed out or rejected: skip it wherever it still sits
 
 
+class _Times:
+    """What the core knows of one open connection, in monotonic seconds."""
+
+    __slots__ = ("expires", "idle_since", "last_ok")
+
+    def __init__(self, now: float, expires: float) -> None:
+        self.expires = expires  # max_lifetime with jitter; inf when off
+        self.idle_since = now  # when it last went idle (a probe doesn't make it busy)
+        self.last_ok = now  # when it last proved to work: connected, a clean return, a probe
+
+
+def _off_is_inf(seconds: float) -> float:
+    return seconds if seconds > 0 else math.inf
+
+
 class PoolCore(Generic[C, R]):
     """One pool's connections and waiters; see the module docstring for the contract."""
 
-    def __init__(self, name: str, *, max_size: int, max_waiting: int) -> None:
-        if max_size < 1:
-            raise ValueError("max_size must be at least 1")
-        if max_waiting < 0:
-            raise ValueError("max_waiting must not be negative")
-        self.name = name
-        self.max_size = max_size
-        self.max_waiting = max_waiting
+    def __init__(self, config: PoolConfig, rng: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.name = config.name
+        self.max_size = config.max_size
+        self._rng = rng
+        self._idle_timeout = _off_is_inf(config.idle_timeout)
+        self._max_lifetime = _off_is_inf(config.max_lifetime)
+        self._check_interval = _off_is_inf(config.check_interval)
         self.idle: list[C] = []  # LIFO: the last one pushed is the warmest
         self.leased: set[C] = set()
+        self.checking: dict[C, bool] = {}  # being probed -> a waiter counts on it (a checkout probe)
+        self._times: dict[C, _Times] = {}  # every open connection: idle, checking or leased
         self.connecting = 0
         self.waiting = 0
         self.closing = False
+        self._checkout_checks = 0  # probes that waiters count on, like connects in flight
         self._queue: deque[_Waiter[R]] = deque()  # FIFO, may hold done waiters
         self._deadlines: list[tuple[float, int, _Waiter[R]]] = []  # heap, may hold done waiters
         self._seq = 0
+        self._next_care: float | None = None  # when an idle connection next needs the reaper or a probe
+        self._reap_held = False  # the reaper spared connections past idle_timeout to keep min_idle
+        # The upstream's health, from connects: consecutive failures and when to try again.
+        self.failures = 0
+        self.last_error = ""
+        self.retry_at = 0.0
         # Counters (what happened); gauges are read from the state in stats().
         self.requests_num = 0
         self.requests_queued = 0
@@ -96,117 +136,155 @@ class PoolCore(Generic[C, R]):
         self.connections_created = 0
         self.connections_failed = 0
         self.connections_closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self.checks_run = 0
+        self.checks_failed = 0
         self.wait_time = Histogram()
 
     @property
     def size(self) -> int:
-        """Open connections (idle + leased)."""
-        return len(self.idle) + len(self.leased)
+        """Open connections (idle + checking + leased)."""
+        return len(self._times)
 
     def __repr__(self) -> str:
         return (
             f"<PoolCore {self.name} [Requests: {len(self.leased)} leased, {self.waiting} waiting"
-            f" | Connections: {self.size} open, {len(self.idle)} idle, {self.connecting} connecting"
-            f" | max_size {self.max_size}]>"
+            f" | Connections: {self.size} open, {len(self.idle)} idle, {len(self.checking)} checking,"
+            f" {self.connecting} connecting | max_size {self.max_size}]>"
         )
 
     # -- events ----------------------------------------------------------------------------
 
     def request(self, request: R, now: float, deadline: float) -> list[Action[C, R]]:
-        """A lease request: grant an idle connection, or queue it (opening one if the bound allows)."""
+        """A lease request: grant a fresh idle connection, or queue it (probing or opening one)."""
         self.requests_num += 1
         if self.closing:
             self.requests_failed += 1
             return [Reject(request, "shutting_down", "the broker is shutting down")]
-        if self.idle:
-            conn = self.idle.pop()
-            self.leased.add(conn)
-            self.wait_time.record(0.0)
-            return [Grant(request, conn)]
+        actions: list[Action[C, R]] = []
+        if not self.waiting:  # nobody is ahead: the fast path
+            conn = self._take_idle(now, actions)
+            if conn is not None:
+                self.leased.add(conn)
+                self.wait_time.record(0.0)
+                actions.append(Grant(request, conn))
+                if len(self.idle) < self.config.min_idle:  # keep min_idle ready for the next ones
+                    actions += self._serve_waiters(now)
+                return actions
         # max_waiting bounds the requests waiting for a connection to come back; those a free
-        # permit will open a connection for don't count (else max_waiting=0 could never grow).
-        if self.waiting >= self.max_waiting + self.max_size - self.size:
+        # permit or a checkout probe will serve don't count (else max_waiting=0 could never grow).
+        if self.waiting - self._checkout_checks >= self.config.max_waiting + self.max_size - self.size:
             self.requests_rejected += 1
-            return [
-                Reject(
-                    request,
-                    "pool_full",
-                    f"pool {self.name!r}: {self.waiting} requests already wait (max_waiting={self.max_waiting})",
-                )
-            ]
+            limit = self.config.max_waiting
+            message = f"pool {self.name!r}: {self.waiting} requests already wait (max_waiting={limit})"
+            return [*actions, Reject(request, "pool_full", message)]
+        if self._unreachable(now):
+            # Nothing open, nothing on its way, and too soon to try again: say so now rather than
+            # at the end of the request's timeout.
+            self.requests_failed += 1
+            return [*actions, Reject(request, "upstream_unavailable", self._unavailable_message(now))]
         waiter = _Waiter(request, now, deadline)
         self._queue.append(waiter)
         self._seq += 1
         heapq.heappush(self._deadlines, (deadline, self._seq, waiter))
         self.waiting += 1
         self.requests_queued += 1
-        return self._grow()
+        return actions + self._serve_waiters(now)
 
     def connected(self, conn: C, now: float) -> list[Action[C, R]]:
         """An Open succeeded: the new connection serves the first waiter, or goes idle."""
         self.connecting -= 1
         self.connections_created += 1
+        self.failures = 0
+        self.last_error = ""
+        expires = now + self._max_lifetime * (1 - LIFETIME_JITTER * self._rng())
+        self._times[conn] = _Times(now, expires)
         if self.closing:
-            return self._closed(conn, "shutdown")
-        return self._hand_over(conn, now)
+            return self._close(conn, "shutdown")
+        # After an outage only one connect was tried: open the rest the waiters need now.
+        return self._hand_over(conn, now) + self._serve_waiters(now)
 
     def connect_failed(self, now: float, error: str) -> list[Action[C, R]]:
-        """An Open failed. Waiters that nothing can serve (no connection open or opening) get the error."""
+        """An Open failed: back off before the next, check the idle connections (the upstream may
+        have failed over), and fail the waiters that nothing can serve."""
         self.connecting -= 1
         self.connections_failed += 1
-        if self.size or self.connecting:
-            return []  # a connection in use or on its way will serve the waiters
-        return self._fail_waiters("upstream_unavailable", error)
+        self.failures += 1
+        self.last_error = error
+        backoff = min(self.config.connect_backoff_max, self.config.connect_backoff * 2 ** min(self.failures - 1, 30))
+        self.retry_at = now + backoff * (0.5 + 0.5 * self._rng())  # jitter: retries don't march in step
+        actions = self._check_all_idle()
+        if not self._times and not self.connecting:
+            actions += self._fail_waiters("upstream_unavailable", self._unavailable_message(now))
+        return actions
 
-    def release(self, conn: C, now: float, reusable: bool, reason: str = "discarded") -> list[Action[C, R]]:
-        """A leased connection comes back: reuse it if `reusable`, else close it for `reason`."""
+    def release(self, conn: C, now: float, unfit: str | None = None) -> list[Action[C, R]]:
+        """A leased connection comes back: reuse it unless `unfit` (a close reason) or too old."""
         self.leased.remove(conn)
         if self.closing:
-            return self._closed(conn, "shutdown")
-        if reusable:
-            return self._hand_over(conn, now)
-        return self._closed(conn, reason) + self._grow()
+            return self._close(conn, "shutdown")
+        times = self._times[conn]
+        if unfit is None and now >= times.expires:
+            unfit = "lifetime"
+        if unfit is not None:
+            return self._close(conn, unfit) + self._serve_waiters(now)
+        times.idle_since = times.last_ok = now
+        return self._hand_over(conn, now)
 
     def lost(self, conn: C, now: float, reason: str = "broken") -> list[Action[C, R]]:
         """An idle connection turned out unusable (the upstream closed it, or sent unasked data)."""
         self.idle.remove(conn)
-        return self._closed(conn, reason) + self._grow()
+        return self._close(conn, reason) + self._serve_waiters(now)
 
-    def expire(self, now: float) -> list[Action[C, R]]:
-        """Reject the waiters whose deadline has passed."""
-        actions: list[Action[C, R]] = []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            waiter = heapq.heappop(self._deadlines)[2]
-            if waiter.done:
-                continue
-            waiter.done = True
-            self.waiting -= 1
-            self.requests_timeouts += 1
-            waited = waiter.deadline - waiter.since
-            actions.append(
-                Reject(
-                    waiter.request,
-                    "pool_timeout",
-                    f"pool {self.name!r}: no connection within {waited:.3f}s"
-                    f" ({len(self.leased)} leased of max_size {self.max_size}, {self.waiting} still waiting)",
-                )
-            )
-        self._compact()
-        return actions
+    def probe_ok(self, conn: C, now: float) -> list[Action[C, R]]:
+        """A Probe passed: the connection serves the first waiter, or goes back to idle."""
+        self._end_check(conn)
+        if self.closing:
+            return self._close(conn, "shutdown")
+        times = self._times[conn]
+        times.last_ok = now
+        if now >= times.expires:
+            return self._close(conn, "lifetime") + self._serve_waiters(now)
+        return self._hand_over(conn, now) + self._serve_waiters(now)
+
+    def probe_failed(self, conn: C, now: float) -> list[Action[C, R]]:
+        """A Probe failed: close it, check every other idle connection (a failover usually kills
+        them all), and serve the waiters from what is left or from new connections."""
+        self._end_check(conn)
+        self.checks_failed += 1
+        if self.closing:
+            return self._close(conn, "shutdown")
+        return self._close(conn, "broken") + self._check_all_idle() + self._serve_waiters(now)
+
+    def tick(self, now: float) -> list[Action[C, R]]:
+        """Do what is due by `now`: time out waiters, reap and probe idle connections, retry connects."""
+        actions = self._expire(now)
+        if self._next_care is not None and self._next_care <= now:
+            actions += self._care_for_idle(now)
+        return actions + self._serve_waiters(now)
+
+    def next_deadline(self) -> float | None:
+        """When tick() next has work to do, or None if nothing is scheduled."""
+        while self._deadlines and self._deadlines[0][2].done:
+            heapq.heappop(self._deadlines)
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        if self._next_care is not None and (deadline is None or self._next_care < deadline):
+            deadline = self._next_care
+        retry = self.failures and not self.connecting and self._wanted() > 0  # once the backoff is over
+        if retry and (deadline is None or self.retry_at < deadline):
+            deadline = self.retry_at
+        return deadline
 
     def shutdown(self) -> list[Action[C, R]]:
-        """Stop granting: reject every waiter, close idle connections; leased ones close on release."""
+        """Stop granting: reject every waiter, close idle and checking connections; leased ones
+        close on release."""
         self.closing = True
         actions = self._fail_waiters("shutting_down", "the broker is shutting down")
         while self.idle:
-            actions += self._closed(self.idle.pop(), "shutdown")
+            actions += self._close(self.idle.pop(), "shutdown")
+        for conn in list(self.checking):
+            self._end_check(conn)
+            actions += self._close(conn, "shutdown")
         return actions
-
-    def next_deadline(self) -> float | None:
-        """When expire() next has work to do, or None while no one waits."""
-        while self._deadlines and self._deadlines[0][2].done:
-            heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
 
     def stats(self) -> dict[str, int | float]:
         """Gauges read now, counters since start, and the wait-time summary in milliseconds."""
@@ -214,9 +292,11 @@ class PoolCore(Generic[C, R]):
             "pool_max": self.max_size,
             "pool_size": self.size,
             "pool_idle": len(self.idle),
+            "pool_checking": len(self.checking),
             "pool_connecting": self.connecting,
             "leases_active": len(self.leased),
             "requests_waiting": self.waiting,
+            "upstream_failing": int(self.failures > 0),
             "requests_num": self.requests_num,
             "requests_queued": self.requests_queued,
             "requests_timeouts": self.requests_timeouts,
@@ -225,6 +305,8 @@ class PoolCore(Generic[C, R]):
             "connections_created": self.connections_created,
             "connections_failed": self.connections_failed,
             "connections_closed": sum(self.connections_closed.values()),
+            "checks_run": self.checks_run,
+            "checks_failed": self.checks_failed,
         }
         for reason, count in self.connections_closed.items():
             stats[f"connections_closed_{reason}"] = count
@@ -233,15 +315,141 @@ class PoolCore(Generic[C, R]):
 
     # -- internals -------------------------------------------------------------------------
 
+    def _take_idle(self, now: float, actions: list[Action[C, R]]) -> C | None:
+        """Pop the warmest idle connection fit to hand out now. One too old is closed; one idle
+        for check_idle_after is probed first (a waiter will count on it) and None returned."""
+        while self.idle:
+            conn = self.idle.pop()
+            times = self._times[conn]
+            if now >= times.expires:
+                actions += self._close(conn, "lifetime")
+                continue
+            if now - times.last_ok >= self.config.check_idle_after:
+                actions.append(self._start_check(conn, for_checkout=True))
+                return None
+            return conn
+        return None
+
+    def _serve_waiters(self, now: float) -> list[Action[C, R]]:
+        """Give idle connections to waiters, then open what the waiters and min_idle still need."""
+        actions: list[Action[C, R]] = []
+        while self.waiting > self._checkout_checks and self.idle:
+            conn = self._take_idle(now, actions)
+            if conn is not None:
+                actions += self._hand_over(conn, now)
+        if self.closing or (self.failures and now < self.retry_at):
+            return actions
+        opens = self._wanted()
+        if self.failures:
+            opens = min(opens, 1 - self.connecting)  # after a failure, one trial connect at a time
+        for _ in range(opens):
+            self.connecting += 1
+            actions.append(OPEN)
+        return actions
+
+    def _wanted(self) -> int:
+        """Connects to start: one per waiter nothing covers yet, plus what min_idle lacks, within the bound."""
+        if self.closing:
+            return 0
+        covered = self.connecting + self._checkout_checks
+        needed = self.waiting + max(0, self.config.min_idle - len(self.idle)) - covered
+        return max(0, min(needed, self.max_size - self.size - self.connecting))
+
+    def _unreachable(self, now: float) -> bool:
+        return bool(self.failures) and not self._times and not self.connecting and now < self.retry_at
+
+    def _unavailable_message(self, now: float) -> str:
+        retry = max(0.0, self.retry_at - now)
+        return f"{self.last_error} ({self.failures} failed in a row; next try in {retry:.2f}s)"
+
     def _hand_over(self, conn: C, now: float) -> list[Action[C, R]]:
         waiter = self._next_waiter()
         if waiter is None:
-            self.idle.append(conn)
+            self._make_idle(conn)
             return []
         self.leased.add(conn)
         self.wait_time.record(now - waiter.since)
         self._compact()
         return [Grant(waiter.request, conn)]
+
+    def _make_idle(self, conn: C) -> None:
+        self.idle.append(conn)
+        times = self._times[conn]
+        care = min(times.expires, times.last_ok + self._check_interval, times.idle_since + self._idle_timeout)
+        if self._reap_held and len(self.idle) > self.config.min_idle:
+            care = -math.inf  # a connection the reaper spared for min_idle may go now
+        if care != math.inf and (self._next_care is None or care < self._next_care):
+            self._next_care = care
+
+    def _care_for_idle(self, now: float) -> list[Action[C, R]]:
+        """The reaper and the background checks: close idle connections too old or idle too long
+        (oldest idle first, never below min_idle), and probe those unchecked for check_interval."""
+        actions: list[Action[C, R]] = []
+        times = self._times
+        for conn in [c for c in self.idle if now >= times[c].expires]:
+            self.idle.remove(conn)
+            actions += self._close(conn, "lifetime")
+        spare = len(self.idle) - self.config.min_idle
+        self._reap_held = False
+        for conn in sorted(self.idle, key=lambda c: times[c].idle_since):
+            if now - times[conn].idle_since < self._idle_timeout:
+                break
+            if spare <= 0:
+                self._reap_held = True
+                break
+            self.idle.remove(conn)
+            actions += self._close(conn, "idle")
+            spare -= 1
+        for conn in [c for c in self.idle if now - times[c].last_ok >= self._check_interval]:
+            self.idle.remove(conn)
+            actions.append(self._start_check(conn, for_checkout=False))
+        # When next: the earliest expiry, check, or idle timeout the reaper may act on.
+        care = math.inf
+        for conn in self.idle:
+            t = times[conn]
+            care = min(care, t.expires, t.last_ok + self._check_interval)
+            if not self._reap_held:
+                care = min(care, t.idle_since + self._idle_timeout)
+        self._next_care = care if care != math.inf else None
+        return actions
+
+    def _start_check(self, conn: C, *, for_checkout: bool) -> Probe[C]:
+        self.checking[conn] = for_checkout
+        self._checkout_checks += for_checkout
+        self.checks_run += 1
+        return Probe(conn)
+
+    def _end_check(self, conn: C) -> None:
+        self._checkout_checks -= self.checking.pop(conn)
+
+    def _check_all_idle(self) -> list[Action[C, R]]:
+        actions: list[Action[C, R]] = []
+        while self.idle:
+            actions.append(self._start_check(self.idle.pop(), for_checkout=False))
+        return actions
+
+    def _expire(self, now: float) -> list[Action[C, R]]:
+        actions: list[Action[C, R]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            waiter = heapq.heappop(self._deadlines)[2]
+            if waiter.done:
+                continue
+            waiter.done = True
+            self.waiting -= 1
+            self.requests_timeouts += 1
+            waited = f"pool {self.name!r}: no connection within {waiter.deadline - waiter.since:.3f}s"
+            if self.failures:  # the upstream is why: say so, with its error
+                actions.append(Reject(waiter.request, "upstream_unavailable", f"{waited}: {self.last_error}"))
+                continue
+            actions.append(
+                Reject(
+                    waiter.request,
+                    "pool_timeout",
+                    f"{waited} ({len(self.leased)} leased of max_size {self.max_size}, {self.waiting} still waiting)",
+                )
+            )
+        self._compact()
+        return actions
 
     def _next_waiter(self) -> _Waiter[R] | None:
         while self._queue:
@@ -252,15 +460,8 @@ class PoolCore(Generic[C, R]):
                 return waiter
         return None
 
-    def _grow(self) -> list[Action[C, R]]:
-        # Open one connection per waiter not already covered by a connect in flight, up to the bound.
-        actions: list[Action[C, R]] = []
-        while self.connecting < self.waiting and self.size + self.connecting < self.max_size:
-            self.connecting += 1
-            actions.append(OPEN)
-        return actions
-
-    def _closed(self, conn: C, reason: str) -> list[Action[C, R]]:
+    def _close(self, conn: C, reason: str) -> list[Action[C, R]]:
+        del self._times[conn]
         self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
         return [Close(conn, reason)]
 

@@ -19,9 +19,11 @@ import zmq
 
 from broker import __version__
 from broker.config import BrokerConfig, PoolConfig
-from broker.pool import Close, Grant, Open, PoolCore, Reject
+from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
+from broker.probes import ProbeFailed, ProbeSpec, probe_spec
+from broker.resolver import AddrInfo, Resolver, numeric_address
 from broker.timers import Timer, Timers
-from broker.upstream import ReadFailed, UpstreamConn
+from broker.upstream import ProbeRun, ReadFailed, UpstreamConn
 from client.protocol import (
     OP_IO,
     OP_LEASE,
@@ -114,13 +116,13 @@ class Exchange:
 
 
 class PoolState:
-    """A pool as the server sees it: its config, its pure core, and its upstream's health."""
+    """A pool as the server sees it: its config, its pure core, its probe, and its upstream's health."""
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
-        self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(
-            config.name, max_size=config.max_size, max_waiting=config.max_waiting
-        )
+        self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
+        self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
+        self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
         self.failing = False  # the last connect failed: log the next failure quietly
 
     def __repr__(self) -> str:
@@ -163,6 +165,7 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self.resolver: Resolver[UpstreamConn] = Resolver(self._wake)
         self._stopping = False
         self._handlers: dict[str, Callable[[bytes, Request, float], None]] = {
             OP_LEASE: self._on_lease,
@@ -197,6 +200,9 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to end. Safe from a signal handler or another thread."""
         self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -207,6 +213,7 @@ class Server:
         poll = self.poller.poll
         router = self.router
         wake_fd = self._wake_r.fileno()
+        self._run_due(time.monotonic(), start=True)  # warm up to min_idle
         while not self._stopping:
             events = poll(self._poll_timeout())
             now = time.monotonic()
@@ -214,7 +221,7 @@ class Server:
                 if item is router:
                     self._drain_router(now)
                 elif item == wake_fd:
-                    self._drain_wake()
+                    self._drain_wake(now)
                 else:
                     conn = self.conns.get(item)
                     if conn is not None:
@@ -231,6 +238,7 @@ class Server:
         for conn in list(self.conns.values()):
             conn.close()
         self.conns.clear()
+        self.resolver.close()
         # Give error replies to waiters a moment to leave, bounded.
         self.router.close(linger=200)
         self._wake_r.close()
@@ -251,12 +259,15 @@ class Server:
     def _waiting(self) -> int:
         return sum(pool.core.waiting for pool in self.pools.values())
 
-    def _drain_wake(self) -> None:
+    def _drain_wake(self, now: float) -> None:
         try:
             while self._wake_r.recv(512):
                 pass
         except BlockingIOError:
             pass
+        for conn, answer in self.resolver.results():
+            if not conn.closed:  # else its connect timed out while the lookup ran
+                self._connect_to(conn, answer, now)
 
     def _poll_timeout(self) -> int | None:
         deadline = self.timers.next_deadline()
@@ -268,12 +279,12 @@ class Server:
             return None
         return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
-    def _run_due(self, now: float) -> None:
+    def _run_due(self, now: float, start: bool = False) -> None:
         self.timers.run_due(now)
         for pool in self.pools.values():
             deadline = pool.core.next_deadline()
-            if deadline is not None and deadline <= now:
-                self._perform(pool, pool.core.expire(now), now)
+            if start or (deadline is not None and deadline <= now):
+                self._perform(pool, pool.core.tick(now), now)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -391,6 +402,8 @@ class Server:
                 self._grant(action.request, action.conn, now)
             elif kind is Open:
                 self._open(pool, now)
+            elif kind is Probe:
+                self._start_probe(action.conn, now)
             elif kind is Close:
                 self._close_conn(action.conn, action.reason)
             elif kind is Reject:
@@ -413,19 +426,27 @@ class Server:
 
     def _open(self, pool: PoolState, now: float) -> None:
         config = pool.config
-        conn = UpstreamConn(pool, now)
+        conn = UpstreamConn(pool)
+        # The deadline covers the name lookup too.
+        conn.timer = self.timers.call_at(now + config.connect_timeout, lambda t: self._connect_timed_out(conn, t))
+        if pool.address is None:
+            self.resolver.lookup(conn, config.host, config.port)
+        else:
+            self._connect_to(conn, pool.address, now)
+
+    def _connect_to(self, conn: UpstreamConn, address: AddrInfo | OSError, now: float) -> None:
         try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0]
-            connected = conn.start_connect(family, sockaddr)
+            if isinstance(address, OSError):
+                raise address
+            connected = conn.start_connect(*address)
         except OSError as exc:
             self._connect_failed(conn, exc, now)
             return
         self.conns[conn.fd] = conn
         if connected:
             self._connected(conn, now)
-            return
-        self._watch(conn, zmq.POLLOUT)
-        conn.timer = self.timers.call_at(now + config.connect_timeout, lambda t: self._connect_timed_out(conn, t))
+        else:
+            self._watch(conn)
 
     def _connect_timed_out(self, conn: UpstreamConn, now: float) -> None:
         timeout = conn.pool.config.connect_timeout
@@ -444,6 +465,7 @@ class Server:
         pool = conn.pool
         self.timers.cancel(conn.timer)
         conn.timer = None
+        conn.connecting = False
         if pool.failing:
             log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
             pool.failing = False
@@ -451,8 +473,9 @@ class Server:
         self._watch(conn)
 
     def _close_conn(self, conn: UpstreamConn, reason: str) -> None:
-        level = logging.WARNING if reason == "broken" else logging.DEBUG
-        log.log(level, "pool %r: closing a connection (%s)", conn.pool.config.name, reason)
+        level = logging.WARNING if reason in ("broken", "unread") else logging.DEBUG
+        why = f": {conn.error}" if conn.error else ""
+        log.log(level, "pool %r: closing a connection (%s%s)", conn.pool.config.name, reason, why)
         self._forget(conn)
 
     def _forget(self, conn: UpstreamConn) -> None:
@@ -469,8 +492,13 @@ class Server:
         """Poll `conn` for what its state needs: an idle one for readability (a close by the
         upstream or stray bytes), a leased one only while an exchange sends or reads."""
         if flags is None:
+            probe = conn.probe
             if conn.closed:
                 flags = 0
+            elif conn.connecting:
+                flags = zmq.POLLOUT
+            elif probe is not None:
+                flags = zmq.POLLOUT if probe.send is not None else zmq.POLLIN
             elif conn.lease is None:
                 flags = zmq.POLLIN
             else:
@@ -489,17 +517,22 @@ class Server:
             conn.watching = flags
 
     def _on_upstream_event(self, conn: UpstreamConn, flags: int, now: float) -> None:
-        if conn.timer is not None:  # connecting
+        if conn.connecting:
             error = conn.connect_error()
             if error is None:
                 self._connected(conn, now)
             else:
                 self._connect_failed(conn, error, now)
             return
+        if conn.probe is not None:
+            self._advance_probe(conn, now)
+            return
         lease = conn.lease
         if lease is None:
             # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
-            self._perform(conn.pool, conn.pool.core.lost(conn, now), now)
+            reason = conn.unfit() or "broken"
+            conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
+            self._perform(conn.pool, conn.pool.core.lost(conn, now, reason), now)
             return
         exchange = lease.exchange
         if exchange is None:
@@ -509,10 +542,63 @@ class Server:
             try:
                 conn.fill()
             except OSError as exc:
-                conn.broken = True
-                self._finish_error(exchange, "upstream_error", f"read from upstream failed: {exc}", now)
+                conn.fail(f"read from upstream failed: {exc}")
+                self._finish_error(exchange, "upstream_error", conn.error, now)
                 return
         self._advance(exchange, now)
+
+    # -- probes ----------------------------------------------------------------------------
+
+    def _start_probe(self, conn: UpstreamConn, now: float) -> None:
+        pool = conn.pool
+        if pool.probe is None:  # tcp: open and nothing unread, known without a round trip
+            unfit = conn.unfit()
+            if unfit is None:
+                self._perform(pool, pool.core.probe_ok(conn, now), now)
+            else:
+                why = "closed by the upstream" if unfit == "broken" else "unread bytes"
+                self._probe_failed(conn, f"tcp probe: {why}", now)
+            return
+        probe = conn.probe = ProbeRun(pool.probe.name, pool.probe.new_check())
+        timeout = pool.config.probe_timeout
+        error = f"{probe.name} probe: no answer within probe_timeout={timeout}s"
+        conn.timer = self.timers.call_at(now + timeout, lambda t: self._probe_failed(conn, error, t))
+        self._advance_probe(conn, now)
+
+    def _advance_probe(self, conn: UpstreamConn, now: float) -> None:
+        probe = conn.probe
+        assert probe is not None
+        try:
+            if probe.send is not None:
+                sent = conn.send(probe.send)
+                probe.send = probe.send[sent:] if sent < len(probe.send) else None
+            if probe.send is None:
+                conn.fill()
+                if conn.eof:
+                    raise ProbeFailed("closed by the upstream")
+                if probe.check.read(conn.rbuf):
+                    if conn.rbuf:
+                        raise ProbeFailed("bytes after the probe's answer: out of sync")
+                    self._end_probe(conn)
+                    self._perform(conn.pool, conn.pool.core.probe_ok(conn, now), now)
+                    return
+        except (OSError, ProbeFailed) as exc:
+            self._probe_failed(conn, f"{probe.name} probe: {exc}", now)
+            return
+        self._watch(conn)
+
+    def _end_probe(self, conn: UpstreamConn) -> None:
+        conn.probe = None
+        self.timers.cancel(conn.timer)
+        conn.timer = None
+        self._watch(conn)
+
+    def _probe_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
+        pool = conn.pool
+        self._end_probe(conn)
+        conn.error = error
+        log.warning("pool %r: %s; checking its other idle connections", pool.config.name, error)
+        self._perform(pool, pool.core.probe_failed(conn, now), now)
 
     # -- leases and exchanges --------------------------------------------------------------
 
@@ -534,8 +620,8 @@ class Server:
             try:
                 sent = conn.send(exchange.send)
             except OSError as exc:
-                conn.broken = True
-                self._finish_error(exchange, "upstream_error", f"send to upstream failed: {exc}", now)
+                conn.fail(f"send to upstream failed: {exc}")
+                self._finish_error(exchange, "upstream_error", conn.error, now)
                 return
             lease.bytes_sent += sent
             exchange.send = exchange.send[sent:] if sent < len(exchange.send) else None
@@ -549,7 +635,7 @@ class Server:
             data, exchange.scanned = conn.take(exchange.read, exchange.n, exchange.delim, exchange.scanned)
         except ReadFailed as exc:
             if exc.code == "upstream_error":
-                conn.broken = True
+                conn.fail(exc.message)
             self._finish_error(exchange, exc.code, exc.message, now)
             return
         if data is None:
@@ -562,8 +648,8 @@ class Server:
         exchange.timer = None
         if exchange.send is not None:
             # Part of a message may have gone out: the upstream's view of the stream is unknown.
-            exchange.lease.conn.broken = True
             message = "send to upstream timed out"
+            exchange.lease.conn.fail(message)
         else:
             message = "no answer from upstream in time (bytes already read stay buffered)"
         self._finish_error(exchange, "upstream_timeout", message, now)
@@ -612,11 +698,9 @@ class Server:
         if exchange is not None:
             # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
             self._end_exchange(exchange, now)
-            conn.broken = True
+            conn.fail("the lease ended during an I/O operation")
             self._send(exchange.peer, _error(exchange.rid, "lease_lost", "the lease ended during this operation"))
         conn.lease = None
-        reusable = keep and conn.reusable()
-        if reason is None:
-            reason = "broken" if keep else "discarded"
-        self._perform(lease.pool, lease.pool.core.release(conn, now, reusable, reason), now)
+        unfit = (conn.unfit() if keep else "discarded") if reason is None else reason
+        self._perform(lease.pool, lease.pool.core.release(conn, now, unfit), now)
         self._watch(conn)

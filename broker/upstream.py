@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from client.protocol import READ_ANY, READ_EXACTLY
 
 if TYPE_CHECKING:
+    from broker.probes import Check
     from broker.server import Lease, PoolState
     from broker.timers import Timer
 
@@ -28,23 +29,44 @@ class ReadFailed(Exception):
 class UpstreamConn:
     """A socket to the upstream, its read buffer, and what the broker knows of its health."""
 
-    __slots__ = ("pool", "sock", "fd", "created", "rbuf", "eof", "broken", "closed", "lease", "timer", "watching")
+    __slots__ = (
+        "pool",
+        "sock",
+        "fd",
+        "rbuf",
+        "eof",
+        "broken",
+        "error",
+        "closed",
+        "connecting",
+        "lease",
+        "probe",
+        "timer",
+        "watching",
+    )
 
-    def __init__(self, pool: PoolState, now: float) -> None:
+    def __init__(self, pool: PoolState) -> None:
         self.pool = pool
         self.sock: socket.socket | None = None
         self.fd = -1
-        self.created = now
         self.rbuf = bytearray()  # bytes read from the upstream and not yet handed to a client
         self.eof = False  # the upstream closed its side
         self.broken = False  # an I/O failed or was cut short: never reuse
+        self.error = ""  # what went wrong, for the log line that closes it
         self.closed = False
+        self.connecting = True
         self.lease: Lease | None = None
-        self.timer: Timer | None = None  # connect deadline
+        self.probe: ProbeRun | None = None
+        self.timer: Timer | None = None  # the connect's or the probe's deadline
         self.watching = 0  # poll flags currently registered
 
     def __repr__(self) -> str:
         return f"<UpstreamConn {self.pool.config.name} fd={self.fd}>"
+
+    def fail(self, error: str) -> None:
+        """An I/O on it failed or was cut short: it must never be reused."""
+        self.broken = True
+        self.error = error
 
     def start_connect(self, family: int, sockaddr: Any) -> bool:
         """Begin a non-blocking connect; True if it completed at once. Raises OSError on failure."""
@@ -122,19 +144,33 @@ class UpstreamConn:
             raise ReadFailed("upstream_error", f"upstream closed before delimiter {delim!r} ({len(buf)} bytes read)")
         return None, len(buf)
 
-    def reusable(self) -> bool:
-        """Fit to go back to the pool: no I/O failed, nothing unread, and the peer has not closed."""
-        if self.broken or self.eof or self.rbuf or self.sock is None:
-            return False
+    def unfit(self) -> str | None:
+        """Why it can't go back to the pool, as a close reason, or None if it is clean: no I/O
+        failed, nothing unread, and the peer has not closed."""
+        if self.broken or self.eof or self.sock is None:
+            return "broken"
+        if self.rbuf:
+            return "unread"
         try:
-            self.sock.recv(1, socket.MSG_PEEK)
+            peeked = self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
-            return True  # nothing to read: clean
+            return None  # nothing to read: clean
         except OSError:
-            return False
-        return False  # unread bytes (out of sync) or b"" (the peer closed)
+            return "broken"
+        return "unread" if peeked else "broken"  # b"": the peer closed
 
     def close(self) -> None:
         self.closed = True
         if self.sock is not None:
             self.sock.close()
+
+
+class ProbeRun:
+    """A probe in progress on a connection: its check, and what is left to send."""
+
+    __slots__ = ("name", "check", "send")
+
+    def __init__(self, name: str, check: Check) -> None:
+        self.name = name
+        self.check = check
+        self.send: memoryview | None = memoryview(check.request) if check.request else None

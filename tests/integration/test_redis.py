@@ -69,7 +69,7 @@ def test_a_connection_returned_with_unread_bytes_is_never_reused(
     c = make_client(broker.endpoint)
     with c.lease("redis") as conn:
         conn.sendall(b"PING\r\n")  # the +PONG is never read
-    wait_for(lambda: c.stats()["redis"]["connections_closed_broken"] == 1, what="the unclean return to be closed")
+    wait_for(lambda: c.stats()["redis"]["connections_closed_unread"] == 1, what="the unclean return to be closed")
     with c.lease("redis") as conn:
         assert conn.request(b"ECHO fresh\r\n", until=b"fresh\r\n") == b"$5\r\nfresh\r\n"
 

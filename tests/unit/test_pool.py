@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from broker.pool import OPEN, Close, Grant, PoolCore, Reject
+from broker.config import ConfigError, PoolConfig
+from broker.pool import OPEN, Close, Grant, PoolCore, Probe, Reject
 
 
-def make(max_size: int = 2, max_waiting: int = 10) -> PoolCore[str, str]:
-    return PoolCore("test", max_size=max_size, max_waiting=max_waiting)
+# Every timed feature off unless a test turns it on: these tests are about the bound and the queue.
+QUIET = {"idle_timeout": 0, "max_lifetime": 0, "check_interval": 0, "check_idle_after": 1e9}
+
+
+def make(max_size: int = 2, max_waiting: int = 10, **settings: Any) -> PoolCore[str, str]:
+    config = PoolConfig("test", "h", 1, max_size=max_size, max_waiting=max_waiting, **{**QUIET, **settings})
+    return PoolCore(config, rng=lambda: 1.0)
 
 
 def fill(pool: PoolCore[str, str], *conns: str) -> None:
@@ -26,14 +34,14 @@ def test_opens_on_demand_up_to_max_size_then_queues() -> None:
     assert (pool.size, pool.connecting, pool.waiting) == (0, 2, 3)
     assert pool.connected("c1", 0.1) == [Grant("a", "c1")]
     assert pool.connected("c2", 0.1) == [Grant("b", "c2")]
-    assert pool.release("c1", 0.2, reusable=True) == [Grant("c", "c1")]
+    assert pool.release("c1", 0.2) == [Grant("c", "c1")]
 
 
 def test_does_not_open_more_than_the_waiters_need() -> None:
     pool = make(max_size=5)
     assert pool.request("a", 0.0, 5.0) == [OPEN]
     assert pool.connected("c1", 0.0) == [Grant("a", "c1")]
-    assert pool.release("c1", 0.0, reusable=True) == []
+    assert pool.release("c1", 0.0) == []
     assert pool.request("b", 0.0, 5.0) == [Grant("b", "c1")]  # idle reused, nothing opened
     assert pool.connecting == 0
 
@@ -42,7 +50,7 @@ def test_idle_connections_are_reused_last_in_first_out() -> None:
     pool = make(max_size=3)
     fill(pool, "c1", "c2", "c3")
     for conn in ("c1", "c2", "c3"):
-        pool.release(conn, 1.0, reusable=True)
+        pool.release(conn, 1.0)
     assert pool.request("x", 2.0, 5.0) == [Grant("x", "c3")]  # the warmest first
     assert pool.request("y", 2.0, 5.0) == [Grant("y", "c2")]
 
@@ -52,9 +60,9 @@ def test_waiters_are_served_first_in_first_out() -> None:
     fill(pool, "c1")
     for name in ("w1", "w2", "w3"):
         assert pool.request(name, 1.0, 9.0) == []
-    assert pool.release("c1", 2.0, reusable=True) == [Grant("w1", "c1")]
-    assert pool.release("c1", 2.0, reusable=True) == [Grant("w2", "c1")]
-    assert pool.release("c1", 2.0, reusable=True) == [Grant("w3", "c1")]
+    assert pool.release("c1", 2.0) == [Grant("w1", "c1")]
+    assert pool.release("c1", 2.0) == [Grant("w2", "c1")]
+    assert pool.release("c1", 2.0) == [Grant("w3", "c1")]
 
 
 def test_a_waiter_times_out_at_its_deadline_not_before() -> None:
@@ -62,12 +70,12 @@ def test_a_waiter_times_out_at_its_deadline_not_before() -> None:
     fill(pool, "c1")
     pool.request("w", 1.0, 3.0)
     assert pool.next_deadline() == 3.0
-    assert pool.expire(2.999) == []
-    [reject] = pool.expire(3.0)
+    assert pool.tick(2.999) == []
+    [reject] = pool.tick(3.0)
     assert isinstance(reject, Reject) and (reject.request, reject.code) == ("w", "pool_timeout")
     assert "no connection within 2.000s" in reject.message
     assert pool.waiting == 0 and pool.requests_timeouts == 1
-    assert pool.release("c1", 4.0, reusable=True) == []  # nobody left to serve: idle
+    assert pool.release("c1", 4.0) == []  # nobody left to serve: idle
     assert pool.idle == ["c1"]
 
 
@@ -76,8 +84,8 @@ def test_deadlines_differ_per_request_and_fifo_holds() -> None:
     fill(pool, "c1")
     pool.request("long", 0.0, 10.0)
     pool.request("short", 0.0, 1.0)
-    assert [a.request for a in pool.expire(1.0)] == ["short"]  # type: ignore[union-attr]
-    assert pool.release("c1", 2.0, reusable=True) == [Grant("long", "c1")]
+    assert [a.request for a in pool.tick(1.0)] == ["short"]  # type: ignore[union-attr]
+    assert pool.release("c1", 2.0) == [Grant("long", "c1")]
 
 
 def test_max_waiting_refuses_at_once_and_counts() -> None:
@@ -102,7 +110,7 @@ def test_discard_closes_and_a_new_connection_serves_the_waiter() -> None:
     pool = make(max_size=1)
     fill(pool, "c1")
     pool.request("w", 0.0, 5.0)
-    assert pool.release("c1", 1.0, reusable=False) == [Close("c1", "discarded"), OPEN]
+    assert pool.release("c1", 1.0, "discarded") == [Close("c1", "discarded"), OPEN]
     assert pool.connected("c2", 1.1) == [Grant("w", "c2")]
     assert pool.connections_closed["discarded"] == 1
 
@@ -110,7 +118,7 @@ def test_discard_closes_and_a_new_connection_serves_the_waiter() -> None:
 def test_an_unclean_return_is_closed_as_broken_never_reused() -> None:
     pool = make(max_size=2)
     fill(pool, "c1")
-    assert pool.release("c1", 1.0, reusable=False, reason="broken") == [Close("c1", "broken")]
+    assert pool.release("c1", 1.0, "broken") == [Close("c1", "broken")]
     assert pool.idle == [] and pool.size == 0
     assert pool.request("x", 2.0, 5.0) == [OPEN]  # never the broken one
 
@@ -118,8 +126,8 @@ def test_an_unclean_return_is_closed_as_broken_never_reused() -> None:
 def test_an_idle_connection_lost_leaves_the_pool() -> None:
     pool = make(max_size=2)
     fill(pool, "c1", "c2")
-    pool.release("c1", 1.0, reusable=True)
-    pool.release("c2", 1.0, reusable=True)
+    pool.release("c1", 1.0)
+    pool.release("c2", 1.0)
     assert pool.lost("c1", 2.0) == [Close("c1", "broken")]
     assert pool.idle == ["c2"] and pool.size == 1
 
@@ -130,10 +138,11 @@ def test_connect_failure_with_nothing_open_fails_the_waiters_with_the_error() ->
     pool.request("b", 0.0, 5.0)
     assert pool.connect_failed(0.1, "refused") == []  # the other connect may still succeed
     rejects = pool.connect_failed(0.2, "refused")
-    assert [(r.request, r.code, r.message) for r in rejects] == [  # type: ignore[union-attr]
-        ("a", "upstream_unavailable", "refused"),
-        ("b", "upstream_unavailable", "refused"),
+    assert [(r.request, r.code) for r in rejects] == [  # type: ignore[union-attr]
+        ("a", "upstream_unavailable"),
+        ("b", "upstream_unavailable"),
     ]
+    assert rejects[0].message.startswith("refused (2 failed in a row; next try in")  # type: ignore[union-attr]
     assert pool.waiting == 0 and pool.connections_failed == 2 and pool.connecting == 0
 
 
@@ -142,18 +151,18 @@ def test_connect_failure_while_connections_are_leased_keeps_the_waiters() -> Non
     fill(pool, "c1")
     assert pool.request("w", 1.0, 5.0) == [OPEN]
     assert pool.connect_failed(1.1, "refused") == []
-    assert pool.release("c1", 2.0, reusable=True) == [Grant("w", "c1")]
+    assert pool.release("c1", 2.0) == [Grant("w", "c1")]
 
 
 def test_shutdown_fails_waiters_closes_idle_and_closes_returns() -> None:
     pool = make(max_size=2)
     fill(pool, "c1", "c2")
-    pool.release("c1", 1.0, reusable=True)
+    pool.release("c1", 1.0)
     pool.request("w", 1.0, 5.0)  # served by c1 at once: no waiter yet
     pool.request("w2", 1.0, 5.0)
     actions = pool.shutdown()
     assert Reject("w2", "shutting_down", "the broker is shutting down") in actions
-    assert pool.release("c2", 2.0, reusable=True) == [Close("c2", "shutdown")]
+    assert pool.release("c2", 2.0) == [Close("c2", "shutdown")]
     assert pool.request("late", 3.0, 5.0)[0].code == "shutting_down"  # type: ignore[union-attr]
 
 
@@ -161,7 +170,7 @@ def test_wait_time_is_measured_from_request_to_grant() -> None:
     pool = make(max_size=1)
     fill(pool, "c1")
     pool.request("w", 1.0, 9.0)
-    pool.release("c1", 1.25, reusable=True)
+    pool.release("c1", 1.25)
     stats = pool.stats()
     assert stats["wait_max_ms"] == pytest.approx(250.0, rel=0.01)
     assert stats["requests_num"] == 2 and stats["requests_queued"] == 2
@@ -173,7 +182,7 @@ def test_memory_follows_live_waiters_not_the_request_rate() -> None:
     fill(pool, "c1")
     for i in range(10_000):  # each waits, then is served: the deadlines heap must not keep them
         pool.request(f"w{i}", float(i), float(i) + 60)
-        pool.release("c1", float(i), reusable=True)
+        pool.release("c1", float(i))
     assert len(pool._deadlines) <= 2 * pool.waiting + 64
     assert len(pool._queue) <= 2 * pool.waiting + 64
 
@@ -182,12 +191,15 @@ def test_repr_reads_like_a_status_line() -> None:
     pool = make(max_size=3)
     fill(pool, "c1")
     assert repr(pool) == (
-        "<PoolCore test [Requests: 1 leased, 0 waiting | Connections: 1 open, 0 idle, 0 connecting | max_size 3]>"
+        "<PoolCore test [Requests: 1 leased, 0 waiting | Connections: 1 open, 0 idle, 0 checking, 0 connecting"
+        " | max_size 3]>"
     )
 
 
 def test_bad_limits_are_refused() -> None:
-    with pytest.raises(ValueError):
-        PoolCore("x", max_size=0, max_waiting=1)
-    with pytest.raises(ValueError):
-        PoolCore("x", max_size=1, max_waiting=-1)
+    with pytest.raises(ConfigError):
+        make(max_size=0)
+    with pytest.raises(ConfigError):
+        make(max_waiting=-1)
+    with pytest.raises(ConfigError):
+        make(max_size=2, min_idle=3)

@@ -1,29 +1,45 @@
-"""Any sequence of lease, release, discard, timeout, connect success and failure keeps the pool's
-promises: never more than max_size, every request ends exactly once (granted, timed out or
-refused), and no permit is ever lost."""
+"""Any sequence of lease, release (clean or not), timeout, connect success and failure, probe
+success and failure, idle loss, and time passing (reaper, lifetimes, background checks, backoff)
+keeps the pool's promises: never more than max_size, every request ends exactly once, no
+connection is handed out while being probed or after closing, and no permit is ever lost."""
 
 from __future__ import annotations
 
 import itertools
+import random
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from broker.pool import Close, Grant, Open, PoolCore, Reject
+from broker.config import PoolConfig
+from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
 
 
 class PoolMachine(RuleBasedStateMachine):
-    @initialize(max_size=st.integers(1, 4), max_waiting=st.integers(0, 5))
-    def setup(self, max_size: int, max_waiting: int) -> None:
-        self.pool: PoolCore[int, int] = PoolCore("m", max_size=max_size, max_waiting=max_waiting)
+    @initialize(
+        max_size=st.integers(1, 4),
+        max_waiting=st.integers(0, 5),
+        min_idle=st.integers(0, 2),
+        check_idle_after=st.sampled_from([0.0, 0.5, 1e9]),
+        idle_timeout=st.sampled_from([0.0, 1.0, 3.0]),
+        max_lifetime=st.sampled_from([0.0, 2.0, 5.0]),
+        check_interval=st.sampled_from([0.0, 1.0]),
+        connect_backoff=st.sampled_from([0.1, 1.0]),
+        seed=st.integers(0, 2**16),
+    )
+    def setup(self, max_size: int, min_idle: int, seed: int, **timing: float) -> None:
+        config = PoolConfig("m", "h", 1, max_size=max_size, min_idle=min(min_idle, max_size), **timing)  # type: ignore[arg-type]
+        self.pool: PoolCore[int, int] = PoolCore(config, rng=random.Random(seed).random)
         self.now = 0.0
         self.ids = itertools.count()
         self.pending_opens = 0
-        self.open_conns: set[int] = set()  # the model's view: idle or leased
+        self.open_conns: set[int] = set()  # the model's view: idle, probing or leased
+        self.probing: set[int] = set()
         self.leased: dict[int, int] = {}  # conn -> request
         self.outcome: dict[int, str] = {}  # request -> granted / pool_timeout / pool_full / ...
         self.requested: list[int] = []
+        self.apply(self.pool.tick(self.now))
 
     def apply(self, actions: list[object]) -> None:
         for action in actions:
@@ -31,15 +47,21 @@ class PoolMachine(RuleBasedStateMachine):
                 self.pending_opens += 1
             elif isinstance(action, Grant):
                 assert action.request not in self.outcome, "a request ended twice"
-                assert action.conn in self.open_conns and action.conn not in self.leased
+                assert action.conn in self.open_conns, "a closed connection was handed out"
+                assert action.conn not in self.leased and action.conn not in self.probing
                 self.outcome[action.request] = "granted"
                 self.leased[action.conn] = action.request
             elif isinstance(action, Reject):
                 assert action.request not in self.outcome, "a request ended twice"
                 self.outcome[action.request] = action.code
+            elif isinstance(action, Probe):
+                assert action.conn in self.open_conns and action.conn not in self.leased
+                assert action.conn not in self.probing, "probed twice at once"
+                self.probing.add(action.conn)
             elif isinstance(action, Close):
                 assert action.conn in self.open_conns and action.conn not in self.leased
                 self.open_conns.discard(action.conn)
+                self.probing.discard(action.conn)
 
     @rule(timeout=st.floats(0.1, 5.0))
     def request(self, timeout: float) -> None:
@@ -61,12 +83,23 @@ class PoolMachine(RuleBasedStateMachine):
         self.pending_opens -= 1
         self.apply(self.pool.connect_failed(self.now, "refused"))
 
+    @precondition(lambda self: self.probing)
+    @rule(data=st.data(), passes=st.booleans())
+    def probe_ends(self, data: st.DataObject, passes: bool) -> None:
+        conn = data.draw(st.sampled_from(sorted(self.probing)))
+        self.probing.discard(conn)
+        if passes:
+            self.apply(self.pool.probe_ok(conn, self.now))
+        else:
+            self.apply(self.pool.probe_failed(conn, self.now))
+            assert conn not in self.open_conns, "a connection that failed its probe was kept"
+
     @precondition(lambda self: self.leased)
-    @rule(data=st.data(), reusable=st.booleans())
-    def release(self, data: st.DataObject, reusable: bool) -> None:
+    @rule(data=st.data(), unfit=st.sampled_from([None, None, "discarded", "broken", "unread"]))
+    def release(self, data: st.DataObject, unfit: str | None) -> None:
         conn = data.draw(st.sampled_from(sorted(self.leased)))
         del self.leased[conn]
-        self.apply(self.pool.release(conn, self.now, reusable))
+        self.apply(self.pool.release(conn, self.now, unfit))
 
     @precondition(lambda self: self.pool.idle)
     @rule(data=st.data())
@@ -77,7 +110,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(dt=st.floats(0.0, 3.0))
     def time_passes(self, dt: float) -> None:
         self.now += dt
-        self.apply(self.pool.expire(self.now))
+        self.apply(self.pool.tick(self.now))
 
     @invariant()
     def never_over_the_bound(self) -> None:
@@ -89,49 +122,58 @@ class PoolMachine(RuleBasedStateMachine):
         assert pool.connecting == self.pending_opens
         assert pool.size == len(self.open_conns)
         assert set(pool.leased) == set(self.leased)
-        assert set(pool.idle) == self.open_conns - set(self.leased)
+        assert set(pool.checking) == self.probing
+        assert set(pool.idle) == self.open_conns - set(self.leased) - self.probing
         waiting = [r for r in self.requested if r not in self.outcome]
         assert pool.waiting == len(waiting)
 
     @invariant()
-    def no_idle_connection_while_someone_waits(self) -> None:
-        assert not (self.pool.idle and self.pool.waiting)
+    def no_idle_connection_while_someone_waits_uncovered(self) -> None:
+        pool = self.pool
+        assert not (pool.idle and pool.waiting > sum(pool.checking.values()))
 
     @invariant()
-    def a_waiter_with_room_to_grow_has_a_connect_on_its_way(self) -> None:
-        # A free permit is never left unused while requests wait, unless connects just failed and
-        # a connection in use or on its way will serve them.
+    def a_waiter_with_room_to_grow_has_something_on_its_way(self) -> None:
+        # A free permit is never left unused while requests wait, unless the upstream is failing
+        # (backoff) or a connection in use, being checked, or on its way will serve them.
         pool = self.pool
         room = pool.max_size - pool.size - pool.connecting
         if pool.waiting > pool.connecting and room > 0:
-            assert pool.leased or pool.connecting, "waiters are stranded with a free permit and nothing to serve them"
+            assert pool.leased or pool.connecting or pool.checking or pool.failures, "waiters are stranded"
+
+    def settle(self) -> None:
+        """Let every connect succeed and every probe pass until nothing is in flight."""
+        while self.pending_opens or self.probing:
+            if self.pending_opens:
+                self.connect_succeeds()
+            else:
+                conn = min(self.probing)
+                self.probing.discard(conn)
+                self.apply(self.pool.probe_ok(conn, self.now))
 
     def teardown(self) -> None:
         if not hasattr(self, "pool"):
             return
-        # Everything comes back and every connect resolves: no request is left hanging, and the
-        # whole bound is usable again.
-        while self.pending_opens:
-            self.connect_succeeds()
+        # Everything comes back and every connect and probe resolves: no request is left hanging,
+        # and the whole bound is usable again.
+        self.settle()
         while self.leased:  # a release may hand the connection to a waiter: loop until none is out
             conn = min(self.leased)
             del self.leased[conn]
-            self.apply(self.pool.release(conn, self.now, reusable=True))
+            self.apply(self.pool.release(conn, self.now))
+            self.settle()
         self.now += 10
-        self.apply(self.pool.expire(self.now))
+        self.apply(self.pool.tick(self.now))
+        self.settle()
         assert all(r in self.outcome for r in self.requested), "a request never ended"
         assert self.pool.waiting == 0
         assert self.pool.size + self.pool.connecting == len(self.open_conns)
-        taken = []
         for _ in range(self.pool.max_size):
             request = next(self.ids)
             self.requested.append(request)
-            actions = self.pool.request(request, self.now, self.now + 1)
-            self.apply(actions)
-            while self.pending_opens:
-                self.connect_succeeds()
+            self.apply(self.pool.request(request, self.now, self.now + 1))
+            self.settle()
             assert self.outcome.get(request) == "granted", "a permit was lost"
-            taken.append(request)
         assert self.pool.size == self.pool.max_size
 
 
