@@ -65,6 +65,8 @@ class HttpCheck:
         self._size += len(buf)
         if self._size > MAX_REPLY:
             raise ProbeFailed(f"the probe's HTTP response is over {MAX_REPLY} bytes")
+        if not buf:
+            return False  # (to h11, empty data means the peer closed)
         self._h11.receive_data(bytes(buf))
         del buf[:]
         try:

@@ -217,9 +217,10 @@ class Server:
         while not self._stopping:
             events = poll(self._poll_timeout())
             now = time.monotonic()
+            requests = False
             for item, flags in events:
                 if item is router:
-                    self._drain_router(now)
+                    requests = True
                 elif item == wake_fd:
                     self._drain_wake(now)
                 else:
@@ -230,6 +231,10 @@ class Server:
                         except Exception:
                             # A bug of ours on one connection must not end every client's pool.
                             log.exception("failed to handle an event on %r", conn)
+            # Requests last: a close by the upstream that arrived with them is seen before a
+            # request could be granted that connection.
+            if requests:
+                self._drain_router(now)
             self._run_due(time.monotonic())
         self._shutdown(time.monotonic())
 

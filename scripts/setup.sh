@@ -1,4 +1,4 @@
-# Sourced by scripts/demo and scripts/test: makes .venv with what they need, and Redis where missing.
+# Sourced by scripts/demo and scripts/test: makes .venv with what they need, and Redis and memcached where missing.
 # Idempotent and quiet once done; safe to run on a brand-new machine (root or sudo for apt-get).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,13 +15,14 @@ find_python() {
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-ensure_redis() {
-    command -v redis-server >/dev/null && return
-    echo "setup: installing redis-server (Debian package)" >&2
+ensure_servers() {
+    # Real upstreams for the tests and the demo: Debian's redis-server and memcached.
+    command -v redis-server >/dev/null && command -v memcached >/dev/null && return
+    echo "setup: installing redis-server and memcached (Debian packages)" >&2
     as_root apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
-    # The package starts a system-wide instance on 6379; ours start their own on free ports.
-    as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server memcached >/dev/null
+    # The packages start system-wide instances on the default ports; ours start their own on free ports.
+    as_root systemctl disable --now redis-server memcached >/dev/null 2>&1 || true
 }
 
 ensure_venv() {

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import Broker, RedisServer, TestUpstream
+from helpers import Broker, HttpUpstream, MemcachedServer, RedisServer, TestUpstream
 
 from client import Client
 
@@ -58,6 +58,20 @@ def upstream() -> Iterator[Callable[[str], TestUpstream]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def memcached() -> Iterator[MemcachedServer]:
+    server = MemcachedServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http_upstream() -> Iterator[HttpUpstream]:
+    server = HttpUpstream()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

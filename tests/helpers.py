@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import os
 import shutil
 import signal
 import socket
@@ -172,7 +174,8 @@ class TestUpstream:
     """A TCP server of our own for what Redis can't do: echo, stall, close.
 
     mode: "echo" echoes every byte; "stall" accepts and never answers; "close" closes at once;
-    "greet" sends b"hello\\n" unasked right after accepting.
+    "greet" sends b"hello\\n" unasked right after accepting. mute() silences the connections open
+    now while new ones still answer: what a firewall that dropped idle connections looks like.
     """
 
     __test__ = False  # not a pytest test class
@@ -183,6 +186,8 @@ class TestUpstream:
         self.port = self.listener.getsockname()[1]
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
+        self._muted: set[socket.socket] = set()
+        self.accepted = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -199,6 +204,7 @@ class TestUpstream:
                 return
             with self._lock:
                 self._conns.append(conn)
+                self.accepted += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
@@ -211,12 +217,16 @@ class TestUpstream:
                 data = conn.recv(65536)
                 if not data:
                     return
-                if self.mode == "echo":
+                if self.mode == "echo" and conn not in self._muted:
                     conn.sendall(data)
         except OSError:
             return
         finally:
             conn.close()
+
+    def mute(self) -> None:
+        with self._lock:
+            self._muted.update(self._conns)
 
     def close_all(self) -> None:
         """Close every accepted connection from the server side."""
@@ -232,3 +242,70 @@ class TestUpstream:
         self._stopping = True
         self.listener.close()
         self.close_all()
+
+
+class MemcachedServer:
+    """A private memcached on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        exe = shutil.which("memcached")
+        if exe is None:
+            raise RuntimeError("memcached is not installed (./scripts/test installs it)")
+        user = ["-u", "root"] if os.geteuid() == 0 else []  # it refuses to run as root otherwise
+        self.proc = subprocess.Popen([exe, "-p", str(self.port), "-l", "127.0.0.1", "-U", "0", *user])
+        wait_for(self._answers, what=f"memcached on port {self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"version\r\n")
+                return sock.recv(100).startswith(b"VERSION ")
+        except OSError:
+            return False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class HttpUpstream:
+    """A small HTTP/1.1 server with keep-alive: GET or HEAD /health answers 200, /down 503."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a pooled upstream must
+
+            def do_HEAD(self) -> None:
+                self._answer(with_body=False)
+
+            def do_GET(self) -> None:
+                self._answer(with_body=True)
+
+            def _answer(self, with_body: bool) -> None:
+                status, body = (200, b"ok\n") if self.path == "/health" else (503, b"down\n")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,250 @@
+"""Health against real servers: connections killed, silently dead, stalled; Redis stopped and
+restarted; the reaper and lifetimes as Redis itself counts them; the probe presets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from helpers import Broker, HttpUpstream, MemcachedServer, RedisServer, TestUpstream, wait_for
+
+from client import Client, UpstreamTimeout, UpstreamUnavailable
+
+PING = b"PING\r\n"
+PONG = b"+PONG\r\n"
+
+
+def hold(c: Client, pool: str, n: int) -> ExitStack:
+    """Lease `n` connections at once (so the pool opens n), to be released by closing the stack."""
+    stack = ExitStack()
+    for _ in range(n):
+        stack.enter_context(c.lease(pool))
+    return stack
+
+
+def broker_ids(redis: RedisServer) -> set[int]:
+    """Redis's ids for the broker's connections (everyone's but this inspecting client's)."""
+    r = redis.client()
+    try:
+        me = r.client_id()
+        return {int(client["id"]) for client in r.client_list() if int(client["id"]) != me}
+    finally:
+        r.close()
+
+
+def test_connections_killed_while_idle_are_never_handed_out(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "4")
+    c = make_client(broker.endpoint)
+    with hold(c, "redis", 4):
+        pass
+    assert c.stats()["redis"]["pool_idle"] == 4
+    r = own_redis.client()
+    try:
+        assert r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") == 4
+    finally:
+        r.close()
+    # Each of these would meet a dead connection if one were handed out.
+    for _ in range(50):
+        assert c.request("redis", PING, until=b"\r\n") == PONG
+    with hold(c, "redis", 4) as leases:
+        leases.close()
+    stats = c.stats()["redis"]
+    assert stats["connections_closed_broken"] == 4
+    assert stats["requests_failed"] == 0 and stats["requests_timeouts"] == 0
+
+
+def test_a_silently_dead_connection_fails_its_checkout_probe_and_a_live_one_serves(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    echo = upstream("echo")
+    broker = start_broker(
+        *("--upstream", f"echo={echo.address}", "--max-size", "3", "--check-idle-after", "0.2"),
+        *("--probe", "send", "--probe-send", "ping\n", "--probe-expect", "ping", "--probe-timeout", "0.3"),
+    )
+    c = make_client(broker.endpoint)
+    with hold(c, "echo", 3):
+        pass
+    wait_for(lambda: echo.accepted == 3, what="the upstream to accept all three")
+    echo.mute()  # the three open connections now swallow everything: dead, though still open
+    time.sleep(0.25)  # let them be idle past check_idle_after
+    assert c.request("echo", b"hello\n", until=b"\n") == b"hello\n"  # the client sees no error
+    stats = wait_for(lambda: (s := c.stats()["echo"])["checks_failed"] == 3 and s, what="all three probes to fail")
+    assert stats["connections_closed_broken"] == 3  # one failure had every idle connection checked
+    assert echo.accepted == 4
+    assert "send probe: no answer within probe_timeout=0.3s" in broker.log()
+
+
+def test_redis_stopped_gives_upstream_unavailable_fast_and_leases_resume_when_it_is_back(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker(
+        *("--upstream", f"redis={own_redis.address}", "--acquire-timeout", "3"),
+        *("--connect-backoff", "0.2", "--connect-backoff-max", "0.5"),
+    )
+    c = make_client(broker.endpoint)
+    assert c.request("redis", PING, until=b"\r\n") == PONG
+    own_redis.stop()
+    for _ in range(5):
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match="Connection refused"):
+            c.request("redis", PING, until=b"\r\n")
+        assert time.monotonic() - started < 3.0  # within the acquire timeout, not at its end
+    assert c.stats()["redis"]["upstream_failing"] == 1
+    own_redis.start()  # the same port; nothing else is restarted
+
+    def works() -> bool:
+        try:
+            return c.request("redis", PING, until=b"\r\n") == PONG
+        except UpstreamUnavailable:
+            return False
+
+    wait_for(works, timeout=5.0, what="leases to work again")
+    stats = c.stats()["redis"]
+    assert stats["upstream_failing"] == 0 and stats["connections_failed"] >= 1
+
+
+def test_idle_timeout_shrinks_the_pool_to_min_idle_as_redis_counts(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker(
+        "--upstream", f"redis={own_redis.address}", "--max-size", "5", "--min-idle", "2", "--idle-timeout", "0.5"
+    )
+    wait_for(lambda: own_redis.broker_connections() == 2, what="the warm-up to min_idle")
+    c = make_client(broker.endpoint)
+    with hold(c, "redis", 5):
+        assert own_redis.broker_connections() == 5
+    wait_for(lambda: own_redis.broker_connections() == 2, what="the reaper to close the idle ones")
+    stats = c.stats()["redis"]
+    assert stats["connections_closed_idle"] == 3 and stats["pool_idle"] == 2
+
+
+def test_max_lifetime_recycles_every_connection_as_redis_sees_while_leases_go_on(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker(
+        "--upstream", f"redis={own_redis.address}", "--max-size", "3", "--min-idle", "2", "--max-lifetime", "1.0"
+    )
+    first = wait_for(lambda: len(ids := broker_ids(own_redis)) == 2 and ids, what="two connections")
+    c = make_client(broker.endpoint)
+    deadline = time.monotonic() + 15
+    while broker_ids(own_redis) & first:  # leases keep working while their connections are replaced
+        assert c.request("redis", PING, until=b"\r\n") == PONG
+        assert time.monotonic() < deadline, "connections outlived max_lifetime"
+    stats = c.stats()["redis"]
+    assert stats["connections_closed_lifetime"] >= 2
+    assert stats["pool_size"] <= 3 and stats["requests_failed"] == 0
+
+
+def test_stalled_probes_time_out_clearly_and_other_pools_carry_on(
+    upstream: Callable[[str], TestUpstream],
+    redis_server: RedisServer,
+    start_broker: Callable[..., Broker],
+    make_client: Callable[..., Client],
+    tmp_path: Path,
+) -> None:
+    stall = upstream("stall")
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[pools.stall]\nupstream = "{stall.address}"\nmax_size = 2\ncheck_idle_after = 0.0\n'
+        'probe = "send"\nprobe_send = "ping\\n"\nprobe_expect = "pong"\nprobe_timeout = 1.0\n\n'
+        f'[pools.redis]\nupstream = "{redis_server.address}"\nprobe = "redis"\ncheck_idle_after = 0.0\n'
+    )
+    broker = start_broker("--config", str(config))
+    c = make_client(broker.endpoint)
+    with c.lease("stall"):
+        pass  # a fresh connection is handed out unprobed, and comes back idle
+    outcome: list[object] = []
+
+    def lease_stalled() -> None:
+        other = Client(broker.endpoint)
+        try:
+            with other.lease("stall", timeout=5.0):
+                outcome.append("granted")  # its probe timed out; a fresh connection served it
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            other.close()
+
+    thread = threading.Thread(target=lease_stalled)
+    thread.start()
+    wait_for(lambda: c.stats()["stall"]["pool_checking"] == 1, what="the probe in flight")
+    for _ in range(100):  # the redis pool, probed on every checkout, carries on meanwhile
+        assert c.request("redis", PING, until=b"\r\n") == PONG
+    assert c.stats()["stall"]["pool_checking"] == 1, "the redis requests waited for the stalled probe"
+    thread.join(10)
+    assert outcome == ["granted"]
+    assert c.stats()["stall"]["checks_failed"] == 1
+    assert "pool 'stall': send probe: no answer within probe_timeout=1.0s" in broker.log()
+    with c.lease("stall", io_timeout=0.3) as conn, pytest.raises(UpstreamTimeout, match="no answer from upstream"):
+        conn.request(b"anyone?\n", until=b"\n")
+
+
+def test_the_redis_preset_probes_checkouts_and_catches_a_wrong_answer(
+    redis_server: RedisServer,
+    upstream: Callable[[str], TestUpstream],
+    start_broker: Callable[..., Broker],
+    make_client: Callable[..., Client],
+) -> None:
+    echo = upstream("echo")  # answers PING with PING, not +PONG
+    broker = start_broker(
+        *("--upstream", f"redis={redis_server.address}", "--upstream", f"echo={echo.address}"),
+        *("--probe", "redis", "--check-idle-after", "0"),
+    )
+    c = make_client(broker.endpoint)
+    for _ in range(5):
+        assert c.request("redis", PING, until=b"\r\n") == PONG
+        assert c.request("echo", b"hi\n", until=b"\n") == b"hi\n"  # each time on a fresh connection
+    redis_stats, echo_stats = c.stats()["redis"], c.stats()["echo"]
+    assert (redis_stats["checks_run"], redis_stats["checks_failed"], redis_stats["connections_created"]) == (4, 0, 1)
+    assert (echo_stats["checks_failed"], echo_stats["connections_created"]) == (4, 5)
+    assert "redis probe: the probe expected b'+PONG', got b'PING\\r\\n'" in broker.log()
+
+
+def test_the_memcached_preset_against_memcached(
+    memcached: MemcachedServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker("--upstream", f"mc={memcached.address}", "--probe", "memcached", "--check-idle-after", "0")
+    c = make_client(broker.endpoint)
+    for i in range(3):
+        assert c.request("mc", f"set k 0 0 1\r\n{i}\r\n".encode(), until=b"\r\n") == b"STORED\r\n"
+    stats = c.stats()["mc"]
+    assert (stats["checks_run"], stats["checks_failed"], stats["connections_created"]) == (2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "expect", "healthy"),
+    [
+        ("HEAD /health HTTP/1.1", "", True),
+        ("GET /health HTTP/1.1", "2", True),
+        ("GET /down HTTP/1.1", "", False),  # 503
+        ("HEAD /health", "3", False),  # 200 is not the 3xx asked for
+    ],
+)
+def test_the_http_preset_reads_whole_responses_and_judges_the_status(
+    http_upstream: HttpUpstream,
+    start_broker: Callable[..., Broker],
+    make_client: Callable[..., Client],
+    request_line: str,
+    expect: str,
+    healthy: bool,
+) -> None:
+    expect_flags = ("--probe-expect", expect) if expect else ()
+    broker = start_broker(
+        *("--upstream", f"web={http_upstream.address}", "--probe", "http", "--check-idle-after", "0"),
+        *("--probe-send", request_line, *expect_flags),
+    )
+    c = make_client(broker.endpoint)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(3):
+        reply = c.request("web", request, until=b"ok\n")
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok\n")
+    stats = c.stats()["web"]
+    assert stats["checks_run"] == 2
+    assert stats["checks_failed"] == (0 if healthy else 2)
+    assert stats["connections_created"] == (1 if healthy else 3)
