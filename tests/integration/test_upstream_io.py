@@ -135,3 +135,15 @@ def test_a_connect_that_hangs_ends_at_connect_timeout(
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_host_names_are_looked_up_off_the_loop(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker(
+        "--upstream", f"named=localhost:{redis_server.port}", "--upstream", "nowhere=nonexistent.invalid:6379"
+    )
+    c = make_client(broker.endpoint)
+    assert c.request("named", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+    with pytest.raises(UpstreamUnavailable, match="can't connect to nonexistent.invalid:6379 for pool 'nowhere'"):
+        c.lease("nowhere")

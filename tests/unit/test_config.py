@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, load, parse_upstream
+from broker.config import POOL_SETTINGS, ConfigError, PoolConfig, load, parse_upstream
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -76,6 +77,16 @@ def test_upstream_flags_add_pools() -> None:
         ("[pool.a]\n", "unknown tables"),
         ("[broker]\n", "no pools"),
         ("not toml [", "can't read config"),
+        ('[pools.a]\nupstream = "h:1"\nmin_idle = 11\n', "min_idle must be between 0 and max_size (10)"),
+        ('[pools.a]\nupstream = "h:1"\nidle_timeout = -1\n', "idle_timeout must not be negative"),
+        ('[pools.a]\nupstream = "h:1"\nprobe_timeout = 0\n', "probe_timeout must be positive"),
+        ('[pools.a]\nupstream = "h:1"\nconnect_backoff = 9.0\n', "connect_backoff must not exceed"),
+        ('[pools.a]\nupstream = "h:1"\nprobe = "ping"\n', "probe 'ping' is not one of tcp, send, redis"),
+        ('[pools.a]\nupstream = "h:1"\nprobe = "send"\nprobe_send = "x"\n', "needs probe_send and probe_expect"),
+        ('[pools.a]\nupstream = "h:1"\nprobe = "redis"\nprobe_send = "x"\n', "probe_send and probe_expect are for"),
+        ('[pools.a]\nupstream = "h:1"\nprobe = "http"\nprobe_send = "GET"\n', "is not an HTTP request line"),
+        ('[pools.a]\nupstream = "h:1"\nprobe = "http"\nprobe_expect = "OK"\n', "status prefix"),
+        ('[pools.a]\nupstream = "h:1"\nprobe_send = 3\n', "probe_send must be a string"),
     ],
 )
 def test_bad_config_says_what_is_wrong(tmp_path: Path, text: str, words: str) -> None:
@@ -88,3 +99,26 @@ def test_upstream_flag_syntax() -> None:
     assert parse_upstream("r=127.0.0.1:6379") == ("r", "127.0.0.1", 6379)
     with pytest.raises(ConfigError):
         parse_upstream("127.0.0.1:6379")
+
+
+def test_health_settings_from_a_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[pools.web]\nupstream = "127.0.0.1:80"\nmin_idle = 2\nidle_timeout = 0\nmax_lifetime = 1800\n'
+        'probe = "http"\nprobe_send = "HEAD /health HTTP/1.1"\nprobe_expect = "2"\nprobe_timeout = 0.5\n',
+    )
+    [web] = load(path).pools
+    assert (web.min_idle, web.idle_timeout, web.max_lifetime) == (2, 0.0, 1800.0)
+    assert (web.probe, web.probe_send, web.probe_expect, web.probe_timeout) == ("http", "HEAD /health HTTP/1.1", "2", 0.5)
+
+
+def test_every_pool_setting_is_also_a_flag() -> None:
+    from broker.cli import build_parser
+
+    flags = []
+    for name, setting in POOL_SETTINGS.items():
+        value = "send" if name == "probe" else "x" if setting.type in (str, "str") else "1"
+        flags += [f"--{name.replace('_', '-')}", value]
+    args = build_parser().parse_args(["serve", *flags])
+    assert all(getattr(args, name) is not None for name in POOL_SETTINGS)
+    assert set(POOL_SETTINGS) == {f.name for f in dataclasses.fields(PoolConfig)} - {"name", "host", "port"}
