@@ -523,7 +523,10 @@ class Server:
 
     def _on_upstream_event(self, conn: UpstreamConn, flags: int, now: float) -> None:
         if conn.connecting:
-            error = conn.connect_error()
+            try:
+                error = conn.connect_result()
+            except BlockingIOError:
+                return  # not yet: an event from the poll that saw the fd's former owner
             if error is None:
                 self._connected(conn, now)
             else:
@@ -535,7 +538,9 @@ class Server:
         lease = conn.lease
         if lease is None:
             # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
-            reason = conn.unfit() or "broken"
+            reason = conn.unfit()
+            if reason is None:
+                return  # nothing there: an event from the poll that saw the fd's former owner
             conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
             self._perform(conn.pool, conn.pool.core.lost(conn, now, reason), now)
             return

@@ -83,11 +83,20 @@ class UpstreamConn:
             return False
         raise OSError(err, os.strerror(err))
 
-    def connect_error(self) -> OSError | None:
-        """After the socket turned writable: None if connected, else the connect error."""
+    def connect_result(self) -> OSError | None:
+        """After the socket turned writable: None if connected, else the connect error. Raises
+        BlockingIOError if the connect is still in progress (a wake-up meant for the fd's former owner)."""
         assert self.sock is not None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        return OSError(err, os.strerror(err)) if err else None
+        if err:
+            return OSError(err, os.strerror(err))
+        try:
+            self.sock.getpeername()
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise BlockingIOError(errno.EINPROGRESS, "connect in progress") from None
+            return exc
+        return None
 
     def send(self, data: memoryview) -> int:
         """Send what the socket takes now; 0 when its buffer is full. Raises OSError if broken."""

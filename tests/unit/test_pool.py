@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 
 from broker.config import ConfigError, PoolConfig
-from broker.pool import OPEN, Close, Grant, PoolCore, Probe, Reject
-
+from broker.pool import OPEN, Close, Grant, PoolCore, Reject
 
 # Every timed feature off unless a test turns it on: these tests are about the bound and the queue.
 QUIET = {"idle_timeout": 0, "max_lifetime": 0, "check_interval": 0, "check_idle_after": 1e9}
