@@ -352,7 +352,8 @@ class PoolCore(Generic[C, R]):
         if self.closing:
             return 0
         covered = self.connecting + self._checkout_checks
-        needed = self.waiting + max(0, self.config.min_idle - len(self.idle)) - covered
+        ready = len(self.idle) + len(self.checking) - self._checkout_checks  # background probes come back idle
+        needed = self.waiting + max(0, self.config.min_idle - ready) - covered
         return max(0, min(needed, self.max_size - self.size - self.connecting))
 
     def _unreachable(self, now: float) -> bool:
@@ -377,7 +378,7 @@ class PoolCore(Generic[C, R]):
         times = self._times[conn]
         care = min(times.expires, times.last_ok + self._check_interval, times.idle_since + self._idle_timeout)
         if self._reap_held and len(self.idle) > self.config.min_idle:
-            care = -math.inf  # a connection the reaper spared for min_idle may go now
+            care = 0.0  # at once: a connection the reaper spared for min_idle may go now
         if care != math.inf and (self._next_care is None or care < self._next_care):
             self._next_care = care
 

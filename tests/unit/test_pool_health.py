@@ -127,7 +127,7 @@ def test_a_spared_connection_is_reaped_once_another_goes_idle() -> None:
     assert pool.request("r", 10.0, 15.0) == [Grant("r", "c1"), OPEN]
     assert pool.connected("c2", 10.0) == []
     pool.release("c1", 11.0)  # two idle now: the older one (c2, idle since 10) may go
-    assert pool.next_deadline() is not None and pool.next_deadline() <= 11.0  # type: ignore[operator]
+    assert pool.next_deadline() == 0.0  # at once
     assert pool.tick(20.0) == [Close("c2", "idle")]
 
 
@@ -142,6 +142,14 @@ def test_idle_connections_are_probed_every_check_interval_and_reaped_on_time_reg
     assert pool.probe_ok("c1", 10.0) == []
     assert pool.next_deadline() == 12.0  # a probe doesn't make a connection busy
     assert pool.tick(12.0) == [Close("c1", "idle")]
+
+
+def test_background_probes_open_nothing_for_min_idle() -> None:
+    pool = make(min_idle=2, check_interval=5.0)
+    assert pool.tick(0.0) == [OPEN, OPEN]
+    pool.connected("c1", 0.0)
+    pool.connected("c2", 0.0)
+    assert pool.tick(5.0) == [Probe("c1"), Probe("c2")]  # they'll be back: no new connections
 
 
 def test_a_failed_background_probe_checks_every_other_idle_connection() -> None:

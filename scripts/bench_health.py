@@ -1,0 +1,103 @@
+"""What health care costs and how fast it reacts, against a private Redis on this machine.
+
+    .venv/bin/python scripts/bench_health.py [--cycles 3000]
+
+Prints: the one-shot lease cycle with checkout probes off, with the free tcp probe on every
+checkout, and with a Redis PING probe on every checkout; how fast a lease request fails while
+Redis is down (against its 5 s acquire timeout); and how soon leases work again after Redis comes
+back on the same port, with the default backoff (0.1 s doubling to 5 s).
+Needs the test extras (./scripts/test makes .venv with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import Broker, RedisServer  # noqa: E402
+
+from client import Client, UpstreamUnavailable  # noqa: E402
+
+PING = b"PING\r\n"
+
+
+def cycle_us(redis: RedisServer, cycles: int, *flags: str) -> float:
+    """Median microseconds of c.request("redis", PING) through a broker with `flags`."""
+    broker = Broker("--upstream", f"redis={redis.address}", *flags).start()
+    c = Client(broker.endpoint)
+    try:
+        for _ in range(200):  # warm up
+            c.request("redis", PING, until=b"\r\n")
+        times = []
+        for _ in range(cycles):
+            started = time.perf_counter()
+            c.request("redis", PING, until=b"\r\n")
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1e6
+    finally:
+        c.close()
+        broker.stop()
+
+
+def outage(redis: RedisServer, down_for: list[float]) -> tuple[float, list[float]]:
+    """(median ms for a lease request to fail while Redis is down, [s to recover after each outage])."""
+    broker = Broker("--upstream", f"redis={redis.address}").start()
+    c = Client(broker.endpoint)
+    recoveries = []
+    fail_ms = []
+    try:
+        for seconds in down_for:
+            c.request("redis", PING, until=b"\r\n")
+            redis.stop()
+            ends = time.monotonic() + seconds
+            while time.monotonic() < ends:  # clients keep asking, as live traffic would
+                started = time.perf_counter()
+                try:
+                    c.request("redis", PING, until=b"\r\n")
+                except UpstreamUnavailable:
+                    fail_ms.append((time.perf_counter() - started) * 1000)
+                time.sleep(0.01)
+            redis.start()
+            back = time.monotonic()
+            while True:
+                try:
+                    c.request("redis", PING, until=b"\r\n")
+                    break
+                except UpstreamUnavailable:
+                    time.sleep(0.005)
+            recoveries.append(time.monotonic() - back)
+        return statistics.median(fail_ms), recoveries
+    finally:
+        c.close()
+        broker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=3000)
+    args = parser.parse_args()
+    redis = RedisServer().start()
+    try:
+        plain = cycle_us(redis, args.cycles)
+        tcp = cycle_us(redis, args.cycles, "--check-idle-after", "0")
+        ping = cycle_us(redis, args.cycles, "--check-idle-after", "0", "--probe", "redis")
+        fail_ms, recoveries = outage(redis, [1.0, 3.0, 10.0])
+    finally:
+        redis.stop()
+    print(f"one-shot lease cycle, median of {args.cycles} (us):")
+    print(f"  no checkout probe (idle < check_idle_after)  {plain:8.1f}  1.00x")
+    print(f"  tcp probe on every checkout                  {tcp:8.1f}  {tcp / plain:.2f}x")
+    print(f"  redis PING probe on every checkout           {ping:8.1f}  {ping / plain:.2f}x")
+    print(f"Redis down: a lease request fails in {fail_ms:.2f} ms (median; acquire_timeout is 5 s)")
+    for seconds, recovery in zip([1.0, 3.0, 10.0], recoveries, strict=True):
+        print(f"Redis back after {seconds:4.1f} s down: leases work again {recovery:.2f} s later")
+
+
+if __name__ == "__main__":
+    main()
