@@ -80,6 +80,36 @@ def test_a_silently_dead_connection_fails_its_checkout_probe_and_a_live_one_serv
     assert "send probe: no answer within probe_timeout=0.3s" in broker.log()
 
 
+def test_background_checks_find_silently_dead_idle_connections_before_any_lease(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    echo = upstream("echo")
+    broker = start_broker(
+        *("--upstream", f"echo={echo.address}", "--min-idle", "2", "--check-interval", "0.3"),
+        *("--probe", "send", "--probe-send", "ping\n", "--probe-expect", "ping", "--probe-timeout", "0.3"),
+    )
+    wait_for(lambda: echo.accepted == 2, what="the warm-up to min_idle")
+    echo.mute()
+    c = make_client(broker.endpoint)
+    # Nobody leases: the background checks find both dead, and min_idle opens two live ones.
+    wait_for(lambda: c.stats()["echo"]["checks_failed"] == 2 and echo.accepted == 4, what="the dead ones replaced")
+    wait_for(lambda: c.stats()["echo"]["pool_idle"] == 2, what="two live idle connections")
+    assert c.request("echo", b"hi\n", until=b"\n") == b"hi\n"
+
+
+def test_min_idle_is_restored_after_redis_kills_the_connections(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    start_broker("--upstream", f"redis={own_redis.address}", "--min-idle", "3")
+    first = wait_for(lambda: len(ids := broker_ids(own_redis)) == 3 and ids, what="the warm-up to min_idle")
+    r = own_redis.client()
+    try:
+        assert r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") == 3
+    finally:
+        r.close()
+    wait_for(lambda: len(ids := broker_ids(own_redis)) == 3 and not ids & first, what="three new connections")
+
+
 def test_redis_stopped_gives_upstream_unavailable_fast_and_leases_resume_when_it_is_back(
     own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
 ) -> None:
