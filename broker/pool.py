@@ -68,8 +68,9 @@ OPEN = Open()
 
 # Why a connection left the pool; each is a connections_closed_<reason> counter.
 # discarded: by its holder; broken: I/O or a probe failed, or the upstream closed it; unread: it
-# came back with bytes nobody read (out of sync); idle / lifetime: the reaper; shutdown.
-CLOSE_REASONS = ("discarded", "broken", "unread", "idle", "lifetime", "shutdown")
+# came back with bytes nobody read (out of sync); idle / lifetime: the reaper; reclaimed: taken
+# back from a holder that died or held it too long; shutdown.
+CLOSE_REASONS = ("discarded", "broken", "unread", "idle", "lifetime", "reclaimed", "shutdown")
 
 LIFETIME_JITTER = 0.05  # connections expire up to 5% before max_lifetime, so they don't all go at once
 
@@ -119,6 +120,7 @@ class PoolCore(Generic[C, R]):
         self.closing = False
         self._checkout_checks = 0  # probes that waiters count on, like connects in flight
         self._queue: deque[_Waiter[R]] = deque()  # FIFO, may hold done waiters
+        self._waiters: dict[R, _Waiter[R]] = {}  # the live ones, for cancel()
         self._deadlines: list[tuple[float, int, _Waiter[R]]] = []  # heap, may hold done waiters
         self._seq = 0
         self._next_care: float | None = None  # when an idle connection next needs the reaper or a probe
@@ -133,6 +135,7 @@ class PoolCore(Generic[C, R]):
         self.requests_timeouts = 0
         self.requests_rejected = 0
         self.requests_failed = 0
+        self.requests_abandoned = 0
         self.connections_created = 0
         self.connections_failed = 0
         self.connections_closed = dict.fromkeys(CLOSE_REASONS, 0)
@@ -183,6 +186,7 @@ class PoolCore(Generic[C, R]):
             self.requests_failed += 1
             return [*actions, Reject(request, "upstream_unavailable", self._unavailable_message(now))]
         waiter = _Waiter(request, now, deadline)
+        self._waiters[request] = waiter
         self._queue.append(waiter)
         self._seq += 1
         heapq.heappush(self._deadlines, (deadline, self._seq, waiter))
@@ -229,6 +233,15 @@ class PoolCore(Generic[C, R]):
             return self._close(conn, unfit) + self._serve_waiters(now)
         times.idle_since = times.last_ok = now
         return self._hand_over(conn, now)
+
+    def cancel(self, request: R) -> None:
+        """A waiting request's requester is gone: it leaves the line, and will never be granted."""
+        waiter = self._waiters.pop(request, None)
+        if waiter is not None:
+            waiter.done = True
+            self.waiting -= 1
+            self.requests_abandoned += 1
+            self._compact()
 
     def lost(self, conn: C, now: float, reason: str = "broken") -> list[Action[C, R]]:
         """An idle connection turned out unusable (the upstream closed it, or sent unasked data)."""
@@ -302,11 +315,13 @@ class PoolCore(Generic[C, R]):
             "requests_timeouts": self.requests_timeouts,
             "requests_rejected": self.requests_rejected,
             "requests_failed": self.requests_failed,
+            "requests_abandoned": self.requests_abandoned,
             "connections_created": self.connections_created,
             "connections_failed": self.connections_failed,
             "connections_closed": sum(self.connections_closed.values()),
             "checks_run": self.checks_run,
             "checks_failed": self.checks_failed,
+            "leases_reclaimed": self.connections_closed["reclaimed"],
         }
         for reason, count in self.connections_closed.items():
             stats[f"connections_closed_{reason}"] = count
@@ -437,6 +452,7 @@ class PoolCore(Generic[C, R]):
                 continue
             waiter.done = True
             self.waiting -= 1
+            del self._waiters[waiter.request]
             self.requests_timeouts += 1
             waited = f"pool {self.name!r}: no connection within {waiter.deadline - waiter.since:.3f}s"
             if self.failures:  # the upstream is why: say so, with its error
@@ -458,6 +474,7 @@ class PoolCore(Generic[C, R]):
             if not waiter.done:
                 waiter.done = True
                 self.waiting -= 1
+                del self._waiters[waiter.request]
                 return waiter
         return None
 

@@ -202,3 +202,13 @@ def test_bad_limits_are_refused() -> None:
         make(max_waiting=-1)
     with pytest.raises(ConfigError):
         make(max_size=2, min_idle=3)
+
+
+def test_a_cancelled_waiter_is_never_granted_and_counts_as_abandoned() -> None:
+    pool = make(max_size=1)
+    fill(pool, "c1")
+    assert pool.request("gone", 0.0, 5.0) == []
+    assert pool.request("next", 0.0, 5.0) == []
+    pool.cancel("gone")
+    assert pool.release("c1", 1.0) == [Grant("next", "c1")]
+    assert pool.stats()["requests_abandoned"] == 1 and pool.waiting == 0

@@ -1,4 +1,4 @@
-"""Any sequence of lease, release (clean or not), timeout, connect success and failure, probe
+"""Any sequence of lease, release (clean or not), a requester dying, timeout, connect success and failure, probe
 success and failure, idle loss, and time passing (reaper, lifetimes, background checks, backoff)
 keeps the pool's promises: never more than max_size, every request ends exactly once, no
 connection is handed out while being probed or after closing, and no permit is ever lost."""
@@ -100,6 +100,14 @@ class PoolMachine(RuleBasedStateMachine):
         conn = data.draw(st.sampled_from(sorted(self.leased)))
         del self.leased[conn]
         self.apply(self.pool.release(conn, self.now, unfit))
+
+    @precondition(lambda self: self.pool.waiting)
+    @rule(data=st.data())
+    def requester_dies(self, data: st.DataObject) -> None:
+        waiting = [r for r in self.requested if r not in self.outcome]
+        request = data.draw(st.sampled_from(waiting))
+        self.pool.cancel(request)
+        self.outcome[request] = "abandoned"  # a later Grant or Reject of it fails apply()
 
     @precondition(lambda self: self.pool.idle)
     @rule(data=st.data())
