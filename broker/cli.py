@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{setting.metadata['help']} (default {setting.default})".replace("%", "%%")
         pools.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices, help=help_text)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--shutdown-grace", type=float, metavar="S", help="seconds active leases may finish after SIGTERM (default 10)"
+    )
     return parser
 
 
@@ -46,7 +49,12 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in POOL_SETTINGS}
     try:
         config = load(
-            args.config, bind=args.bind, upstreams=args.upstream, overrides=overrides, log_level=args.log_level
+            args.config,
+            bind=args.bind,
+            upstreams=args.upstream,
+            overrides=overrides,
+            log_level=args.log_level,
+            shutdown_grace=args.shutdown_grace,
         )
         endpoint = config.bind or default_endpoint()
         if endpoint.startswith("ipc://"):

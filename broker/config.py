@@ -27,7 +27,7 @@ def _setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     """One named pool in front of one upstream address. Durations are float seconds; for
-    idle_timeout, max_lifetime and check_interval, 0 turns the feature off."""
+    idle_timeout, max_lifetime, check_interval and the lease limits, 0 turns the feature off."""
 
     name: str
     host: str
@@ -48,6 +48,9 @@ class PoolConfig:
     probe_send: str = _setting("", "probe=send: bytes to send; probe=http: the request line")
     probe_expect: str = _setting("", "probe=send: the reply starts with this; probe=http: the status does")
     probe_timeout: float = _setting(1.0, "seconds a probe's answer may take")
+    leak_warning_after: float = _setting(30.0, "log a warning naming the holder of a lease held this long (0: never)")
+    lease_idle_timeout: float = _setting(120.0, "reclaim a lease with no I/O for this long (0: never)")
+    max_lease_time: float = _setting(3600.0, "reclaim a lease held this long, busy or not (0: never)")
 
     def __post_init__(self) -> None:
         where = f"pool {self.name!r}"
@@ -65,7 +68,15 @@ class PoolConfig:
         for name in (*positive, "io_timeout", "probe_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{where}: {name} must be positive")
-        for name in ("idle_timeout", "max_lifetime", "check_idle_after", "check_interval"):
+        for name in (
+            "idle_timeout",
+            "max_lifetime",
+            "check_idle_after",
+            "check_interval",
+            "leak_warning_after",
+            "lease_idle_timeout",
+            "max_lease_time",
+        ):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{where}: {name} must not be negative")
         if self.connect_backoff > self.connect_backoff_max:
@@ -93,6 +104,7 @@ class PoolConfig:
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_LOG_LEVEL = "info"
+DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,7 @@ class BrokerConfig:
     pools: tuple[PoolConfig, ...] = ()
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes; bounds every request and every read
     log_level: str = DEFAULT_LOG_LEVEL
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds active leases may finish after SIGTERM
 
     def __post_init__(self) -> None:
         names = [pool.name for pool in self.pools]
@@ -110,11 +123,13 @@ class BrokerConfig:
             raise ConfigError("pool names must be unique")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
+        if not self.shutdown_grace >= 0:
+            raise ConfigError("shutdown_grace must not be negative")
 
 
 POOL_SETTINGS = {f.name: f for f in dataclasses.fields(PoolConfig) if "help" in f.metadata}
 POOL_KEYS = frozenset(POOL_SETTINGS)
-BROKER_KEYS = frozenset({"bind", "max_message_size", "log_level"})
+BROKER_KEYS = frozenset({"bind", "max_message_size", "log_level", "shutdown_grace"})
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -165,6 +180,7 @@ def load(
     upstreams: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
     log_level: str | None = None,
+    shutdown_grace: float | None = None,
 ) -> BrokerConfig:
     """Build the config: defaults < file < $POOLBROKER_ENDPOINT < flags.
 
@@ -206,4 +222,11 @@ def load(
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
         max_message_size=int(_typed("[broker] max_message_size", max_message_size, int)),
         log_level=log_level or file_broker.get("log_level", DEFAULT_LOG_LEVEL),
+        shutdown_grace=(
+            shutdown_grace
+            if shutdown_grace is not None
+            else float(
+                _typed("[broker] shutdown_grace", file_broker.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), float)
+            )
+        ),
     )

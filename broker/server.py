@@ -5,6 +5,7 @@ performs the actions. Nothing here blocks: connects, sends and reads are all non
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from broker import __version__
 from broker.config import BrokerConfig, PoolConfig
@@ -43,16 +45,37 @@ log = logging.getLogger(__name__)
 
 ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
 ENVELOPE_SLACK = 1024  # room for a reply's fields around its data
+# ZMTP heartbeats: a client whose process is frozen (SIGSTOP, a hung host) stops answering them and
+# its connection is dropped, which reclaims its leases. A stuck Python thread still answers (libzmq
+# answers without the GIL): lease_idle_timeout and max_lease_time bound that case.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
+
+
+class Holder:
+    """A client connection that has asked for a lease: what it holds and waits for, and its fd,
+    by which the broker learns that the connection closed (the process died, or gave up)."""
+
+    __slots__ = ("peer", "fd", "leases", "waiters", "gone")
+
+    def __init__(self, peer: bytes, fd: int) -> None:
+        self.peer = peer
+        self.fd = fd
+        self.leases: set[Lease] = set()
+        self.waiters: set[Waiter] = set()
+        self.gone = False
 
 
 class Waiter:
-    """A lease request from `peer`, as queued in a pool core."""
+    """A lease request from `holder`, as queued in a pool core."""
 
-    __slots__ = ("peer", "req")
+    __slots__ = ("peer", "req", "holder", "pool")
 
-    def __init__(self, peer: bytes, req: Request) -> None:
-        self.peer = peer
+    def __init__(self, holder: Holder, req: Request, pool: PoolState) -> None:
+        self.peer = holder.peer
         self.req = req
+        self.holder = holder
+        self.pool = pool
 
 
 class Lease:
@@ -63,6 +86,7 @@ class Lease:
         "pool",
         "conn",
         "peer",
+        "holder",
         "pid",
         "host",
         "tag",
@@ -72,6 +96,8 @@ class Lease:
         "bytes_sent",
         "bytes_received",
         "exchange",
+        "timer",
+        "warned",
     )
 
     def __init__(self, token: bytes, conn: UpstreamConn, waiter: Waiter, now: float) -> None:
@@ -80,6 +106,7 @@ class Lease:
         self.pool = conn.pool
         self.conn = conn
         self.peer = waiter.peer
+        self.holder = waiter.holder
         self.pid = req.pid
         self.host = req.host
         self.tag = req.tag
@@ -89,10 +116,20 @@ class Lease:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.exchange: Exchange | None = None
+        self.timer: Timer | None = None  # the next look at how long it has been held or idle
+        self.warned = False  # the leak warning was logged
 
     def __repr__(self) -> str:
         # Never the whole token: it is a capability.
         return f"<Lease {self.token[:4].hex()}.. pool={self.pool.config.name} pid={self.pid} tag={self.tag}>"
+
+    def describe(self, now: float) -> str:
+        """Who holds it and for how long, for operators (never the token)."""
+        tag = f" (tag {self.tag!r})" if self.tag else ""
+        return (
+            f"lease held by pid {self.pid} on {self.host!r}{tag} for {now - self.since:.1f}s,"
+            f" {self.ops} I/O operations, last {now - self.last_io:.1f}s ago"
+        )
 
 
 class Exchange:
@@ -158,15 +195,24 @@ class Server:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        # Disconnect events name the fd of a connection that closed: the first message of each
+        # holder carries its fd (SRCFD), so the broker knows whose leases to reclaim.
+        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.holders: dict[bytes, Holder] = {}  # by routing id
+        self.fd_holders: dict[int, Holder] = {}
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         # stop() writes a byte here: the one wake-up that works from a signal handler.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self.resolver: Resolver[UpstreamConn] = Resolver(self._wake)
-        self._stopping = False
+        self._stop_requests = 0  # a second one ends the shutdown grace at once
+        self._drain_until: float | None = None  # set once shutting down: when leases are cut short
         self._handlers: dict[str, Callable[[bytes, Request, float], None]] = {
             OP_LEASE: self._on_lease,
             OP_IO: self._on_io,
@@ -198,8 +244,9 @@ class Server:
         return self._wake_w.fileno()
 
     def stop(self) -> None:
-        """Ask the loop to end. Safe from a signal handler or another thread."""
-        self._stopping = True
+        """Ask the loop to end: active leases get shutdown_grace to finish; a second call ends them
+        at once. Safe from a signal handler or another thread."""
+        self._stop_requests += 1
         self._wake()
 
     def _wake(self) -> None:
@@ -209,18 +256,22 @@ class Server:
             pass  # the wake-up pipe is full: the loop is waking anyway
 
     def serve(self) -> None:
-        """Run until stop(); then reject waiters, close every upstream connection and return."""
+        """Run until stop(): then grant no more, answer waiters, let active leases finish for up to
+        shutdown_grace, close every upstream connection and return."""
         poll = self.poller.poll
         router = self.router
+        monitor = self.monitor
         wake_fd = self._wake_r.fileno()
         self._run_due(time.monotonic(), start=True)  # warm up to min_idle
-        while not self._stopping:
+        while not self._done_serving(time.monotonic()):
             events = poll(self._poll_timeout())
             now = time.monotonic()
             requests = False
             for item, flags in events:
                 if item is router:
                     requests = True
+                elif item is monitor:
+                    self._drain_monitor(now)
                 elif item == wake_fd:
                     self._drain_wake(now)
                 else:
@@ -236,7 +287,10 @@ class Server:
             if requests:
                 self._drain_router(now)
             self._run_due(time.monotonic())
-        self._shutdown(time.monotonic())
+        now = time.monotonic()
+        for lease in list(self.leases.values()):
+            log.warning("pool %r: shutdown grace is over: ending a %s", lease.pool.config.name, lease.describe(now))
+            self._end_lease(lease, now, keep=False, reason="shutdown")
 
     def close(self) -> None:
         """Release the sockets and remove the ipc socket file."""
@@ -244,6 +298,8 @@ class Server:
             conn.close()
         self.conns.clear()
         self.resolver.close()
+        self.router.disable_monitor()
+        self.monitor.close(linger=0)
         # Give error replies to waiters a moment to leave, bounded.
         self.router.close(linger=200)
         self._wake_r.close()
@@ -254,12 +310,22 @@ class Server:
             except FileNotFoundError:
                 pass
 
-    def _shutdown(self, now: float) -> None:
-        log.info("shutting down: %d leases active, %d waiting", len(self.leases), self._waiting())
-        for pool in self.pools.values():
-            self._perform(pool, pool.core.shutdown(), now)
-        for lease in list(self.leases.values()):
-            self._end_lease(lease, now, keep=False, reason="shutdown")
+    def _done_serving(self, now: float) -> bool:
+        if not self._stop_requests:
+            return False
+        if self._drain_until is None:
+            grace = self.config.shutdown_grace
+            log.info(
+                "shutting down: %d waiting answered; %d leases active, given up to %.1fs to finish",
+                self._waiting(),
+                len(self.leases),
+                grace,
+            )
+            for pool in self.pools.values():
+                self._perform(pool, pool.core.shutdown(), now)
+            self._drain_until = now + grace
+            self.timers.call_at(self._drain_until, lambda t: None)  # wake the loop then
+        return not self.leases or now >= self._drain_until or self._stop_requests > 1
 
     def _waiting(self) -> int:
         return sum(pool.core.waiting for pool in self.pools.values())
@@ -273,6 +339,58 @@ class Server:
         for conn, answer in self.resolver.results():
             if not conn.closed:  # else its connect timed out while the lookup ran
                 self._connect_to(conn, answer, now)
+
+    def _drain_monitor(self, now: float, *, requests_first: bool = True) -> None:
+        gone = []
+        while True:
+            try:
+                event = zmq_monitor.parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                holder = self.fd_holders.pop(int(event["value"]), None)
+                if holder is not None:
+                    gone.append(holder)
+        if gone and requests_first:
+            # What a holder sent before its connection closed (a release, say) is already queued,
+            # since libzmq reports the close after delivering what came before it: take it first.
+            self._drain_router(now, batch=None)
+        for holder in gone:
+            if not holder.gone:
+                self._holder_gone(holder, now, "its connection closed")
+
+    def _holder_of(self, peer: bytes, frame: zmq.Frame, now: float) -> Holder:
+        """The Holder for a lease request's sender, known by its fd from its first request on."""
+        holder = self.holders.get(peer)
+        if holder is not None:
+            return holder
+        fd = frame.get(zmq.SRCFD)
+        holder = self.holders[peer] = Holder(peer, fd)
+        if fd < 0:
+            return holder  # no fd (inproc): only the lease time limits apply
+        if fd in self.fd_holders:
+            # The fd was reused, so its last owner's connection is gone. libzmq reports a
+            # disconnect before it accepts the next connection on the same fd: read it now.
+            self._drain_monitor(now, requests_first=False)
+            previous = self.fd_holders.get(fd)
+            if previous is not None:
+                self._holder_gone(previous, now, "its connection closed (its fd was reused)")
+        self.fd_holders[fd] = holder
+        return holder
+
+    def _holder_gone(self, holder: Holder, now: float, why: str) -> None:
+        """A holder's connection closed: its waiters leave the line and its leases are reclaimed
+        (their connections closed: what the holder left in them is unknown)."""
+        holder.gone = True
+        del self.holders[holder.peer]
+        if self.fd_holders.get(holder.fd) is holder:
+            del self.fd_holders[holder.fd]
+        for waiter in holder.waiters:
+            waiter.pool.core.cancel(waiter)
+        holder.waiters.clear()
+        for lease in list(holder.leases):
+            log.warning("pool %r: reclaiming a %s: %s", lease.pool.config.name, lease.describe(now), why)
+            self._end_lease(lease, now, keep=False, reason="reclaimed")
 
     def _poll_timeout(self) -> int | None:
         deadline = self.timers.next_deadline()
@@ -293,22 +411,23 @@ class Server:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _drain_router(self, now: float) -> None:
+    def _drain_router(self, now: float, batch: int | None = ROUTER_BATCH) -> None:
+        """Handle the requests that have arrived: up to `batch` of them, or all (None)."""
         recv = self.router.recv_multipart
-        for _ in range(ROUTER_BATCH):
+        for _ in range(batch) if batch is not None else itertools.count():
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 self.bad_requests += 1
-                self._send(frames[0], _error(None, "bad_request", "a request is exactly one frame"))
+                self._send(frames[0].bytes, _error(None, "bad_request", "a request is exactly one frame"))
                 continue
-            self._on_message(frames[0], frames[1], now)
+            self._on_message(frames[0].bytes, frames[1], now)
 
-    def _on_message(self, peer: bytes, body: bytes, now: float) -> None:
+    def _on_message(self, peer: bytes, frame: zmq.Frame, now: float) -> None:
         try:
-            req = parse_request(body)
+            req = parse_request(frame.bytes)
         except BadRequest as exc:
             self.bad_requests += 1
             self._send(peer, _error(exc.request_id, exc.code, exc.message))
@@ -320,6 +439,8 @@ class Server:
             self._send(peer, _error(None, "bad_request", "malformed request"))
             return
         try:
+            if req.op == OP_LEASE:
+                self._holder_of(peer, frame, now)  # the sender's fd, while its frame is at hand
             self._handlers[req.op](peer, req, now)
         except Exception:
             # A bug of ours must not end the broker, nor leave the client without an answer.
@@ -351,7 +472,9 @@ class Server:
         if req.has_exchange and not self._exchange_fits(peer, req):
             return
         timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
-        self._perform(pool, pool.core.request(Waiter(peer, req), now, now + timeout), now)
+        waiter = Waiter(self.holders[peer], req, pool)
+        waiter.holder.waiters.add(waiter)
+        self._perform(pool, pool.core.request(waiter, now, now + timeout), now)
 
     def _on_io(self, peer: bytes, req: Request, now: float) -> None:
         lease = self._lease_of(peer, req)
@@ -413,13 +536,21 @@ class Server:
                 self._close_conn(action.conn, action.reason)
             elif kind is Reject:
                 waiter = action.request
+                waiter.holder.waiters.discard(waiter)
                 self._send(waiter.peer, _error(waiter.req.id, action.code, action.message))
 
     def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
+        holder = waiter.holder
+        holder.waiters.discard(waiter)
         token = secrets.token_bytes(16)
         lease = Lease(token, conn, waiter, now)
         self.leases[token] = lease
+        holder.leases.add(lease)
         conn.lease = lease
+        self._schedule_lease_check(lease, now)
+        if holder.gone:  # (cancelled waiters are never granted; this is the one place to be sure)
+            self._end_lease(lease, now, keep=True)
+            return
         req = waiter.req
         if req.has_exchange:
             self._start_exchange(lease, waiter.peer, req, now, first=True)
@@ -612,6 +743,46 @@ class Server:
 
     # -- leases and exchanges --------------------------------------------------------------
 
+    def _schedule_lease_check(self, lease: Lease, now: float) -> None:
+        """Look at the lease again when it may next be due for the leak warning or reclaiming."""
+        config = lease.pool.config
+        due = math.inf
+        if config.leak_warning_after and not lease.warned:
+            due = lease.since + config.leak_warning_after
+        if config.lease_idle_timeout:
+            # An exchange in progress is not idleness: look again a whole timeout from now.
+            last_io = now if lease.exchange is not None else lease.last_io
+            due = min(due, last_io + config.lease_idle_timeout)
+        if config.max_lease_time:
+            due = min(due, lease.since + config.max_lease_time)
+        if due != math.inf:
+            lease.timer = self.timers.call_at(max(due, now), lambda t: self._check_lease(lease, t))
+
+    def _check_lease(self, lease: Lease, now: float) -> None:
+        lease.timer = None
+        config = lease.pool.config
+        name = config.name
+        if config.max_lease_time and now - lease.since >= config.max_lease_time:
+            log.warning(
+                "pool %r: reclaiming a %s: over max_lease_time=%ss", name, lease.describe(now), config.max_lease_time
+            )
+            self._end_lease(lease, now, keep=False, reason="reclaimed")
+            return
+        idle = lease.exchange is None and now - lease.last_io >= config.lease_idle_timeout
+        if config.lease_idle_timeout and idle:
+            log.warning(
+                "pool %r: reclaiming a %s: no I/O for lease_idle_timeout=%ss",
+                name,
+                lease.describe(now),
+                config.lease_idle_timeout,
+            )
+            self._end_lease(lease, now, keep=False, reason="reclaimed")
+            return
+        if config.leak_warning_after and not lease.warned and now - lease.since >= config.leak_warning_after:
+            lease.warned = True
+            log.warning("pool %r: possible leak: a %s", name, lease.describe(now))
+        self._schedule_lease_check(lease, now)
+
     def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
         exchange = Exchange(lease, peer, req, first, self.max_read)
         lease.exchange = exchange
@@ -703,6 +874,9 @@ class Server:
     def _end_lease(self, lease: Lease, now: float, *, keep: bool, reason: str | None = None) -> None:
         """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
         del self.leases[lease.token]
+        lease.holder.leases.discard(lease)
+        self.timers.cancel(lease.timer)
+        lease.timer = None
         conn = lease.conn
         exchange = lease.exchange
         if exchange is not None:

@@ -37,6 +37,7 @@ from client.protocol import (
 
 HOSTNAME = socket.gethostname()
 DEFAULT_RECV = 65536
+CLOSE_LINGER_MS = 500
 
 
 class _Channel:
@@ -89,7 +90,21 @@ class _Channel:
                     raise ProtocolError(f"undecodable reply from the broker: {exc}") from None
                 if isinstance(reply, dict) and reply.get("id") == rid:
                     return reply
-                # Anything else is not ours to wait for (a reply can't be stale on a fresh socket).
+                self._drop_stray(reply)
+
+    def _drop_stray(self, reply: Any) -> None:
+        """A reply nobody waits for: an earlier call here was interrupted (KeyboardInterrupt, say).
+        If it granted a lease, give the lease back now rather than hold a connection unused."""
+        if not (isinstance(reply, dict) and reply.get("ok") is True and not reply.get("released")):
+            return
+        token = reply.get("lease")
+        if isinstance(token, bytes):
+            message = {"v": VERSION, "id": self.next_id, "op": OP_RELEASE, "lease": token, "noreply": True}
+            self.next_id += 1
+            try:
+                self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the broker reclaims it when its time limits say so
 
     def send_oneway(self, message: dict[str, Any]) -> None:
         with self.lock:
@@ -103,7 +118,9 @@ class _Channel:
                 pass  # the broker is unreachable; it will reclaim the lease itself
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        # A one-way release sent just before may still be queued: give it a moment to leave (else
+        # the broker reclaims that lease when the connection closes, closing a good connection).
+        self.sock.close(linger=CLOSE_LINGER_MS)
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:

@@ -7,13 +7,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
 
-from client import Client
+from client import BrokerUnavailable, Client
 
 
 def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
@@ -68,18 +69,56 @@ def test_a_config_file_with_flags_overriding_it(
     )
 
 
-def test_sigterm_ends_it_cleanly_and_answers_waiters(
+def test_sigterm_answers_waiters_lets_active_leases_finish_then_exits_cleanly(
     redis_server: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1", "--shutdown-grace", "30")
     c = Client(broker.endpoint)
+    other = Client(broker.endpoint)
     held = c.lease("redis")
-    assert held.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
-    assert broker.signal(signal.SIGTERM) == 0
+    waiter_error: list[BaseException] = []
+
+    def wait_for_a_lease() -> None:
+        try:
+            other.lease("redis", timeout=20)
+        except BaseException as exc:
+            waiter_error.append(exc)
+
+    thread = threading.Thread(target=wait_for_a_lease)
+    thread.start()
+    wait_for(lambda: c.stats()["redis"]["requests_waiting"] == 1, what="the waiter")
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGTERM)
+    thread.join(10)
+    assert isinstance(waiter_error[0], BrokerUnavailable) and "shutting down" in str(waiter_error[0])
+    with pytest.raises(BrokerUnavailable, match="shutting down"):
+        other.lease("redis")  # no new grants
+    assert held.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # the active lease carries on
+    assert broker.proc.poll() is None
+    held.release()
+    assert broker.proc.wait(10) == 0  # its last lease is back: it ends without waiting out the grace
     assert not Path(broker.endpoint.removeprefix("ipc://")).exists()
-    assert "shutting down: 1 leases active" in broker.log()
+    assert "1 leases active, given up to 30.0s to finish" in broker.log()
     wait_for(lambda: redis_server.broker_connections() == 0, what="upstream connections to close")
     c.close()
+    other.close()
+
+
+def test_the_shutdown_grace_ends_and_a_second_signal_ends_it_at_once(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    for grace, signals in (("0.5", 1), ("60", 2)):
+        broker = start_broker("--upstream", f"redis={redis_server.address}", "--shutdown-grace", grace)
+        c = Client(broker.endpoint)
+        c.lease("redis", tag="slow-job")
+        assert broker.proc is not None
+        for _ in range(signals):  # one at a time: signals sent together may arrive as one
+            broker.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda b=broker: "shutting down" in b.log(), what="the shutdown to begin")  # type: ignore[misc]
+        assert broker.proc.wait(10) == 0
+        assert "shutdown grace is over: ending a lease held by pid" in broker.log()
+        assert "(tag 'slow-job')" in broker.log()
+        c.close()
 
 
 def test_bad_configuration_exits_2_with_the_reason(tmp_path: Path) -> None:

@@ -236,4 +236,3 @@ def test_shutdown_closes_connections_being_probed() -> None:
     pool.request("w", 5.0, 9.0)
     assert pool.shutdown() == [Reject("w", "shutting_down", "the broker is shutting down"), Close("c1", "shutdown")]
     assert pool.size == 0 and not pool.checking
-
