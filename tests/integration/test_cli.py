@@ -114,7 +114,7 @@ def test_the_shutdown_grace_ends_and_a_second_signal_ends_it_at_once(
         assert broker.proc is not None
         for _ in range(signals):  # one at a time: signals sent together may arrive as one
             broker.proc.send_signal(signal.SIGTERM)
-            wait_for(lambda b=broker: "shutting down" in b.log(), what="the shutdown to begin")  # type: ignore[misc]
+            wait_for(lambda b=broker: "shutting down" in b.log(), what="the shutdown to begin")
         assert broker.proc.wait(10) == 0
         assert "shutdown grace is over: ending a lease held by pid" in broker.log()
         assert "(tag 'slow-job')" in broker.log()

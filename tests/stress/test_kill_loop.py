@@ -1,0 +1,184 @@
+"""Worker processes killed with SIGKILL while holding or waiting for leases: the pool comes back to
+full capacity, every permit is accounted for, and each kill of a holder is one reclaimed lease."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, Broker, RedisServer, wait_for
+
+from client import Client
+
+HOLDER = Path(__file__).with_name("holder.py")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+MAX_SIZE = 10
+
+
+def start(endpoint: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(HOLDER), endpoint, *args], stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
+
+
+def said_held(proc: subprocess.Popen[str]) -> bool:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 0)
+    return bool(ready) and proc.stdout.readline() == "held\n"
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+@contextmanager
+def sampling_redis(redis: RedisServer) -> Iterator[list[int]]:
+    """Redis's own count of the broker's connections, sampled every 10 ms while the block runs."""
+    sampler = redis.client()
+    seen: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen.append(redis.broker_connections(via=sampler))
+            done.wait(0.01)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+        sampler.close()
+
+
+def assert_full_capacity(c: Client) -> None:
+    """Every permit is back: the whole bound can be leased at once, without waiting."""
+    final = wait_for(
+        lambda: (s := c.stats()["redis"])["leases_active"] == 0 and s["requests_waiting"] == 0 and s,
+        what="no lease or waiter left",
+    )
+    assert final["pool_size"] + final["pool_connecting"] <= MAX_SIZE
+    with ExitStack() as stack:
+        leases = [stack.enter_context(c.lease("redis", timeout=5)) for _ in range(MAX_SIZE)]
+        for lease in leases:
+            assert lease.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+        assert c.stats()["redis"]["leases_active"] == MAX_SIZE
+
+
+@pytest.mark.stress
+def test_200_processes_killed_while_holding_or_waiting(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    rounds, per_round = 10, 20  # each round: 10 hold the whole pool, 10 wait for it
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", str(MAX_SIZE))
+    c = make_client(broker.endpoint)
+    rng = random.Random(1234)
+    expected = 0
+    killed_holding = killed_waiting = 0
+    with sampling_redis(own_redis) as seen:
+        for _ in range(rounds):
+            procs = [start(broker.endpoint, "hold") for _ in range(per_round)]
+            try:
+                wait_for(
+                    lambda: (s := c.stats()["redis"])["leases_active"] == MAX_SIZE and s["requests_waiting"] == 10,
+                    timeout=60,
+                    what="ten holders and ten waiters",
+                )
+                holders: list[subprocess.Popen[str]] = []
+                wait_for(lambda: holders.extend(p for p in procs if said_held(p)) or len(holders) == MAX_SIZE)
+                waiters = [p for p in procs if p not in holders]
+                rng.shuffle(holders)
+                rng.shuffle(waiters)
+                if rng.random() < 0.5:
+                    # Waiters first: each leaves the line; then each holder's lease is reclaimed.
+                    for proc in waiters:
+                        kill(proc)
+                        time.sleep(rng.random() * 0.01)
+                    wait_for(lambda: c.stats()["redis"]["requests_waiting"] == 0, what="the line to empty")
+                    killed_waiting += len(waiters)
+                    for proc in holders:
+                        kill(proc)
+                    expected += len(holders)
+                    killed_holding += len(holders)
+                else:
+                    # Holders first: each reclaimed permit goes to a waiter, which then holds too.
+                    for proc in holders:
+                        kill(proc)
+                        time.sleep(rng.random() * 0.01)
+                    wait_for(
+                        lambda: (s := c.stats()["redis"])["requests_waiting"] == 0 and s["leases_active"] == MAX_SIZE,
+                        what="the waiters to be granted",
+                    )
+                    for proc in waiters:
+                        kill(proc)
+                    expected += len(procs)
+                    killed_holding += len(procs)
+            finally:
+                for proc in procs:
+                    kill(proc)
+            wait_for(lambda: c.stats()["redis"]["leases_active"] == 0, what="every lease reclaimed")
+        assert_full_capacity(c)
+    stats = c.stats()["redis"]
+    assert killed_holding + killed_waiting == rounds * per_round
+    assert stats["leases_reclaimed"] == expected == killed_holding
+    assert stats["requests_abandoned"] == killed_waiting
+    assert stats["requests_timeouts"] == stats["requests_failed"] == 0
+    assert max(seen) <= MAX_SIZE
+
+
+@pytest.mark.stress
+def test_processes_killed_at_random_moments_leave_nothing_behind(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    workers, kills = 30, 60
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", str(MAX_SIZE))
+    c = make_client(broker.endpoint)
+    state_file = tmp_path / "state"
+    state_file.write_bytes(bytes(workers))
+    with open(state_file, "r+b") as f:
+        state = mmap.mmap(f.fileno(), 0)
+    rng = random.Random(5678)
+    slots = {i: start(broker.endpoint, "loop", str(state_file), str(i)) for i in range(workers)}
+    counts = {0: 0, 1: 0, 2: 0}  # kills by what the worker was doing: nothing, holding, in between
+
+    def freeze_and_kill(i: int) -> None:
+        proc = slots[i]
+        proc.send_signal(signal.SIGSTOP)  # frozen: its state byte can't change under us
+        counts[state[i]] += 1
+        kill(proc)
+        state[i] = 0
+
+    try:
+        with sampling_redis(own_redis) as seen:
+            wait_for(lambda: c.stats()["redis"]["requests_num"] > 200, timeout=60, what="the workers to get going")
+            for _ in range(kills):
+                time.sleep(rng.random() * 0.05)
+                i = rng.randrange(workers)
+                freeze_and_kill(i)
+                slots[i] = start(broker.endpoint, "loop", str(state_file), str(i))
+            for i in slots:
+                freeze_and_kill(i)
+            assert_full_capacity(c)
+    finally:
+        for proc in slots.values():
+            kill(proc)
+    reclaimed = c.stats()["redis"]["leases_reclaimed"]
+    # A kill while holding is one reclaim; one in between (a request or a release in flight) may be.
+    print(f"kills: {counts}, reclaimed: {reclaimed}")
+    assert counts[1] <= reclaimed <= counts[1] + counts[2]
+    assert counts[1] > 0
+    assert max(seen) <= MAX_SIZE
