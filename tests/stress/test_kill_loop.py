@@ -38,6 +38,18 @@ def said_held(proc: subprocess.Popen[str]) -> bool:
     return bool(ready) and proc.stdout.readline() == "held\n"
 
 
+def the_holders(procs: list[subprocess.Popen[str]]) -> list[subprocess.Popen[str]]:
+    """The processes that said "held", once all MAX_SIZE of them have."""
+    holders: list[subprocess.Popen[str]] = []
+
+    def all_said() -> bool:
+        holders.extend(p for p in procs if p not in holders and said_held(p))
+        return len(holders) == MAX_SIZE
+
+    wait_for(all_said, what="the holders to say so")
+    return holders
+
+
 def kill(proc: subprocess.Popen[str]) -> None:
     proc.kill()
     proc.wait()
@@ -98,8 +110,7 @@ def test_200_processes_killed_while_holding_or_waiting(
                     timeout=60,
                     what="ten holders and ten waiters",
                 )
-                holders: list[subprocess.Popen[str]] = []
-                wait_for(lambda: holders.extend(p for p in procs if said_held(p)) or len(holders) == MAX_SIZE)
+                holders = the_holders(procs)
                 waiters = [p for p in procs if p not in holders]
                 rng.shuffle(holders)
                 rng.shuffle(waiters)
