@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import Broker, RedisServer, short_tempdir
+from helpers import Broker, RedisServer, short_tempdir, wait_for
 
 from client import BrokerUnavailable, Client, LeaseLost
 
@@ -103,3 +103,61 @@ def test_no_broker_gives_broker_unavailable_after_the_timeout_never_a_hang() -> 
         c.lease("redis", timeout=0.2)
     assert time.monotonic() - started < 3
     c.close()
+
+
+_pool_client: Client | None = None  # one per worker process, as an app would keep it
+
+
+def _pool_init(endpoint: str) -> None:
+    global _pool_client
+    _pool_client = Client(endpoint)
+
+
+def _pool_task(key: str) -> bytes:
+    assert _pool_client is not None
+    return _pool_client.request("redis", f"INCR {key}\r\n".encode(), until=b"\r\n")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_multiprocessing_pool(
+    method: str, redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "3")
+    key = f"pool-{method}"
+    with multiprocessing.get_context(method).Pool(4, initializer=_pool_init, initargs=(broker.endpoint,)) as pool:
+        replies = pool.map(_pool_task, [key] * 100, chunksize=5)
+    assert sorted(int(r[1:-2]) for r in replies) == list(range(1, 101))
+    stats = make_client(broker.endpoint).stats()["redis"]
+    assert stats["connections_created"] <= 3 and stats["leases_active"] == 0
+
+
+def test_a_broker_restart_needs_no_client_restart(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    args = ("--upstream", f"redis={redis_server.address}")
+    first = start_broker(*args)
+    c = make_client(first.endpoint, timeout=1.0, broker_timeout=1.0)
+    lease = c.lease("redis")
+    assert lease.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+    assert first.proc is not None
+    first.proc.kill()  # a crash: no goodbye, its socket file left behind
+    first.proc.wait()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        c.ping()
+    assert time.monotonic() - started < 5  # its timeout, never a hang
+    with pytest.raises(LeaseLost):
+        lease.request(b"PING\r\n", until=b"\r\n")
+    start_broker(*args, endpoint=first.endpoint)  # the same endpoint, a new process
+    back = time.monotonic()
+    wait_for(lambda: _answers(c), timeout=3.0, what="the same Client to reach the new broker")
+    print(f"working again {time.monotonic() - back:.3f}s after the new broker answered")
+    assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+
+
+def _answers(c: Client) -> bool:
+    try:
+        c.ping()
+        return True
+    except BrokerUnavailable:
+        return False

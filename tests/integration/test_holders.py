@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -157,34 +156,3 @@ def test_an_interrupted_lease_request_gives_its_late_grant_back(
     c.ping()  # the next call reads the stray grant and gives it back
     wait_for(lambda: stats(other)["leases_active"] == 0, what="the stray grant to come back")
     assert stats(other)["leases_reclaimed"] == 0 and stats(other)["pool_idle"] == 1
-
-
-def test_one_client_shared_by_32_threads(
-    redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
-) -> None:
-    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "4")
-    c = make_client(broker.endpoint)
-    errors: list[BaseException] = []
-
-    def work(n: int) -> None:
-        try:
-            for i in range(25):
-                key = f"t{n}".encode()
-                with c.lease("redis") as conn:
-                    reply = conn.request(b"INCR " + key + b"\r\n", until=b"\r\n")
-                    assert reply == b":" + str(i + 1).encode() + b"\r\n"
-        except BaseException as exc:
-            errors.append(exc)
-
-    r = redis_server.client()
-    r.delete(*[f"t{n}" for n in range(32)])
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
-    assert [int(v) for v in r.mget([f"t{n}" for n in range(32)])] == [25] * 32
-    r.close()
-    final = stats(c)
-    assert final["requests_num"] == 32 * 25 and final["connections_created"] <= 4

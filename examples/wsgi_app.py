@@ -1,0 +1,38 @@
+"""A WSGI app whose every request leases a Redis connection from poolbroker.
+
+    POOLBROKER_ENDPOINT=ipc:///run/poolbroker/broker.sock gunicorn -w 4 examples.wsgi_app:app
+    ... gunicorn -w 4 --preload examples.wsgi_app:app     # the Client is made before fork: fine
+
+Paths: /hit counts a hit in Redis and answers "PID HITS"; /hold?seconds=N holds a lease that long
+(for showing what happens when gunicorn's worker timeout kills a worker holding one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from urllib.parse import parse_qs
+
+from client import Client
+
+# At import time, even under --preload: no socket is made until the first request, in the worker.
+client = Client()
+
+
+def app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    path = environ.get("PATH_INFO")
+    if path == "/hit":
+        with client.lease("redis", tag="wsgi-hit") as conn:
+            reply = conn.request(b"INCR hits\r\n", until=b"\r\n")  # ":<n>\r\n"
+        body = f"{os.getpid()} {int(reply[1:])}\n".encode()
+    elif path == "/hold":
+        seconds = float(parse_qs(str(environ.get("QUERY_STRING", "")))["seconds"][0])
+        with client.lease("redis", tag="wsgi-hold"):
+            time.sleep(seconds)
+        body = b"held\n"
+    else:
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

@@ -1,0 +1,121 @@
+"""gunicorn, sync workers, serving examples/wsgi_app.py: a lease per request, with and without
+--preload, and workers killed while holding a lease (by us, or by gunicorn's worker timeout)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, Broker, RedisServer, free_port, wait_for
+
+from client import Client
+
+MAX_SIZE = 4
+
+
+@contextmanager
+def gunicorn(endpoint: str, tmp_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", *flags, "examples.wsgi_app:app"],
+        cwd=ROOT,
+        env={**os.environ, "POOLBROKER_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: status(url + "/") == 404, timeout=30, what="gunicorn to answer")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return str(response.read().decode())
+
+
+def workers(master: subprocess.Popen[bytes]) -> list[int]:
+    children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_gunicorn_workers_lease_per_request(
+    preload: bool,
+    own_redis: RedisServer,
+    start_broker: Callable[..., Broker],
+    make_client: Callable[..., Client],
+    tmp_path: Path,
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", str(MAX_SIZE))
+    flags = ("--preload",) if preload else ()
+    with gunicorn(broker.endpoint, tmp_path, *flags) as (url, _), ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: get(url + "/hit"), range(300)))
+    pids = {reply.split()[0] for reply in replies}
+    hits = sorted(int(reply.split()[1]) for reply in replies)
+    assert hits == list(range(1, 301))  # every request its own INCR: no reply went astray
+    assert len(pids) >= 2  # several workers served
+    stats = make_client(broker.endpoint).stats()["redis"]
+    assert stats["leases_active"] == 0 and stats["connections_created"] <= MAX_SIZE
+    assert stats["leases_reclaimed"] == 0
+
+
+def test_a_gunicorn_worker_killed_while_holding_a_lease_takes_nothing_with_it(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "1")
+    c = make_client(broker.endpoint)
+    with gunicorn(broker.endpoint, tmp_path, "--preload") as (url, master):
+        holding = threading.Thread(target=status, args=(url + "/hold?seconds=60",))
+        holding.start()
+        wait_for(lambda: c.stats()["redis"]["leases_active"] == 1, what="a worker to hold the one connection")
+        for pid in workers(master):
+            os.kill(pid, signal.SIGKILL)  # the OOM killer, say
+        wait_for(lambda: c.stats()["redis"]["leases_reclaimed"] == 1, timeout=2.0, what="the lease to be reclaimed")
+        holding.join(30)
+        # gunicorn starts new workers; the pool's one connection serves them.
+        wait_for(lambda: status(url + "/hit") == 200, timeout=30, what="new workers to serve")
+    assert "tag 'wsgi-hold'" in broker.log()
+
+
+def test_gunicorn_s_worker_timeout_gives_the_connection_back(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "1")
+    c = make_client(broker.endpoint)
+    with gunicorn(broker.endpoint, tmp_path, "--timeout", "1") as (url, _):
+        assert status(url + "/hold?seconds=30") in (None, 500, 502)  # the worker is aborted mid-request
+        final = wait_for(lambda: (s := c.stats()["redis"])["leases_active"] == 0 and s, what="the permit back")
+        # Aborted (SIGABRT), the worker's `with` block discards the lease; killed outright, the
+        # broker reclaims it. Either way the connection, in an unknown state, is closed.
+        assert final["connections_closed_discarded"] + final["leases_reclaimed"] == 1
+        assert status(url + "/hit") == 200
