@@ -368,13 +368,13 @@ class Server:
         holder = self.holders[peer] = Holder(peer, fd)
         if fd < 0:
             return holder  # no fd (inproc): only the lease time limits apply
-        if fd in self.fd_holders:
-            # The fd was reused, so its last owner's connection is gone. libzmq reports a
-            # disconnect before it accepts the next connection on the same fd: read it now.
-            self._drain_monitor(now, requests_first=False)
-            previous = self.fd_holders.get(fd)
-            if previous is not None:
-                self._holder_gone(previous, now, "its connection closed (its fd was reused)")
+        # The fd may have served an earlier connection. libzmq reports that one's disconnect before
+        # it closes the fd, so before this connection could have it: read those reports first, or
+        # a late one would be taken for this connection's.
+        self._drain_monitor(now, requests_first=False)
+        previous = self.fd_holders.get(fd)
+        if previous is not None:  # (never seen: a disconnect report always comes first)
+            self._holder_gone(previous, now, "its connection closed (its fd was reused)")
         self.fd_holders[fd] = holder
         return holder
 
@@ -547,18 +547,19 @@ class Server:
         self.leases[token] = lease
         holder.leases.add(lease)
         conn.lease = lease
-        self._schedule_lease_check(lease, now)
         if holder.gone:  # (cancelled waiters are never granted; this is the one place to be sure)
             self._end_lease(lease, now, keep=True)
             return
         req = waiter.req
         if req.has_exchange:
             self._start_exchange(lease, waiter.peer, req, now, first=True)
-            return
-        self._watch(conn)
-        if not self._send(waiter.peer, _ok(req.id, lease=token)):
-            # The requester left (timed out, gave up, died): the connection goes back at once.
-            self._end_lease(lease, now, keep=True)
+        else:
+            self._watch(conn)
+            if not self._send(waiter.peer, _ok(req.id, lease=token)):
+                # The requester left (timed out, gave up, died): the connection goes back at once.
+                self._end_lease(lease, now, keep=True)
+        if lease.token in self.leases:  # (a one-shot request is over already: no time limits to watch)
+            self._schedule_lease_check(lease, now)
 
     def _open(self, pool: PoolState, now: float) -> None:
         config = pool.config

@@ -1,11 +1,12 @@
-"""What health care costs and how fast it reacts, against a private Redis on this machine.
+"""What health care costs and how fast the broker reacts, against a private Redis on this machine.
 
     .venv/bin/python scripts/bench_health.py [--cycles 3000]
 
 Prints: the one-shot lease cycle with checkout probes off, with the free tcp probe on every
 checkout, and with a Redis PING probe on every checkout; how fast a lease request fails while
 Redis is down (against its 5 s acquire timeout); and how soon leases work again after Redis comes
-back on the same port, with the default backoff (0.1 s doubling to 5 s).
+back on the same port, with the default backoff (0.1 s doubling to 5 s); and how soon the lease
+of a holder killed with SIGKILL is reclaimed.
 Needs the test extras (./scripts/test makes .venv with them).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,6 +80,36 @@ def outage(redis: RedisServer, down_for: list[float]) -> tuple[float, list[float
         broker.stop()
 
 
+HOLDER = """
+import sys, time
+from client import Client
+lease = Client(sys.argv[1]).lease("redis")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def reclaim_ms(redis: RedisServer, kills: int) -> list[float]:
+    """Milliseconds from SIGKILL of a process holding a lease to the broker reclaiming it."""
+    broker = Broker("--upstream", f"redis={redis.address}", "--max-size", "1").start()
+    c = Client(broker.endpoint)
+    times = []
+    try:
+        for n in range(kills):
+            proc = subprocess.Popen([sys.executable, "-c", HOLDER, broker.endpoint], stdout=subprocess.PIPE, cwd=ROOT)
+            assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+            proc.kill()
+            killed = time.perf_counter()
+            while c.stats()["redis"]["leases_reclaimed"] < n + 1:
+                pass
+            times.append((time.perf_counter() - killed) * 1000)
+            proc.wait()
+        return times
+    finally:
+        c.close()
+        broker.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=3000)
@@ -88,6 +120,7 @@ def main() -> None:
         tcp = cycle_us(redis, args.cycles, "--check-idle-after", "0")
         ping = cycle_us(redis, args.cycles, "--check-idle-after", "0", "--probe", "redis")
         fail_ms, recoveries = outage(redis, [1.0, 3.0, 10.0])
+        reclaims = reclaim_ms(redis, 20)
     finally:
         redis.stop()
     print(f"one-shot lease cycle, median of {args.cycles} (us):")
@@ -97,6 +130,10 @@ def main() -> None:
     print(f"Redis down: a lease request fails in {fail_ms:.2f} ms (median; acquire_timeout is 5 s)")
     for seconds, recovery in zip([1.0, 3.0, 10.0], recoveries, strict=True):
         print(f"Redis back after {seconds:4.1f} s down: leases work again {recovery:.2f} s later")
+    print(
+        f"a holder killed with SIGKILL: its lease reclaimed in {statistics.median(reclaims):.1f} ms"
+        f" (median of {len(reclaims)}; max {max(reclaims):.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,9 +33,18 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.failed_call = report.failed  # type: ignore[attr-defined]
+
+
 @pytest.fixture
-def start_broker() -> Iterator[Callable[..., Broker]]:
-    """Start broker processes with the given serve flags; every one is stopped at the end."""
+def start_broker(request: pytest.FixtureRequest) -> Iterator[Callable[..., Broker]]:
+    """Start broker processes with the given serve flags; every one is stopped at the end, and
+    its log shown if the test failed."""
     brokers: list[Broker] = []
 
     def start(*args: str, **kwargs: object) -> Broker:
@@ -43,6 +54,11 @@ def start_broker() -> Iterator[Callable[..., Broker]]:
 
     yield start
     for broker in brokers:
+        if getattr(request.node, "failed_call", False):
+            if broker.proc is not None and broker.proc.poll() is None:
+                broker.proc.send_signal(signal.SIGUSR1)  # faulthandler: where is its loop?
+                time.sleep(0.3)
+            print(f"--- log of the broker at {broker.endpoint}:\n{broker.log()}")
         broker.stop()
 
 

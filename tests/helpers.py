@@ -122,7 +122,7 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> Broker:
-        argv = [sys.executable, "-m", "broker", "serve", "--bind", self.endpoint, *self.args]
+        argv = [sys.executable, "-m", "broker", "serve", "--bind", self.endpoint, "--log-level", "debug", *self.args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         if wait:

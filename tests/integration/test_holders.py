@@ -156,3 +156,17 @@ def test_an_interrupted_lease_request_gives_its_late_grant_back(
     c.ping()  # the next call reads the stray grant and gives it back
     wait_for(lambda: stats(other)["leases_active"] == 0, what="the stray grant to come back")
     assert stats(other)["leases_reclaimed"] == 0 and stats(other)["pool_idle"] == 1
+
+
+def test_a_new_client_on_a_reused_fd_is_never_taken_for_the_one_before(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    # A client that connects, asks something and leaves frees its fd in the broker; the next
+    # connection gets the same fd, and the report that the first one closed must not end the
+    # second one's lease request (it once did: the request was dropped without an answer).
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    for _ in range(300):
+        with Client(broker.endpoint, broker_timeout=0.5) as first:
+            first.ping()
+        with Client(broker.endpoint, timeout=1.0, broker_timeout=1.0) as second:
+            assert second.request("redis", PING, until=b"\r\n") == PONG
