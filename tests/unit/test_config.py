@@ -123,3 +123,19 @@ def test_every_pool_setting_is_also_a_flag() -> None:
     args = build_parser().parse_args(["serve", *flags])
     assert all(getattr(args, name) is not None for name in POOL_SETTINGS)
     assert set(POOL_SETTINGS) == {f.name for f in dataclasses.fields(PoolConfig)} - {"name", "host", "port"}
+
+
+def test_lease_limits_and_the_shutdown_grace(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[broker]\nshutdown_grace = 3.5\n[pools.a]\nupstream = "h:1"\nlease_idle_timeout = 0\nmax_lease_time = 60\n',
+    )
+    config = load(path)
+    assert config.shutdown_grace == 3.5
+    assert load(path, shutdown_grace=0.0).shutdown_grace == 0.0
+    [pool] = config.pools
+    assert (pool.leak_warning_after, pool.lease_idle_timeout, pool.max_lease_time) == (30.0, 0.0, 60.0)
+    with pytest.raises(ConfigError, match="shutdown_grace must not be negative"):
+        load(write(tmp_path, '[broker]\nshutdown_grace = -1\n[pools.a]\nupstream = "h:1"\n'))
+    with pytest.raises(ConfigError, match="max_lease_time must not be negative"):
+        load(write(tmp_path, '[pools.a]\nupstream = "h:1"\nmax_lease_time = -5\n'))
