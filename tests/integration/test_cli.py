@@ -7,8 +7,8 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,21 +76,13 @@ def test_sigterm_answers_waiters_lets_active_leases_finish_then_exits_cleanly(
     c = Client(broker.endpoint)
     other = Client(broker.endpoint)
     held = c.lease("redis")
-    waiter_error: list[BaseException] = []
-
-    def wait_for_a_lease() -> None:
-        try:
-            other.lease("redis", timeout=20)
-        except BaseException as exc:
-            waiter_error.append(exc)
-
-    thread = threading.Thread(target=wait_for_a_lease)
-    thread.start()
-    wait_for(lambda: c.stats()["redis"]["requests_waiting"] == 1, what="the waiter")
-    assert broker.proc is not None
-    broker.proc.send_signal(signal.SIGTERM)
-    thread.join(10)
-    assert isinstance(waiter_error[0], BrokerUnavailable) and "shutting down" in str(waiter_error[0])
+    with ThreadPoolExecutor(1) as background:
+        waiter = background.submit(other.lease, "redis", timeout=20)
+        wait_for(lambda: c.stats()["redis"]["requests_waiting"] == 1, what="the waiter")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(BrokerUnavailable, match="shutting down"):
+            waiter.result(10)
     with pytest.raises(BrokerUnavailable, match="shutting down"):
         other.lease("redis")  # no new grants
     assert held.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # the active lease carries on

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import Broker, RedisServer, free_port, wait_for
@@ -80,21 +80,13 @@ def test_the_bound_holds_and_waiters_time_out_or_are_refused(
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2", "--max-waiting", "1")
     c = make_client(broker.endpoint)
     first, second = c.lease("redis"), c.lease("redis")
-    outcome: list[BaseException] = []
-
-    def wait_in_line() -> None:
-        try:
+    with ThreadPoolExecutor(1) as background:
+        waiting = background.submit(c.lease, "redis", timeout=3.0)
+        wait_for(lambda: c.stats()["redis"]["requests_waiting"] == 1, what="a waiter")
+        with pytest.raises(PoolFull, match="max_waiting=1"):
             c.lease("redis", timeout=3.0)
-        except PoolTimeout as exc:
-            outcome.append(exc)
-
-    waiting = threading.Thread(target=wait_in_line)
-    waiting.start()
-    wait_for(lambda: c.stats()["redis"]["requests_waiting"] == 1, what="a waiter")
-    with pytest.raises(PoolFull, match="max_waiting=1"):
-        c.lease("redis", timeout=3.0)
-    waiting.join()
-    assert len(outcome) == 1  # the waiter timed out; nothing came back to it
+        with pytest.raises(PoolTimeout):
+            waiting.result(10)  # the waiter timed out; nothing came back to it
     with pytest.raises(PoolTimeout, match=r"no connection within 0\.200s"):
         c.lease("redis", timeout=0.2)
     first.release()
