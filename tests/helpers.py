@@ -129,6 +129,11 @@ class Broker:
             wait_for(self.ready, what="the broker to answer ping")
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def ready(self) -> bool:
         from client import BrokerUnavailable, Client
 
