@@ -3,9 +3,9 @@ restarted; the reaper and lifetimes as Redis itself counts them; the probe prese
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -182,35 +182,30 @@ def test_stalled_probes_time_out_clearly_and_other_pools_carry_on(
     config = tmp_path / "broker.toml"
     config.write_text(
         f'[pools.stall]\nupstream = "{stall.address}"\nmax_size = 2\ncheck_idle_after = 0.0\n'
-        'probe = "send"\nprobe_send = "ping\\n"\nprobe_expect = "pong"\nprobe_timeout = 1.0\n\n'
+        'probe = "send"\nprobe_send = "ping\\n"\nprobe_expect = "pong"\nprobe_timeout = 2.0\n\n'
         f'[pools.redis]\nupstream = "{redis_server.address}"\nprobe = "redis"\ncheck_idle_after = 0.0\n'
     )
     broker = start_broker("--config", str(config))
     c = make_client(broker.endpoint)
     with c.lease("stall"):
         pass  # a fresh connection is handed out unprobed, and comes back idle
-    outcome: list[object] = []
+    # (the release is one-way: make sure it is in before another client asks)
+    wait_for(lambda: c.stats()["stall"]["pool_idle"] == 1, what="the connection back in the pool")
 
-    def lease_stalled() -> None:
-        other = Client(broker.endpoint)
-        try:
-            with other.lease("stall", timeout=5.0):
-                outcome.append("granted")  # its probe timed out; a fresh connection served it
-        except BaseException as exc:
-            outcome.append(exc)
-        finally:
-            other.close()
+    def lease_stalled() -> str:
+        with Client(broker.endpoint) as other, other.lease("stall", timeout=5.0):
+            return "granted"  # its probe timed out; a fresh connection served it
 
-    thread = threading.Thread(target=lease_stalled)
-    thread.start()
-    wait_for(lambda: c.stats()["stall"]["pool_checking"] == 1, what="the probe in flight")
-    for _ in range(100):  # the redis pool, probed on every checkout, carries on meanwhile
-        assert c.request("redis", PING, until=b"\r\n") == PONG
-    assert c.stats()["stall"]["pool_checking"] == 1, "the redis requests waited for the stalled probe"
-    thread.join(10)
-    assert outcome == ["granted"]
+    with ThreadPoolExecutor(1) as background:
+        granted = background.submit(lease_stalled)
+        wait_for(lambda: granted.done() or c.stats()["stall"]["pool_checking"] == 1, what="the probe in flight")
+        assert not granted.done(), f"granted without the probe: {granted.result()}"
+        for _ in range(50):  # the redis pool, probed on every checkout, carries on meanwhile
+            assert c.request("redis", PING, until=b"\r\n") == PONG
+        assert c.stats()["stall"]["pool_checking"] == 1, "the redis requests waited for the stalled probe"
+        assert granted.result(10) == "granted"
     assert c.stats()["stall"]["checks_failed"] == 1
-    assert "pool 'stall': send probe: no answer within probe_timeout=1.0s" in broker.log()
+    assert "pool 'stall': send probe: no answer within probe_timeout=2.0s" in broker.log()
     with c.lease("stall", io_timeout=0.3) as conn, pytest.raises(UpstreamTimeout, match="no answer from upstream"):
         conn.request(b"anyone?\n", until=b"\n")
 
