@@ -86,13 +86,7 @@ def outage(redis: RedisServer, down_for: list[float]) -> tuple[float, list[float
         broker.stop()
 
 
-HOLDER = """
-import sys, time
-from client import Client
-lease = Client(sys.argv[1]).lease("redis")
-print("held", flush=True)
-time.sleep(60)
-"""
+HOLDER = ROOT / "tests" / "holder.py"  # leases, says "held", sleeps on it
 
 
 def reclaim_ms(redis: RedisServer, kills: int) -> list[float]:
@@ -102,7 +96,7 @@ def reclaim_ms(redis: RedisServer, kills: int) -> list[float]:
     times = []
     try:
         for n in range(kills):
-            proc = subprocess.Popen([sys.executable, "-c", HOLDER, broker.endpoint], stdout=subprocess.PIPE, cwd=ROOT)
+            proc = subprocess.Popen([sys.executable, str(HOLDER), broker.endpoint, "hold"], stdout=subprocess.PIPE)
             assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
             proc.kill()
             killed = time.perf_counter()

@@ -20,21 +20,15 @@ from client import Client, LeaseLost
 PING = b"PING\r\n"
 PONG = b"+PONG\r\n"
 
-HOLDER = """
-import sys, time
-from client import Client
-c = Client(sys.argv[1], timeout=30)
-lease = c.lease("redis", tag="holder-" + sys.argv[2])
-lease.request(b"PING\\r\\n", until=b"\\r\\n")
-print("held", flush=True)
-time.sleep(60)
-"""
+HOLDER = ROOT / "tests" / "holder.py"
 
 
 @contextmanager
 def holder_process(endpoint: str, name: str = "1") -> Iterator[subprocess.Popen[str]]:
     """A process that leases a connection, says "held", and sleeps on it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, endpoint, name], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(HOLDER), endpoint, "hold", f"holder-{name}"], stdout=subprocess.PIPE, text=True
+    )
     try:
         yield proc
     finally:

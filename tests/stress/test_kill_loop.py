@@ -4,7 +4,6 @@ full capacity, every permit is accounted for, and each kill of a holder is one r
 from __future__ import annotations
 
 import mmap
-import os
 import random
 import select
 import signal
@@ -21,15 +20,12 @@ from helpers import ROOT, Broker, RedisServer, wait_for
 
 from client import Client
 
-HOLDER = Path(__file__).with_name("holder.py")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+HOLDER = ROOT / "tests" / "holder.py"
 MAX_SIZE = 10
 
 
 def start(endpoint: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(HOLDER), endpoint, *args], stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
-    )
+    return subprocess.Popen([sys.executable, str(HOLDER), endpoint, *args], stdout=subprocess.PIPE, text=True)
 
 
 def said_held(proc: subprocess.Popen[str]) -> bool:

@@ -1,6 +1,7 @@
-"""A worker process for the kill tests.
+"""A worker process that holds or cycles leases, for the tests and benchmarks that kill it.
 
-Usage: python holder.py ENDPOINT hold       lease, say "held", then sleep on the lease until killed
+Usage: python holder.py ENDPOINT hold [TAG] lease (tagged TAG, else hold-PID), say "held", then
+                                            sleep on the lease until killed
        python holder.py ENDPOINT loop STATE INDEX
                                             lease, INCR, release, forever; byte INDEX of the file
                                             STATE says where it is: 0 nothing held or asked,
@@ -13,14 +14,17 @@ import mmap
 import os
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import Client
 
 NOTHING, HOLDING, IN_BETWEEN = 0, 1, 2
 
 
-def hold(client: Client) -> None:
-    lease = client.lease("redis", tag=f"hold-{os.getpid()}")
+def hold(client: Client, tag: str) -> None:
+    lease = client.lease("redis", tag=tag)
     lease.request(b"PING\r\n", until=b"\r\n")
     print("held", flush=True)
     time.sleep(120)
@@ -44,7 +48,7 @@ def loop(client: Client, state_path: str, index: int) -> None:
 def main() -> None:
     client = Client(sys.argv[1], timeout=60.0)
     if sys.argv[2] == "hold":
-        hold(client)
+        hold(client, sys.argv[3] if len(sys.argv) > 3 else f"hold-{os.getpid()}")
     else:
         loop(client, sys.argv[3], int(sys.argv[4]))
 
