@@ -153,14 +153,13 @@ class Exchange:
 
 
 class PoolState:
-    """A pool as the server sees it: its config, its pure core, its probe, and its upstream's health."""
+    """A pool as the server sees it: its config, its pure core (and the upstream's health), its probe."""
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
         self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
         self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
         self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
-        self.failing = False  # the last connect failed: log the next failure quietly
 
     def __repr__(self) -> str:
         return repr(self.core).replace("PoolCore", "Pool", 1)
@@ -594,8 +593,7 @@ class Server:
         self._forget(conn)
         message = f"can't connect to {pool.config.address} for pool {pool.config.name!r}: {exc}"
         # Log the first failure of a run loudly; repeats would flood the log during an outage.
-        log.log(logging.DEBUG if pool.failing else logging.WARNING, "%s", message)
-        pool.failing = True
+        log.log(logging.DEBUG if pool.core.failures else logging.WARNING, "%s", message)
         self._perform(pool, pool.core.connect_failed(now, message), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
@@ -603,9 +601,8 @@ class Server:
         self.timers.cancel(conn.timer)
         conn.timer = None
         conn.connecting = False
-        if pool.failing:
+        if pool.core.failures:  # (the core counts failures in a row until this success)
             log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
-            pool.failing = False
         self._perform(pool, pool.core.connected(conn, now), now)
         self._watch(conn)
 
