@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from pools import make  # every timed feature off: these tests are about the bound and the queue
 
-from broker.config import ConfigError, PoolConfig
+from broker.config import ConfigError
 from broker.pool import OPEN, Close, Grant, PoolCore, Reject
-
-# Every timed feature off unless a test turns it on: these tests are about the bound and the queue.
-QUIET = {"idle_timeout": 0, "max_lifetime": 0, "check_interval": 0, "check_idle_after": 1e9}
-
-
-def make(max_size: int = 2, max_waiting: int = 10, **settings: Any) -> PoolCore[str, str]:
-    config = PoolConfig("test", "h", 1, max_size=max_size, max_waiting=max_waiting, **{**QUIET, **settings})
-    return PoolCore(config, rng=lambda: 1.0)
 
 
 def fill(pool: PoolCore[str, str], *conns: str) -> None:

@@ -3,17 +3,9 @@ reaper (idle timeout, lifetime, min_idle), and connect backoff while the upstrea
 
 from __future__ import annotations
 
-from typing import Any
+from pools import make
 
-from broker.config import PoolConfig
 from broker.pool import OPEN, Close, Grant, PoolCore, Probe, Reject
-
-QUIET = {"idle_timeout": 0, "max_lifetime": 0, "check_interval": 0, "check_idle_after": 1e9}
-
-
-def make(rng: float = 1.0, **settings: Any) -> PoolCore[str, str]:
-    config = PoolConfig("test", "h", 1, **{"max_size": 2, **QUIET, **settings})
-    return PoolCore(config, rng=lambda: rng)
 
 
 def idle(pool: PoolCore[str, str], now: float, *conns: str) -> None:
