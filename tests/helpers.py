@@ -47,8 +47,9 @@ def short_tempdir() -> Path:
 class RedisServer:
     """A private redis-server on a free loopback port; stop() and start() keep the port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, maxclients: int = 1000) -> None:
         self.port = port or free_port()
+        self.maxclients = maxclients
         self.dir = short_tempdir()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -70,7 +71,7 @@ class RedisServer:
                 "--dir",
                 str(self.dir),
                 "--maxclients",
-                "1000",
+                str(self.maxclients),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -113,8 +114,11 @@ class RedisServer:
 class Broker:
     """A real broker process (`python -m broker serve`) on a private ipc endpoint."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, endpoint: str | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, endpoint: str | None = None, log_level: str = "debug"
+    ) -> None:
         self.dir = short_tempdir()
+        self.log_level = log_level
         self.endpoint = endpoint or f"ipc://{self.dir}/broker.sock"
         self.log_path = self.dir / "broker.log"
         self.args = args
@@ -122,7 +126,17 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> Broker:
-        argv = [sys.executable, "-m", "broker", "serve", "--bind", self.endpoint, "--log-level", "debug", *self.args]
+        argv = [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--bind",
+            self.endpoint,
+            "--log-level",
+            self.log_level,
+            *self.args,
+        ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         if wait:
