@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class UpstreamConn:
         "probe",
         "timer",
         "watching",
+        "_readable",
     )
 
     def __init__(self, pool: PoolState) -> None:
@@ -62,6 +64,7 @@ class UpstreamConn:
         self.probe: ProbeRun | None = None
         self.timer: Timer | None = None  # the connect's or the probe's deadline
         self.watching = 0  # poll flags currently registered
+        self._readable: select.poll | None = None  # this socket alone: is anything there, right now?
 
     def __repr__(self) -> str:
         return f"<UpstreamConn {self.pool.config.name} fd={self.fd}>"
@@ -76,6 +79,8 @@ class UpstreamConn:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         self.sock, self.fd = sock, sock.fileno()
+        self._readable = select.poll()
+        self._readable.register(self.fd, select.POLLIN)
         if family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -163,6 +168,9 @@ class UpstreamConn:
             return "broken"
         if self.rbuf:
             return "unread"
+        assert self._readable is not None
+        if not self._readable.poll(0):
+            return None  # nothing to read: clean (a poll costs less than a failing recv)
         try:
             peeked = self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
