@@ -38,6 +38,9 @@ from client.protocol import (
 HOSTNAME = socket.gethostname()
 DEFAULT_RECV = 65536
 CLOSE_LINGER_MS = 500
+# A lease holds writes until its next read (so that a write and its answer are one round trip), or
+# until this many bytes are held: then they go at once, in a round trip of their own.
+HOLD_WRITES_UP_TO = 256 * 1024
 
 
 class _Channel:
@@ -51,6 +54,7 @@ class _Channel:
         self.next_id = 1
         self._ctx = ctx
         self.sock = self._connect()
+        self._recv_timeout_ms = -1  # RCVTIMEO as last set
         self.generation = 0  # bumped on reset: leases taken on an older socket are lost
 
     def _connect(self) -> zmq.Socket[Any]:
@@ -64,6 +68,7 @@ class _Channel:
         # new socket drops both, so no stale grant can arrive where nobody expects it.
         self.sock.close(linger=0)
         self.sock = self._connect()
+        self._recv_timeout_ms = -1
         self.generation += 1
 
     def call(self, message: dict[str, Any], wait: float) -> dict[str, Any]:
@@ -79,18 +84,31 @@ class _Channel:
                 self._reset()
                 raise BrokerUnavailable(f"the broker at {self.endpoint} is not taking requests") from None
             deadline = time.monotonic() + wait
+            remaining = wait
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
-                    self._reset()
-                    raise BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s")
+                # A blocking recv with RCVTIMEO: a poll before each recv would cost a wake-up more.
+                timeout_ms = max(1, int(remaining * 1000))
+                if timeout_ms != self._recv_timeout_ms:
+                    self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+                    self._recv_timeout_ms = timeout_ms
                 try:
-                    reply = msgpack.unpackb(self.sock.recv(), raw=False)
+                    data = self.sock.recv()
+                except zmq.Again:
+                    raise self._no_answer(wait) from None
+                try:
+                    reply = msgpack.unpackb(data, raw=False)
                 except Exception as exc:
                     raise ProtocolError(f"undecodable reply from the broker: {exc}") from None
                 if isinstance(reply, dict) and reply.get("id") == rid:
                     return reply
                 self._drop_stray(reply)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._no_answer(wait)
+
+    def _no_answer(self, wait: float) -> BrokerUnavailable:
+        self._reset()
+        return BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s")
 
     def _drop_stray(self, reply: Any) -> None:
         """A reply nobody waits for: an earlier call here was interrupted (KeyboardInterrupt, say).
@@ -259,6 +277,10 @@ class Client:
             message["pool"] = pool
         return _check(self._channel().call(message, self.broker_timeout))["pools"]  # type: ignore[no-any-return]
 
+    def broker_stats(self) -> dict[str, Any]:
+        """The broker's own counters: requests_received (every message), bad_requests, leases_active."""
+        return _check(self._channel().call({"op": OP_STATS}, self.broker_timeout))["broker"]  # type: ignore[no-any-return]
+
     def ping(self) -> dict[str, Any]:
         """The broker's version and pool names; raises BrokerUnavailable if it does not answer."""
         reply = _check(self._channel().call({"op": OP_PING}, self.broker_timeout))
@@ -301,7 +323,11 @@ def _read_fields(
 
 
 class Lease:
-    """A leased upstream connection. Its methods read like a socket's; each is one round trip."""
+    """A leased upstream connection. Its methods read like a socket's.
+
+    Writes are held and go with the next read, so that a request and its answer are one round trip
+    however they are written; `flush()` sends them at once. Reads and flushes are one round trip each.
+    """
 
     def __init__(
         self, client: Client, channel: _Channel, generation: int, pool: str, token: bytes, io_timeout: float
@@ -313,6 +339,8 @@ class Lease:
         self._generation = generation
         self._token = token
         self._done = False
+        self._held: list[bytes] = []  # writes not yet sent: they go with the next read
+        self._held_bytes = 0
         self.eof = False  # the upstream closed its side
 
     def __repr__(self) -> str:
@@ -333,8 +361,19 @@ class Lease:
     # -- I/O ---------------------------------------------------------------------------------
 
     def sendall(self, data: bytes) -> None:
-        """Send all of `data` to the upstream."""
-        self._io(exchange_fields(data, io_timeout=self.io_timeout))
+        """Send all of `data` to the upstream: held, and sent with the next read (or flush, or
+        release). An error sending it is raised by that call."""
+        self._check_usable()
+        if data:
+            self._held.append(bytes(data))
+            self._held_bytes += len(data)
+            if self._held_bytes > HOLD_WRITES_UP_TO:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send the held writes now (one round trip); nothing to do if none are held."""
+        if self._held:
+            self._io(exchange_fields(None, io_timeout=self.io_timeout))
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         """At least 1 byte and at most `bufsize`; b"" once the upstream has closed."""
@@ -356,6 +395,10 @@ class Lease:
 
     def _io(self, fields: dict[str, Any]) -> bytes:
         self._check_usable()
+        if self._held:  # the held writes go first, in the same exchange
+            fields["send"] = b"".join([*self._held, fields.get("send", b"")])
+            self._held.clear()
+            self._held_bytes = 0
         message = {"op": OP_IO, "lease": self._token, **fields}
         try:
             reply = self._channel.call(message, self.io_timeout + self.client.broker_timeout)
@@ -383,15 +426,22 @@ class Lease:
     # -- the end -----------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Give the connection back to the pool (it is closed instead if it is not clean)."""
+        """Give the connection back to the pool (it is closed instead if it is not clean). Held
+        writes go with it, in one round trip that raises if sending them fails; else it is one-way."""
+        if self._held and not self._done:
+            self._io(exchange_fields(None, io_timeout=self.io_timeout, release=RELEASE_KEEP))
+            return
         self._end(RELEASE_KEEP)
 
     def discard(self) -> None:
-        """End the lease and close the connection: for when its state is unknown."""
+        """End the lease and close the connection: for when its state is unknown. Held writes are
+        dropped, never sent."""
         self._end(RELEASE_DISCARD)
 
     def _end(self, mode: str) -> None:
         # One-way: nothing to wait for. A lease already lost, or a parent's, is left alone.
+        self._held.clear()
+        self._held_bytes = 0
         if self._done or self._channel.pid != os.getpid() or self._channel.generation != self._generation:
             self._done = True
             return
