@@ -455,10 +455,11 @@ class Server:
         events = _int_option(router)
         holders = self.holders
         for _ in range(batch) if batch is not None else itertools.count():
-            self._router_used = False  # (asking EVENTS puts the FD and the queue back in step)
-            if not events(EVENTS) & POLLIN:
+            self._router_used = False  # (an EAGAIN puts the FD and the queue back in step)
+            try:
+                peer = recv(NOBLOCK)  # a ROUTER gives the sender's routing id first, then what it sent
+            except zmq.Again:
                 return
-            peer = recv(NOBLOCK)  # a ROUTER gives the sender's routing id first, then what it sent
             # A holder's first request comes as a Frame, which carries the fd of its connection.
             frame = None if peer in holders else recv(NOBLOCK, copy=False)
             data = frame.bytes if frame is not None else recv(NOBLOCK)
