@@ -147,3 +147,18 @@ def test_host_names_are_looked_up_off_the_loop(
     assert c.request("named", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
     with pytest.raises(UpstreamUnavailable, match=r"can't connect to nonexistent\.invalid:6379 for pool 'nowhere'"):
         c.lease("nowhere")
+
+
+def test_a_one_shot_cycle_is_bounded_by_max_lease_time(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    # A one-shot cycle has no lease watch of its own: its exchange's deadline, capped at
+    # max_lease_time, is what bounds it.
+    stall = upstream("stall")
+    broker = start_broker("--upstream", f"stall={stall.address}", "--max-lease-time", "0.5")
+    c = make_client(broker.endpoint)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        c.request("stall", b"anyone?\n", until=b"\n", io_timeout=60.0)
+    assert time.monotonic() - started < 30.0, "the cycle waited for its io_timeout, not max_lease_time"
+    wait_for(lambda: c.stats()["stall"]["leases_active"] == 0, what="the connection back")
