@@ -222,8 +222,6 @@ class Server:
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.holders: dict[bytes, Holder] = {}  # by routing id
         self.fd_holders: dict[int, Holder] = {}
-        # A zmq socket's FD turns readable when its state may have changed; getsockopt(EVENTS)
-        # then says whether a message is there (and must be asked after every send or recv on it).
         self.epoll = select.epoll()
         self.epoll.register(_int_option(self.router)(FD), select.EPOLLIN)
         self.epoll.register(_int_option(self.monitor)(FD), select.EPOLLIN)
@@ -232,10 +230,12 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        # A zmq socket's FD signals a change once: a send or recv on the socket may take in that
-        # signal (the message is then queued, the FD quiet). So after using the ROUTER, ask EVENTS
-        # before waiting; asking costs a syscall, so only then.
+        # A zmq socket's FD turns readable once when its state may have changed: a send or recv on
+        # the socket may take in that signal (the message is then queued, the FD quiet). So after
+        # using the ROUTER, ask EVENTS (or recv to EAGAIN) before waiting; asking costs a syscall,
+        # so only then.
         self._router_used = False
+        self._router_get = _int_option(self.router)
         self._router_send = functools.partial(zmq.backend.Socket.send, self.router)
         self._tokens = b""  # random bytes drawn ahead for lease tokens
         self._token_at = 0
@@ -288,7 +288,7 @@ class Server:
         """Run until stop(): then grant no more, answer waiters, let active leases finish for up to
         shutdown_grace, close every upstream connection and return."""
         wait = self.epoll.poll
-        router_events = _int_option(self.router)
+        router_events = self._router_get
         router_fd = router_events(FD)
         monitor_fd = _int_option(self.monitor)(FD)
         wake_fd = self._wake_r.fileno()
@@ -450,22 +450,21 @@ class Server:
 
     def _drain_router(self, now: float, batch: int | None = ROUTER_BATCH) -> None:
         """Handle the requests that have arrived: up to `batch` of them, or all (None)."""
-        router = self.router
-        recv = router.recv
-        events = _int_option(router)
+        recv = self.router.recv
+        option = self._router_get
         holders = self.holders
         for _ in range(batch) if batch is not None else itertools.count():
-            self._router_used = False  # (an EAGAIN puts the FD and the queue back in step)
             try:
                 peer = recv(NOBLOCK)  # a ROUTER gives the sender's routing id first, then what it sent
             except zmq.Again:
+                self._router_used = False  # (an EAGAIN puts the FD and the queue back in step)
                 return
             # A holder's first request comes as a Frame, which carries the fd of its connection.
             frame = None if peer in holders else recv(NOBLOCK, copy=False)
             data = frame.bytes if frame is not None else recv(NOBLOCK)
             self.requests_received += 1
-            if events(RCVMORE):
-                while events(RCVMORE):
+            if option(RCVMORE):
+                while option(RCVMORE):
                     recv(NOBLOCK)
                 self.bad_requests += 1
                 self._send(peer, _error(None, "bad_request", "a request is exactly one frame"))

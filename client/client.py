@@ -272,14 +272,17 @@ class Client:
 
     def stats(self, pool: str | None = None) -> dict[str, dict[str, Any]]:
         """{pool_name: {stat_name: value}} for every pool, or just `pool`."""
-        message: dict[str, Any] = {"op": OP_STATS}
-        if pool is not None:
-            message["pool"] = pool
-        return _check(self._channel().call(message, self.broker_timeout))["pools"]  # type: ignore[no-any-return]
+        return self._stats_reply(pool)["pools"]  # type: ignore[no-any-return]
 
     def broker_stats(self) -> dict[str, Any]:
         """The broker's own counters: requests_received (every message), bad_requests, leases_active."""
-        return _check(self._channel().call({"op": OP_STATS}, self.broker_timeout))["broker"]  # type: ignore[no-any-return]
+        return self._stats_reply(None)["broker"]  # type: ignore[no-any-return]
+
+    def _stats_reply(self, pool: str | None) -> dict[str, Any]:
+        message: dict[str, Any] = {"op": OP_STATS}
+        if pool is not None:
+            message["pool"] = pool
+        return _check(self._channel().call(message, self.broker_timeout))
 
     def ping(self) -> dict[str, Any]:
         """The broker's version and pool names; raises BrokerUnavailable if it does not answer."""
@@ -339,8 +342,7 @@ class Lease:
         self._generation = generation
         self._token = token
         self._done = False
-        self._held: list[bytes] = []  # writes not yet sent: they go with the next read
-        self._held_bytes = 0
+        self._held = bytearray()  # writes not yet sent: they go with the next read
         self.eof = False  # the upstream closed its side
 
     def __repr__(self) -> str:
@@ -365,9 +367,8 @@ class Lease:
         release). An error sending it is raised by that call."""
         self._check_usable()
         if data:
-            self._held.append(bytes(data))
-            self._held_bytes += len(data)
-            if self._held_bytes > HOLD_WRITES_UP_TO:
+            self._held += data
+            if len(self._held) > HOLD_WRITES_UP_TO:
                 self.flush()
 
     def flush(self) -> None:
@@ -396,9 +397,8 @@ class Lease:
     def _io(self, fields: dict[str, Any]) -> bytes:
         self._check_usable()
         if self._held:  # the held writes go first, in the same exchange
-            fields["send"] = b"".join([*self._held, fields.get("send", b"")])
+            fields["send"] = bytes(self._held + fields.get("send", b""))
             self._held.clear()
-            self._held_bytes = 0
         message = {"op": OP_IO, "lease": self._token, **fields}
         try:
             reply = self._channel.call(message, self.io_timeout + self.client.broker_timeout)
@@ -441,7 +441,6 @@ class Lease:
     def _end(self, mode: str) -> None:
         # One-way: nothing to wait for. A lease already lost, or a parent's, is left alone.
         self._held.clear()
-        self._held_bytes = 0
         if self._done or self._channel.pid != os.getpid() or self._channel.generation != self._generation:
             self._done = True
             return
