@@ -32,7 +32,6 @@ from client.protocol import (
     RELEASE_DISCARD,
     RELEASE_KEEP,
     VERSION,
-    exchange_fields,
 )
 
 HOSTNAME = socket.gethostname()
@@ -75,7 +74,7 @@ class _Channel:
         """Send a request and return its reply (ok or error) within `wait` seconds."""
         with self.lock:
             rid = self.next_id
-            self.next_id += 1
+            self.next_id = rid + 1
             message["v"] = VERSION
             message["id"] = rid
             try:
@@ -87,7 +86,7 @@ class _Channel:
             remaining = wait
             while True:
                 # A blocking recv with RCVTIMEO: a poll before each recv would cost a wake-up more.
-                timeout_ms = max(1, int(remaining * 1000))
+                timeout_ms = int(remaining * 1000) or 1
                 if timeout_ms != self._recv_timeout_ms:
                     self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
                     self._recv_timeout_ms = timeout_ms
@@ -96,10 +95,10 @@ class _Channel:
                 except zmq.Again:
                     raise self._no_answer(wait) from None
                 try:
-                    reply = msgpack.unpackb(data, raw=False)
-                except Exception as exc:
+                    reply = msgpack.unpackb(data)
+                except Exception as exc:  # msgpack raises several types for bad input
                     raise ProtocolError(f"undecodable reply from the broker: {exc}") from None
-                if isinstance(reply, dict) and reply.get("id") == rid:
+                if type(reply) is dict and reply.get("id") == rid:
                     return reply
                 self._drop_stray(reply)
                 remaining = deadline - time.monotonic()
@@ -226,16 +225,10 @@ class Client:
         it (its state is unknown).
         """
         timeout = self.timeout if timeout is None else timeout
-        message: dict[str, Any] = {
-            "op": OP_LEASE,
-            "pool": pool,
-            "timeout": timeout,
-            "pid": os.getpid(),
-            "host": HOSTNAME,
-        }
+        channel = self._channel()
+        message = {"op": OP_LEASE, "pool": pool, "timeout": timeout, "pid": channel.pid, "host": HOSTNAME}
         if tag is not None:
             message["tag"] = tag
-        channel = self._channel()
         generation = channel.generation
         reply = _check(channel.call(message, timeout + self.broker_timeout))
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
@@ -259,15 +252,10 @@ class Client:
         """
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        message = {
-            "op": OP_LEASE,
-            "pool": pool,
-            "timeout": timeout,
-            "pid": os.getpid(),
-            "host": HOSTNAME,
-            **_read_fields(data, until, exactly, max_bytes, io_timeout, RELEASE_KEEP),
-        }
-        reply = _check(self._channel().call(message, timeout + io_timeout + self.broker_timeout))
+        channel = self._channel()
+        message = {"op": OP_LEASE, "pool": pool, "timeout": timeout, "pid": channel.pid, "host": HOSTNAME}
+        _add_exchange(message, data, io_timeout, until, exactly, max_bytes, RELEASE_KEEP)
+        reply = _check(channel.call(message, timeout + io_timeout + self.broker_timeout))
         return reply.get("data", b"")  # type: ignore[no-any-return]
 
     def stats(self, pool: str | None = None) -> dict[str, dict[str, Any]]:
@@ -308,21 +296,34 @@ class Client:
         self.close()
 
 
-def _read_fields(
-    data: bytes | None,
-    until: bytes | None,
-    exactly: int | None,
-    max_bytes: int,
+def _add_exchange(
+    message: dict[str, Any],
+    send: bytes | None,
     io_timeout: float,
+    until: bytes | None = None,
+    exactly: int | None = None,
+    max_bytes: int | None = None,
     release: str | None = None,
-) -> dict[str, Any]:
-    if until is not None and exactly is not None:
-        raise ValueError("give until= or exactly=, not both")
+) -> None:
+    """Add an exchange to a lease or io request: send `send`, then read up to and including
+    `until`, or `exactly` bytes, or whatever arrives first (at most `max_bytes`); none of the three:
+    no read. `release` ends the lease after it."""
+    if send:
+        message["send"] = send
     if until is not None:
-        return exchange_fields(data, read=READ_UNTIL, delim=until, io_timeout=io_timeout, release=release)
-    if exactly is not None:
-        return exchange_fields(data, read=READ_EXACTLY, n=exactly, io_timeout=io_timeout, release=release)
-    return exchange_fields(data, read=READ_ANY, n=max_bytes, io_timeout=io_timeout, release=release)
+        if exactly is not None:
+            raise ValueError("give until= or exactly=, not both")
+        message["read"] = READ_UNTIL
+        message["delim"] = until
+    elif exactly is not None:
+        message["read"] = READ_EXACTLY
+        message["n"] = exactly
+    elif max_bytes is not None:
+        message["read"] = READ_ANY
+        message["n"] = max_bytes
+    message["io_timeout"] = io_timeout
+    if release is not None:
+        message["release"] = release
 
 
 class Lease:
@@ -374,40 +375,49 @@ class Lease:
     def flush(self) -> None:
         """Send the held writes now (one round trip); nothing to do if none are held."""
         if self._held:
-            self._io(exchange_fields(None, io_timeout=self.io_timeout))
+            self._io()
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         """At least 1 byte and at most `bufsize`; b"" once the upstream has closed."""
-        return self._io(_read_fields(None, None, None, bufsize, self.io_timeout))
+        return self._io(max_bytes=bufsize)
 
     def recv_exactly(self, n: int) -> bytes:
         """Exactly `n` bytes (UpstreamError if the upstream closes first)."""
-        return self._io(_read_fields(None, None, n, 0, self.io_timeout))
+        return self._io(exactly=n)
 
     def recv_until(self, delimiter: bytes) -> bytes:
         """Bytes up to and including `delimiter`."""
-        return self._io(_read_fields(None, delimiter, None, 0, self.io_timeout))
+        return self._io(until=delimiter)
 
     def request(
         self, data: bytes, *, until: bytes | None = None, exactly: int | None = None, max_bytes: int = DEFAULT_RECV
     ) -> bytes:
         """Send `data` and read the answer in one round trip (see Client.request for how it reads)."""
-        return self._io(_read_fields(data, until, exactly, max_bytes, self.io_timeout))
+        return self._io(data, until=until, exactly=exactly, max_bytes=max_bytes)
 
-    def _io(self, fields: dict[str, Any]) -> bytes:
+    def _io(
+        self,
+        send: bytes | None = None,
+        *,
+        until: bytes | None = None,
+        exactly: int | None = None,
+        max_bytes: int | None = None,
+        release: str | None = None,
+    ) -> bytes:
         self._check_usable()
         if self._held:  # the held writes go first, in the same exchange
-            fields["send"] = bytes(self._held + fields.get("send", b""))
+            if send:
+                self._held += send
+            send = bytes(self._held)
             self._held.clear()
-        message = {"op": OP_IO, "lease": self._token, **fields}
+        message: dict[str, Any] = {"op": OP_IO, "lease": self._token}
+        _add_exchange(message, send, self.io_timeout, until, exactly, max_bytes, release)
         try:
             reply = self._channel.call(message, self.io_timeout + self.client.broker_timeout)
         except BrokerUnavailable:
             self._done = True  # the channel was reset: the broker will reclaim this lease
             raise
-        if reply.get("released"):
-            self._done = True
-        if reply.get("error") == "lease_lost":
+        if reply.get("released") or reply.get("error") == "lease_lost":
             self._done = True
         reply = _check(reply)
         if reply.get("eof"):
@@ -429,7 +439,7 @@ class Lease:
         """Give the connection back to the pool (it is closed instead if it is not clean). Held
         writes go with it, in one round trip that raises if sending them fails; else it is one-way."""
         if self._held and not self._done:
-            self._io(exchange_fields(None, io_timeout=self.io_timeout, release=RELEASE_KEEP))
+            self._io(release=RELEASE_KEEP)
             return
         self._end(RELEASE_KEEP)
 

@@ -172,29 +172,3 @@ def _parse_exchange(body: dict[str, Any], req: Request) -> None:
         raise BadRequest("bad_request", "read 'exactly' needs 'n'", rid)
     if req.read == READ_UNTIL and not req.delim:
         raise BadRequest("bad_request", "read 'until' needs a non-empty 'delim'", rid)
-
-
-def exchange_fields(
-    send: bytes | None,
-    *,
-    read: str | None = None,
-    n: int | None = None,
-    delim: bytes | None = None,
-    io_timeout: float | None = None,
-    release: str | None = None,
-) -> dict[str, Any]:
-    """The fields of an exchange, for a lease or io request (client side)."""
-    fields: dict[str, Any] = {}
-    if send:
-        fields["send"] = send
-    if read is not None:
-        fields["read"] = read
-    if n is not None:
-        fields["n"] = n
-    if delim is not None:
-        fields["delim"] = delim
-    if io_timeout is not None:
-        fields["io_timeout"] = io_timeout
-    if release is not None:
-        fields["release"] = release
-    return fields
