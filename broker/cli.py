@@ -10,10 +10,11 @@ import sys
 
 import zmq
 
-from broker import __version__, logs
+from broker import __version__, logs, security
 from broker.config import POOL_SETTINGS, PROBES, ConfigError, load
 from broker.runtime import prepare_ipc
 from broker.server import Server
+from client import Client, PoolBrokerError
 from client.endpoint import default_endpoint
 
 log = logging.getLogger("broker")
@@ -42,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shutdown-grace", type=float, metavar="S", help="seconds active leases may finish after SIGTERM (default 10)"
     )
+    limits = serve.add_argument_group("limits and security (override the file's [broker] table)")
+    limits.add_argument("--max-message-size", type=int, metavar="BYTES", help="largest request (default 16 MiB)")
+    limits.add_argument("--max-payload", type=int, metavar="BYTES", help="most bytes one I/O sends or reads (8 MiB)")
+    limits.add_argument("--curve-secret-key", metavar="FILE", help="the broker's CURVE key pair (.key_secret)")
+    limits.add_argument("--curve-clients", metavar="DIR", help="public keys of the clients to let in")
+    limits.add_argument("--admin-keys", metavar="DIR", help="public keys that may also administer")
+
+    keygen = commands.add_parser("keygen", help="write a CURVE key pair: NAME.key (public), NAME.key_secret (0600)")
+    keygen.add_argument("directory")
+    keygen.add_argument("--name", default="poolbroker", help="file name stem (default poolbroker)")
+
+    shutdown = commands.add_parser("shutdown", help="ask a broker to shut down as SIGTERM does (administrators only)")
+    shutdown.add_argument("--endpoint", help="the broker's endpoint (default: $POOLBROKER_ENDPOINT, else private ipc)")
+    shutdown.add_argument("--server-key", help="the broker's public key (file or z85) when it uses CURVE")
+    shutdown.add_argument("--client-key", help="this client's key pair (.key_secret) when the broker uses CURVE")
     return parser
 
 
@@ -55,15 +71,24 @@ def serve(args: argparse.Namespace) -> int:
             overrides=overrides,
             log_level=args.log_level,
             shutdown_grace=args.shutdown_grace,
+            broker_overrides={
+                "max_message_size": args.max_message_size,
+                "max_payload": args.max_payload,
+                "curve_secret_key": args.curve_secret_key,
+                "curve_clients": args.curve_clients,
+                "admin_keys": args.admin_keys,
+            },
         )
         endpoint = config.bind or default_endpoint()
+        curve = security.load_curve(config)
+        security.check_bind(endpoint, curve)
         if endpoint.startswith("ipc://"):
             prepare_ipc(endpoint)
     except ConfigError as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level)
-    server = Server(config)
+    server = Server(config, curve=curve)
     try:
         endpoint = server.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -87,8 +112,24 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def keygen(args: argparse.Namespace) -> int:
+    public, secret = security.keygen(args.directory, args.name)
+    print(f"public key (give it out): {public}\nkey pair (keep it, mode 0600): {secret}")
+    return 0
+
+
+def shutdown(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.endpoint, server_key=args.server_key, client_key=args.client_key) as client:
+            client.shutdown_broker()
+    except (PoolBrokerError, ValueError) as exc:
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 1
+    print("the broker is shutting down")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    return 2
+    command = {"serve": serve, "keygen": keygen, "shutdown": shutdown}[args.command]
+    return command(args)

@@ -51,6 +51,7 @@ class PoolConfig:
     leak_warning_after: float = _setting(30.0, "log a warning naming the holder of a lease held this long (0: never)")
     lease_idle_timeout: float = _setting(120.0, "reclaim a lease with no I/O for this long (0: never)")
     max_lease_time: float = _setting(3600.0, "reclaim a lease held this long, busy or not (0: never)")
+    max_leases_per_client: int = _setting(0, "leases one client process may hold or wait for (0: up to max_size)")
 
     def __post_init__(self) -> None:
         where = f"pool {self.name!r}"
@@ -64,6 +65,8 @@ class PoolConfig:
             raise ConfigError(f"{where}: min_idle must be between 0 and max_size ({self.max_size})")
         if self.max_waiting < 0:
             raise ConfigError(f"{where}: max_waiting must not be negative")
+        if self.max_leases_per_client < 0:
+            raise ConfigError(f"{where}: max_leases_per_client must not be negative")
         positive = ("acquire_timeout", "connect_timeout", "connect_backoff", "connect_backoff_max")
         for name in (*positive, "io_timeout", "probe_timeout"):
             if not getattr(self, name) > 0:
@@ -103,6 +106,8 @@ class PoolConfig:
 
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+REPLY_OVERHEAD = 1024  # room for a reply's fields around its data
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
@@ -113,23 +118,32 @@ class BrokerConfig:
 
     bind: str | None = None  # None: ipc:// in the private runtime directory
     pools: tuple[PoolConfig, ...] = ()
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes; bounds every request and every read
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes; a client that sends more is disconnected
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # bytes sent, and bytes read, by one I/O operation
     log_level: str = DEFAULT_LOG_LEVEL
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds active leases may finish after SIGTERM
+    curve_secret_key: str | None = None  # the broker's key pair (a `poolbroker keygen` .key_secret file)
+    curve_clients: str | None = None  # a directory of the public keys of the clients to let in
+    admin_keys: str | None = None  # a directory of the public keys that may also administer
 
     def __post_init__(self) -> None:
         names = [pool.name for pool in self.pools]
         if len(set(names)) != len(names):
             raise ConfigError("pool names must be unique")
-        if self.max_message_size < 1024:
-            raise ConfigError("max_message_size must be at least 1024 bytes")
+        if self.max_message_size < 4096:
+            raise ConfigError("max_message_size must be at least 4096 bytes")
+        if not 1 <= self.max_payload <= self.max_message_size - REPLY_OVERHEAD:
+            limit = self.max_message_size - REPLY_OVERHEAD
+            raise ConfigError(f"max_payload must be between 1 and max_message_size - {REPLY_OVERHEAD} ({limit})")
         if not self.shutdown_grace >= 0:
             raise ConfigError("shutdown_grace must not be negative")
 
 
 POOL_SETTINGS = {f.name: f for f in dataclasses.fields(PoolConfig) if "help" in f.metadata}
 POOL_KEYS = frozenset(POOL_SETTINGS)
-BROKER_KEYS = frozenset({"bind", "max_message_size", "log_level", "shutdown_grace"})
+# [broker] keys that are paths or names: strings as given (their files are read at start).
+BROKER_PATHS = ("curve_secret_key", "curve_clients", "admin_keys")
+BROKER_KEYS = frozenset({"bind", "max_message_size", "max_payload", "log_level", "shutdown_grace", *BROKER_PATHS})
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -181,10 +195,12 @@ def load(
     overrides: dict[str, Any] | None = None,
     log_level: str | None = None,
     shutdown_grace: float | None = None,
+    broker_overrides: dict[str, Any] | None = None,
 ) -> BrokerConfig:
     """Build the config: defaults < file < $POOLBROKER_ENDPOINT < flags.
 
-    `overrides` are pool settings from flags; they apply to every pool.
+    `overrides` are pool settings from flags; they apply to every pool. `broker_overrides` are
+    [broker] keys from flags (None: not given).
     """
     file_broker: dict[str, Any] = {}
     file_pools: dict[str, Any] = {}
@@ -216,17 +232,23 @@ def load(
     if not pools:
         raise ConfigError("no pools: give --upstream NAME=HOST:PORT or a config file with [pools.NAME]")
 
-    max_message_size = file_broker.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+    given = {**file_broker, **{k: v for k, v in (broker_overrides or {}).items() if v is not None}}
+    paths = {}
+    for key in BROKER_PATHS:
+        if key in given:
+            paths[key] = str(_typed(f"[broker] {key}", given[key], str))
     return BrokerConfig(
-        bind=bind or os.environ.get(ENDPOINT_ENV) or file_broker.get("bind"),
+        bind=bind or os.environ.get(ENDPOINT_ENV) or given.get("bind"),
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
-        max_message_size=int(_typed("[broker] max_message_size", max_message_size, int)),
-        log_level=log_level or file_broker.get("log_level", DEFAULT_LOG_LEVEL),
+        max_message_size=int(
+            _typed("[broker] max_message_size", given.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE), int)
+        ),
+        max_payload=int(_typed("[broker] max_payload", given.get("max_payload", DEFAULT_MAX_PAYLOAD), int)),
+        log_level=log_level or given.get("log_level", DEFAULT_LOG_LEVEL),
         shutdown_grace=(
             shutdown_grace
             if shutdown_grace is not None
-            else float(
-                _typed("[broker] shutdown_grace", file_broker.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), float)
-            )
+            else float(_typed("[broker] shutdown_grace", given.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), float))
         ),
+        **paths,
     )

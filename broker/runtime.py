@@ -14,21 +14,24 @@ IPC_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 def prepare_ipc(endpoint: str) -> None:
-    """Make an ipc endpoint bindable: its directory exists (0700 when we create it), the default
-    directory is private, and a socket file is either stale (removed) or refused as in use."""
+    """Make an ipc endpoint bindable: its directory exists (0700 when we create it) and only we
+    can write to it, and a socket file there is either stale (removed) or refused as in use."""
     path = Path(endpoint.removeprefix("ipc://"))
     if len(os.fsencode(path)) > IPC_PATH_MAX:
         raise ConfigError(f"ipc path {path} is longer than {IPC_PATH_MAX} bytes")
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if directory == runtime_dir():
-        # The default directory must be ours alone: anyone who can write there could swap the socket.
-        info = directory.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise ConfigError(
-                f"{directory} must be owned by uid {os.getuid()} with mode 0700"
-                f" (it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o})"
-            )
+    # Whoever can write to the directory could replace the socket with their own and read every
+    # request; the default directory must moreover be private (0700).
+    info = directory.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    writable_by_others = info.st_uid not in (os.getuid(), 0) or mode & 0o022
+    if writable_by_others or (directory == runtime_dir() and (info.st_uid != os.getuid() or mode & 0o077)):
+        need = "mode 0700" if directory == runtime_dir() else "no write permission for group or others"
+        raise ConfigError(
+            f"{directory} is not safe for the broker's socket: it must be owned by uid {os.getuid()}"
+            f" with {need} (it is uid {info.st_uid}, mode {mode:o})"
+        )
     if not path.exists():
         return
     if not path.is_socket():

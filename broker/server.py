@@ -30,9 +30,12 @@ from broker.config import BrokerConfig, PoolConfig
 from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
 from broker.probes import ProbeFailed, ProbeSpec, probe_spec
 from broker.resolver import AddrInfo, Resolver, numeric_address
+from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
 from broker.timers import Timer, Timers
 from broker.upstream import ProbeRun, ReadFailed, UpstreamConn
 from client.protocol import (
+    ADMIN_SHUTDOWN,
+    OP_ADMIN,
     OP_IO,
     OP_LEASE,
     OP_PING,
@@ -52,7 +55,6 @@ log = logging.getLogger(__name__)
 
 ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
 TOKEN_BATCH = 256  # lease tokens drawn from the OS's random source per read (one syscall, not one each)
-ENVELOPE_SLACK = 1024  # room for a reply's fields around its data
 # ZMTP heartbeats: a client whose process is frozen (SIGSTOP, a hung host) stops answering them and
 # its connection is dropped, which reclaims its leases. A stuck Python thread still answers (libzmq
 # answers without the GIL): lease_idle_timeout and max_lease_time bound that case.
@@ -62,13 +64,18 @@ HEARTBEAT_TIMEOUT_MS = 5000
 
 class Holder:
     """A client connection that has asked for a lease: what it holds and waits for, and its fd,
-    by which the broker learns that the connection closed (the process died, or gave up)."""
+    by which the broker learns that the connection closed (the process died, or gave up).
 
-    __slots__ = ("peer", "fd", "leases", "waiters", "gone")
+    `process` is what max_leases_per_client counts by: on ipc the peer's pid as the kernel reports
+    it (all of a process's threads together), elsewhere the connection itself."""
 
-    def __init__(self, peer: bytes, fd: int) -> None:
+    __slots__ = ("peer", "fd", "process", "admin", "leases", "waiters", "gone")
+
+    def __init__(self, peer: bytes, fd: int, process: object, admin: bool) -> None:
         self.peer = peer
         self.fd = fd
+        self.process = process
+        self.admin = admin
         self.leases: set[Lease] = set()
         self.waiters: set[Waiter] = set()
         self.gone = False
@@ -145,14 +152,14 @@ class Exchange:
 
     __slots__ = ("lease", "peer", "rid", "send", "read", "n", "delim", "scanned", "release", "first", "timer")
 
-    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_read: int) -> None:
+    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_payload: int) -> None:
         self.lease = lease
         self.peer = peer
         self.rid = req.id
         self.send: memoryview | None = memoryview(req.send) if req.send else None
         self.read = req.read
-        # Reads are bounded by what a reply can carry: `any` and `until` are clamped to it.
-        self.n = min(req.n, max_read) if req.n is not None else max_read
+        # Reads are bounded by max_payload: `any` and `until` are clamped to it.
+        self.n = min(req.n, max_payload) if req.n is not None else max_payload
         self.delim = req.delim
         self.scanned = 0
         self.release = req.release
@@ -196,7 +203,9 @@ def _error(rid: int | None, code: str, message: str) -> dict[str, Any]:
 class Server:
     """The broker: bind(), then serve() until stop() is called (from a signal handler or thread)."""
 
-    def __init__(self, config: BrokerConfig, ctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self, config: BrokerConfig, ctx: zmq.Context[Any] | None = None, curve: CurveKeys | None = None
+    ) -> None:
         self.config = config
         self.ctx = ctx or zmq.Context()
         self.pools = {pool.name: PoolState(pool) for pool in config.pools}
@@ -204,7 +213,8 @@ class Server:
         self.conns: dict[int, UpstreamConn] = {}  # by fd
         self.timers = Timers()
         self.packer = msgpack.Packer(use_bin_type=True)
-        self.max_read = config.max_message_size - ENVELOPE_SLACK
+        self.max_payload = config.max_payload
+        self.curve = curve
         self.bad_requests = 0
         self.requests_received = 0  # every message: a one-shot lease cycle is one
         self.endpoint = ""
@@ -217,11 +227,14 @@ class Server:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        # CURVE: a client gets in only with a listed key (the check runs in pyzmq's ZAP thread).
+        self.authenticator = serve_curve(self.ctx, self.router, curve) if curve is not None else None
         # Disconnect events name the fd of a connection that closed: the first message of each
         # holder carries its fd (SRCFD), so the broker knows whose leases to reclaim.
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.holders: dict[bytes, Holder] = {}  # by routing id
         self.fd_holders: dict[int, Holder] = {}
+        self.processes: dict[object, set[Holder]] = {}  # by Holder.process
         self.epoll = select.epoll()
         self.epoll.register(_int_option(self.router)(FD), select.EPOLLIN)
         self.epoll.register(_int_option(self.monitor)(FD), select.EPOLLIN)
@@ -248,6 +261,7 @@ class Server:
             OP_RELEASE: self._on_release,
             OP_STATS: self._on_stats,
             OP_PING: self._on_ping,
+            OP_ADMIN: self._on_admin,
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -339,6 +353,8 @@ class Server:
         self.monitor.close(linger=0)
         # Give error replies to waiters a moment to leave, bounded.
         self.router.close(linger=200)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self._wake_r.close()
         self._wake_w.close()
         self.epoll.close()
@@ -404,7 +420,10 @@ class Server:
             return holder
         assert frame is not None  # (an unknown peer's message is always received as a Frame)
         fd = frame.get(zmq.SRCFD)
-        holder = self.holders[peer] = Holder(peer, fd)
+        pid = peer_credentials(frame)[1] if self.ipc_path else None
+        process = ("pid", pid) if pid is not None else peer
+        holder = self.holders[peer] = Holder(peer, fd, process, self._is_admin(peer, frame))
+        self.processes.setdefault(process, set()).add(holder)
         if fd < 0:
             return holder  # no fd (inproc): only the lease time limits apply
         # The fd may have served an earlier connection. libzmq reports that one's disconnect before
@@ -422,6 +441,10 @@ class Server:
         (their connections closed: what the holder left in them is unknown)."""
         holder.gone = True
         del self.holders[holder.peer]
+        siblings = self.processes[holder.process]
+        siblings.discard(holder)
+        if not siblings:
+            del self.processes[holder.process]
         if self.fd_holders.get(holder.fd) is holder:
             del self.fd_holders[holder.fd]
         for waiter in holder.waiters:
@@ -488,11 +511,25 @@ class Server:
         try:
             if req.op == OP_LEASE:
                 self._holder_of(peer, frame, now)  # the sender's fd, while its frame is at hand
+            elif req.op == OP_ADMIN and not self._is_admin(peer, frame):
+                self._send(peer, _error(req.id, "not_authorized", f"{req.action!r} is for administrators only"))
+                return
             self._handlers[req.op](peer, req, now)
         except Exception:
             # A bug of ours must not end the broker, nor leave the client without an answer.
             log.exception("failed to handle %s request %d", req.op, req.id)
             self._send(peer, _error(req.id, "internal", "internal broker error; see the broker's log"))
+
+    def _is_admin(self, peer: bytes, frame: zmq.Frame | None) -> bool:
+        if frame is None:  # a known holder: decided on its first request
+            return self.holders[peer].admin
+        return peer_is_admin(frame, self.ipc_path is not None, self.curve)
+
+    def _on_admin(self, peer: bytes, req: Request, now: float) -> None:
+        if req.action == ADMIN_SHUTDOWN:
+            log.info("shutdown asked by an administrator")
+            self._send(peer, _ok(req.id))
+            self.stop()
 
     def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
         self._send(peer, _ok(req.id, version=__version__, pools=sorted(self.pools)))
@@ -522,10 +559,24 @@ class Server:
             return
         if req.has_exchange and not self._exchange_fits(peer, req):
             return
+        holder = self.holders[peer]
+        limit = pool.config.max_leases_per_client
+        if limit and self._taken_by(holder.process, pool) >= limit:
+            message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
+            self._send(peer, _error(req.id, "limit_exceeded", message))
+            return
         timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
-        waiter = Waiter(self.holders[peer], req, pool)
+        waiter = Waiter(holder, req, pool)
         waiter.holder.waiters.add(waiter)
         self._perform(pool, pool.core.request(waiter, now, now + timeout), now)
+
+    def _taken_by(self, process: object, pool: PoolState) -> int:
+        """Leases of `pool` that a client process holds or waits for, over all its connections."""
+        taken = 0
+        for holder in self.processes[process]:
+            taken += sum(1 for lease in holder.leases if lease.pool is pool)
+            taken += sum(1 for waiter in holder.waiters if waiter.pool is pool)
+        return taken
 
     def _on_io(self, peer: bytes, req: Request, now: float) -> None:
         lease = self._lease_of(peer, req)
@@ -556,8 +607,13 @@ class Server:
         return lease
 
     def _exchange_fits(self, peer: bytes, req: Request) -> bool:
-        if req.read == READ_EXACTLY and req.n is not None and req.n > self.max_read:
-            message = f"read exactly {req.n} bytes is over the limit of {self.max_read} (max_message_size)"
+        limit = self.max_payload
+        if req.read == READ_EXACTLY and req.n is not None and req.n > limit:
+            message = f"read exactly {req.n} bytes is over the limit of {limit} (max_payload)"
+            self._send(peer, _error(req.id, "limit_exceeded", message))
+            return False
+        if req.send is not None and len(req.send) > limit:
+            message = f"sending {len(req.send)} bytes in one operation is over the limit of {limit} (max_payload)"
             self._send(peer, _error(req.id, "limit_exceeded", message))
             return False
         return True
@@ -850,7 +906,7 @@ class Server:
         self._schedule_lease_check(lease, now)
 
     def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
-        exchange = Exchange(lease, peer, req, first, self.max_read)
+        exchange = Exchange(lease, peer, req, first, self.max_payload)
         lease.exchange = exchange
         lease.ops += 1
         lease.last_io = now

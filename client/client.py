@@ -19,8 +19,11 @@ import msgpack
 import zmq
 
 from client.endpoint import default_endpoint
-from client.errors import BrokerUnavailable, LeaseLost, ProtocolError, error_from_code
+from client.errors import BrokerUnavailable, LeaseLost, LimitExceeded, ProtocolError, error_from_code
+from client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
 from client.protocol import (
+    ADMIN_SHUTDOWN,
+    OP_ADMIN,
     OP_IO,
     OP_LEASE,
     OP_PING,
@@ -40,14 +43,42 @@ CLOSE_LINGER_MS = 500
 # A lease holds writes until its next read (so that a write and its answer are one round trip), or
 # until this many bytes are held: then they go at once, in a round trip of their own.
 HOLD_WRITES_UP_TO = 256 * 1024
+# The broker's default max_message_size: it drops the connection of a client that sends more,
+# without a word, so the client refuses to send such a request and says why.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+class _Curve:
+    """The keys of a CURVE connection: the broker's public key and this client's key pair."""
+
+    def __init__(self, server_key: bytes, public: bytes, secret: bytes) -> None:
+        self.server_key = server_key
+        self.public = public
+        self.secret = secret
+
+    @classmethod
+    def from_arguments(cls, server_key: str | None, client_key: str | None) -> _Curve | None:
+        server_key = server_key or os.environ.get(SERVER_KEY_ENV)
+        client_key = client_key or os.environ.get(CLIENT_KEY_ENV)
+        if server_key is None and client_key is None:
+            return None
+        if server_key is None or client_key is None:
+            raise ValueError(
+                f"CURVE needs both the broker's public key (server_key or ${SERVER_KEY_ENV}) and"
+                f" this client's key pair (client_key or ${CLIENT_KEY_ENV})"
+            )
+        public, secret = load_key_pair(client_key, "client_key")
+        return cls(load_public_key(server_key, "server_key"), public, secret)
 
 
 class _Channel:
     """One DEALER socket, used by one thread at a time (its lock lets a Lease cross threads)."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, curve: _Curve | None, max_message_size: int) -> None:
         self.pid = os.getpid()
         self.endpoint = endpoint
+        self.curve = curve
+        self.max_message_size = max_message_size
         self.lock = threading.Lock()
         self.packer = msgpack.Packer(use_bin_type=True)
         self.next_id = 1
@@ -59,6 +90,10 @@ class _Channel:
     def _connect(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # never let close() or term() wait on unsent messages
+        if self.curve is not None:
+            sock.curve_serverkey = self.curve.server_key
+            sock.curve_publickey = self.curve.public
+            sock.curve_secretkey = self.curve.secret
         sock.connect(self.endpoint)
         return sock
 
@@ -77,8 +112,12 @@ class _Channel:
             self.next_id = rid + 1
             message["v"] = VERSION
             message["id"] = rid
+            body = self.packer.pack(message)
+            if len(body) > self.max_message_size:
+                limit = self.max_message_size
+                raise LimitExceeded(f"a request of {len(body)} bytes is over the limit of {limit} (max_message_size)")
             try:
-                self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
+                self.sock.send(body, zmq.NOBLOCK)
             except zmq.Again:
                 self._reset()
                 raise BrokerUnavailable(f"the broker at {self.endpoint} is not taking requests") from None
@@ -107,7 +146,10 @@ class _Channel:
 
     def _no_answer(self, wait: float) -> BrokerUnavailable:
         self._reset()
-        return BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s")
+        hint = ""
+        if self.curve is not None:
+            hint = " (with CURVE, also check the broker's public key and that the broker lets this client's key in)"
+        return BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s{hint}")
 
     def _drop_stray(self, reply: Any) -> None:
         """A reply nobody waits for: an earlier call here was interrupted (KeyboardInterrupt, say).
@@ -166,6 +208,11 @@ class Client:
     `timeout` is the default acquire timeout of lease(), `io_timeout` the default of each I/O
     operation; `broker_timeout` is how much longer than those a call waits for the broker before
     raising BrokerUnavailable.
+
+    For a broker that uses CURVE (tcp beyond loopback), `server_key` is its public key (a key file
+    or the z85 text) and `client_key` this client's key pair (a `poolbroker keygen` .key_secret
+    file); they default to $POOLBROKER_SERVER_KEY and $POOLBROKER_CLIENT_KEY. `max_message_size`
+    must not exceed the broker's: a larger request is refused here with LimitExceeded.
     """
 
     def __init__(
@@ -175,8 +222,13 @@ class Client:
         timeout: float = 5.0,
         io_timeout: float = 30.0,
         broker_timeout: float = 2.0,
+        server_key: str | None = None,
+        client_key: str | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
+        self._curve = _Curve.from_arguments(server_key, client_key)
+        self.max_message_size = max_message_size
         self.timeout = timeout
         self.io_timeout = io_timeout
         self.broker_timeout = broker_timeout
@@ -206,7 +258,7 @@ class Client:
                 raise BrokerUnavailable("this Client is closed")
             if self._ctx is None:
                 self._ctx = zmq.Context()
-            channel = _Channel(self._ctx, self.endpoint)
+            channel = _Channel(self._ctx, self.endpoint, self._curve, self.max_message_size)
             self._channels.append(channel)
         self._local.channel = channel
         return channel
@@ -276,6 +328,11 @@ class Client:
         """The broker's version and pool names; raises BrokerUnavailable if it does not answer."""
         reply = _check(self._channel().call({"op": OP_PING}, self.broker_timeout))
         return {"version": reply.get("version"), "pools": reply.get("pools", [])}
+
+    def shutdown_broker(self) -> None:
+        """Ask the broker to shut down as SIGTERM does (NotAuthorized unless this client may
+        administer it: on ipc, the broker's own user; with CURVE, a key in its admin_keys)."""
+        _check(self._channel().call({"op": OP_ADMIN, "action": ADMIN_SHUTDOWN}, self.broker_timeout))
 
     def close(self) -> None:
         """Close this process's sockets. Call it when no thread uses the Client any more."""

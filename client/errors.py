@@ -56,6 +56,12 @@ class LimitExceeded(PoolBrokerError):
     code = "limit_exceeded"
 
 
+class NotAuthorized(PoolBrokerError):
+    """An administrative request from a peer that may not administer this broker."""
+
+    code = "not_authorized"
+
+
 class BrokerUnavailable(PoolBrokerError):
     """The broker did not answer within the call's timeout, or is shutting down."""
 
@@ -82,6 +88,7 @@ ERROR_CLASSES: dict[str, type[PoolBrokerError]] = {
     "unsupported_version": ProtocolError,
     "unknown_pool": ProtocolError,
     "lease_busy": ProtocolError,
+    "not_authorized": NotAuthorized,
     "internal": PoolBrokerError,
 }
 

@@ -19,7 +19,12 @@ OP_STATS = "stats"
 OP_LEASE = "lease"
 OP_IO = "io"
 OP_RELEASE = "release"
-OPS = frozenset({OP_PING, OP_STATS, OP_LEASE, OP_IO, OP_RELEASE})
+OP_ADMIN = "admin"  # administrators only
+OPS = frozenset({OP_PING, OP_STATS, OP_LEASE, OP_IO, OP_RELEASE, OP_ADMIN})
+
+# What an administrator may ask.
+ADMIN_SHUTDOWN = "shutdown"  # as SIGTERM: stop granting, let active leases finish, exit
+ADMIN_ACTIONS = frozenset({ADMIN_SHUTDOWN})
 
 # How an I/O operation reads after sending.
 READ_ANY = "any"  # whatever is available, at least 1 byte and at most n (b"" at end of stream)
@@ -68,6 +73,7 @@ class Request:
     delim: bytes | None = None
     io_timeout: float | None = None
     release: str | None = None  # after the exchange: keep or discard
+    action: str | None = None  # admin: what to do
 
     @property
     def has_exchange(self) -> bool:
@@ -138,6 +144,10 @@ def parse_request(frame: bytes) -> Request:
             req.release = _release_mode(body, rid) or RELEASE_KEEP
     elif op == OP_STATS:
         req.pool = _short_str(body, "pool", MAX_NAME, rid)
+    elif op == OP_ADMIN:
+        req.action = _field(body, "action", str, rid)
+        if req.action not in ADMIN_ACTIONS:
+            raise BadRequest("bad_request", f"'action' must be one of {sorted(ADMIN_ACTIONS)}", rid)
     if req.noreply and op != OP_RELEASE:
         raise BadRequest("bad_request", "only release may be one-way (noreply)", rid)
     return req
