@@ -237,13 +237,16 @@ def load(
     for key in BROKER_PATHS:
         if key in given:
             paths[key] = str(_typed(f"[broker] {key}", given[key], str))
+    max_message_size = int(
+        _typed("[broker] max_message_size", given.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE), int)
+    )
+    # Unless given, max_payload follows a smaller max_message_size down.
+    max_payload = given.get("max_payload", min(DEFAULT_MAX_PAYLOAD, max_message_size - REPLY_OVERHEAD))
     return BrokerConfig(
         bind=bind or os.environ.get(ENDPOINT_ENV) or given.get("bind"),
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
-        max_message_size=int(
-            _typed("[broker] max_message_size", given.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE), int)
-        ),
-        max_payload=int(_typed("[broker] max_payload", given.get("max_payload", DEFAULT_MAX_PAYLOAD), int)),
+        max_message_size=max_message_size,
+        max_payload=int(_typed("[broker] max_payload", max_payload, int)),
         log_level=log_level or given.get("log_level", DEFAULT_LOG_LEVEL),
         shutdown_grace=(
             shutdown_grace

@@ -115,8 +115,14 @@ class Broker:
     """A real broker process (`python -m broker serve`) on a private ipc endpoint."""
 
     def __init__(
-        self, *args: str, env: dict[str, str] | None = None, endpoint: str | None = None, log_level: str = "debug"
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        endpoint: str | None = None,
+        log_level: str = "debug",
+        client_options: dict[str, Any] | None = None,
     ) -> None:
+        self.client_options = client_options or {}  # what a Client needs to reach it (CURVE keys)
         self.dir = short_tempdir()
         self.log_level = log_level
         self.endpoint = endpoint or f"ipc://{self.dir}/broker.sock"
@@ -153,7 +159,7 @@ class Broker:
 
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
-        client = Client(self.endpoint, broker_timeout=0.2)
+        client = Client(self.endpoint, broker_timeout=0.2, **self.client_options)
         try:
             client.ping()
             return True

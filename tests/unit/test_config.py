@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import POOL_SETTINGS, ConfigError, PoolConfig, load, parse_upstream
+from broker.config import POOL_SETTINGS, BrokerConfig, ConfigError, PoolConfig, load, parse_upstream
+from broker.security import check_bind, is_loopback_tcp, load_curve
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -139,3 +140,52 @@ def test_lease_limits_and_the_shutdown_grace(tmp_path: Path) -> None:
         load(write(tmp_path, '[broker]\nshutdown_grace = -1\n[pools.a]\nupstream = "h:1"\n'))
     with pytest.raises(ConfigError, match="max_lease_time must not be negative"):
         load(write(tmp_path, '[pools.a]\nupstream = "h:1"\nmax_lease_time = -5\n'))
+
+
+def test_limits_and_key_paths_from_the_file_and_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[broker]\nmax_message_size = 1048576\ncurve_clients = "clients"\n'
+        '[pools.a]\nupstream = "h:1"\nmax_leases_per_client = 3\n',
+    )
+    config = load(path, broker_overrides={"max_payload": 4096, "curve_secret_key": "k.key_secret"})
+    assert (config.max_message_size, config.max_payload) == (1048576, 4096)
+    assert (config.curve_secret_key, config.curve_clients, config.admin_keys) == ("k.key_secret", "clients", None)
+    assert config.pools[0].max_leases_per_client == 3
+    # Unless given, max_payload follows a smaller max_message_size down.
+    assert load(path).max_payload == 1048576 - 1024
+    with pytest.raises(ConfigError, match="max_payload must be between 1 and max_message_size - 1024"):
+        load(path, broker_overrides={"max_payload": 1048576})
+    with pytest.raises(ConfigError, match=r"\[broker\] curve_clients must be a string"):
+        load(write(tmp_path, '[broker]\ncurve_clients = 1\n[pools.a]\nupstream = "h:1"\n'))
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.9.9.9:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://10.0.0.1:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://example.com:5555", False),
+    ],
+)
+def test_which_tcp_endpoints_are_loopback(endpoint: str, loopback: bool) -> None:
+    assert is_loopback_tcp(endpoint) is loopback
+    if loopback:
+        check_bind(endpoint, None)
+    else:
+        with pytest.raises(ConfigError, match="needs CURVE"):
+            check_bind(endpoint, None)
+
+
+def test_curve_settings_go_together() -> None:
+    with pytest.raises(ConfigError, match="need curve_secret_key"):
+        load_curve(BrokerConfig(curve_clients="/tmp"))
+    with pytest.raises(ConfigError, match="curve_secret_key needs curve_clients"):
+        load_curve(BrokerConfig(curve_secret_key="/nonexistent"))
+    assert load_curve(BrokerConfig()) is None

@@ -1,0 +1,123 @@
+"""Every limit: over it, a clear error naming it, and nothing else changes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from helpers import Broker, RedisServer, wait_for
+
+from client import Client, LimitExceeded
+
+
+def test_one_operation_may_send_and_read_at_most_max_payload(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-payload", "4096")
+    big = b"SET k " + b"x" * 5000 + b"\r\n"
+    with Client(broker.endpoint) as c, c.lease("redis") as conn:
+        with pytest.raises(LimitExceeded, match=r"sending 5008 bytes .* over the limit of 4096 \(max_payload\)"):
+            conn.request(big, until=b"\r\n")
+        with pytest.raises(LimitExceeded, match=r"read exactly 5000 bytes .* \(max_payload\)"):
+            conn.recv_exactly(5000)
+        # Nothing was sent, and the lease goes on.
+        assert conn.request(b"EXISTS k\r\n", until=b"\r\n") == b":0\r\n"
+        assert c.stats("redis")["redis"]["leases_active"] == 1
+    assert own_redis.client().dbsize() == 0
+
+
+def test_a_request_over_max_message_size_is_refused_by_the_client_and_dropped_by_the_broker(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-message-size", "65536")
+    with Client(broker.endpoint, max_message_size=65536) as c, c.lease("redis") as conn:
+        with pytest.raises(LimitExceeded, match=r"over the limit of 65536 \(max_message_size\)"):
+            conn.request(b"x" * 70000, until=b"\r\n")
+        assert conn.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+    # A client that ignores the limit: libzmq drops its connection at once, unanswered.
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(broker.endpoint)
+    raw.send(msgpack.packb({"v": 1, "id": 1, "op": "ping", "pad": b"x" * 70000}))
+    assert raw.poll(1000) == 0
+    raw.close()
+    ctx.term()
+    with Client(broker.endpoint) as c:
+        assert c.ping()["pools"] == ["redis"]  # the broker went on
+
+
+def _lease_in_child(endpoint: str, results: Any) -> None:
+    with Client(endpoint) as c, c.lease("redis") as conn:
+        results.put(conn.request(b"PING\r\n", until=b"\r\n"))
+
+
+def test_a_client_process_may_hold_or_wait_for_at_most_max_leases_per_client(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker(
+        "--upstream", f"redis={redis_server.address}", "--max-size", "5", "--max-leases-per-client", "2"
+    )
+    c = Client(broker.endpoint)
+    first, second = c.lease("redis"), c.lease("redis")
+    with pytest.raises(LimitExceeded, match=r"holds or waits for 2 leases of pool 'redis' \(max_leases_per_client\)"):
+        c.lease("redis")
+    # Another thread of the same process has its own connection, and is counted with it.
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            c.request("redis", b"PING\r\n", until=b"\r\n")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], LimitExceeded)
+    assert c.stats("redis")["redis"]["leases_active"] == 2  # nothing else changed
+    assert c.stats("redis")["redis"]["requests_waiting"] == 0
+    # Another process is not held back.
+    mp = multiprocessing.get_context("spawn")
+    results = mp.SimpleQueue()
+    child = mp.Process(target=_lease_in_child, args=(broker.endpoint, results))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0 and results.get() == b"+PONG\r\n"
+    first.release()
+    assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+    second.release()
+    c.close()
+
+
+def test_tokens_never_appear_in_full_in_the_log(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
+    broker = start_broker(
+        "--upstream",
+        f"redis={redis_server.address}",
+        "--leak-warning-after",
+        "0.1",
+        "--lease-idle-timeout",
+        "0.3",
+    )
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, 5000)
+    raw.connect(broker.endpoint)
+    raw.send(msgpack.packb({"v": 1, "id": 1, "op": "lease", "pool": "redis"}))
+    token = msgpack.unpackb(raw.recv())["lease"]
+    raw.send(msgpack.packb({"v": 1, "id": 2, "op": "io", "lease": token, "send": b"PING\r\n", "read": "any", "n": 99}))
+    assert msgpack.unpackb(raw.recv())["data"] == b"+PONG\r\n"
+    # Left idle: warned about as a possible leak, then reclaimed; both lines describe the lease.
+    wait_for(lambda: "reclaiming a lease" in broker.log(), what="the lease to be reclaimed")
+    log = broker.log()
+    assert "possible leak" in log
+    for form in (token.hex(), token.hex().upper(), repr(token), token.decode("latin-1")):
+        assert form not in log
+    raw.close()
+    ctx.term()
