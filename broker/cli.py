@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits = serve.add_argument_group("limits and security (override the file's [broker] table)")
     limits.add_argument("--max-message-size", type=int, metavar="BYTES", help="largest request (default 16 MiB)")
     limits.add_argument("--max-payload", type=int, metavar="BYTES", help="most bytes one I/O sends or reads (8 MiB)")
+    limits.add_argument(
+        "--max-waiting-payload", type=int, metavar="BYTES", help="most bytes lease requests in line carry (64 MiB)"
+    )
     limits.add_argument("--curve-secret-key", metavar="FILE", help="the broker's CURVE key pair (.key_secret)")
     limits.add_argument("--curve-clients", metavar="DIR", help="public keys of the clients to let in")
     limits.add_argument("--admin-keys", metavar="DIR", help="public keys that may also administer")
@@ -74,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
             broker_overrides={
                 "max_message_size": args.max_message_size,
                 "max_payload": args.max_payload,
+                "max_waiting_payload": args.max_waiting_payload,
                 "curve_secret_key": args.curve_secret_key,
                 "curve_clients": args.curve_clients,
                 "admin_keys": args.admin_keys,

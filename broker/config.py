@@ -107,6 +107,7 @@ class PoolConfig:
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+DEFAULT_MAX_WAITING_PAYLOAD = 64 * 1024 * 1024
 REPLY_OVERHEAD = 1024  # room for a reply's fields around its data
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_SHUTDOWN_GRACE = 10.0
@@ -120,6 +121,7 @@ class BrokerConfig:
     pools: tuple[PoolConfig, ...] = ()
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes; a client that sends more is disconnected
     max_payload: int = DEFAULT_MAX_PAYLOAD  # bytes sent, and bytes read, by one I/O operation
+    max_waiting_payload: int = DEFAULT_MAX_WAITING_PAYLOAD  # bytes lease requests in line carry, in all
     log_level: str = DEFAULT_LOG_LEVEL
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds active leases may finish after SIGTERM
     curve_secret_key: str | None = None  # the broker's key pair (a `poolbroker keygen` .key_secret file)
@@ -135,6 +137,8 @@ class BrokerConfig:
         if not 1 <= self.max_payload <= self.max_message_size - REPLY_OVERHEAD:
             limit = self.max_message_size - REPLY_OVERHEAD
             raise ConfigError(f"max_payload must be between 1 and max_message_size - {REPLY_OVERHEAD} ({limit})")
+        if self.max_waiting_payload < self.max_payload:
+            raise ConfigError(f"max_waiting_payload must be at least max_payload ({self.max_payload})")
         if not self.shutdown_grace >= 0:
             raise ConfigError("shutdown_grace must not be negative")
 
@@ -143,7 +147,9 @@ POOL_SETTINGS = {f.name: f for f in dataclasses.fields(PoolConfig) if "help" in 
 POOL_KEYS = frozenset(POOL_SETTINGS)
 # [broker] keys that are paths or names: strings as given (their files are read at start).
 BROKER_PATHS = ("curve_secret_key", "curve_clients", "admin_keys")
-BROKER_KEYS = frozenset({"bind", "max_message_size", "max_payload", "log_level", "shutdown_grace", *BROKER_PATHS})
+BROKER_KEYS = frozenset(
+    {"bind", "max_message_size", "max_payload", "max_waiting_payload", "log_level", "shutdown_grace", *BROKER_PATHS}
+)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -242,11 +248,15 @@ def load(
     )
     # Unless given, max_payload follows a smaller max_message_size down.
     max_payload = given.get("max_payload", min(DEFAULT_MAX_PAYLOAD, max_message_size - REPLY_OVERHEAD))
+    max_payload = int(_typed("[broker] max_payload", max_payload, int))
+    # Unless given, max_waiting_payload follows a larger max_payload up.
+    max_waiting_payload = given.get("max_waiting_payload", max(DEFAULT_MAX_WAITING_PAYLOAD, max_payload))
     return BrokerConfig(
         bind=bind or os.environ.get(ENDPOINT_ENV) or given.get("bind"),
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
         max_message_size=max_message_size,
-        max_payload=int(_typed("[broker] max_payload", max_payload, int)),
+        max_payload=max_payload,
+        max_waiting_payload=int(_typed("[broker] max_waiting_payload", max_waiting_payload, int)),
         log_level=log_level or given.get("log_level", DEFAULT_LOG_LEVEL),
         shutdown_grace=(
             shutdown_grace

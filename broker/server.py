@@ -54,6 +54,7 @@ from client.protocol import (
 log = logging.getLogger(__name__)
 
 ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
+REPLIES_QUEUED_PER_CLIENT = 100  # then replies to that client are dropped (ZeroMQ SNDHWM)
 TOKEN_BATCH = 256  # lease tokens drawn from the OS's random source per read (one syscall, not one each)
 # ZMTP heartbeats: a client whose process is frozen (SIGSTOP, a hung host) stops answering them and
 # its connection is dropped, which reclaims its leases. A stuck Python thread still answers (libzmq
@@ -84,13 +85,14 @@ class Holder:
 class Waiter:
     """A lease request from `holder`, as queued in a pool core."""
 
-    __slots__ = ("peer", "req", "holder", "pool")
+    __slots__ = ("peer", "req", "holder", "pool", "payload")
 
     def __init__(self, holder: Holder, req: Request, pool: PoolState) -> None:
         self.peer = holder.peer
         self.req = req
         self.holder = holder
         self.pool = pool
+        self.payload = len(req.send) if req.send else 0  # bytes it holds until granted
 
 
 class Lease:
@@ -214,6 +216,7 @@ class Server:
         self.timers = Timers()
         self.packer = msgpack.Packer(use_bin_type=True)
         self.max_payload = config.max_payload
+        self.waiting_payload = 0  # bytes carried by lease requests not yet granted (max_waiting_payload)
         self.curve = curve
         self.bad_requests = 0
         self.requests_received = 0  # every message: a one-shot lease cycle is one
@@ -224,6 +227,9 @@ class Server:
         # unclaimed grant goes back to the pool.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
+        # Replies a client leaves unread queue here; a well-behaved client has a few in flight at
+        # most, so a short queue bounds what one that never reads can make the broker hold.
+        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED_PER_CLIENT)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -447,9 +453,9 @@ class Server:
             del self.processes[holder.process]
         if self.fd_holders.get(holder.fd) is holder:
             del self.fd_holders[holder.fd]
-        for waiter in holder.waiters:
+        for waiter in list(holder.waiters):
             waiter.pool.core.cancel(waiter)
-        holder.waiters.clear()
+            self._leaves_line(waiter)
         for lease in list(holder.leases):
             log.warning("pool %r: reclaiming a %s: %s", lease.pool.config.name, lease.describe(now), why)
             self._end_lease(lease, now, keep=False, reason="reclaimed")
@@ -565,9 +571,15 @@ class Server:
             message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
             self._send(peer, _error(req.id, "limit_exceeded", message))
             return
-        timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
         waiter = Waiter(holder, req, pool)
-        waiter.holder.waiters.add(waiter)
+        if waiter.payload and self.waiting_payload + waiter.payload > self.config.max_waiting_payload:
+            limit = self.config.max_waiting_payload
+            message = f"lease requests in line already carry {self.waiting_payload} bytes (max_waiting_payload={limit})"
+            self._send(peer, _error(req.id, "limit_exceeded", message))
+            return
+        holder.waiters.add(waiter)
+        self.waiting_payload += waiter.payload
+        timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
         self._perform(pool, pool.core.request(waiter, now, now + timeout), now)
 
     def _taken_by(self, process: object, pool: PoolState) -> int:
@@ -646,12 +658,12 @@ class Server:
                 self._close_conn(action.conn, action.reason)
             elif kind is Reject:
                 waiter = action.request
-                waiter.holder.waiters.discard(waiter)
+                self._leaves_line(waiter)
                 self._send(waiter.peer, _error(waiter.req.id, action.code, action.message))
 
     def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
-        holder.waiters.discard(waiter)
+        self._leaves_line(waiter)
         token = self._new_token()
         lease = Lease(token, conn, waiter, now)
         self.leases[token] = lease
@@ -672,6 +684,12 @@ class Server:
         # own deadline bounds it: it needs no watch of its own.
         if lease.token in self.leases and not (req.release is not None and lease.exchange is not None):
             self._schedule_lease_check(lease, now)
+
+    def _leaves_line(self, waiter: Waiter) -> None:
+        """A lease request is granted, refused or cancelled: it no longer waits."""
+        if waiter in waiter.holder.waiters:
+            waiter.holder.waiters.remove(waiter)
+            self.waiting_payload -= waiter.payload
 
     def _new_token(self) -> bytes:
         """128 bits from the OS's random source (as secrets.token_bytes), drawn TOKEN_BATCH at a time."""

@@ -121,3 +121,42 @@ def test_tokens_never_appear_in_full_in_the_log(redis_server: RedisServer, start
         assert form not in log
     raw.close()
     ctx.term()
+
+
+def test_lease_requests_in_line_carry_at_most_max_waiting_payload(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker(
+        "--upstream",
+        f"redis={redis_server.address}",
+        "--max-size",
+        "1",
+        "--max-payload",
+        "4096",
+        "--max-waiting-payload",
+        "8192",
+    )
+    c = Client(broker.endpoint)
+    held = c.lease("redis")
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, 10_000)
+    raw.connect(broker.endpoint)
+    command = b"SET filler " + b"x" * 3000 + b"\r\n"  # each request carries 3,013 bytes while it waits
+    one_shot = {"op": "lease", "pool": "redis", "send": command, "read": "until", "delim": b"\r\n", "release": "keep"}
+    for rid in (1, 2, 3):
+        raw.send(msgpack.packb({"v": 1, "id": rid, "timeout": 30, **one_shot}))
+    refused = msgpack.unpackb(raw.recv())
+    assert (refused["id"], refused["error"]) == (3, "limit_exceeded")
+    assert "max_waiting_payload=8192" in refused["message"]
+    assert c.stats("redis")["redis"]["requests_waiting"] == 2  # the first two still wait
+    held.release()
+    served = [msgpack.unpackb(raw.recv()) for _ in range(2)]
+    assert sorted((reply["id"], reply["data"]) for reply in served) == [(1, b"+OK\r\n"), (2, b"+OK\r\n")]
+    # The line is empty again: as much may wait as before.
+    raw.send(msgpack.packb({"v": 1, "id": 4, "timeout": 30, **one_shot}))
+    assert msgpack.unpackb(raw.recv())["ok"] is True
+    raw.close()
+    ctx.term()
+    c.close()

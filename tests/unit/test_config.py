@@ -152,8 +152,14 @@ def test_limits_and_key_paths_from_the_file_and_flags(tmp_path: Path) -> None:
     assert (config.max_message_size, config.max_payload) == (1048576, 4096)
     assert (config.curve_secret_key, config.curve_clients, config.admin_keys) == ("k.key_secret", "clients", None)
     assert config.pools[0].max_leases_per_client == 3
-    # Unless given, max_payload follows a smaller max_message_size down.
+    # Unless given, max_payload follows a smaller max_message_size down, and max_waiting_payload a
+    # larger max_payload up.
     assert load(path).max_payload == 1048576 - 1024
+    assert load(path).max_waiting_payload == 64 * 1024 * 1024
+    huge = load(path, broker_overrides={"max_message_size": 2**28, "max_payload": 2**27})
+    assert huge.max_waiting_payload == 2**27
+    with pytest.raises(ConfigError, match="max_waiting_payload must be at least max_payload"):
+        load(path, broker_overrides={"max_waiting_payload": 1000})
     with pytest.raises(ConfigError, match="max_payload must be between 1 and max_message_size - 1024"):
         load(path, broker_overrides={"max_payload": 1048576})
     with pytest.raises(ConfigError, match=r"\[broker\] curve_clients must be a string"):
