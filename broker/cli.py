@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import resource
 import signal
 import sys
 
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit() -> None:
+    """Every client connection is a file descriptor, and libzmq's ipc listener aborts the process
+    when it can't accept one (EMFILE): so take all the descriptors the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("can't raise the open files limit from %d to %d: %s", soft, hard, exc)
+            return
+    log.debug("open files limit: %d", hard)
+
+
 def serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in POOL_SETTINGS}
     try:
@@ -92,6 +106,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level)
+    raise_fd_limit()
     server = Server(config, curve=curve)
     try:
         endpoint = server.bind(endpoint)

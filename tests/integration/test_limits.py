@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from helpers import Broker, RedisServer, wait_for
+from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
 
-from client import Client, LimitExceeded
+from client import BrokerUnavailable, Client, LimitExceeded
 
 
 def test_one_operation_may_send_and_read_at_most_max_payload(
@@ -160,3 +166,38 @@ def test_lease_requests_in_line_carry_at_most_max_waiting_payload(
     raw.close()
     ctx.term()
     c.close()
+
+
+def test_a_flood_of_connections_does_not_end_the_broker(redis_server: RedisServer) -> None:
+    """libzmq's ipc listener aborts its process when accept() finds no file descriptor left: the
+    broker takes all the descriptors its hard limit allows, whatever soft limit it was given."""
+    directory = short_tempdir()
+    endpoint = f"ipc://{directory}/b.sock"
+    argv = ["prlimit", "--nofile=200:4096", sys.executable, "-m", "broker", "serve", "--bind", endpoint]
+    proc = subprocess.Popen([*argv, "--upstream", f"redis={redis_server.address}"], cwd=ROOT, stderr=subprocess.PIPE)
+    flood: list[socket.socket] = []
+    try:
+        with Client(endpoint, broker_timeout=0.5) as c:
+            wait_for(lambda: _answers(c), what="the broker")
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+            assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+            for _ in range(1000):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(str(directory / "b.sock"))
+                flood.append(sock)
+            assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+        assert proc.poll() is None
+    finally:
+        for sock in flood:
+            sock.close()
+        proc.terminate()
+        proc.wait(15)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _answers(client: Client) -> bool:
+    try:
+        client.ping()
+        return True
+    except BrokerUnavailable:
+        return False
