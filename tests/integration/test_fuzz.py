@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,21 @@ def test_oversize_messages_only_cost_their_sender_its_connection(
             assert sock.poll(0) == 0
             sock.close()
     ctx.term()
+
+
+def test_garbage_below_zeromq_framing_only_closes_that_connection(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    path = broker.endpoint.removeprefix("ipc://")
+    rng = random.Random(3)
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00NULL" + b"\x00" * 16 + b"\x00" * 32  # a ZMTP 3.0 greeting
+    with Client(broker.endpoint) as c:
+        for i in range(200):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(path)
+                # Random bytes, or a valid greeting followed by random frames.
+                sock.sendall((greeting if i % 2 else b"") + rng.randbytes(rng.randrange(1, 4096)))
+            if i % 20 == 0:
+                assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+        assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
