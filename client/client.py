@@ -422,17 +422,27 @@ class Lease:
 
     def sendall(self, data: bytes) -> None:
         """Send all of `data` to the upstream: held, and sent with the next read (or flush, or
-        release). An error sending it is raised by that call."""
+        release). An error sending it is raised by that call. Past HOLD_WRITES_UP_TO held bytes,
+        whole chunks of that size go at once, one round trip each, so any size can be sent."""
         self._check_usable()
         if data:
             self._held += data
             if len(self._held) > HOLD_WRITES_UP_TO:
-                self.flush()
+                self._send_held(keep_tail=True)
 
     def flush(self) -> None:
-        """Send the held writes now (one round trip); nothing to do if none are held."""
+        """Send the held writes now (a round trip per HOLD_WRITES_UP_TO bytes); nothing to do if
+        none are held."""
         if self._held:
-            self._io()
+            self._send_held(keep_tail=False)
+
+    def _send_held(self, keep_tail: bool) -> None:
+        held = bytes(self._held)
+        self._held.clear()
+        end = len(held) - len(held) % HOLD_WRITES_UP_TO if keep_tail else len(held)
+        for start in range(0, end, HOLD_WRITES_UP_TO):
+            self._io(held[start : start + HOLD_WRITES_UP_TO])  # an error drops the rest: it can't follow
+        self._held += held[end:]  # less than a chunk: it goes with the next read
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         """At least 1 byte and at most `bufsize`; b"" once the upstream has closed."""

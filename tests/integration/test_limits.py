@@ -201,3 +201,18 @@ def _answers(client: Client) -> bool:
         return True
     except BrokerUnavailable:
         return False
+
+
+def test_a_sendall_larger_than_max_payload_goes_in_chunks(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-payload", str(1024 * 1024))
+    value = bytes(range(256)) * (12 * 1024 * 1024 // 256)  # 12 MiB
+    with Client(broker.endpoint) as c, c.lease("redis") as conn:
+        conn.sendall(b"*3\r\n$3\r\nSET\r\n$9\r\nbig-value\r\n$%d\r\n" % len(value))
+        conn.sendall(value)
+        conn.sendall(b"\r\n")
+        assert conn.recv_until(b"\r\n") == b"+OK\r\n"
+        assert conn.request(b"STRLEN big-value\r\n", until=b"\r\n") == b":%d\r\n" % len(value)
+    assert redis_server.client().getrange("big-value", 5_000_000, 5_000_009) == value[5_000_000:5_000_010]
+    redis_server.client().delete("big-value")
