@@ -12,10 +12,11 @@ import sys
 import zmq
 
 from broker import __version__, logs, security
-from broker.config import POOL_SETTINGS, PROBES, ConfigError, load
+from broker import commands as operator_commands
+from broker.config import POOL_SETTINGS, PROBES, BrokerConfig, ConfigError, load, parse_address
+from broker.metrics import MetricsServer
 from broker.runtime import prepare_ipc
 from broker.server import Server
-from client import Client, PoolBrokerError
 from client.endpoint import default_endpoint
 
 log = logging.getLogger("broker")
@@ -53,15 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--curve-secret-key", metavar="FILE", help="the broker's CURVE key pair (.key_secret)")
     limits.add_argument("--curve-clients", metavar="DIR", help="public keys of the clients to let in")
     limits.add_argument("--admin-keys", metavar="DIR", help="public keys that may also administer")
+    serve.add_argument("--metrics-bind", metavar="HOST:PORT", help="serve Prometheus /metrics there")
+    serve.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
 
     keygen = commands.add_parser("keygen", help="write a CURVE key pair: NAME.key (public), NAME.key_secret (0600)")
     keygen.add_argument("directory")
     keygen.add_argument("--name", default="poolbroker", help="file name stem (default poolbroker)")
-
-    shutdown = commands.add_parser("shutdown", help="ask a broker to shut down as SIGTERM does (administrators only)")
-    shutdown.add_argument("--endpoint", help="the broker's endpoint (default: $POOLBROKER_ENDPOINT, else private ipc)")
-    shutdown.add_argument("--server-key", help="the broker's public key (file or z85) when it uses CURVE")
-    shutdown.add_argument("--client-key", help="this client's key pair (.key_secret) when the broker uses CURVE")
+    operator_commands.add_parsers(commands)
     return parser
 
 
@@ -80,8 +79,9 @@ def raise_fd_limit() -> None:
 
 def serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in POOL_SETTINGS}
-    try:
-        config = load(
+
+    def read_config() -> BrokerConfig:
+        return load(
             args.config,
             bind=args.bind,
             upstreams=args.upstream,
@@ -95,8 +95,13 @@ def serve(args: argparse.Namespace) -> int:
                 "curve_secret_key": args.curve_secret_key,
                 "curve_clients": args.curve_clients,
                 "admin_keys": args.admin_keys,
+                "metrics_bind": args.metrics_bind,
+                "log_format": args.log_format,
             },
         )
+
+    try:
+        config = read_config()
         endpoint = config.bind or default_endpoint()
         curve = security.load_curve(config)
         security.check_bind(endpoint, curve)
@@ -105,20 +110,25 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 2
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     raise_fd_limit()
-    server = Server(config, curve=curve)
+    server = Server(config, curve=curve, reload_config=read_config if args.config else None)
+    metrics = None
     try:
         endpoint = server.bind(endpoint)
-    except zmq.ZMQError as exc:
-        print(f"poolbroker: can't bind {endpoint}: {exc}", file=sys.stderr)
+        if config.metrics_bind:
+            metrics = MetricsServer(server, parse_address(config.metrics_bind))
+    except (zmq.ZMQError, OSError) as exc:
+        print(f"poolbroker: can't bind {endpoint} or {config.metrics_bind}: {exc}", file=sys.stderr)
         server.close()
         return 1
-    pools = ", ".join(f"{p.name}={p.address} (max_size {p.max_size})" for p in config.pools)
-    log.info("poolbroker %s listening on %s; pools: %s", __version__, endpoint, pools)
+    log.info("poolbroker %s listening on %s", __version__, endpoint)
+    if metrics is not None:
+        log.info("metrics on http://%s/metrics", config.metrics_bind)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where it is
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
+    signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     # libzmq's I/O threads may take the signal, leaving the loop's poll() uninterrupted: the C-level
     # handler writes to this fd from whatever thread, which wakes the poll so the handler can run.
     signal.set_wakeup_fd(server.wakeup_fd)
@@ -126,6 +136,8 @@ def serve(args: argparse.Namespace) -> int:
         server.serve()
     finally:
         signal.set_wakeup_fd(-1)
+        if metrics is not None:
+            metrics.close()
         server.close()
     log.info("stopped")
     return 0
@@ -137,18 +149,10 @@ def keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def shutdown(args: argparse.Namespace) -> int:
-    try:
-        with Client(args.endpoint, server_key=args.server_key, client_key=args.client_key) as client:
-            client.shutdown_broker()
-    except (PoolBrokerError, ValueError) as exc:
-        print(f"poolbroker: {exc}", file=sys.stderr)
-        return 1
-    print("the broker is shutting down")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"serve": serve, "keygen": keygen, "shutdown": shutdown}[args.command]
-    return command(args)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "keygen":
+        return keygen(args)
+    return operator_commands.run(args)

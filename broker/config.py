@@ -123,6 +123,8 @@ class BrokerConfig:
     max_payload: int = DEFAULT_MAX_PAYLOAD  # bytes sent, and bytes read, by one I/O operation
     max_waiting_payload: int = DEFAULT_MAX_WAITING_PAYLOAD  # bytes lease requests in line carry, in all
     log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = "text"  # or "json": one object per line, for log shippers
+    metrics_bind: str | None = None  # HOST:PORT to serve Prometheus /metrics on
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds active leases may finish after SIGTERM
     curve_secret_key: str | None = None  # the broker's key pair (a `poolbroker keygen` .key_secret file)
     curve_clients: str | None = None  # a directory of the public keys of the clients to let in
@@ -141,14 +143,23 @@ class BrokerConfig:
             raise ConfigError(f"max_waiting_payload must be at least max_payload ({self.max_payload})")
         if not self.shutdown_grace >= 0:
             raise ConfigError("shutdown_grace must not be negative")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.metrics_bind is not None:
+            try:
+                parse_address(self.metrics_bind)
+            except ConfigError:
+                raise ConfigError(f"metrics_bind {self.metrics_bind!r} is not HOST:PORT") from None
 
 
 POOL_SETTINGS = {f.name: f for f in dataclasses.fields(PoolConfig) if "help" in f.metadata}
 POOL_KEYS = frozenset(POOL_SETTINGS)
-# [broker] keys that are paths or names: strings as given (their files are read at start).
-BROKER_PATHS = ("curve_secret_key", "curve_clients", "admin_keys")
+# [broker] keys whose values are strings, taken as given (key files are read at start).
+BROKER_STRINGS = ("curve_secret_key", "curve_clients", "admin_keys", "metrics_bind", "log_format")
 BROKER_KEYS = frozenset(
-    {"bind", "max_message_size", "max_payload", "max_waiting_payload", "log_level", "shutdown_grace", *BROKER_PATHS}
+    {"bind", "max_message_size", "max_payload", "max_waiting_payload", "log_level", "shutdown_grace", *BROKER_STRINGS}
 )
 
 
@@ -239,10 +250,7 @@ def load(
         raise ConfigError("no pools: give --upstream NAME=HOST:PORT or a config file with [pools.NAME]")
 
     given = {**file_broker, **{k: v for k, v in (broker_overrides or {}).items() if v is not None}}
-    paths = {}
-    for key in BROKER_PATHS:
-        if key in given:
-            paths[key] = str(_typed(f"[broker] {key}", given[key], str))
+    strings = {key: str(_typed(f"[broker] {key}", given[key], str)) for key in BROKER_STRINGS if key in given}
     max_message_size = int(
         _typed("[broker] max_message_size", given.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE), int)
     )
@@ -263,5 +271,5 @@ def load(
             if shutdown_grace is not None
             else float(_typed("[broker] shutdown_grace", given.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), float))
         ),
-        **paths,
+        **strings,
     )

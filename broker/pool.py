@@ -69,8 +69,9 @@ OPEN = Open()
 # Why a connection left the pool; each is a connections_closed_<reason> counter.
 # discarded: by its holder; broken: I/O or a probe failed, or the upstream closed it; unread: it
 # came back with bytes nobody read (out of sync); idle / lifetime: the reaper; reclaimed: taken
-# back from a holder that died or held it too long; shutdown.
-CLOSE_REASONS = ("discarded", "broken", "unread", "idle", "lifetime", "reclaimed", "shutdown")
+# back from a holder that died or held it too long; resized: over a lowered max_size; drained: an
+# operator drained the pool (or its upstream changed); shutdown.
+CLOSE_REASONS = ("discarded", "broken", "unread", "idle", "lifetime", "reclaimed", "resized", "drained", "shutdown")
 
 LIFETIME_JITTER = 0.05  # connections expire up to 5% before max_lifetime, so they don't all go at once
 
@@ -88,12 +89,14 @@ class _Waiter(Generic[R]):
 class _Times:
     """What the core knows of one open connection, in monotonic seconds."""
 
-    __slots__ = ("expires", "idle_since", "last_ok")
+    __slots__ = ("opened", "expires", "idle_since", "last_ok", "leased_since")
 
     def __init__(self, now: float, expires: float) -> None:
+        self.opened = now
         self.expires = expires  # max_lifetime with jitter; inf when off
         self.idle_since = now  # when it last went idle (a probe doesn't make it busy)
         self.last_ok = now  # when it last proved to work: connected, a clean return, a probe
+        self.leased_since = now  # when it was last handed out
 
 
 def _off_is_inf(seconds: float) -> float:
@@ -104,13 +107,9 @@ class PoolCore(Generic[C, R]):
     """One pool's connections and waiters; see the module docstring for the contract."""
 
     def __init__(self, config: PoolConfig, rng: Callable[[], float] = random.random) -> None:
-        self.config = config
         self.name = config.name
-        self.max_size = config.max_size
         self._rng = rng
-        self._idle_timeout = _off_is_inf(config.idle_timeout)
-        self._max_lifetime = _off_is_inf(config.max_lifetime)
-        self._check_interval = _off_is_inf(config.check_interval)
+        self._apply(config)
         self.idle: list[C] = []  # LIFO: the last one pushed is the warmest
         self.leased: set[C] = set()
         self.checking: dict[C, bool] = {}  # being probed -> a waiter counts on it (a checkout probe)
@@ -118,6 +117,8 @@ class PoolCore(Generic[C, R]):
         self.connecting = 0
         self.waiting = 0
         self.closing = False
+        self.paused = False  # requests wait, nothing is handed out
+        self.drained_at = -math.inf  # connections opened before this close when they come back
         self._checkout_checks = 0  # probes that waiters count on, like connects in flight
         self._queue: deque[_Waiter[R]] = deque()  # FIFO, may hold done waiters
         self._waiters: dict[R, _Waiter[R]] = {}  # the live ones, for cancel()
@@ -141,7 +142,16 @@ class PoolCore(Generic[C, R]):
         self.connections_closed = dict.fromkeys(CLOSE_REASONS, 0)
         self.checks_run = 0
         self.checks_failed = 0
-        self.wait_time = Histogram()
+        self.wait_time = Histogram()  # request to grant
+        self.hold_time = Histogram()  # grant to release
+        self.connect_time = Histogram()  # open to connected, as the caller measured it
+
+    def _apply(self, config: PoolConfig) -> None:
+        self.config = config
+        self.max_size = config.max_size
+        self._idle_timeout = _off_is_inf(config.idle_timeout)
+        self._max_lifetime = _off_is_inf(config.max_lifetime)
+        self._check_interval = _off_is_inf(config.check_interval)
 
     @property
     def size(self) -> int:
@@ -164,10 +174,10 @@ class PoolCore(Generic[C, R]):
             self.requests_failed += 1
             return [Reject(request, "shutting_down", "the broker is shutting down")]
         actions: list[Action[C, R]] = []
-        if not self.waiting:  # nobody is ahead: the fast path
+        if not self.waiting and not self.paused:  # nobody is ahead: the fast path
             conn = self._take_idle(now, actions)
             if conn is not None:
-                self.leased.add(conn)
+                self._lease(conn, now)
                 self.wait_time.record(0.0)
                 actions.append(Grant(request, conn))
                 if len(self.idle) < self.config.min_idle:  # keep min_idle ready for the next ones
@@ -194,16 +204,23 @@ class PoolCore(Generic[C, R]):
         self.requests_queued += 1
         return actions + self._serve_waiters(now)
 
-    def connected(self, conn: C, now: float) -> list[Action[C, R]]:
-        """An Open succeeded: the new connection serves the first waiter, or goes idle."""
+    def connected(self, conn: C, now: float, opened_at: float | None = None) -> list[Action[C, R]]:
+        """An Open succeeded (started at `opened_at`): the new connection serves the first waiter,
+        or goes idle."""
         self.connecting -= 1
         self.connections_created += 1
         self.failures = 0
         self.last_error = ""
+        if opened_at is not None:
+            self.connect_time.record(now - opened_at)
         expires = now + self._max_lifetime * (1 - LIFETIME_JITTER * self._rng())
         self._times[conn] = _Times(now, expires)
         if self.closing:
             return self._close(conn, "shutdown")
+        if opened_at is not None and opened_at <= self.drained_at:  # begun before a drain: never serves
+            return self._close(conn, "drained") + self._serve_waiters(now)
+        if self.size > self.max_size:  # opened before max_size was lowered
+            return self._close(conn, "resized")
         # After an outage only one connect was tried: open the rest the waiters need now.
         return self._hand_over(conn, now) + self._serve_waiters(now)
 
@@ -224,11 +241,12 @@ class PoolCore(Generic[C, R]):
     def release(self, conn: C, now: float, unfit: str | None = None) -> list[Action[C, R]]:
         """A leased connection comes back: reuse it unless `unfit` (a close reason) or too old."""
         self.leased.remove(conn)
+        times = self._times[conn]
+        self.hold_time.record(now - times.leased_since)
         if self.closing:
             return self._close(conn, "shutdown")
-        times = self._times[conn]
-        if unfit is None and now >= times.expires:
-            unfit = "lifetime"
+        if unfit is None:
+            unfit = self._retired(conn, now)
         if unfit is not None:
             return self._close(conn, unfit) + self._serve_waiters(now)
         times.idle_since = times.last_ok = now
@@ -253,10 +271,10 @@ class PoolCore(Generic[C, R]):
         self._end_check(conn)
         if self.closing:
             return self._close(conn, "shutdown")
-        times = self._times[conn]
-        times.last_ok = now
-        if now >= times.expires:
-            return self._close(conn, "lifetime") + self._serve_waiters(now)
+        self._times[conn].last_ok = now
+        retired = self._retired(conn, now)
+        if retired is not None:
+            return self._close(conn, retired) + self._serve_waiters(now)
         return self._hand_over(conn, now) + self._serve_waiters(now)
 
     def probe_failed(self, conn: C, now: float) -> list[Action[C, R]]:
@@ -287,11 +305,40 @@ class PoolCore(Generic[C, R]):
             deadline = self.retry_at
         return deadline
 
-    def shutdown(self) -> list[Action[C, R]]:
-        """Stop granting: reject every waiter, close idle and checking connections; leased ones
-        close on release."""
+    # -- operations ----------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Hand nothing out: requests wait (with their own timeouts), returns go idle."""
+        self.paused = True
+
+    def resume(self, now: float) -> list[Action[C, R]]:
+        """Hand out again: the waiters are served from idle connections, then new ones."""
+        self.paused = False
+        return self._serve_waiters(now)
+
+    def reconfigure(self, config: PoolConfig, now: float) -> list[Action[C, R]]:
+        """New settings (a resize, new timeouts...): idle connections over a lowered max_size close
+        now, leased ones as they come back; a raised max_size opens what the waiters need."""
+        self._apply(config)
+        actions: list[Action[C, R]] = []
+        while self.idle and self.size > self.max_size:
+            actions += self._close(self.idle.pop(0), "resized")  # the coldest first
+        self._next_care = now  # timeouts may have changed: look at the idle connections again
+        return actions + self._serve_waiters(now)
+
+    def drain(self, now: float) -> list[Action[C, R]]:
+        """Recycle every connection: idle ones close now, the others when they come back."""
+        self.drained_at = now
+        actions: list[Action[C, R]] = []
+        while self.idle:
+            actions += self._close(self.idle.pop(), "drained")
+        return actions + self._serve_waiters(now)
+
+    def shutdown(self, why: str = "the broker is shutting down") -> list[Action[C, R]]:
+        """Stop granting: reject every waiter (saying `why`), close idle and checking connections;
+        leased ones close on release."""
         self.closing = True
-        actions = self._fail_waiters("shutting_down", "the broker is shutting down")
+        actions = self._fail_waiters("shutting_down", why)
         while self.idle:
             actions += self._close(self.idle.pop(), "shutdown")
         for conn in list(self.checking):
@@ -310,6 +357,7 @@ class PoolCore(Generic[C, R]):
             "leases_active": len(self.leased),
             "requests_waiting": self.waiting,
             "upstream_failing": int(self.failures > 0),
+            "pool_paused": int(self.paused),
             "requests_num": self.requests_num,
             "requests_queued": self.requests_queued,
             "requests_timeouts": self.requests_timeouts,
@@ -326,7 +374,13 @@ class PoolCore(Generic[C, R]):
         for reason, count in self.connections_closed.items():
             stats[f"connections_closed_{reason}"] = count
         stats.update(self.wait_time.summary_ms("wait"))
+        stats.update(self.hold_time.summary_ms("hold"))
+        stats.update(self.connect_time.summary_ms("connect"))
         return stats
+
+    def histograms(self) -> dict[str, Histogram]:
+        """The distributions, by name: wait (for a lease), hold (a lease), connect (to the upstream)."""
+        return {"wait": self.wait_time, "hold": self.hold_time, "connect": self.connect_time}
 
     # -- internals -------------------------------------------------------------------------
 
@@ -348,6 +402,8 @@ class PoolCore(Generic[C, R]):
     def _serve_waiters(self, now: float) -> list[Action[C, R]]:
         """Give idle connections to waiters, then open what the waiters and min_idle still need."""
         actions: list[Action[C, R]] = []
+        if self.paused:
+            return actions
         while self.waiting > self._checkout_checks and self.idle:
             conn = self._take_idle(now, actions)
             if conn is not None:
@@ -378,12 +434,27 @@ class PoolCore(Generic[C, R]):
         retry = max(0.0, self.retry_at - now)
         return f"{self.last_error} ({self.failures} failed in a row; next try in {retry:.2f}s)"
 
+    def _retired(self, conn: C, now: float) -> str | None:
+        """Why a connection coming back must close even though it works, or None."""
+        times = self._times[conn]
+        if now >= times.expires:
+            return "lifetime"
+        if times.opened <= self.drained_at:
+            return "drained"
+        if self.size > self.max_size:
+            return "resized"
+        return None
+
+    def _lease(self, conn: C, now: float) -> None:
+        self.leased.add(conn)
+        self._times[conn].leased_since = now
+
     def _hand_over(self, conn: C, now: float) -> list[Action[C, R]]:
-        waiter = self._next_waiter()
+        waiter = None if self.paused else self._next_waiter()
         if waiter is None:
             self._make_idle(conn)
             return []
-        self.leased.add(conn)
+        self._lease(conn, now)
         self.wait_time.record(now - waiter.since)
         self._compact()
         return [Grant(waiter.request, conn)]

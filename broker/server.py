@@ -9,6 +9,7 @@ ROUTER's ZMQ_FD costs one getsockopt(EVENTS), not a pass over every socket.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -17,7 +18,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import msgpack
@@ -25,8 +26,8 @@ import zmq
 import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
-from broker import __version__
-from broker.config import BrokerConfig, PoolConfig
+from broker import __version__, logs
+from broker.config import BrokerConfig, ConfigError, PoolConfig
 from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
 from broker.probes import ProbeFailed, ProbeSpec, probe_spec
 from broker.resolver import AddrInfo, Resolver, numeric_address
@@ -34,10 +35,16 @@ from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_cu
 from broker.timers import Timer, Timers
 from broker.upstream import ProbeRun, ReadFailed, UpstreamConn
 from client.protocol import (
+    ADMIN_DRAIN,
+    ADMIN_PAUSE,
+    ADMIN_RELOAD,
+    ADMIN_RESIZE,
+    ADMIN_RESUME,
     ADMIN_SHUTDOWN,
     OP_ADMIN,
     OP_IO,
     OP_LEASE,
+    OP_LEASES,
     OP_PING,
     OP_RELEASE,
     OP_STATS,
@@ -112,6 +119,7 @@ class Lease:
         "ops",
         "bytes_sent",
         "bytes_received",
+        "busy",
         "exchange",
         "timer",
         "warned",
@@ -132,6 +140,7 @@ class Lease:
         self.ops = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.busy = 0.0  # seconds spent in I/O operations: held minus busy is held but idle
         self.exchange: Exchange | None = None
         self.timer: Timer | None = None  # the next look at how long it has been held or idle
         self.warned = False  # the leak warning was logged
@@ -139,6 +148,22 @@ class Lease:
     def __repr__(self) -> str:
         # Never the whole token: it is a capability.
         return f"<Lease {self.token[:4].hex()}.. pool={self.pool.config.name} pid={self.pid} tag={self.tag}>"
+
+    def info(self, now: float) -> dict[str, Any]:
+        """Who holds it and what it did, for `poolbroker leases` (never the token)."""
+        busy = self.busy + (now - self.exchange.started if self.exchange is not None else 0.0)
+        return {
+            "pool": self.pool.config.name,
+            "pid": self.pid,
+            "host": self.host,
+            "tag": self.tag,
+            "held_s": round(now - self.since, 3),
+            "idle_s": round(0.0 if self.exchange is not None else now - self.last_io, 3),
+            "busy_s": round(busy, 3),
+            "ops": self.ops,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+        }
 
     def describe(self, now: float) -> str:
         """Who holds it and for how long, for operators (never the token)."""
@@ -152,9 +177,22 @@ class Lease:
 class Exchange:
     """One I/O operation on a lease: send, then read, then reply (and maybe release)."""
 
-    __slots__ = ("lease", "peer", "rid", "send", "read", "n", "delim", "scanned", "release", "first", "timer")
+    __slots__ = (
+        "lease",
+        "peer",
+        "rid",
+        "send",
+        "read",
+        "n",
+        "delim",
+        "scanned",
+        "release",
+        "first",
+        "started",
+        "timer",
+    )
 
-    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_payload: int) -> None:
+    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_payload: int, now: float) -> None:
         self.lease = lease
         self.peer = peer
         self.rid = req.id
@@ -166,6 +204,7 @@ class Exchange:
         self.scanned = 0
         self.release = req.release
         self.first = first  # the exchange carried by a lease request: its reply carries the token
+        self.started = now
         self.timer: Timer | None = None
 
 
@@ -181,6 +220,17 @@ class PoolState:
     def __repr__(self) -> str:
         return repr(self.core).replace("PoolCore", "Pool", 1)
 
+    def reconfigure(self, config: PoolConfig, now: float) -> list[Any]:
+        """New settings, live. A new upstream address drains the connections to the old one."""
+        moved = (config.host, config.port) != (self.config.host, self.config.port)
+        self.config = config
+        self.probe = probe_spec(config)
+        actions = self.core.reconfigure(config, now)
+        if moved:
+            self.address = numeric_address(config.host, config.port)
+            actions += self.core.drain(now)
+        return actions
+
 
 # The hot path calls pyzmq's compiled socket methods directly, with plain ints: the Python layer
 # over them (routing-id checks, results turned into enum.Flag values) cost about 1 us a call.
@@ -192,6 +242,14 @@ NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 def _int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
     """`sock.getsockopt`, for the options that are ints (FD, EVENTS, RCVMORE)."""
     return cast(Callable[[int], int], functools.partial(zmq.backend.Socket.get, sock))
+
+
+# Broker settings a reload can't change in a running broker: they are the socket's.
+RESTART_KEYS = ("bind", "max_message_size", "curve_secret_key", "curve_clients", "admin_keys")
+
+
+def _differences(old: Any, new: Any, keys: Iterable[str]) -> list[str]:
+    return [key for key in keys if getattr(old, key) != getattr(new, key)]
 
 
 def _ok(rid: int, **fields: Any) -> dict[str, Any]:
@@ -206,9 +264,15 @@ class Server:
     """The broker: bind(), then serve() until stop() is called (from a signal handler or thread)."""
 
     def __init__(
-        self, config: BrokerConfig, ctx: zmq.Context[Any] | None = None, curve: CurveKeys | None = None
+        self,
+        config: BrokerConfig,
+        ctx: zmq.Context[Any] | None = None,
+        curve: CurveKeys | None = None,
+        reload_config: Callable[[], BrokerConfig] | None = None,
     ) -> None:
         self.config = config
+        self.reload_config = reload_config  # reads the config file again (SIGHUP, admin reload)
+        self._reload_requested = False
         self.ctx = ctx or zmq.Context()
         self.pools = {pool.name: PoolState(pool) for pool in config.pools}
         self.leases: dict[bytes, Lease] = {}
@@ -267,7 +331,16 @@ class Server:
             OP_RELEASE: self._on_release,
             OP_STATS: self._on_stats,
             OP_PING: self._on_ping,
+            OP_LEASES: self._on_leases,
             OP_ADMIN: self._on_admin,
+        }
+        self._admin_actions: dict[str, Callable[[bytes, Request, float], None]] = {
+            ADMIN_PAUSE: self._pause,
+            ADMIN_RESUME: self._resume,
+            ADMIN_RESIZE: self._resize,
+            ADMIN_DRAIN: self._drain,
+            ADMIN_RELOAD: self._reload_for,
+            ADMIN_SHUTDOWN: self._shutdown_for,
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -298,6 +371,11 @@ class Server:
         self._stop_requests += 1
         self._wake()
 
+    def request_reload(self) -> None:
+        """Reread the config file soon, in the loop (safe from a signal handler: SIGHUP)."""
+        self._reload_requested = True
+        self._wake()
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
@@ -313,6 +391,8 @@ class Server:
         monitor_fd = _int_option(self.monitor)(FD)
         wake_fd = self._wake_r.fileno()
         conns = self.conns
+        for pool in self.pools.values():
+            self._log_opened(pool)
         self._run_due(time.monotonic(), start=True)  # warm up to min_idle
         while not self._done_serving(time.monotonic()):
             deadline = self._next_deadline()
@@ -399,6 +479,12 @@ class Server:
         for conn, answer in self.resolver.results():
             if not conn.closed:  # else its connect timed out while the lookup ran
                 self._connect_to(conn, answer, now)
+        if self._reload_requested:
+            self._reload_requested = False
+            try:
+                self.reload(now)
+            except ConfigError as exc:
+                log.error("reload failed, nothing changed: %s", exc)
 
     def _drain_monitor(self, now: float, *, requests_first: bool = True) -> None:
         gone = []
@@ -532,10 +618,109 @@ class Server:
         return peer_is_admin(frame, self.ipc_path is not None, self.curve)
 
     def _on_admin(self, peer: bytes, req: Request, now: float) -> None:
-        if req.action == ADMIN_SHUTDOWN:
-            log.info("shutdown asked by an administrator")
+        assert req.action is not None  # parse_request guarantees it
+        self._admin_actions[req.action](peer, req, now)
+
+    def _admin_pool(self, peer: bytes, req: Request) -> PoolState | None:
+        pool = self.pools.get(req.pool or "")
+        if pool is None:
+            self._send(peer, self._unknown_pool(req))
+        return pool
+
+    def _pause(self, peer: bytes, req: Request, now: float) -> None:
+        if pool := self._admin_pool(peer, req):
+            pool.core.pause()
+            log.info("pool %r: paused by an administrator (%d waiting)", pool.config.name, pool.core.waiting)
             self._send(peer, _ok(req.id))
-            self.stop()
+
+    def _resume(self, peer: bytes, req: Request, now: float) -> None:
+        if pool := self._admin_pool(peer, req):
+            log.info("pool %r: resumed by an administrator (%d waiting)", pool.config.name, pool.core.waiting)
+            self._perform(pool, pool.core.resume(now), now)
+            self._send(peer, _ok(req.id))
+
+    def _resize(self, peer: bytes, req: Request, now: float) -> None:
+        if pool := self._admin_pool(peer, req):
+            assert req.max_size is not None
+            old = pool.config
+            config = dataclasses.replace(old, max_size=req.max_size, min_idle=min(old.min_idle, req.max_size))
+            log.info("pool %r: max_size %d -> %d by an administrator", old.name, old.max_size, req.max_size)
+            self._perform(pool, pool.reconfigure(config, now), now)
+            self._send(peer, _ok(req.id))
+
+    def _drain(self, peer: bytes, req: Request, now: float) -> None:
+        if pool := self._admin_pool(peer, req):
+            log.info(
+                "pool %r: drained by an administrator: %d idle closing now, %d leased closing on return",
+                pool.config.name,
+                len(pool.core.idle),
+                len(pool.core.leased),
+            )
+            self._perform(pool, pool.core.drain(now), now)
+            self._send(peer, _ok(req.id))
+
+    def _reload_for(self, peer: bytes, req: Request, now: float) -> None:
+        try:
+            changes = self.reload(now)
+        except ConfigError as exc:
+            log.error("reload failed, nothing changed: %s", exc)
+            self._send(peer, _error(req.id, "reload_failed", str(exc)))
+            return
+        self._send(peer, _ok(req.id, **changes))
+
+    def _shutdown_for(self, peer: bytes, req: Request, now: float) -> None:
+        log.info("shutdown asked by an administrator")
+        self._send(peer, _ok(req.id))
+        self.stop()
+
+    def reload(self, now: float) -> dict[str, list[str]]:
+        """Read the config file again and apply it: pools added, removed or changed; active leases
+        untouched. Raises ConfigError (and changes nothing) if the file is invalid."""
+        if self.reload_config is None:
+            raise ConfigError("this broker was started without a config file: nothing to reload")
+        config = self.reload_config()
+        for key in _differences(self.config, config, RESTART_KEYS):
+            log.warning("reload: %s changed; it takes effect at the next restart", key)
+        old = {pool.name: pool for pool in self.config.pools}
+        new = {pool.name: pool for pool in config.pools}
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+        for name in old.keys() - new.keys():
+            pool = self.pools.pop(name)
+            log.info("pool %r: removed by a reload; its %d leases finish first", name, len(pool.core.leased))
+            self._perform(pool, pool.core.shutdown(f"pool {name!r} was removed from the configuration"), now)
+            changes["removed"].append(name)
+        for name, pool_config in new.items():
+            if name not in old:
+                pool = self.pools[name] = PoolState(pool_config)
+                self._log_opened(pool)
+                self._perform(pool, pool.core.tick(now), now)  # warm up to min_idle
+                changes["added"].append(name)
+            elif pool_config != old[name]:
+                differ = _differences(old[name], pool_config, [f.name for f in dataclasses.fields(pool_config)])
+                log.info("pool %r: changed by a reload: %s", name, ", ".join(differ))
+                self._perform(self.pools[name], self.pools[name].reconfigure(pool_config, now), now)
+                changes["changed"].append(name)
+        self.config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in RESTART_KEYS})
+        self.max_payload = self.config.max_payload
+        logs.set_level(self.config.log_level)
+        log.info(
+            "reloaded: %s added, %s removed, %s changed",
+            *(", ".join(sorted(names)) or "none" for names in changes.values()),
+        )
+        return changes
+
+    def _log_opened(self, pool: PoolState) -> None:
+        c = pool.config
+        log.info("pool %r opened: upstream %s, max_size %d, min_idle %d", c.name, c.address, c.max_size, c.min_idle)
+
+    def _on_leases(self, peer: bytes, req: Request, now: float) -> None:
+        if req.pool is not None and req.pool not in self.pools:
+            self._send(peer, self._unknown_pool(req))
+            return
+        leases = [lease.info(now) for lease in self.leases.values()]
+        if req.pool is not None:
+            leases = [info for info in leases if info["pool"] == req.pool]
+        self._send(peer, _ok(req.id, leases=leases))
 
     def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
         self._send(peer, _ok(req.id, version=__version__, pools=sorted(self.pools)))
@@ -702,7 +887,7 @@ class Server:
 
     def _open(self, pool: PoolState, now: float) -> None:
         config = pool.config
-        conn = UpstreamConn(pool)
+        conn = UpstreamConn(pool, now)
         # The deadline covers the name lookup too.
         conn.timer = self.timers.call_at(now + config.connect_timeout, lambda t: self._connect_timed_out(conn, t))
         if pool.address is None:
@@ -743,7 +928,7 @@ class Server:
         conn.connecting = False
         if pool.core.failures:  # (the core counts failures in a row until this success)
             log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
-        self._perform(pool, pool.core.connected(conn, now), now)
+        self._perform(pool, pool.core.connected(conn, now, conn.opened_at), now)
         self._watch(conn)
 
     def _close_conn(self, conn: UpstreamConn, reason: str) -> None:
@@ -924,7 +1109,7 @@ class Server:
         self._schedule_lease_check(lease, now)
 
     def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
-        exchange = Exchange(lease, peer, req, first, self.max_payload)
+        exchange = Exchange(lease, peer, req, first, self.max_payload, now)
         lease.exchange = exchange
         lease.ops += 1
         lease.last_io = now
@@ -1011,6 +1196,7 @@ class Server:
         exchange.timer = None
         lease.exchange = None
         lease.last_io = now
+        lease.busy += now - exchange.started
         if not lease_ends:  # (else _end_lease sets what to watch, once)
             self._watch(lease.conn)
         return lease

@@ -35,6 +35,7 @@ class UpstreamConn:
 
     __slots__ = (
         "pool",
+        "opened_at",
         "sock",
         "fd",
         "rbuf",
@@ -50,8 +51,9 @@ class UpstreamConn:
         "_readable",
     )
 
-    def __init__(self, pool: PoolState) -> None:
+    def __init__(self, pool: PoolState, opened_at: float) -> None:
         self.pool = pool
+        self.opened_at = opened_at  # when the broker began to open it (monotonic seconds)
         self.sock: socket.socket | None = None
         self.fd = -1
         self.rbuf = bytearray()  # bytes read from the upstream and not yet handed to a client

@@ -22,10 +22,16 @@ from client.endpoint import default_endpoint
 from client.errors import BrokerUnavailable, LeaseLost, LimitExceeded, ProtocolError, error_from_code
 from client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
 from client.protocol import (
+    ADMIN_DRAIN,
+    ADMIN_PAUSE,
+    ADMIN_RELOAD,
+    ADMIN_RESIZE,
+    ADMIN_RESUME,
     ADMIN_SHUTDOWN,
     OP_ADMIN,
     OP_IO,
     OP_LEASE,
+    OP_LEASES,
     OP_PING,
     OP_RELEASE,
     OP_STATS,
@@ -329,10 +335,44 @@ class Client:
         reply = _check(self._channel().call({"op": OP_PING}, self.broker_timeout))
         return {"version": reply.get("version"), "pools": reply.get("pools", [])}
 
+    def leases(self, pool: str | None = None) -> list[dict[str, Any]]:
+        """Who holds what: per active lease its pool, holder (pid, host, tag), seconds held, idle
+        and busy with I/O, operations and bytes each way."""
+        message: dict[str, Any] = {"op": OP_LEASES}
+        if pool is not None:
+            message["pool"] = pool
+        return _check(self._channel().call(message, self.broker_timeout))["leases"]  # type: ignore[no-any-return]
+
+    # -- administration: NotAuthorized unless this client may administer the broker (on ipc, the
+    # broker's own user; with CURVE, a key in its admin_keys) -----------------------------------
+
+    def pause_pool(self, pool: str) -> None:
+        """The pool hands nothing out until resumed: lease requests wait (with their timeouts)."""
+        self._admin(ADMIN_PAUSE, pool=pool)
+
+    def resume_pool(self, pool: str) -> None:
+        self._admin(ADMIN_RESUME, pool=pool)
+
+    def resize_pool(self, pool: str, max_size: int) -> None:
+        """A new max_size, live: lowered, the excess connections close as they come back."""
+        self._admin(ADMIN_RESIZE, pool=pool, max_size=max_size)
+
+    def drain_pool(self, pool: str) -> None:
+        """Close the pool's idle connections now and the others as they come back."""
+        self._admin(ADMIN_DRAIN, pool=pool)
+
+    def reload_broker(self) -> dict[str, list[str]]:
+        """Reread the broker's config file, as SIGHUP does: {"added": [...], "removed": [...],
+        "changed": [...]} pool names. A config that does not load changes nothing (PoolBrokerError)."""
+        reply = self._admin(ADMIN_RELOAD)
+        return {key: reply.get(key, []) for key in ("added", "removed", "changed")}
+
     def shutdown_broker(self) -> None:
-        """Ask the broker to shut down as SIGTERM does (NotAuthorized unless this client may
-        administer it: on ipc, the broker's own user; with CURVE, a key in its admin_keys)."""
-        _check(self._channel().call({"op": OP_ADMIN, "action": ADMIN_SHUTDOWN}, self.broker_timeout))
+        """Ask the broker to shut down as SIGTERM does."""
+        self._admin(ADMIN_SHUTDOWN)
+
+    def _admin(self, action: str, **fields: Any) -> dict[str, Any]:
+        return _check(self._channel().call({"op": OP_ADMIN, "action": action, **fields}, self.broker_timeout))
 
     def close(self) -> None:
         """Close this process's sockets. Call it when no thread uses the Client any more."""

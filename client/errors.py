@@ -89,6 +89,7 @@ ERROR_CLASSES: dict[str, type[PoolBrokerError]] = {
     "unknown_pool": ProtocolError,
     "lease_busy": ProtocolError,
     "not_authorized": NotAuthorized,
+    "reload_failed": PoolBrokerError,
     "internal": PoolBrokerError,
 }
 

@@ -19,12 +19,20 @@ OP_STATS = "stats"
 OP_LEASE = "lease"
 OP_IO = "io"
 OP_RELEASE = "release"
+OP_LEASES = "leases"  # who holds what
 OP_ADMIN = "admin"  # administrators only
-OPS = frozenset({OP_PING, OP_STATS, OP_LEASE, OP_IO, OP_RELEASE, OP_ADMIN})
+OPS = frozenset({OP_PING, OP_STATS, OP_LEASES, OP_LEASE, OP_IO, OP_RELEASE, OP_ADMIN})
 
 # What an administrator may ask.
+ADMIN_PAUSE = "pause"  # a pool hands nothing out: requests wait
+ADMIN_RESUME = "resume"
+ADMIN_RESIZE = "resize"  # a pool's max_size, live
+ADMIN_DRAIN = "drain"  # close a pool's idle connections now, recycle the rest as they come back
+ADMIN_RELOAD = "reload"  # reread the config file, as SIGHUP does
 ADMIN_SHUTDOWN = "shutdown"  # as SIGTERM: stop granting, let active leases finish, exit
-ADMIN_ACTIONS = frozenset({ADMIN_SHUTDOWN})
+ADMIN_ACTIONS = frozenset({ADMIN_PAUSE, ADMIN_RESUME, ADMIN_RESIZE, ADMIN_DRAIN, ADMIN_RELOAD, ADMIN_SHUTDOWN})
+ADMIN_POOL_ACTIONS = frozenset({ADMIN_PAUSE, ADMIN_RESUME, ADMIN_RESIZE, ADMIN_DRAIN})  # these name a pool
+MAX_POOL_SIZE = 100_000
 
 # How an I/O operation reads after sending.
 READ_ANY = "any"  # whatever is available, at least 1 byte and at most n (b"" at end of stream)
@@ -74,6 +82,7 @@ class Request:
     io_timeout: float | None = None
     release: str | None = None  # after the exchange: keep or discard
     action: str | None = None  # admin: what to do
+    max_size: int | None = None  # admin resize: the new bound
 
     @property
     def has_exchange(self) -> bool:
@@ -142,15 +151,28 @@ def parse_request(frame: bytes) -> Request:
             _parse_exchange(body, req)
         else:
             req.release = _release_mode(body, rid) or RELEASE_KEEP
-    elif op == OP_STATS:
+    elif op in (OP_STATS, OP_LEASES):
         req.pool = _short_str(body, "pool", MAX_NAME, rid)
     elif op == OP_ADMIN:
-        req.action = _field(body, "action", str, rid)
-        if req.action not in ADMIN_ACTIONS:
-            raise BadRequest("bad_request", f"'action' must be one of {sorted(ADMIN_ACTIONS)}", rid)
+        _parse_admin(body, req)
     if req.noreply and op != OP_RELEASE:
         raise BadRequest("bad_request", "only release may be one-way (noreply)", rid)
     return req
+
+
+def _parse_admin(body: dict[str, Any], req: Request) -> None:
+    rid = req.id
+    req.action = _field(body, "action", str, rid)
+    if req.action not in ADMIN_ACTIONS:
+        raise BadRequest("bad_request", f"'action' must be one of {sorted(ADMIN_ACTIONS)}", rid)
+    if req.action in ADMIN_POOL_ACTIONS:
+        req.pool = _short_str(body, "pool", MAX_NAME, rid)
+        if not req.pool:
+            raise BadRequest("bad_request", f"{req.action} needs a 'pool'", rid)
+    if req.action == ADMIN_RESIZE:
+        req.max_size = _field(body, "max_size", int, rid)
+        if req.max_size is None or not 1 <= req.max_size <= MAX_POOL_SIZE:
+            raise BadRequest("bad_request", f"resize needs a 'max_size' in [1, {MAX_POOL_SIZE}]", rid)
 
 
 def _release_mode(body: dict[str, Any], rid: int) -> str | None:

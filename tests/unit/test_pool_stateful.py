@@ -1,10 +1,12 @@
 """Any sequence of lease, release (clean or not), a requester dying, timeout, connect success and failure, probe
-success and failure, idle loss, and time passing (reaper, lifetimes, background checks, backoff)
-keeps the pool's promises: never more than max_size, every request ends exactly once, no
-connection is handed out while being probed or after closing, and no permit is ever lost."""
+success and failure, idle loss, time passing (reaper, lifetimes, background checks, backoff), and
+an operator's pause, resume, drain and resize keeps the pool's promises: never growing past
+max_size, every request ends exactly once, no connection is handed out while being probed or after
+closing, and no permit is ever lost."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -39,6 +41,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.leased: dict[int, int] = {}  # conn -> request
         self.outcome: dict[int, str] = {}  # request -> granted / pool_timeout / pool_full / ...
         self.requested: list[int] = []
+        self.total = 0  # open + connecting after the last step: it may only grow up to max_size
         self.apply(self.pool.tick(self.now))
 
     def apply(self, actions: list[object]) -> None:
@@ -120,9 +123,30 @@ class PoolMachine(RuleBasedStateMachine):
         self.now += dt
         self.apply(self.pool.tick(self.now))
 
+    @rule()
+    def pause_or_resume(self) -> None:
+        if self.pool.paused:
+            self.apply(self.pool.resume(self.now))
+        else:
+            self.pool.pause()
+
+    @rule()
+    def drain(self) -> None:
+        self.apply(self.pool.drain(self.now))
+
+    @rule(max_size=st.integers(1, 4))
+    def resize(self, max_size: int) -> None:
+        config = self.pool.config
+        config = dataclasses.replace(config, max_size=max_size, min_idle=min(config.min_idle, max_size))
+        self.apply(self.pool.reconfigure(config, self.now))
+
     @invariant()
     def never_over_the_bound(self) -> None:
-        assert self.pool.size + self.pool.connecting <= self.pool.max_size
+        # After max_size is lowered the pool may be over it until connections come back, but it
+        # never grows while it is.
+        total = self.pool.size + self.pool.connecting
+        assert total <= max(self.pool.max_size, self.total)
+        self.total = total
 
     @invariant()
     def books_agree(self) -> None:
@@ -138,7 +162,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def no_idle_connection_while_someone_waits_uncovered(self) -> None:
         pool = self.pool
-        assert not (pool.idle and pool.waiting > sum(pool.checking.values()))
+        assert pool.paused or not (pool.idle and pool.waiting > sum(pool.checking.values()))
 
     @invariant()
     def a_waiter_with_room_to_grow_has_something_on_its_way(self) -> None:
@@ -146,7 +170,7 @@ class PoolMachine(RuleBasedStateMachine):
         # (backoff) or a connection in use, being checked, or on its way will serve them.
         pool = self.pool
         room = pool.max_size - pool.size - pool.connecting
-        if pool.waiting > pool.connecting and room > 0:
+        if pool.waiting > pool.connecting and room > 0 and not pool.paused:
             assert pool.leased or pool.connecting or pool.checking or pool.failures, "waiters are stranded"
 
     def settle(self) -> None:
@@ -164,6 +188,8 @@ class PoolMachine(RuleBasedStateMachine):
             return
         # Everything comes back and every connect and probe resolves: no request is left hanging,
         # and the whole bound is usable again.
+        if self.pool.paused:
+            self.apply(self.pool.resume(self.now))
         self.settle()
         while self.leased:  # a release may hand the connection to a waiter: loop until none is out
             conn = min(self.leased)

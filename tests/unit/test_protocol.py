@@ -114,7 +114,7 @@ fields = st.fixed_dictionaries(
     optional={
         "v": st.sampled_from([1, 1, 1, 2, "1", None]),
         "id": st.integers(-5, 2**64 - 1) | msgpack_values,
-        "op": st.sampled_from(["ping", "stats", "lease", "io", "release", "admin", "x"]) | msgpack_values,
+        "op": st.sampled_from(["ping", "stats", "leases", "lease", "io", "release", "admin", "x"]) | msgpack_values,
         "pool": st.text(max_size=5) | msgpack_values,
         "lease": st.binary(min_size=16, max_size=16) | msgpack_values,
         "timeout": st.floats(allow_nan=True) | msgpack_values,
@@ -124,7 +124,8 @@ fields = st.fixed_dictionaries(
         "delim": st.binary(max_size=3) | msgpack_values,
         "release": st.sampled_from(["keep", "discard"]) | msgpack_values,
         "noreply": msgpack_values,
-        "action": st.sampled_from(["shutdown", "x"]) | msgpack_values,
+        "action": st.sampled_from(["shutdown", "pause", "resize", "reload", "x"]) | msgpack_values,
+        "max_size": st.integers(-1, 5) | msgpack_values,
     },
 )
 
@@ -143,7 +144,11 @@ def test_any_map_parses_to_a_checked_request_or_bad_request(body: dict[str, Any]
     if req.timeout is not None:
         assert 0 < req.timeout <= 86400
     if req.op == "admin":
-        assert req.action == "shutdown"
+        assert req.action in ("shutdown", "pause", "resize", "reload")
+        if req.action in ("pause", "resize"):
+            assert isinstance(req.pool, str) and req.pool
+        if req.action == "resize":
+            assert isinstance(req.max_size, int) and req.max_size >= 1
 
 
 def test_every_error_code_maps_to_one_client_exception() -> None:
