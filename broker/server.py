@@ -245,7 +245,15 @@ def _int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
 
 
 # Broker settings a reload can't change in a running broker: they are the socket's.
-RESTART_KEYS = ("bind", "max_message_size", "curve_secret_key", "curve_clients", "admin_keys")
+RESTART_KEYS = (
+    "bind",
+    "max_message_size",
+    "curve_secret_key",
+    "curve_clients",
+    "admin_keys",
+    "metrics_bind",
+    "log_format",
+)
 
 
 def _differences(old: Any, new: Any, keys: Iterable[str]) -> list[str]:
