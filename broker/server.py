@@ -686,6 +686,8 @@ class Server:
         untouched. Raises ConfigError (and changes nothing) if the file is invalid."""
         if self.reload_config is None:
             raise ConfigError("this broker was started without a config file: nothing to reload")
+        if self._drain_until is not None:
+            raise ConfigError("the broker is shutting down")
         config = self.reload_config()
         for key in _differences(self.config, config, RESTART_KEYS):
             log.warning("reload: %s changed; it takes effect at the next restart", key)

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from broker import top
-from client import Client, NotAuthorized, PoolTimeout, UpstreamUnavailable
+from client import Client, NotAuthorized, PoolBrokerError, PoolTimeout, UpstreamUnavailable
 
 
 def poolbroker(*args: str) -> subprocess.CompletedProcess[str]:
@@ -338,3 +338,14 @@ def test_operations_are_for_administrators_only(redis_server: RedisServer, start
                 operate()
         stats = c.stats("redis")["redis"]
         assert (stats["pool_paused"], stats["pool_max"]) == (0, 10)
+
+
+def test_reload_without_a_config_file_says_so_and_changes_nothing(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    with Client(broker.endpoint) as c:
+        with pytest.raises(PoolBrokerError, match="started without a config file") as caught:
+            c.reload_broker()
+        assert caught.value.code == "reload_failed"
+        assert c.ping()["pools"] == ["redis"]
