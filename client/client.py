@@ -7,6 +7,7 @@ answer gives BrokerUnavailable, never a hang.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
@@ -186,6 +187,27 @@ class _Channel:
         # A one-way release sent just before may still be queued: give it a moment to leave (else
         # the broker reclaims that lease when the connection closes, closing a good connection).
         self.sock.close(linger=CLOSE_LINGER_MS)
+
+
+class _LeaseIO(io.RawIOBase):
+    """The raw stream under Lease.makefile(): reads and writes go through the lease."""
+
+    def __init__(self, lease: Lease, reading: bool) -> None:
+        super().__init__()
+        self._lease = lease
+        self._reading = reading
+
+    def readable(self) -> bool:
+        return self._reading
+
+    def writable(self) -> bool:
+        return not self._reading
+
+    def readinto(self, buffer: Any) -> int:
+        return self._lease.recv_into(buffer)
+
+    def write(self, data: Any) -> int:
+        return self._lease.send(bytes(data))
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
@@ -424,10 +446,13 @@ def _add_exchange(
 
 
 class Lease:
-    """A leased upstream connection. Its methods read like a socket's.
+    """A leased upstream connection that works like a socket: `sendall`, `send`, `recv`,
+    `recv_into`, `makefile`, `settimeout`, `gettimeout`, `shutdown`, `close`, so code written for a
+    socket (http.client, redis-py) runs over it.
 
     Writes are held and go with the next read, so that a request and its answer are one round trip
     however they are written; `flush()` sends them at once. Reads and flushes are one round trip each.
+    `close()` gives the connection back, as `release()` does; after `shutdown()` it is discarded.
     """
 
     def __init__(
@@ -441,6 +466,8 @@ class Lease:
         self._token = token
         self._done = False
         self._held = bytearray()  # writes not yet sent: they go with the next read
+        self._default_io_timeout = io_timeout
+        self._shut = False  # shutdown() was called: close() discards
         self.eof = False  # the upstream closed its side
 
     def __repr__(self) -> str:
@@ -475,6 +502,48 @@ class Lease:
         none are held."""
         if self._held:
             self._send_held(keep_tail=False)
+
+    def send(self, data: bytes) -> int:
+        """As sendall (a lease takes every byte): returns len(data)."""
+        self.sendall(data)
+        return len(data)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        """Read at least 1 and at most `nbytes` (or len(buffer)) bytes into `buffer`; 0 at end of stream."""
+        view = memoryview(buffer).cast("B")
+        data = self.recv(nbytes or len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
+        """A binary file over the lease, as socket.makefile: "rb" or "wb". Closing it leaves the lease open."""
+        if mode not in ("rb", "wb"):
+            raise ValueError(f"invalid mode {mode!r}: a lease's file is binary, 'rb' or 'wb'")
+        raw = _LeaseIO(self, reading=mode == "rb")
+        size = buffering if buffering and buffering > 0 else DEFAULT_RECV
+        return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Seconds each I/O operation may take; None: the lease's default (a lease never blocks forever)."""
+        if timeout is not None and not 0 < timeout <= 86400:
+            raise ValueError("a lease's timeout is in (0, 86400] seconds, or None; it can't be non-blocking")
+        self.io_timeout = self._default_io_timeout if timeout is None else float(timeout)
+
+    def gettimeout(self) -> float:
+        return self.io_timeout
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """Send what is held; the connection is discarded on close (its state is unusual now)."""
+        if not self._done:
+            self.flush()
+        self._shut = True
+
+    def close(self) -> None:
+        """As a socket's close: give the connection back (discarded after shutdown()). Idempotent."""
+        if self._shut:
+            self.discard()
+        elif not self._done:
+            self.release()
 
     def _send_held(self, keep_tail: bool) -> None:
         held = bytes(self._held)

@@ -1,0 +1,183 @@
+"""Code written for sockets, unmodified, over leases: http.client and redis-py against real servers."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import threading
+from collections.abc import Callable
+
+import pytest
+import redis
+from helpers import Broker, HttpUpstream, RedisServer
+
+from client import Client, PoolTimeout
+from client.http import HTTPConnection
+from client.redis import BrokerConnectionPool
+
+
+@pytest.fixture
+def http_upstream() -> HttpUpstream:
+    return HttpUpstream()
+
+
+def test_http_client_runs_over_a_lease_with_keep_alive(
+    http_upstream: HttpUpstream, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}")
+    c = Client(broker.endpoint)
+    conn = http.client.HTTPConnection("api.internal")
+    conn.sock = c.lease("api")  # the standard library's own class, its socket a lease
+    for path, status, body in [("/health", 200, b"ok\n"), ("/down", 503, b"down\n"), ("/health", 200, b"ok\n")]:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (status, body)
+    assert c.stats("api")["api"]["connections_created"] == 1  # three requests, one upstream connection
+    conn.close()  # closes the "socket": the lease goes back, the connection stays open in the pool
+    stats = c.stats("api")["api"]
+    assert (stats["leases_active"], stats["pool_idle"], stats["connections_closed"]) == (0, 1, 0)
+    c.close()
+
+
+def test_the_http_adapter_leases_whenever_http_client_would_connect(
+    http_upstream: HttpUpstream, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}", "--max-size", "2")
+    c = Client(broker.endpoint)
+
+    def fetch() -> list[int]:
+        conn = HTTPConnection(c, "api", host="api.internal", timeout=5)
+        statuses = []
+        for _ in range(20):
+            conn.request("HEAD", "/health")
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            conn.close()  # each request under a lease of its own
+        return statuses
+
+    results: list[list[int]] = []
+    threads = [threading.Thread(target=lambda: results.append(fetch())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [[200] * 20] * 4
+    stats = c.stats("api")["api"]
+    assert stats["requests_num"] == 80 and stats["connections_created"] <= 2
+    c.close()
+
+
+def test_a_lease_is_socket_like(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    with Client(broker.endpoint) as c, c.lease("redis") as lease:
+        assert lease.send(b"SET socket-like 1\r\n") == len(b"SET socket-like 1\r\n")
+        buffer = bytearray(64)
+        assert lease.recv_into(buffer) == 5 and bytes(buffer[:5]) == b"+OK\r\n"
+        writer = lease.makefile("wb")
+        writer.write(b"GET socket-")
+        writer.write(b"like\r\n")
+        writer.flush()
+        reader = lease.makefile("rb")
+        assert reader.readline() == b"$1\r\n" and reader.readline() == b"1\r\n"
+        reader.close()  # as with a socket, closing its file leaves it open
+        lease.settimeout(2.5)
+        assert lease.gettimeout() == 2.5
+        lease.settimeout(None)
+        assert lease.gettimeout() == c.io_timeout
+        with pytest.raises(ValueError):
+            lease.settimeout(0)  # a lease can't be non-blocking
+        with pytest.raises(ValueError):
+            lease.makefile("r")
+        assert isinstance(reader, io.BufferedReader)
+        lease.shutdown()
+        lease.close()
+        assert lease.released
+        assert c.stats("redis")["redis"]["connections_closed_discarded"] == 1  # shut down: not reused
+
+
+def test_redis_py_runs_each_command_and_pipeline_under_one_lease(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2")
+    c = Client(broker.endpoint)
+    r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+    assert r.set("greeting", "hello") is True
+    assert r.get("greeting") == b"hello"
+    assert r.incr("counter", 5) == 5
+    with r.pipeline(transaction=True) as pipe:  # MULTI ... EXEC
+        assert pipe.set("x", 1).incr("x").get("x").execute() == [True, 2, b"2"]
+    with r.pipeline(transaction=False) as pipe:
+        assert pipe.rpush("list", "a", "b").lrange("list", 0, -1).execute() == [2, [b"a", b"b"]]
+    with pytest.raises(redis.ResponseError):
+        r.execute_command("NO-SUCH-COMMAND")
+    assert r.get("x") == b"2"
+    stats = c.stats("redis")["redis"]
+    # 3 commands, 2 pipelines, the failed command and the last GET: 7 leases, all given back.
+    assert (stats["requests_num"], stats["leases_active"]) == (7, 0)
+    assert stats["connections_created"] == 1 and stats["connections_closed"] == 0
+    assert own_redis.broker_connections() == 1
+    c.close()
+
+
+def test_redis_py_watch_holds_one_lease_across_the_transaction(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2")
+    c = Client(broker.endpoint)
+    r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+    r.set("balance", 10)
+
+    def withdraw(pipe: redis.client.Pipeline) -> None:
+        balance = int(pipe.get("balance"))  # immediate mode, on the leased connection
+        pipe.multi()
+        pipe.set("balance", balance - 3)
+
+    assert r.transaction(withdraw, "balance") == [True]
+    assert r.get("balance") == b"7"
+    assert c.stats("redis")["redis"]["leases_active"] == 0
+    c.close()
+
+
+def test_redis_py_from_many_threads_stays_within_the_bound(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "3")
+    c = Client(broker.endpoint, timeout=30)
+    r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+
+    def work() -> None:
+        for _ in range(100):
+            r.incr("shared")
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert r.get("shared") == b"800"
+    assert c.stats("redis")["redis"]["connections_created"] <= 3
+    c.close()
+
+
+def test_redis_py_refuses_resp3_over_leases() -> None:
+    with pytest.raises(ValueError, match="RESP2"):
+        BrokerConnectionPool(Client("ipc:///nonexistent"), "redis", protocol=3)
+
+
+def test_redis_py_gives_up_after_one_lease_request_when_the_pool_is_busy(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+    holder = Client(broker.endpoint)
+    held = holder.lease("redis")
+    c = Client(broker.endpoint, timeout=0.3)
+    r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+    with pytest.raises((redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, PoolTimeout)):
+        r.get("anything")
+    stats = holder.stats("redis")["redis"]
+    assert (stats["requests_num"], stats["requests_timeouts"]) == (2, 1)  # no retries on top of the wait
+    held.release()
+    assert r.ping() is True
+    c.close()
+    holder.close()
