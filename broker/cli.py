@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pools = serve.add_argument_group("pool settings (apply to every pool; override the file)")
     for name, setting in POOL_SETTINGS.items():
+        if setting.metadata.get("file_only"):
+            continue
         kind = {"int": int, "float": float}.get(str(setting.type), str)
         choices = PROBES if name == "probe" else None
         help_text = f"{setting.metadata['help']} (default {setting.default})".replace("%", "%%")
@@ -78,7 +80,7 @@ def raise_fd_limit() -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in POOL_SETTINGS}
+    overrides = {name: getattr(args, name, None) for name in POOL_SETTINGS}
 
     def read_config() -> BrokerConfig:
         return load(

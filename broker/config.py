@@ -24,6 +24,15 @@ def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _file_setting(default: Any, help: str) -> Any:
+    """A pool setting for the config file only (no flag), kept out of reprs: it may hold a password."""
+    return field(default=default, repr=False, metadata={"help": help, "file_only": True})
+
+
+Step = tuple[str, str]  # (send, expect): send the text, then one line must start with expect
+RESET_DISCARD = "discard"
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     """One named pool in front of one upstream address. Durations are float seconds; for
@@ -52,6 +61,8 @@ class PoolConfig:
     lease_idle_timeout: float = _setting(120.0, "reclaim a lease with no I/O for this long (0: never)")
     max_lease_time: float = _setting(3600.0, "reclaim a lease held this long, busy or not (0: never)")
     max_leases_per_client: int = _setting(0, "leases one client process may hold or wait for (0: up to max_size)")
+    on_connect: tuple[Step, ...] = _file_setting((), "steps run once on each new connection (AUTH, SELECT...)")
+    reset: tuple[Step, ...] | str = _file_setting((), 'on return: steps that reset the session, or "discard"')
 
     def __post_init__(self) -> None:
         where = f"pool {self.name!r}"
@@ -84,6 +95,8 @@ class PoolConfig:
                 raise ConfigError(f"{where}: {name} must not be negative")
         if self.connect_backoff > self.connect_backoff_max:
             raise ConfigError(f"{where}: connect_backoff must not exceed connect_backoff_max")
+        if isinstance(self.reset, str) and self.reset != RESET_DISCARD:
+            raise ConfigError(f'{where}: reset is a list of steps or "discard", not {self.reset!r}')
         self._check_probe(where)
 
     def _check_probe(self, where: str) -> None:
@@ -182,12 +195,34 @@ def parse_upstream(text: str) -> tuple[str, str, int]:
 def _pool_settings(name: str, table: dict[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for key, value in table.items():
+        where = f"pool {name!r}: {key}"
         if key == "upstream":
             continue
         if key not in POOL_KEYS:
             raise ConfigError(f"pool {name!r}: unknown key {key!r} (known: {', '.join(sorted(POOL_KEYS))})")
-        settings[key] = _typed(f"pool {name!r}: {key}", value, POOL_SETTINGS[key].type)
+        if key == "reset" and isinstance(value, str):
+            if value != RESET_DISCARD:
+                raise ConfigError(f'{where} must be "discard" or a list of {{send = "...", expect = "..."}} steps')
+            settings[key] = value
+        elif key in ("on_connect", "reset"):
+            settings[key] = _steps(where, value)
+        else:
+            settings[key] = _typed(where, value, POOL_SETTINGS[key].type)
     return settings
+
+
+def _steps(where: str, value: Any) -> tuple[Step, ...]:
+    """[{send = "...", expect = "..."}, ...] -> ((send, expect), ...)."""
+    if not isinstance(value, list):
+        raise ConfigError(f'{where} must be a list of {{send = "...", expect = "..."}} steps')
+    steps = []
+    for number, step in enumerate(value, 1):
+        if not isinstance(step, dict) or set(step) != {"send", "expect"}:
+            raise ConfigError(f'{where}: step {number} must be {{send = "...", expect = "..."}}')
+        if not all(isinstance(step[key], str) and step[key] for key in ("send", "expect")):
+            raise ConfigError(f"{where}: step {number}: send and expect must be non-empty strings")
+        steps.append((step["send"], step["expect"]))
+    return tuple(steps)
 
 
 def _typed(where: str, value: Any, kind: Any) -> str | int | float:

@@ -70,8 +70,20 @@ OPEN = Open()
 # discarded: by its holder; broken: I/O or a probe failed, or the upstream closed it; unread: it
 # came back with bytes nobody read (out of sync); idle / lifetime: the reaper; reclaimed: taken
 # back from a holder that died or held it too long; resized: over a lowered max_size; drained: an
-# operator drained the pool (or its upstream changed); shutdown.
-CLOSE_REASONS = ("discarded", "broken", "unread", "idle", "lifetime", "reclaimed", "resized", "drained", "shutdown")
+# operator drained the pool (or its upstream changed); reset: the pool's reset rule is "discard"
+# (its session state is unknown); shutdown.
+CLOSE_REASONS = (
+    "discarded",
+    "broken",
+    "unread",
+    "idle",
+    "lifetime",
+    "reclaimed",
+    "resized",
+    "drained",
+    "reset",
+    "shutdown",
+)
 
 LIFETIME_JITTER = 0.05  # connections expire up to 5% before max_lifetime, so they don't all go at once
 

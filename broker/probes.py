@@ -44,7 +44,7 @@ class LineCheck:
         line = bytes(buf[: end + 1])
         del buf[: end + 1]
         if not line.startswith(self.expect):
-            raise ProbeFailed(f"the probe expected {self.expect!r}, got {line[:100]!r}")
+            raise ProbeFailed(f"expected {self.expect!r}, got {line[:100]!r}")
         return True
 
 
@@ -93,6 +93,11 @@ class HttpCheck:
         if not healthy:
             wanted = f"a status starting with {self._expect}" if self._expect else "a status below 500"
             raise ProbeFailed(f"the probe got HTTP status {status}, expected {wanted}")
+
+
+def line_checks(steps: tuple[tuple[str, str], ...]) -> list[Check]:
+    """A pool's on_connect or reset steps as checks: send the text, one line must start with expect."""
+    return [LineCheck(send.encode(), expect.encode()) for send, expect in steps]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,9 @@ import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
 from broker import __version__, logs
-from broker.config import BrokerConfig, ConfigError, PoolConfig
+from broker.config import RESET_DISCARD, BrokerConfig, ConfigError, PoolConfig
 from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
-from broker.probes import ProbeFailed, ProbeSpec, probe_spec
+from broker.probes import ProbeFailed, ProbeSpec, line_checks, probe_spec
 from broker.resolver import AddrInfo, Resolver, numeric_address
 from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
 from broker.timers import Timer, Timers
@@ -932,14 +932,13 @@ class Server:
         self._perform(pool, pool.core.connect_failed(now, message), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
-        pool = conn.pool
-        self.timers.cancel(conn.timer)
-        conn.timer = None
         conn.connecting = False
-        if pool.core.failures:  # (the core counts failures in a row until this success)
-            log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
-        self._perform(pool, pool.core.connected(conn, now, conn.opened_at), now)
-        self._watch(conn)
+        steps = conn.pool.config.on_connect
+        if steps:  # the handshake runs within connect_timeout: the connect's timer goes on
+            run = ProbeRun("on_connect", line_checks(steps), self._handshaken, self._handshake_failed)
+            self._run_checks(conn, run, None, now)
+        else:
+            self._handshaken(conn, now)
 
     def _close_conn(self, conn: UpstreamConn, reason: str) -> None:
         level = logging.WARNING if reason in ("broken", "unread") else logging.DEBUG
@@ -1035,33 +1034,55 @@ class Server:
                 why = "closed by the upstream" if unfit == "broken" else "unread bytes"
                 self._probe_failed(conn, f"tcp probe: {why}", now)
             return
-        probe = conn.probe = ProbeRun(pool.probe.name, pool.probe.new_check())
-        timeout = pool.config.probe_timeout
-        error = f"{probe.name} probe: no answer within probe_timeout={timeout}s"
-        conn.timer = self.timers.call_at(now + timeout, lambda t: self._probe_failed(conn, error, t))
+        self._run_checks(
+            conn,
+            ProbeRun(f"{pool.probe.name} probe", [pool.probe.new_check()], self._probe_passed, self._probe_failed),
+            "probe_timeout",
+            now,
+        )
+
+    def _run_checks(self, conn: UpstreamConn, run: ProbeRun, limit: str | None, now: float) -> None:
+        """Start `run` on `conn`, bounded by the pool's setting named `limit` (None: by the timer
+        the connection already has)."""
+        conn.probe = run
+        if limit is not None:
+            timeout = getattr(conn.pool.config, limit)
+            error = f"no answer within {limit}={timeout}s"
+            conn.timer = self.timers.call_at(now + timeout, lambda t: self._checks_failed(conn, error, t))
         self._advance_probe(conn, now)
 
     def _advance_probe(self, conn: UpstreamConn, now: float) -> None:
-        probe = conn.probe
-        assert probe is not None
+        run = conn.probe
+        assert run is not None
         try:
-            if probe.send is not None:
-                sent = conn.send(probe.send)
-                probe.send = probe.send[sent:] if sent < len(probe.send) else None
-            if probe.send is None:
+            while True:
+                if run.send is not None:
+                    sent = conn.send(run.send)
+                    run.send = run.send[sent:] if sent < len(run.send) else None
+                    if run.send is not None:
+                        break  # the socket's buffer is full: wait until it is writable
                 conn.fill()
                 if conn.eof:
                     raise ProbeFailed("closed by the upstream")
-                if probe.check.read(conn.rbuf):
-                    if conn.rbuf:
-                        raise ProbeFailed("bytes after the probe's answer: out of sync")
+                if not run.check.read(conn.rbuf):
+                    break  # the answer is not all there: wait until it is readable
+                if conn.rbuf:
+                    raise ProbeFailed("bytes after the answer: out of sync")
+                if not run.next_step():
                     self._end_probe(conn)
-                    self._perform(conn.pool, conn.pool.core.probe_ok(conn, now), now)
+                    run.on_pass(conn, now)
                     return
         except (OSError, ProbeFailed) as exc:
-            self._probe_failed(conn, f"{probe.name} probe: {exc}", now)
+            self._checks_failed(conn, str(exc), now)
             return
         self._watch(conn)
+
+    def _checks_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
+        run = conn.probe
+        if run is None:
+            return  # (already ended)
+        self._end_probe(conn)
+        run.on_fail(conn, f"{run.describe()}: {error}", now)
 
     def _end_probe(self, conn: UpstreamConn) -> None:
         conn.probe = None
@@ -1069,12 +1090,39 @@ class Server:
         conn.timer = None
         self._watch(conn)
 
+    def _probe_passed(self, conn: UpstreamConn, now: float) -> None:
+        self._perform(conn.pool, conn.pool.core.probe_ok(conn, now), now)
+
     def _probe_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
         pool = conn.pool
         self._end_probe(conn)
         conn.error = error
         log.warning("pool %r: %s; checking its other idle connections", pool.config.name, error)
         self._perform(pool, pool.core.probe_failed(conn, now), now)
+
+    # -- handshake and reset: the pool's on_connect and reset steps ----------------------------
+
+    def _handshaken(self, conn: UpstreamConn, now: float) -> None:
+        """Connected, and the on_connect steps (if any) passed: the connection joins the pool."""
+        pool = conn.pool
+        self.timers.cancel(conn.timer)
+        conn.timer = None
+        if pool.core.failures:  # (the core counts failures in a row until this success)
+            log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
+        self._perform(pool, pool.core.connected(conn, now, conn.opened_at), now)
+        self._watch(conn)
+
+    def _handshake_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
+        self._connect_failed(conn, ProbeFailed(error), now)
+
+    def _reset_passed(self, conn: UpstreamConn, now: float) -> None:
+        self._perform(conn.pool, conn.pool.core.release(conn, now), now)
+        self._watch(conn)
+
+    def _reset_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
+        conn.fail(error)
+        self._perform(conn.pool, conn.pool.core.release(conn, now, "broken"), now)
+        self._watch(conn)
 
     # -- leases and exchanges --------------------------------------------------------------
 
@@ -1226,5 +1274,12 @@ class Server:
             self._send(exchange.peer, _error(exchange.rid, "lease_lost", "the lease ended during this operation"))
         conn.lease = None
         unfit = (conn.unfit() if keep else "discarded") if reason is None else reason
+        reset = lease.pool.config.reset
+        if unfit is None and reset == RESET_DISCARD:
+            unfit = "reset"  # it may carry the holder's session state
+        elif unfit is None and isinstance(reset, tuple) and reset:  # the reset steps, then back to the pool
+            run = ProbeRun("reset", line_checks(reset), self._reset_passed, self._reset_failed)
+            self._run_checks(conn, run, "probe_timeout", now)
+            return
         self._perform(lease.pool, lease.pool.core.release(conn, now, unfit), now)
         self._watch(conn)

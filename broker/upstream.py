@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from client.protocol import READ_ANY, READ_EXACTLY
@@ -188,11 +189,37 @@ class UpstreamConn:
 
 
 class ProbeRun:
-    """A probe in progress on a connection: its check, and what is left to send."""
+    """Checks in progress on a connection, one after another: a probe is one, a handshake
+    (on_connect) or a reset may be several. Holds the current check, what is left of its request
+    to send, and what to do once every check passed or one failed."""
 
-    __slots__ = ("name", "check", "send")
+    __slots__ = ("name", "checks", "step", "check", "send", "on_pass", "on_fail")
 
-    def __init__(self, name: str, check: Check) -> None:
+    def __init__(
+        self,
+        name: str,
+        checks: list[Check],
+        on_pass: Callable[[UpstreamConn, float], None],
+        on_fail: Callable[[UpstreamConn, str, float], None],
+    ) -> None:
         self.name = name
-        self.check = check
-        self.send: memoryview | None = memoryview(check.request) if check.request else None
+        self.checks = checks
+        self.on_pass = on_pass
+        self.on_fail = on_fail  # (conn, what went wrong, now)
+        self.step = -1
+        self.check: Check = checks[0]
+        self.send: memoryview | None = None
+        self.next_step()
+
+    def next_step(self) -> bool:
+        """Move on to the next check; False when none is left."""
+        self.step += 1
+        if self.step >= len(self.checks):
+            return False
+        self.check = self.checks[self.step]
+        self.send = memoryview(self.check.request) if self.check.request else None
+        return True
+
+    def describe(self) -> str:
+        """The run's name, and which step when it has several: for error messages."""
+        return self.name if len(self.checks) == 1 else f"{self.name} step {self.step + 1}"

@@ -47,9 +47,10 @@ def short_tempdir() -> Path:
 class RedisServer:
     """A private redis-server on a free loopback port; stop() and start() keep the port."""
 
-    def __init__(self, port: int | None = None, maxclients: int = 1000) -> None:
+    def __init__(self, port: int | None = None, maxclients: int = 1000, password: str | None = None) -> None:
         self.port = port or free_port()
         self.maxclients = maxclients
+        self.password = password
         self.dir = short_tempdir()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -72,6 +73,7 @@ class RedisServer:
                 str(self.dir),
                 "--maxclients",
                 str(self.maxclients),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -88,8 +90,8 @@ class RedisServer:
         finally:
             r.close()
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5, password=self.password, db=db)
 
     def broker_connections(self, via: redis.Redis | None = None) -> int:
         """Connections from anyone but the inspecting client `via` (in tests: the broker's)."""

@@ -228,7 +228,7 @@ def test_the_redis_preset_probes_checkouts_and_catches_a_wrong_answer(
     redis_stats, echo_stats = c.stats()["redis"], c.stats()["echo"]
     assert (redis_stats["checks_run"], redis_stats["checks_failed"], redis_stats["connections_created"]) == (4, 0, 1)
     assert (echo_stats["checks_failed"], echo_stats["connections_created"]) == (4, 5)
-    assert "redis probe: the probe expected b'+PONG', got b'PING\\r\\n'" in broker.log()
+    assert "redis probe: expected b'+PONG', got b'PING\\r\\n'" in broker.log()
 
 
 def test_the_memcached_preset_against_memcached(

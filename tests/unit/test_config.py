@@ -114,16 +114,40 @@ def test_health_settings_from_a_file(tmp_path: Path) -> None:
     assert web.probe_timeout == 0.5
 
 
-def test_every_pool_setting_is_also_a_flag() -> None:
+def test_every_pool_setting_but_the_step_lists_is_also_a_flag() -> None:
     from broker.cli import build_parser
 
     flags = []
-    for name, setting in POOL_SETTINGS.items():
+    with_flags = {name: setting for name, setting in POOL_SETTINGS.items() if name not in ("on_connect", "reset")}
+    for name, setting in with_flags.items():
         value = "send" if name == "probe" else "x" if setting.type in (str, "str") else "1"
         flags += [f"--{name.replace('_', '-')}", value]
     args = build_parser().parse_args(["serve", *flags])
-    assert all(getattr(args, name) is not None for name in POOL_SETTINGS)
+    assert all(getattr(args, name) is not None for name in with_flags)
     assert set(POOL_SETTINGS) == {f.name for f in dataclasses.fields(PoolConfig)} - {"name", "host", "port"}
+    assert all(POOL_SETTINGS[name].metadata.get("file_only") for name in ("on_connect", "reset"))
+
+
+def test_on_connect_and_reset_steps_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[pools.a]\nupstream = "h:1"\non_connect = [{send = "AUTH pw\\r\\n", expect = "+OK"}, '
+        '{send = "SELECT 2\\r\\n", expect = "+OK"}]\nreset = [{send = "RESET\\r\\n", expect = "+RESET"}]\n'
+        '[pools.b]\nupstream = "h:2"\nreset = "discard"\n',
+    )
+    a, b = load(path).pools
+    assert a.on_connect == (("AUTH pw\r\n", "+OK"), ("SELECT 2\r\n", "+OK"))
+    assert a.reset == (("RESET\r\n", "+RESET"),)
+    assert (b.on_connect, b.reset) == ((), "discard")
+    assert "AUTH" not in repr(a)  # a password stays out of reprs and logs
+    for bad, why in [
+        ('reset = "sometimes"', 'must be "discard" or a list'),
+        ("on_connect = [{send = 1, expect = 2}]", "non-empty strings"),
+        ('on_connect = [{send = "x"}]', "step 1 must be"),
+        ('on_connect = "AUTH"', "must be a list"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            load(write(tmp_path, f'[pools.a]\nupstream = "h:1"\n{bad}\n'))
 
 
 def test_lease_limits_and_the_shutdown_grace(tmp_path: Path) -> None:
