@@ -210,6 +210,12 @@ class _LeaseIO(io.RawIOBase):
         return self._lease.send(bytes(data))
 
 
+def _close_sockets(ctx: zmq.Context[Any], channels: list[_Channel]) -> None:
+    for channel in channels:
+        channel.close()
+    ctx.term()
+
+
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
     if reply.get("ok") is True:
         return reply
@@ -265,6 +271,7 @@ class Client:
         self._channels: list[_Channel] = []
         self._local = threading.local()
         self._closed = False
+        self._finalizer: weakref.finalize[Any, Any] | None = None  # closes the sockets and context
         _clients.add(self)
 
     def __repr__(self) -> str:
@@ -272,6 +279,9 @@ class Client:
 
     def _forget_parent(self) -> None:
         _inherited.extend([self._ctx, self._channels, self._local])
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the parent's sockets are the parent's to close
+            self._finalizer = None
         self._lock = threading.Lock()
         self._ctx = None
         self._channels = []
@@ -286,6 +296,9 @@ class Client:
                 raise BrokerUnavailable("this Client is closed")
             if self._ctx is None:
                 self._ctx = zmq.Context()
+                # Sockets before their context, even when the Client is collected in a cycle
+                # (pyzmq's own collection could term the context first, and term waits forever).
+                self._finalizer = weakref.finalize(self, _close_sockets, self._ctx, self._channels)
             channel = _Channel(self._ctx, self.endpoint, self._curve, self.max_message_size)
             self._channels.append(channel)
         self._local.channel = channel
@@ -400,10 +413,9 @@ class Client:
         """Close this process's sockets. Call it when no thread uses the Client any more."""
         with self._lock:
             self._closed = True
-            if self._ctx is not None:
-                for channel in self._channels:
-                    channel.close()
-                self._ctx.term()
+            if self._finalizer is not None:
+                self._finalizer()  # (once: a finalizer runs at most once)
+                self._finalizer = None
             self._ctx = None
             self._channels = []
         self._local = threading.local()

@@ -1,4 +1,4 @@
-"""gunicorn, sync workers, serving examples/wsgi_app.py: a lease per request, with and without
+"""gunicorn, sync workers, serving examples/gunicorn_app.py: a lease per request, with and without
 --preload, and workers killed while holding a lease (by us, or by gunicorn's worker timeout)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def gunicorn(endpoint: str, tmp_path: Path, *flags: str) -> Iterator[tuple[str, 
     port = free_port()
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", *flags, "examples.wsgi_app:app"],
+        [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", *flags, "examples.gunicorn_app:app"],
         cwd=ROOT,
         env={**os.environ, "POOLBROKER_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT)},
         stdout=log,
@@ -79,7 +79,8 @@ def test_gunicorn_workers_lease_per_request(
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", str(MAX_SIZE))
     flags = ("--preload",) if preload else ()
     with gunicorn(broker.endpoint, tmp_path, *flags) as (url, _), ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(lambda _: get(url + "/hit"), range(300)))
+        # Half through redis-py over leases, half on leases by hand.
+        replies = list(pool.map(lambda i: get(url + ("/hit" if i % 2 else "/raw")), range(300)))
     pids = {reply.split()[0] for reply in replies}
     hits = sorted(int(reply.split()[1]) for reply in replies)
     assert hits == list(range(1, 301))  # every request its own INCR: no reply went astray

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import Broker, RedisServer
+from helpers import Broker, RedisServer, wait_for
 
 from client import Client, UpstreamUnavailable
 from client.redis import BrokerConnectionPool
@@ -23,9 +23,11 @@ def locked_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-def broker_with(start_broker: Callable[..., Broker], tmp_path: Path, server: RedisServer, pool: str) -> Broker:
+def broker_with(
+    start_broker: Callable[..., Broker], tmp_path: Path, server: RedisServer, pool: str, max_size: int = 2
+) -> Broker:
     config = tmp_path / "broker.toml"
-    config.write_text(f'[pools.redis]\nupstream = "{server.address}"\nmax_size = 2\n{pool}\n')
+    config.write_text(f'[pools.redis]\nupstream = "{server.address}"\nmax_size = {max_size}\n{pool}\n')
     config.chmod(0o600)  # it holds a password
     return start_broker("--config", str(config))
 
@@ -75,7 +77,8 @@ def test_reset_steps_restore_the_session_for_the_next_holder(
         f'reset = [{{send = "RESET\\r\\n", expect = "+RESET"}}, {{send = "AUTH {PASSWORD}\\r\\n", expect = "+OK"}},'
         ' {send = "SELECT 3\\r\\n", expect = "+OK"}]'
     )
-    broker = broker_with(start_broker, tmp_path, locked_redis, f"{AUTH_AND_SELECT}\n{reset}")
+    # One connection: the next lease waits for the reset of the last one to finish.
+    broker = broker_with(start_broker, tmp_path, locked_redis, f"{AUTH_AND_SELECT}\n{reset}", max_size=1)
     c = Client(broker.endpoint)
     with c.lease("redis") as conn:
         assert conn.request(b"SELECT 5\r\n", until=b"\r\n") == b"+OK\r\n"  # the holder changes its session
@@ -95,9 +98,9 @@ def test_a_reset_that_fails_closes_the_connection(
 ) -> None:
     broker = broker_with(start_broker, tmp_path, redis_server, 'reset = [{send = "PING\\r\\n", expect = "+PANG"}]')
     with Client(broker.endpoint) as c:
-        c.lease("redis").release()
-        stats = c.stats("redis")["redis"]
-        assert (stats["connections_closed_broken"], stats["pool_size"]) == (1, 0)
+        c.lease("redis").release()  # the reset runs after the release: wait for its verdict
+        wait_for(lambda: c.stats("redis")["redis"]["connections_closed_broken"] == 1, what="the failed reset")
+        assert c.stats("redis")["redis"]["pool_size"] == 0
         assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # a fresh one serves
     assert "reset: expected b'+PANG', got b'+PONG\\r\\n'" in broker.log()
 

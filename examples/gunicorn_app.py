@@ -1,10 +1,11 @@
 """A WSGI app whose every request leases a Redis connection from poolbroker.
 
-    POOLBROKER_ENDPOINT=ipc:///run/poolbroker/broker.sock gunicorn -w 4 examples.wsgi_app:app
-    ... gunicorn -w 4 --preload examples.wsgi_app:app     # the Client is made before fork: fine
+    POOLBROKER_ENDPOINT=ipc:///run/poolbroker/broker.sock gunicorn -w 4 examples.gunicorn_app:app
+    ... gunicorn -w 4 --preload examples.gunicorn_app:app     # the Client is made before fork: fine
 
-Paths: /hit counts a hit in Redis and answers "PID HITS"; /hold?seconds=N holds a lease that long
-(for showing what happens when gunicorn's worker timeout kills a worker holding one).
+Paths: /hit counts a hit in Redis through redis-py (each command one lease) and answers "PID HITS";
+/raw does the same on a lease by hand; /hold?seconds=N holds a lease that long (for showing what
+happens when gunicorn's worker timeout kills a worker holding one).
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import time
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
+import redis
+
 from client import Client
+from client.redis import BrokerConnectionPool
 
 # At import time, even under --preload: no socket is made until the first request, in the worker.
 client = Client()
+redis_client = redis.Redis(connection_pool=BrokerConnectionPool(client, "redis"))
 
 
 def app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
     path = environ.get("PATH_INFO")
     if path == "/hit":
-        with client.lease("redis", tag="wsgi-hit") as conn:
+        body = f"{os.getpid()} {redis_client.incr('hits')}\n".encode()
+    elif path == "/raw":
+        with client.lease("redis", tag="wsgi-raw") as conn:
             reply = conn.request(b"INCR hits\r\n", until=b"\r\n")  # ":<n>\r\n"
         body = f"{os.getpid()} {int(reply[1:])}\n".encode()
     elif path == "/hold":
