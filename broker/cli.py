@@ -39,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, setting in POOL_SETTINGS.items():
         if setting.metadata.get("file_only"):
             continue
+        help_text = f"{setting.metadata['help']} (default {setting.default})".replace("%", "%%")
+        flag = f"--{name.replace('_', '-')}"
+        if str(setting.type) == "bool":
+            pools.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
         kind = {"int": int, "float": float}.get(str(setting.type), str)
         choices = PROBES if name == "probe" else None
-        help_text = f"{setting.metadata['help']} (default {setting.default})".replace("%", "%%")
-        pools.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices, help=help_text)
+        pools.add_argument(flag, type=kind, choices=choices, help=help_text)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--shutdown-grace", type=float, metavar="S", help="seconds active leases may finish after SIGTERM (default 10)"
@@ -114,7 +118,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logs.setup(config.log_level, config.log_format)
     raise_fd_limit()
-    server = Server(config, curve=curve, reload_config=read_config if args.config else None)
+    try:
+        server = Server(config, curve=curve, reload_config=read_config if args.config else None)
+    except ConfigError as exc:  # (a TLS file that does not load)
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 2
     metrics = None
     try:
         endpoint = server.bind(endpoint)

@@ -61,6 +61,11 @@ class PoolConfig:
     lease_idle_timeout: float = _setting(120.0, "reclaim a lease with no I/O for this long (0: never)")
     max_lease_time: float = _setting(3600.0, "reclaim a lease held this long, busy or not (0: never)")
     max_leases_per_client: int = _setting(0, "leases one client process may hold or wait for (0: up to max_size)")
+    tls: bool = _setting(False, "speak TLS to the upstream (verified against tls_ca_file, else the system's CAs)")
+    tls_ca_file: str = _setting("", "CA certificates (PEM) that the upstream's certificate must chain to")
+    tls_server_name: str = _setting("", "the name the upstream's certificate must carry (default: its host)")
+    tls_cert_file: str = _setting("", "a client certificate (PEM) for upstreams that ask for one")
+    tls_key_file: str = _setting("", "the client certificate's key (PEM), if not in tls_cert_file")
     on_connect: tuple[Step, ...] = _file_setting((), "steps run once on each new connection (AUTH, SELECT...)")
     reset: tuple[Step, ...] | str = _file_setting((), 'on return: steps that reset the session, or "discard"')
 
@@ -95,6 +100,10 @@ class PoolConfig:
                 raise ConfigError(f"{where}: {name} must not be negative")
         if self.connect_backoff > self.connect_backoff_max:
             raise ConfigError(f"{where}: connect_backoff must not exceed connect_backoff_max")
+        if not self.tls and (self.tls_ca_file or self.tls_server_name or self.tls_cert_file or self.tls_key_file):
+            raise ConfigError(f"{where}: tls_* settings need tls = true")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ConfigError(f"{where}: tls_key_file needs tls_cert_file")
         if isinstance(self.reset, str) and self.reset != RESET_DISCARD:
             raise ConfigError(f'{where}: reset is a list of steps or "discard", not {self.reset!r}')
         self._check_probe(where)
@@ -225,7 +234,11 @@ def _steps(where: str, value: Any) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _typed(where: str, value: Any, kind: Any) -> str | int | float:
+def _typed(where: str, value: Any, kind: Any) -> str | int | float | bool:
+    if kind in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
     if kind in (str, "str"):
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string")

@@ -17,6 +17,7 @@ import math
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -26,7 +27,7 @@ import zmq
 import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
-from broker import __version__, logs
+from broker import __version__, logs, tls
 from broker.config import RESET_DISCARD, BrokerConfig, ConfigError, PoolConfig
 from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
 from broker.probes import ProbeFailed, ProbeSpec, line_checks, probe_spec
@@ -216,6 +217,7 @@ class PoolState:
         self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
         self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
         self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
+        self.tls: ssl.SSLContext | None = tls.client_context(config)  # raises ConfigError
 
     def __repr__(self) -> str:
         return repr(self.core).replace("PoolCore", "Pool", 1)
@@ -223,6 +225,8 @@ class PoolState:
     def reconfigure(self, config: PoolConfig, now: float) -> list[Any]:
         """New settings, live. A new upstream address drains the connections to the old one."""
         moved = (config.host, config.port) != (self.config.host, self.config.port)
+        moved = moved or _differences(self.config, config, TLS_KEYS) != []  # another TLS: new connections
+        self.tls = tls.client_context(config)
         self.config = config
         self.probe = probe_spec(config)
         actions = self.core.reconfigure(config, now)
@@ -243,6 +247,8 @@ def _int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
     """`sock.getsockopt`, for the options that are ints (FD, EVENTS, RCVMORE)."""
     return cast(Callable[[int], int], functools.partial(zmq.backend.Socket.get, sock))
 
+
+TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
 
 # Broker settings a reload can't change in a running broker: they are the socket's.
 RESTART_KEYS = (
@@ -689,6 +695,8 @@ class Server:
         if self._drain_until is not None:
             raise ConfigError("the broker is shutting down")
         config = self.reload_config()
+        for pool_config in config.pools:
+            tls.client_context(pool_config)  # a TLS file that does not load fails the reload before any change
         for key in _differences(self.config, config, RESTART_KEYS):
             log.warning("reload: %s changed; it takes effect at the next restart", key)
         old = {pool.name: pool for pool in self.config.pools}
@@ -933,6 +941,30 @@ class Server:
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
         conn.connecting = False
+        context = conn.pool.tls
+        if context is not None:  # the TLS handshake, in this loop, within connect_timeout
+            try:
+                conn.start_tls(context, tls.server_name(conn.pool.config))
+            except OSError as exc:
+                self._connect_failed(conn, exc, now)
+                return
+            self._advance_tls(conn, now)
+            return
+        self._transport_ready(conn, now)
+
+    def _advance_tls(self, conn: UpstreamConn, now: float) -> None:
+        try:
+            waiting = conn.handshake()
+        except OSError as exc:
+            self._connect_failed(conn, OSError(f"TLS handshake failed: {exc}"), now)
+            return
+        if waiting:
+            self._watch(conn)
+        else:
+            self._transport_ready(conn, now)
+
+    def _transport_ready(self, conn: UpstreamConn, now: float) -> None:
+        """Connected (over TLS if the pool says so): the on_connect steps, then into the pool."""
         steps = conn.pool.config.on_connect
         if steps:  # the handshake runs within connect_timeout: the connect's timer goes on
             run = ProbeRun("on_connect", line_checks(steps), self._handshaken, self._handshake_failed)
@@ -965,6 +997,8 @@ class Server:
                 flags = 0
             elif conn.connecting:
                 flags = select.EPOLLOUT
+            elif conn.handshaking:
+                flags = conn.handshaking
             elif probe is not None:
                 flags = select.EPOLLOUT if probe.send is not None else select.EPOLLIN
             elif conn.lease is None:
@@ -996,6 +1030,9 @@ class Server:
                 self._connected(conn, now)
             else:
                 self._connect_failed(conn, error, now)
+            return
+        if conn.handshaking:
+            self._advance_tls(conn, now)
             return
         if conn.probe is not None:
             self._advance_probe(conn, now)
@@ -1273,7 +1310,9 @@ class Server:
             conn.fail("the lease ended during an I/O operation")
             self._send(exchange.peer, _error(exchange.rid, "lease_lost", "the lease ended during this operation"))
         conn.lease = None
-        unfit = (conn.unfit() if keep else "discarded") if reason is None else reason
+        if reason is None:  # (an I/O that failed says more than the holder's discard)
+            reason = "broken" if conn.broken else conn.unfit() if keep else "discarded"
+        unfit = reason
         reset = lease.pool.config.reset
         if unfit is None and reset == RESET_DISCARD:
             unfit = "reset"  # it may carry the holder's session state

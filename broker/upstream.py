@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ class UpstreamConn:
         "error",
         "closed",
         "connecting",
+        "handshaking",
         "lease",
         "probe",
         "timer",
@@ -63,6 +65,7 @@ class UpstreamConn:
         self.error = ""  # what went wrong, for the log line that closes it
         self.closed = False
         self.connecting = True
+        self.handshaking = 0  # during a TLS handshake: the poll flag it waits for
         self.lease: Lease | None = None
         self.probe: ProbeRun | None = None
         self.timer: Timer | None = None  # the connect's or the probe's deadline
@@ -109,25 +112,50 @@ class UpstreamConn:
             return exc
         return None
 
+    def start_tls(self, context: ssl.SSLContext, server_name: str) -> None:
+        """Wrap the connected socket in TLS; handshake() then drives the handshake."""
+        assert self.sock is not None
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
+        self.handshaking = select.EPOLLOUT
+
+    def handshake(self) -> int:
+        """Advance the TLS handshake: 0 once done, else the poll flag to wait for. Raises OSError
+        (ssl.SSLCertVerificationError included) when it fails."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.handshaking = select.EPOLLIN
+        except ssl.SSLWantWriteError:
+            self.handshaking = select.EPOLLOUT
+        else:
+            self.handshaking = 0
+        return self.handshaking
+
     def send(self, data: memoryview) -> int:
         """Send what the socket takes now; 0 when its buffer is full. Raises OSError if broken."""
         assert self.sock is not None
         try:
             return self.sock.send(data)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
 
     def fill(self) -> None:
         """Read what has arrived into the buffer (noting end of stream). Raises OSError if broken."""
-        assert self.sock is not None
-        try:
-            n = self.sock.recv_into(_READ_BUFFER)
-        except BlockingIOError:
-            return
-        if n:
+        sock = self.sock
+        assert sock is not None
+        while True:
+            try:
+                n = sock.recv_into(_READ_BUFFER)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return  # (TLS: what came was records of the protocol's own, no data)
+            if not n:
+                self.eof = True
+                return
             self.rbuf += _READ_BUFFER[:n]
-        else:
-            self.eof = True
+            # TLS may hold decrypted bytes the socket's poll will never announce: take them too.
+            if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                return
 
     def take(self, mode: str, n: int, delim: bytes | None, scanned: int) -> tuple[bytes | None, int]:
         """Take what a read asks for from the buffer, or (None, how far a delimiter search got).
@@ -172,6 +200,16 @@ class UpstreamConn:
         if self.rbuf:
             return "unread"
         assert self._readable is not None
+        if isinstance(self.sock, ssl.SSLSocket):
+            # No peeking through TLS, and a readable socket may only hold the protocol's own
+            # records (a session ticket): read, and judge what came out.
+            if not (self.sock.pending() or self._readable.poll(0)):
+                return None
+            try:
+                self.fill()
+            except OSError:
+                return "broken"
+            return "broken" if self.eof else "unread" if self.rbuf else None
         if not self._readable.poll(0):
             return None  # nothing to read: clean (a poll costs less than a failing recv)
         try:

@@ -44,13 +44,49 @@ def short_tempdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
 
 
+class TestCertificates:
+    """A test CA, a server certificate for localhost and 127.0.0.1, a client certificate, and a
+    second CA that signed none of them (openssl, elliptic-curve keys: fast)."""
+
+    __test__ = False  # (not a pytest test class)
+
+    def __init__(self) -> None:
+        self.dir = short_tempdir()
+        d = self.dir
+        self.ca, self.other_ca = d / "ca.crt", d / "other-ca.crt"
+        self.server_cert, self.server_key = d / "server.crt", d / "server.key"
+        self.client_cert, self.client_key = d / "client.crt", d / "client.key"
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for name in ("ca", "other-ca"):
+            files = ["-keyout", f"{name}.key", "-out", f"{name}.crt"]
+            self._openssl("req", "-x509", *key, *files, "-days", "2", "-subj", f"/CN={name}")
+        (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+        for name in ("server", "client"):
+            self._openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+            sign = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext"]
+            self._openssl("x509", "-req", "-in", f"{name}.csr", "-out", f"{name}.crt", *sign)
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=self.dir, check=True, capture_output=True, timeout=60)
+
+
 class RedisServer:
     """A private redis-server on a free loopback port; stop() and start() keep the port."""
 
-    def __init__(self, port: int | None = None, maxclients: int = 1000, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        maxclients: int = 1000,
+        password: str | None = None,
+        tls: TestCertificates | None = None,
+        tls_clients: str = "no",
+    ) -> None:
         self.port = port or free_port()
         self.maxclients = maxclients
         self.password = password
+        self.tls = tls  # TLS only, on `port`, with these certificates
+        self.tls_clients = tls_clients  # --tls-auth-clients: no, optional, yes
         self.dir = short_tempdir()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -74,12 +110,22 @@ class RedisServer:
                 "--maxclients",
                 str(self.maxclients),
                 *(["--requirepass", self.password] if self.password else []),
+                *(self._tls_args() if self.tls else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_for(self._answers, what=f"redis on port {self.port}")
         return self
+
+    def _tls_args(self) -> list[str]:
+        assert self.tls is not None
+        certs = self.tls
+        return [
+            *("--port", "0", "--tls-port", str(self.port)),
+            *("--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key)),
+            *("--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", self.tls_clients),
+        ]
 
     def _answers(self) -> bool:
         r = self.client()
@@ -91,6 +137,17 @@ class RedisServer:
             r.close()
 
     def client(self, db: int = 0) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(
+                port=self.port,
+                socket_timeout=5,
+                password=self.password,
+                db=db,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca),
+                ssl_certfile=str(self.tls.client_cert),
+                ssl_keyfile=str(self.tls.client_key),
+            )
         return redis.Redis(port=self.port, socket_timeout=5, password=self.password, db=db)
 
     def broker_connections(self, via: redis.Redis | None = None) -> int:

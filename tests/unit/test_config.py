@@ -120,8 +120,9 @@ def test_every_pool_setting_but_the_step_lists_is_also_a_flag() -> None:
     flags = []
     with_flags = {name: setting for name, setting in POOL_SETTINGS.items() if name not in ("on_connect", "reset")}
     for name, setting in with_flags.items():
-        value = "send" if name == "probe" else "x" if setting.type in (str, "str") else "1"
-        flags += [f"--{name.replace('_', '-')}", value]
+        flags.append(f"--{name.replace('_', '-')}")
+        if setting.type not in (bool, "bool"):  # (a switch: --tls, --no-tls)
+            flags.append("send" if name == "probe" else "x" if setting.type in (str, "str") else "1")
     args = build_parser().parse_args(["serve", *flags])
     assert all(getattr(args, name) is not None for name in with_flags)
     assert set(POOL_SETTINGS) == {f.name for f in dataclasses.fields(PoolConfig)} - {"name", "host", "port"}
@@ -219,3 +220,22 @@ def test_curve_settings_go_together() -> None:
     with pytest.raises(ConfigError, match="curve_secret_key needs curve_clients"):
         load_curve(BrokerConfig(curve_secret_key="/nonexistent"))
     assert load_curve(BrokerConfig()) is None
+
+
+def test_tls_settings(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[pools.a]\nupstream = "h:1"\ntls = true\ntls_ca_file = "/etc/ca.pem"\ntls_server_name = "redis.internal"\n',
+    )
+    [pool] = load(path).pools
+    assert (pool.tls, pool.tls_ca_file, pool.tls_server_name) == (True, "/etc/ca.pem", "redis.internal")
+    with pytest.raises(ConfigError, match="tls must be true or false"):
+        load(write(tmp_path, '[pools.a]\nupstream = "h:1"\ntls = "yes"\n'))
+    with pytest.raises(ConfigError, match="tls_\\* settings need tls = true"):
+        load(write(tmp_path, '[pools.a]\nupstream = "h:1"\ntls_ca_file = "/etc/ca.pem"\n'))
+    with pytest.raises(ConfigError, match="tls_key_file needs tls_cert_file"):
+        load(write(tmp_path, '[pools.a]\nupstream = "h:1"\ntls = true\ntls_key_file = "k.pem"\n'))
+    from broker.tls import client_context
+
+    with pytest.raises(ConfigError, match="can't set up TLS"):
+        client_context(PoolConfig("a", "h", 1, tls=True, tls_ca_file=str(tmp_path / "missing.pem")))
