@@ -16,11 +16,12 @@ find_python() {
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 ensure_servers() {
-    # Real upstreams for the tests and the demo: Debian's redis-server and memcached.
-    command -v redis-server >/dev/null && command -v memcached >/dev/null && return
-    echo "setup: installing redis-server and memcached (Debian packages)" >&2
+    # Real upstreams for the tests and the demo: Debian's redis-server (built with TLS) and
+    # memcached; openssl makes the test certificates.
+    command -v redis-server >/dev/null && command -v memcached >/dev/null && command -v openssl >/dev/null && return
+    echo "setup: installing redis-server, memcached and openssl (Debian packages)" >&2
     as_root apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server memcached >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server memcached openssl >/dev/null
     # The packages start system-wide instances on the default ports; ours start their own on free ports.
     as_root systemctl disable --now redis-server memcached >/dev/null 2>&1 || true
 }
