@@ -299,6 +299,7 @@ class Client:
                 # Sockets before their context, even when the Client is collected in a cycle
                 # (pyzmq's own collection could term the context first, and term waits forever).
                 self._finalizer = weakref.finalize(self, _close_sockets, self._ctx, self._channels)
+                self._finalizer.atexit = False  # at exit another thread may still be in a call
             channel = _Channel(self._ctx, self.endpoint, self._curve, self.max_message_size)
             self._channels.append(channel)
         self._local.channel = channel
