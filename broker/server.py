@@ -293,7 +293,6 @@ class Server:
         self.conns: dict[int, UpstreamConn] = {}  # by fd
         self.timers = Timers()
         self.packer = msgpack.Packer(use_bin_type=True)
-        self.max_payload = config.max_payload
         self.waiting_payload = 0  # bytes carried by lease requests not yet granted (max_waiting_payload)
         self.curve = curve
         self.bad_requests = 0
@@ -719,7 +718,6 @@ class Server:
                 self._perform(self.pools[name], self.pools[name].reconfigure(pool_config, now), now)
                 changes["changed"].append(name)
         self.config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in RESTART_KEYS})
-        self.max_payload = self.config.max_payload
         logs.set_level(self.config.log_level)
         log.info(
             "reloaded: %s added, %s removed, %s changed",
@@ -822,7 +820,7 @@ class Server:
         return lease
 
     def _exchange_fits(self, peer: bytes, req: Request) -> bool:
-        limit = self.max_payload
+        limit = self.config.max_payload
         if req.read == READ_EXACTLY and req.n is not None and req.n > limit:
             message = f"read exactly {req.n} bytes is over the limit of {limit} (max_payload)"
             self._send(peer, _error(req.id, "limit_exceeded", message))
@@ -1204,7 +1202,7 @@ class Server:
         self._schedule_lease_check(lease, now)
 
     def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
-        exchange = Exchange(lease, peer, req, first, self.max_payload, now)
+        exchange = Exchange(lease, peer, req, first, self.config.max_payload, now)
         lease.exchange = exchange
         lease.ops += 1
         lease.last_io = now

@@ -33,6 +33,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(0.01)
 
 
+def broker_answers(client: Any) -> bool:
+    """Does the broker answer this client's ping (within the client's broker_timeout)?"""
+    from client import BrokerUnavailable
+
+    try:
+        client.ping()
+        return True
+    except BrokerUnavailable:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -214,16 +225,13 @@ class Broker:
         return self.proc.pid
 
     def ready(self) -> bool:
-        from client import BrokerUnavailable, Client
+        from client import Client
 
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
         client = Client(self.endpoint, broker_timeout=0.2, **self.client_options)
         try:
-            client.ping()
-            return True
-        except BrokerUnavailable:
-            return False
+            return broker_answers(client)
         finally:
             client.close()
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
+from helpers import ROOT, Broker, RedisServer, broker_answers, short_tempdir, wait_for
 
 from client import BrokerUnavailable, Client, LeaseLost
 
@@ -153,17 +153,9 @@ def test_a_broker_restart_needs_no_client_restart(
         lease.request(b"PING\r\n", until=b"\r\n")
     start_broker(*args, endpoint=first.endpoint)  # the same endpoint, a new process
     back = time.monotonic()
-    wait_for(lambda: _answers(c), timeout=3.0, what="the same Client to reach the new broker")
+    wait_for(lambda: broker_answers(c), timeout=3.0, what="the same Client to reach the new broker")
     print(f"working again {time.monotonic() - back:.3f}s after the new broker answered")
     assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
-
-
-def _answers(c: Client) -> bool:
-    try:
-        c.ping()
-        return True
-    except BrokerUnavailable:
-        return False
 
 
 COLLECT_CYCLES = """

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
+from helpers import ROOT, Broker, RedisServer, broker_answers, short_tempdir, wait_for
 
-from client import BrokerUnavailable, Client, LimitExceeded
+from client import Client, LimitExceeded
 
 
 def test_one_operation_may_send_and_read_at_most_max_payload(
@@ -178,7 +178,7 @@ def test_a_flood_of_connections_does_not_end_the_broker(redis_server: RedisServe
     flood: list[socket.socket] = []
     try:
         with Client(endpoint, broker_timeout=0.5) as c:
-            wait_for(lambda: _answers(c), what="the broker")
+            wait_for(lambda: broker_answers(c), what="the broker")
             limits = Path(f"/proc/{proc.pid}/limits").read_text()
             assert re.search(r"Max open files\s+4096\s+4096", limits), limits
             for _ in range(1000):
@@ -193,14 +193,6 @@ def test_a_flood_of_connections_does_not_end_the_broker(redis_server: RedisServe
         proc.terminate()
         proc.wait(15)
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _answers(client: Client) -> bool:
-    try:
-        client.ping()
-        return True
-    except BrokerUnavailable:
-        return False
 
 
 def test_a_sendall_larger_than_max_payload_goes_in_chunks(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, free_port, short_tempdir, wait_for
+from helpers import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 
 from client import BrokerUnavailable, Client, NotAuthorized
 
@@ -221,7 +221,7 @@ def test_over_ipc_another_user_may_connect_only_as_root_and_may_not_administer(r
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         with Client(endpoint, broker_timeout=0.5) as root:  # root may connect to any socket file
-            wait_for(lambda: proc.poll() is None and _answers(root), what="the broker run as nobody")
+            wait_for(lambda: proc.poll() is None and broker_answers(root), what="the broker run as nobody")
             with pytest.raises(NotAuthorized):
                 root.shutdown_broker()
         assert proc.poll() is None
@@ -229,11 +229,3 @@ def test_over_ipc_another_user_may_connect_only_as_root_and_may_not_administer(r
         proc.terminate()
         assert proc.wait(15) == 0, proc.stderr.read() if proc.stderr else ""
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _answers(client: Client) -> bool:
-    try:
-        client.ping()
-        return True
-    except BrokerUnavailable:
-        return False
