@@ -13,7 +13,7 @@ import zmq
 
 from broker import __version__, logs, security
 from broker import commands as operator_commands
-from broker.config import POOL_SETTINGS, PROBES, BrokerConfig, ConfigError, load, parse_address
+from broker.config import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, load, parse_address
 from broker.metrics import MetricsServer
 from broker.runtime import prepare_ipc
 from broker.server import Server
@@ -39,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, setting in POOL_SETTINGS.items():
         if setting.metadata.get("file_only"):
             continue
-        help_text = f"{setting.metadata['help']} (default {setting.default})".replace("%", "%%")
+        default = setting.default if setting.default != "" else "none"
+        help_text = f"{setting.metadata['help']} (default {default})".replace("%", "%%")
         flag = f"--{name.replace('_', '-')}"
         if str(setting.type) == "bool":
             pools.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(setting.type), str)
-        choices = PROBES if name == "probe" else None
+        choices = {"probe": PROBES, "protocol": PROTOCOLS}.get(name)
         pools.add_argument(flag, type=kind, choices=choices, help=help_text)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument(

@@ -17,6 +17,16 @@ class ConfigError(ValueError):
 
 
 PROBES = ("tcp", "send", "redis", "memcached", "http")
+PROTOCOLS = ("tcp", "redis", "memcached", "http")
+# A pool's probe unless it names one: its protocol's own round trip.
+PROTOCOL_PROBES = {"tcp": "tcp", "redis": "redis", "memcached": "memcached", "http": "http"}
+# reset: "auto" runs the protocol's reset when the holder changed the session; "off" never resets;
+# "discard" closes every returned connection; a list of steps runs on every clean return.
+RESET_AUTO = "auto"
+RESET_OFF = "off"
+RESET_DISCARD = "discard"
+RESET_MODES = (RESET_AUTO, RESET_OFF, RESET_DISCARD)
+REDIS_SESSION_KEYS = ("username", "password", "db", "client_name")
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -30,7 +40,6 @@ def _file_setting(default: Any, help: str) -> Any:
 
 
 Step = tuple[str, str]  # (send, expect): send the text, then one line must start with expect
-RESET_DISCARD = "discard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +62,8 @@ class PoolConfig:
     max_lifetime: float = _setting(3600.0, "close connections this old, less up to 5% jitter (0: never)")
     check_idle_after: float = _setting(0.5, "probe a connection idle this long before handing it out")
     check_interval: float = _setting(30.0, "probe idle connections this often (0: never)")
-    probe: str = _setting("tcp", "how to check a connection: " + ", ".join(PROBES))
+    protocol: str = _setting("tcp", "what the upstream speaks (its probe, handshake, reset): " + ", ".join(PROTOCOLS))
+    probe: str = _setting("", "how to check a connection (default: the protocol's): " + ", ".join(PROBES))
     probe_send: str = _setting("", "probe=send: bytes to send; probe=http: the request line")
     probe_expect: str = _setting("", "probe=send: the reply starts with this; probe=http: the status does")
     probe_timeout: float = _setting(1.0, "seconds a probe's answer may take")
@@ -66,8 +76,16 @@ class PoolConfig:
     tls_server_name: str = _setting("", "the name the upstream's certificate must carry (default: its host)")
     tls_cert_file: str = _setting("", "a client certificate (PEM) for upstreams that ask for one")
     tls_key_file: str = _setting("", "the client certificate's key (PEM), if not in tls_cert_file")
+    username: str = _setting("", "redis: the user to AUTH as on each new connection (with password)")
+    password: str = _file_setting("", "redis: the password to AUTH with (or password_file, password_env)")
+    password_file: str = _setting("", "redis: a file holding the password (read at start and reload)")
+    password_env: str = _setting("", "redis: an environment variable holding the password")
+    db: int = _setting(0, "redis: the database to SELECT on each new connection")
+    client_name: str = _setting("", "redis: the CLIENT SETNAME of each connection")
     on_connect: tuple[Step, ...] = _file_setting((), "steps run once on each new connection (AUTH, SELECT...)")
-    reset: tuple[Step, ...] | str = _file_setting((), 'on return: steps that reset the session, or "discard"')
+    reset: tuple[Step, ...] | str = _file_setting(
+        RESET_AUTO, 'on return: "auto" (the protocol\'s, when needed), "off", "discard", or steps'
+    )
 
     def __post_init__(self) -> None:
         where = f"pool {self.name!r}"
@@ -104,9 +122,28 @@ class PoolConfig:
             raise ConfigError(f"{where}: tls_* settings need tls = true")
         if self.tls_key_file and not self.tls_cert_file:
             raise ConfigError(f"{where}: tls_key_file needs tls_cert_file")
-        if isinstance(self.reset, str) and self.reset != RESET_DISCARD:
-            raise ConfigError(f'{where}: reset is a list of steps or "discard", not {self.reset!r}')
+        if isinstance(self.reset, str) and self.reset not in RESET_MODES:
+            raise ConfigError(f'{where}: reset is a list of steps, "auto", "off" or "discard", not {self.reset!r}')
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"{where}: protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        self._check_session_settings(where)
+        if not self.probe:  # the protocol's own
+            object.__setattr__(self, "probe", PROTOCOL_PROBES[self.protocol])
         self._check_probe(where)
+
+    def _check_session_settings(self, where: str) -> None:
+        given = [key for key in REDIS_SESSION_KEYS if getattr(self, key)]
+        given += [key for key in ("password_file", "password_env") if getattr(self, key)]
+        if given and self.protocol != "redis":
+            raise ConfigError(f'{where}: {", ".join(given)} need protocol = "redis"')
+        if given and self.on_connect:
+            raise ConfigError(f"{where}: give on_connect steps or {', '.join(given)}, not both")
+        if self.username and not self.password:
+            raise ConfigError(f"{where}: username needs a password (password, password_file or password_env)")
+        if not 0 <= self.db <= 1_000_000:
+            raise ConfigError(f"{where}: db must be a database number (0 or more)")
+        if any(c.isspace() for c in self.client_name):
+            raise ConfigError(f"{where}: client_name must not contain spaces (Redis refuses them)")
 
     def _check_probe(self, where: str) -> None:
         if self.probe not in PROBES:
@@ -210,14 +247,34 @@ def _pool_settings(name: str, table: dict[str, Any]) -> dict[str, Any]:
         if key not in POOL_KEYS:
             raise ConfigError(f"pool {name!r}: unknown key {key!r} (known: {', '.join(sorted(POOL_KEYS))})")
         if key == "reset" and isinstance(value, str):
-            if value != RESET_DISCARD:
-                raise ConfigError(f'{where} must be "discard" or a list of {{send = "...", expect = "..."}} steps')
+            if value not in RESET_MODES:
+                raise ConfigError(f'{where} must be "auto", "off", "discard" or a list of {{send, expect}} steps')
             settings[key] = value
         elif key in ("on_connect", "reset"):
             settings[key] = _steps(where, value)
         else:
             settings[key] = _typed(where, value, POOL_SETTINGS[key].type)
     return settings
+
+
+def _read_password(settings: dict[str, Any]) -> None:
+    """A pool's password from password_file or password_env, read now (at start and each reload)."""
+    where = f"pool {settings['name']!r}"
+    sources = [key for key in ("password", "password_file", "password_env") if settings.get(key)]
+    if len(sources) > 1:
+        raise ConfigError(f"{where}: give one of {', '.join(sources)}")
+    if settings.get("password_file"):
+        try:
+            settings["password"] = Path(settings["password_file"]).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{where}: can't read password_file: {exc}") from None
+        if not settings["password"]:
+            raise ConfigError(f"{where}: password_file {settings['password_file']} is empty")
+    elif settings.get("password_env"):
+        name = settings["password_env"]
+        if not os.environ.get(name):
+            raise ConfigError(f"{where}: password_env names ${name}, which is not set or empty")
+        settings["password"] = os.environ[name]
 
 
 def _steps(where: str, value: Any) -> tuple[Step, ...]:
@@ -294,6 +351,7 @@ def load(
         pools.setdefault(name, {"name": name}).update(host=host, port=port)
     for settings in pools.values():
         settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        _read_password(settings)
     if not pools:
         raise ConfigError("no pools: give --upstream NAME=HOST:PORT or a config file with [pools.NAME]")
 

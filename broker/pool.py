@@ -68,7 +68,8 @@ OPEN = Open()
 
 # Why a connection left the pool; each is a connections_closed_<reason> counter.
 # discarded: by its holder; broken: I/O or a probe failed, or the upstream closed it; unread: it
-# came back with bytes nobody read (out of sync); idle / lifetime: the reaper; reclaimed: taken
+# came back with bytes nobody read; out_of_sync: its protocol's stream was left in the middle of a
+# message, or with answers still owed (redis, http); idle / lifetime: the reaper; reclaimed: taken
 # back from a holder that died or held it too long; resized: over a lowered max_size; drained: an
 # operator drained the pool (or its upstream changed); reset: the pool's reset rule is "discard"
 # (its session state is unknown); shutdown.
@@ -76,6 +77,7 @@ CLOSE_REASONS = (
     "discarded",
     "broken",
     "unread",
+    "out_of_sync",
     "idle",
     "lifetime",
     "reclaimed",

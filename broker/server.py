@@ -28,9 +28,11 @@ import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
 from broker import __version__, logs, tls
-from broker.config import RESET_DISCARD, BrokerConfig, ConfigError, PoolConfig
+from broker.config import BrokerConfig, ConfigError, PoolConfig
 from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
-from broker.probes import ProbeFailed, ProbeSpec, line_checks, probe_spec
+from broker.probes import ProbeFailed, ProbeSpec, probe_spec
+from broker.protocols import CLOSE, RUN_RESET, pool_protocol
+from broker.protocols.session import Session
 from broker.resolver import AddrInfo, Resolver, numeric_address
 from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
 from broker.timers import Timer, Timers
@@ -124,6 +126,7 @@ class Lease:
         "exchange",
         "timer",
         "warned",
+        "session",
     )
 
     def __init__(self, token: bytes, conn: UpstreamConn, waiter: Waiter, now: float) -> None:
@@ -145,6 +148,9 @@ class Lease:
         self.exchange: Exchange | None = None
         self.timer: Timer | None = None  # the next look at how long it has been held or idle
         self.warned = False  # the leak warning was logged
+        # What the holder sends and reads, followed by the pool's protocol: what it left behind.
+        new_session = conn.pool.protocol.new_session
+        self.session: Session | None = new_session() if new_session is not None else None
 
     def __repr__(self) -> str:
         # Never the whole token: it is a capability.
@@ -189,6 +195,8 @@ class Exchange:
         "scanned",
         "release",
         "first",
+        "poll",
+        "poll_now",
         "started",
         "timer",
     )
@@ -205,6 +213,9 @@ class Exchange:
         self.scanned = 0
         self.release = req.release
         self.first = first  # the exchange carried by a lease request: its reply carries the token
+        # A poll: nothing read within io_timeout is an empty answer, not an error (pub/sub waits).
+        self.poll = req.poll
+        self.poll_now = req.poll and req.io_timeout == 0.0  # take only what is there already
         self.started = now
         self.timer: Timer | None = None
 
@@ -216,6 +227,7 @@ class PoolState:
         self.config = config
         self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
         self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
+        self.protocol = pool_protocol(config)  # its handshake, its reset, what a holder leaves
         self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
         self.tls: ssl.SSLContext | None = tls.client_context(config)  # raises ConfigError
 
@@ -229,6 +241,7 @@ class PoolState:
         self.tls = tls.client_context(config)
         self.config = config
         self.probe = probe_spec(config)
+        self.protocol = pool_protocol(config)
         actions = self.core.reconfigure(config, now)
         if moved:
             self.address = numeric_address(config.host, config.port)
@@ -739,7 +752,15 @@ class Server:
         self._send(peer, _ok(req.id, leases=leases))
 
     def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
-        self._send(peer, _ok(req.id, version=__version__, pools=sorted(self.pools)))
+        protocols = {
+            name: {
+                "protocol": pool.config.protocol,
+                "reset": pool.protocol.reset_mode,
+                "protects": pool.protocol.protects,
+            }
+            for name, pool in self.pools.items()
+        }
+        self._send(peer, _ok(req.id, version=__version__, pools=sorted(self.pools), protocols=protocols))
 
     def _on_stats(self, peer: bytes, req: Request, now: float) -> None:
         if req.pool is not None and req.pool not in self.pools:
@@ -805,9 +826,9 @@ class Server:
         lease = self._lease_of(peer, req)
         if lease is None:
             return
-        self._end_lease(lease, now, keep=req.release == RELEASE_KEEP)
-        if not req.noreply:
+        if not req.noreply:  # the answer first: a reset that follows is no business of the client's
             self._send(peer, _ok(req.id))
+        self._end_lease(lease, now, keep=req.release == RELEASE_KEEP)
 
     def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
         assert req.lease is not None
@@ -963,15 +984,17 @@ class Server:
 
     def _transport_ready(self, conn: UpstreamConn, now: float) -> None:
         """Connected (over TLS if the pool says so): the on_connect steps, then into the pool."""
-        steps = conn.pool.config.on_connect
-        if steps:  # the handshake runs within connect_timeout: the connect's timer goes on
-            run = ProbeRun("on_connect", line_checks(steps), self._handshaken, self._handshake_failed)
+        protocol = conn.pool.protocol
+        if protocol.handshake:  # it runs within connect_timeout: the connect's timer goes on
+            run = ProbeRun(
+                "on_connect", protocol.handshake, self._handshaken, self._handshake_failed, pipelined=protocol.pipelined
+            )
             self._run_checks(conn, run, None, now)
         else:
             self._handshaken(conn, now)
 
     def _close_conn(self, conn: UpstreamConn, reason: str) -> None:
-        level = logging.WARNING if reason in ("broken", "unread") else logging.DEBUG
+        level = logging.WARNING if reason in ("broken", "unread", "out_of_sync") else logging.DEBUG
         why = f": {conn.error}" if conn.error else ""
         log.log(level, "pool %r: closing a connection (%s%s)", conn.pool.config.name, reason, why)
         self._forget(conn)
@@ -1101,12 +1124,14 @@ class Server:
                     raise ProbeFailed("closed by the upstream")
                 if not run.check.read(conn.rbuf):
                     break  # the answer is not all there: wait until it is readable
-                if conn.rbuf:
+                last = run.step + 1 == len(run.checks)
+                if conn.rbuf and (last or not run.pipelined):  # (pipelined: the next answers may be here)
                     raise ProbeFailed("bytes after the answer: out of sync")
-                if not run.next_step():
+                if last:
                     self._end_probe(conn)
                     run.on_pass(conn, now)
                     return
+                run.next_step()
         except (OSError, ProbeFailed) as exc:
             self._checks_failed(conn, str(exc), now)
             return
@@ -1206,6 +1231,13 @@ class Server:
         lease.exchange = exchange
         lease.ops += 1
         lease.last_io = now
+        if exchange.poll and exchange.send is None:
+            try:  # what arrived while nobody read (a leased socket is polled only during an exchange)
+                lease.conn.fill()
+            except OSError as exc:
+                lease.conn.fail(f"read from upstream failed: {exc}")
+                self._finish_error(exchange, "upstream_error", lease.conn.error, now)
+                return
         self._advance(exchange, now)
         if lease.exchange is exchange:  # still running: bound it in time
             config = lease.pool.config
@@ -1226,6 +1258,8 @@ class Server:
                 self._finish_error(exchange, "upstream_error", conn.error, now)
                 return
             lease.bytes_sent += sent
+            if lease.session is not None:
+                lease.session.sent(exchange.send[:sent])
             exchange.send = exchange.send[sent:] if sent < len(exchange.send) else None
             if exchange.send is not None:
                 self._watch(conn)
@@ -1241,9 +1275,14 @@ class Server:
             self._finish_error(exchange, exc.code, exc.message, now)
             return
         if data is None:
+            if exchange.poll_now:  # a poll with no time to wait: nothing there now
+                self._finish_ok(exchange, b"", now)
+                return
             self._watch(conn)
             return
         lease.bytes_received += len(data)
+        if lease.session is not None:
+            lease.session.received(data)
         self._finish_ok(exchange, data, now)
 
     def _exchange_timed_out(self, exchange: Exchange, now: float) -> None:
@@ -1252,35 +1291,43 @@ class Server:
             # Part of a message may have gone out: the upstream's view of the stream is unknown.
             message = "send to upstream timed out"
             exchange.lease.conn.fail(message)
+        elif exchange.poll:
+            self._finish_ok(exchange, b"", now)  # nothing came: the empty answer a poll asked for
+            return
         else:
             message = "no answer from upstream in time (bytes already read stay buffered)"
         self._finish_error(exchange, "upstream_timeout", message, now)
 
     def _finish_ok(self, exchange: Exchange, data: bytes | None, now: float) -> None:
-        lease = self._end_exchange(exchange, now, lease_ends=exchange.release is not None)
+        releasing = exchange.release is not None
+        lease = self._end_exchange(exchange, now, lease_ends=releasing)
         reply = _ok(exchange.rid)
         if exchange.first:
             reply["lease"] = lease.token
         if data is not None:
             reply["data"] = data
-            if not data and exchange.read == READ_ANY:
+            if not data and exchange.read == READ_ANY and lease.conn.eof:
                 reply["eof"] = True
-        if exchange.release is not None:
-            self._end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
+        if releasing:
             reply["released"] = True
-        if not self._send(exchange.peer, reply) and lease.token in self.leases:
+        # The answer goes first; the lease ends after (a reset it needs is no wait of the client's).
+        delivered = self._send(exchange.peer, reply)
+        if releasing:
+            self._end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
+        elif not delivered and lease.token in self.leases:
             # The holder is gone mid-conversation: the connection's state is unknown.
             self._end_lease(lease, now, keep=False)
 
     def _finish_error(self, exchange: Exchange, code: str, message: str, now: float) -> None:
-        lease = self._end_exchange(exchange, now, lease_ends=exchange.release is not None or exchange.first)
-        reply = _error(exchange.rid, code, message)
         # A failed exchange that was to end the lease, or that opened it (its requester has no
         # token yet), ends it; an unfinished exchange leaves the connection in an unknown state.
-        if exchange.release is not None or exchange.first:
-            self._end_lease(lease, now, keep=False)
+        ends = exchange.release is not None or exchange.first
+        lease = self._end_exchange(exchange, now, lease_ends=ends)
+        reply = _error(exchange.rid, code, message)
+        if ends:
             reply["released"] = True
-        if not self._send(exchange.peer, reply) and lease.token in self.leases:
+        delivered = self._send(exchange.peer, reply)
+        if (ends or not delivered) and lease.token in self.leases:
             self._end_lease(lease, now, keep=False)
 
     def _end_exchange(self, exchange: Exchange, now: float, *, lease_ends: bool) -> Lease:
@@ -1310,13 +1357,22 @@ class Server:
         conn.lease = None
         if reason is None:  # (an I/O that failed says more than the holder's discard)
             reason = "broken" if conn.broken else conn.unfit() if keep else "discarded"
-        unfit = reason
-        reset = lease.pool.config.reset
-        if unfit is None and reset == RESET_DISCARD:
-            unfit = "reset"  # it may carry the holder's session state
-        elif unfit is None and isinstance(reset, tuple) and reset:  # the reset steps, then back to the pool
-            run = ProbeRun("reset", line_checks(reset), self._reset_passed, self._reset_failed)
-            self._run_checks(conn, run, "probe_timeout", now)
-            return
-        self._perform(lease.pool, lease.pool.core.release(conn, now, unfit), now)
+        pool = lease.pool
+        if reason is None:  # clean, as far as its socket tells: what did the holder leave on it?
+            decision = pool.protocol.on_return(lease.session)
+            if decision.action == RUN_RESET:  # back to the pool only once the reset has answered
+                log.debug("pool %r: resetting a returned connection: %s", pool.config.name, decision.why)
+                run = ProbeRun(
+                    "reset",
+                    pool.protocol.reset,
+                    self._reset_passed,
+                    self._reset_failed,
+                    pipelined=pool.protocol.pipelined,
+                )
+                self._run_checks(conn, run, "probe_timeout", now)
+                return
+            if decision.action == CLOSE:
+                reason = decision.reason
+                conn.error = decision.why
+        self._perform(pool, pool.core.release(conn, now, reason), now)
         self._watch(conn)

@@ -7,7 +7,7 @@ import os
 import select
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from client.protocol import READ_ANY, READ_EXACTLY
@@ -231,23 +231,30 @@ class ProbeRun:
     (on_connect) or a reset may be several. Holds the current check, what is left of its request
     to send, and what to do once every check passed or one failed."""
 
-    __slots__ = ("name", "checks", "step", "check", "send", "on_pass", "on_fail")
+    __slots__ = ("name", "checks", "pipelined", "step", "check", "send", "on_pass", "on_fail")
 
     def __init__(
         self,
         name: str,
-        checks: list[Check],
+        checks: Sequence[Check],
         on_pass: Callable[[UpstreamConn, float], None],
         on_fail: Callable[[UpstreamConn, str, float], None],
+        *,
+        pipelined: bool = False,
     ) -> None:
         self.name = name
         self.checks = checks
+        # Pipelined: every request goes at once and the answers are read in order (Redis): one
+        # round trip for a reset and its handshake, not one each.
+        self.pipelined = pipelined and len(checks) > 1
         self.on_pass = on_pass
         self.on_fail = on_fail  # (conn, what went wrong, now)
         self.step = -1
         self.check: Check = checks[0]
         self.send: memoryview | None = None
         self.next_step()
+        if self.pipelined:
+            self.send = memoryview(b"".join(check.request for check in checks))
 
     def next_step(self) -> bool:
         """Move on to the next check; False when none is left."""
@@ -255,7 +262,7 @@ class ProbeRun:
         if self.step >= len(self.checks):
             return False
         self.check = self.checks[self.step]
-        self.send = memoryview(self.check.request) if self.check.request else None
+        self.send = memoryview(self.check.request) if self.check.request and not self.pipelined else None
         return True
 
     def describe(self) -> str:

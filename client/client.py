@@ -7,6 +7,7 @@ answer gives BrokerUnavailable, never a hang.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -367,9 +368,15 @@ class Client:
         return _check(self._channel().call(message, self.broker_timeout))
 
     def ping(self) -> dict[str, Any]:
-        """The broker's version and pool names; raises BrokerUnavailable if it does not answer."""
+        """The broker's version, pool names, and per pool what it speaks: {"protocol": "redis",
+        "reset": "auto", "protects": True} ("protects": what a holder leaves on a connection's
+        session never reaches the next holder). Raises BrokerUnavailable if it does not answer."""
         reply = _check(self._channel().call({"op": OP_PING}, self.broker_timeout))
-        return {"version": reply.get("version"), "pools": reply.get("pools", [])}
+        return {
+            "version": reply.get("version"),
+            "pools": reply.get("pools", []),
+            "protocols": reply.get("protocols", {}),
+        }
 
     def leases(self, pool: str | None = None) -> list[dict[str, Any]]:
         """Who holds what: per active lease its pool, holder (pid, host, tag), seconds held, idle
@@ -436,10 +443,12 @@ def _add_exchange(
     exactly: int | None = None,
     max_bytes: int | None = None,
     release: str | None = None,
+    poll: bool = False,
 ) -> None:
     """Add an exchange to a lease or io request: send `send`, then read up to and including
     `until`, or `exactly` bytes, or whatever arrives first (at most `max_bytes`); none of the three:
-    no read. `release` ends the lease after it."""
+    no read. `release` ends the lease after it. `poll`: nothing read within io_timeout (which may
+    then be 0) is an empty answer rather than UpstreamTimeout."""
     if send:
         message["send"] = send
     if until is not None:
@@ -456,6 +465,8 @@ def _add_exchange(
     message["io_timeout"] = io_timeout
     if release is not None:
         message["release"] = release
+    if poll:
+        message["poll"] = True
 
 
 class Lease:
@@ -466,6 +477,11 @@ class Lease:
     Writes are held and go with the next read, so that a request and its answer are one round trip
     however they are written; `flush()` sends them at once. Reads and flushes are one round trip each.
     `close()` gives the connection back, as `release()` does; after `shutdown()` it is discarded.
+
+    Timeouts are a socket's: `settimeout(t)` bounds each operation to t seconds (UpstreamTimeout, a
+    TimeoutError, when it runs out), `settimeout(0)` makes `recv` non-blocking (BlockingIOError when
+    nothing has arrived), `settimeout(None)` makes `recv` wait as long as it takes (in round trips of
+    the lease's default io_timeout, so the broker still sees a live holder).
     """
 
     def __init__(
@@ -480,7 +496,9 @@ class Lease:
         self._done = False
         self._held = bytearray()  # writes not yet sent: they go with the next read
         self._default_io_timeout = io_timeout
+        self._timeout: float | None = io_timeout  # as settimeout() set it: None blocks, 0 polls
         self._shut = False  # shutdown() was called: close() discards
+        self._used = False  # an I/O operation went to the broker
         self.eof = False  # the upstream closed its side
 
     def __repr__(self) -> str:
@@ -537,13 +555,21 @@ class Lease:
         return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
 
     def settimeout(self, timeout: float | None) -> None:
-        """Seconds each I/O operation may take; None: the lease's default (a lease never blocks forever)."""
-        if timeout is not None and not 0 < timeout <= 86400:
-            raise ValueError("a lease's timeout is in (0, 86400] seconds, or None; it can't be non-blocking")
-        self.io_timeout = self._default_io_timeout if timeout is None else float(timeout)
+        """As a socket's: seconds each I/O operation may take; 0: `recv` does not wait; None: `recv`
+        waits as long as it takes. The other operations take the lease's default io_timeout then."""
+        if timeout is not None and not 0 <= timeout <= 86400:
+            raise ValueError("a lease's timeout is in [0, 86400] seconds, or None")
+        self._timeout = None if timeout is None else float(timeout)
+        self.io_timeout = self._timeout if self._timeout else self._default_io_timeout
 
-    def gettimeout(self) -> float:
-        return self.io_timeout
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing was sent or read yet: the connection is as the broker handed it out (clean, with
+        nothing to read), which a caller may know without asking."""
+        return not self._used and not self._held
 
     def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
         """Send what is held; the connection is discarded on close (its state is unusual now)."""
@@ -567,7 +593,18 @@ class Lease:
         self._held += held[end:]  # less than a chunk: it goes with the next read
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
-        """At least 1 byte and at most `bufsize`; b"" once the upstream has closed."""
+        """At least 1 byte and at most `bufsize`; b"" once the upstream has closed. How long it
+        waits is settimeout()'s: non-blocking, it raises BlockingIOError when nothing is there."""
+        if self._timeout == 0:
+            data = self._io(max_bytes=bufsize, poll=True, io_timeout=0)
+            if not data and not self.eof:
+                raise BlockingIOError(errno.EAGAIN, "nothing to read from the lease yet")
+            return data
+        if self._timeout is None:  # blocking: poll in io_timeout steps until something comes
+            while True:
+                data = self._io(max_bytes=bufsize, poll=True)
+                if data or self.eof:
+                    return data
         return self._io(max_bytes=bufsize)
 
     def recv_exactly(self, n: int) -> bytes:
@@ -592,6 +629,8 @@ class Lease:
         exactly: int | None = None,
         max_bytes: int | None = None,
         release: str | None = None,
+        poll: bool = False,
+        io_timeout: float | None = None,
     ) -> bytes:
         self._check_usable()
         if self._held:  # the held writes go first, in the same exchange
@@ -599,10 +638,12 @@ class Lease:
                 self._held += send
             send = bytes(self._held)
             self._held.clear()
+        self._used = True
+        io_timeout = self.io_timeout if io_timeout is None else io_timeout
         message: dict[str, Any] = {"op": OP_IO, "lease": self._token}
-        _add_exchange(message, send, self.io_timeout, until, exactly, max_bytes, release)
+        _add_exchange(message, send, io_timeout, until, exactly, max_bytes, release, poll)
         try:
-            reply = self._channel.call(message, self.io_timeout + self.client.broker_timeout)
+            reply = self._channel.call(message, io_timeout + self.client.broker_timeout)
         except BrokerUnavailable:
             self._done = True  # the channel was reset: the broker will reclaim this lease
             raise

@@ -81,6 +81,7 @@ class Request:
     delim: bytes | None = None
     io_timeout: float | None = None
     release: str | None = None  # after the exchange: keep or discard
+    poll: bool = False  # read any: nothing within io_timeout (0: none at all) is an empty answer
     action: str | None = None  # admin: what to do
     max_size: int | None = None  # admin resize: the new bound
 
@@ -188,8 +189,14 @@ def _parse_exchange(body: dict[str, Any], req: Request) -> None:
     req.read = _field(body, "read", str, rid)
     req.n = _field(body, "n", int, rid)
     req.delim = _field(body, "delim", bytes, rid)
-    req.io_timeout = _positive_seconds(body, "io_timeout", rid)
+    req.poll = _field(body, "poll", bool, rid) or False
+    if req.poll and type(body.get("io_timeout")) in (int, float) and body["io_timeout"] == 0:  # what is there now
+        req.io_timeout = 0.0
+    else:
+        req.io_timeout = _positive_seconds(body, "io_timeout", rid)
     req.release = _release_mode(body, rid)
+    if req.poll and req.read != READ_ANY:
+        raise BadRequest("bad_request", "'poll' is for read 'any'", rid)
     if req.read is None:
         if req.n is not None or req.delim is not None:
             raise BadRequest("bad_request", "'n' and 'delim' need a 'read' mode", rid)

@@ -2,15 +2,20 @@
 
 Each command, and each pipeline (MULTI/EXEC included), runs under one lease: redis-py takes a
 connection from this pool for it and gives it back after, and this pool turns that into a lease
-and its release. The broker's pool is the one bound across every process; this one only hands out
-wrappers. AUTH and SELECT belong in the broker's `on_connect` for the pool (done once per upstream
-connection), not here. Pub/sub and blocking commands that hold a connection for long are not what
-leases are for.
+and its release. A pub/sub holds one lease for its life, until `close()`. The broker's pool is the
+one bound across every process; this one only hands out wrappers.
+
+The broker's pool should say `protocol = "redis"`: then what a holder leaves on a connection (a
+SELECT, a MULTI without EXEC, a WATCH, CLIENT SETNAME or TRACKING, a subscription) is reset
+before the next holder gets it, and AUTH, SELECT and the client name come from the pool's settings
+(`username`, `password`, `db`, `client_name`), done once per upstream connection. Over a pool that
+does not reset sessions this adapter warns once.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import redis
@@ -19,6 +24,31 @@ from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
 from client.client import Client, Lease
+
+_checked: set[tuple[str, str]] = set()  # (endpoint, pool) whose protocol was looked at in this process
+
+
+class SessionLeakWarning(UserWarning):
+    """The broker's pool does not reset what a holder leaves on a Redis connection."""
+
+
+def _warn_unless_protected(broker: Client, pool: str) -> None:
+    """Once per process and pool: warn if the pool would hand a holder's session to the next one."""
+    key = (broker.endpoint, pool)
+    if key in _checked:
+        return
+    _checked.add(key)
+    info = broker.ping()["protocols"].get(pool)
+    if info is None or info.get("protects"):
+        return  # (an unknown pool: the lease itself says so)
+    why = f"it speaks {info.get('protocol')}" if info.get("protocol") != "redis" else "its reset is off"
+    warnings.warn(
+        f"poolbroker pool {pool!r} does not reset Redis sessions ({why}): a holder's SELECT, AUTH,"
+        " CLIENT SETNAME or TRACKING, an unfinished MULTI or WATCH, or a subscription reaches the next"
+        ' holder of its connection. Set protocol = "redis" (and leave reset on) for the pool.',
+        SessionLeakWarning,
+        stacklevel=4,
+    )
 
 
 class LeaseConnection(Connection):
@@ -31,15 +61,19 @@ class LeaseConnection(Connection):
         self.tag = tag
 
     def _connect(self) -> Lease:
+        _warn_unless_protected(self.broker, self.pool_name)
         lease = self.broker.lease(self.pool_name, tag=self.tag)
-        if self.socket_timeout is not None:
-            lease.settimeout(self.socket_timeout)
+        # redis-py's socket_timeout, as a socket's: None waits as long as a command takes (BLPOP 0).
+        lease.settimeout(self.socket_timeout)
         return lease
 
     def can_read(self, timeout: float = 0) -> bool:
-        # A new lease has nothing unread (the broker hands out only clean connections), and one is
-        # held only for one command or pipeline, so there is never anything to peek at.
-        return False
+        # A new lease has nothing to read (the broker hands out clean connections only): say so
+        # without a round trip, since redis-py asks on every checkout. Later (pub/sub) ask the lease.
+        sock = self._sock
+        if isinstance(sock, Lease) and sock.fresh:
+            return False
+        return bool(super().can_read(timeout))
 
     def give_back(self) -> None:
         """The command or pipeline is done: release the lease (kept by the broker if clean), then
@@ -60,7 +94,8 @@ class BrokerConnectionPool(redis.ConnectionPool):
         # would have to be sent on every lease, and would change the connection for its next holder.
         for key in ("username", "password", "db", "client_name", "credential_provider"):
             if kwargs.get(key):
-                raise ValueError(f"{key}: set it up in the broker's on_connect for the pool, not per lease")
+                setting = {"credential_provider": "username and password"}.get(key, key)
+                raise ValueError(f'{key}: set {setting} in the broker\'s pool (protocol = "redis"), not per lease')
         # Nothing to send when a lease starts: no CLIENT SETINFO (redis-py >= 8 reads driver_info,
         # earlier versions lib_name and lib_version), no AUTH or SELECT (below), no HELLO (RESP2).
         if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters:

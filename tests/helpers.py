@@ -366,9 +366,13 @@ class MemcachedServer:
 
 
 class HttpUpstream:
-    """A small HTTP/1.1 server with keep-alive: GET or HEAD /health answers 200, /down 503."""
+    """A small HTTP/1.1 server with keep-alive: GET or HEAD /health answers 200, /down 503, and
+    GET /stall sends its headers, then its body only once `unstall` is set."""
 
     def __init__(self) -> None:
+        self.unstall = threading.Event()
+        unstall = self.unstall
+
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a pooled upstream must
 
@@ -379,6 +383,14 @@ class HttpUpstream:
                 self._answer(with_body=True)
 
             def _answer(self, with_body: bool) -> None:
+                if self.path == "/stall":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "5")
+                    self.end_headers()
+                    self.wfile.flush()
+                    unstall.wait(30)
+                    self.wfile.write(b"late\n")
+                    return
                 status, body = (200, b"ok\n") if self.path == "/health" else (503, b"down\n")
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))

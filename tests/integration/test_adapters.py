@@ -83,10 +83,14 @@ def test_a_lease_is_socket_like(redis_server: RedisServer, start_broker: Callabl
         reader.close()  # as with a socket, closing its file leaves it open
         lease.settimeout(2.5)
         assert lease.gettimeout() == 2.5
-        lease.settimeout(None)
-        assert lease.gettimeout() == c.io_timeout
+        lease.settimeout(None)  # as a socket's: blocking
+        assert lease.gettimeout() is None
+        lease.settimeout(0)  # non-blocking: nothing there yet is BlockingIOError, as a socket's
+        assert lease.gettimeout() == 0
+        with pytest.raises(BlockingIOError):
+            lease.recv(10)
         with pytest.raises(ValueError):
-            lease.settimeout(0)  # a lease can't be non-blocking
+            lease.settimeout(-1)
         with pytest.raises(ValueError):
             lease.makefile("r")
         assert isinstance(reader, io.BufferedReader)
@@ -99,7 +103,7 @@ def test_a_lease_is_socket_like(redis_server: RedisServer, start_broker: Callabl
 def test_redis_py_runs_each_command_and_pipeline_under_one_lease(
     own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2")
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2", "--protocol", "redis")
     c = Client(broker.endpoint)
     r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
     assert r.set("greeting", "hello") is True
@@ -123,7 +127,7 @@ def test_redis_py_runs_each_command_and_pipeline_under_one_lease(
 def test_redis_py_watch_holds_one_lease_across_the_transaction(
     own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2")
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "2", "--protocol", "redis")
     c = Client(broker.endpoint)
     r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
     r.set("balance", 10)
@@ -142,7 +146,7 @@ def test_redis_py_watch_holds_one_lease_across_the_transaction(
 def test_redis_py_from_many_threads_stays_within_the_bound(
     own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "3")
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "3", "--protocol", "redis")
     c = Client(broker.endpoint, timeout=30)
     r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
 
@@ -168,7 +172,7 @@ def test_redis_py_refuses_resp3_over_leases() -> None:
 def test_redis_py_gives_up_after_one_lease_request_when_the_pool_is_busy(
     redis_server: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1", "--protocol", "redis")
     holder = Client(broker.endpoint)
     held = holder.lease("redis")
     c = Client(broker.endpoint, timeout=0.3)

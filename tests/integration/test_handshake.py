@@ -27,7 +27,9 @@ def broker_with(
     start_broker: Callable[..., Broker], tmp_path: Path, server: RedisServer, pool: str, max_size: int = 2
 ) -> Broker:
     config = tmp_path / "broker.toml"
-    config.write_text(f'[pools.redis]\nupstream = "{server.address}"\nmax_size = {max_size}\n{pool}\n')
+    config.write_text(
+        f'[pools.redis]\nupstream = "{server.address}"\nprotocol = "redis"\nmax_size = {max_size}\n{pool}\n'
+    )
     config.chmod(0o600)  # it holds a password
     return start_broker("--config", str(config))
 

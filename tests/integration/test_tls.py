@@ -28,7 +28,9 @@ def tls_redis(certs: TestCertificates) -> Iterator[RedisServer]:
 def test_a_tls_pool_handshakes_once_per_connection(
     tls_redis: RedisServer, certs: TestCertificates, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"redis={tls_redis.address}", "--tls", "--tls-ca-file", str(certs.ca))
+    broker = start_broker(
+        "--upstream", f"redis={tls_redis.address}", "--protocol", "redis", "--tls", "--tls-ca-file", str(certs.ca)
+    )
     c = Client(broker.endpoint)
     for i in range(30):
         assert c.request("redis", b"SET k%d %d\r\n" % (i, i), until=b"\r\n") == b"+OK\r\n"

@@ -118,15 +118,17 @@ def test_every_pool_setting_but_the_step_lists_is_also_a_flag() -> None:
     from broker.cli import build_parser
 
     flags = []
-    with_flags = {name: setting for name, setting in POOL_SETTINGS.items() if name not in ("on_connect", "reset")}
+    file_only = ("on_connect", "reset", "password")  # step lists, and a secret (not on a command line)
+    with_flags = {name: setting for name, setting in POOL_SETTINGS.items() if name not in file_only}
+    choices = {"probe": "send", "protocol": "redis"}
     for name, setting in with_flags.items():
         flags.append(f"--{name.replace('_', '-')}")
         if setting.type not in (bool, "bool"):  # (a switch: --tls, --no-tls)
-            flags.append("send" if name == "probe" else "x" if setting.type in (str, "str") else "1")
+            flags.append(choices.get(name) or ("x" if setting.type in (str, "str") else "1"))
     args = build_parser().parse_args(["serve", *flags])
     assert all(getattr(args, name) is not None for name in with_flags)
     assert set(POOL_SETTINGS) == {f.name for f in dataclasses.fields(PoolConfig)} - {"name", "host", "port"}
-    assert all(POOL_SETTINGS[name].metadata.get("file_only") for name in ("on_connect", "reset"))
+    assert all(POOL_SETTINGS[name].metadata.get("file_only") for name in file_only)
 
 
 def test_on_connect_and_reset_steps_from_the_file(tmp_path: Path) -> None:
@@ -142,7 +144,7 @@ def test_on_connect_and_reset_steps_from_the_file(tmp_path: Path) -> None:
     assert (b.on_connect, b.reset) == ((), "discard")
     assert "AUTH" not in repr(a)  # a password stays out of reprs and logs
     for bad, why in [
-        ('reset = "sometimes"', 'must be "discard" or a list'),
+        ('reset = "sometimes"', 'must be "auto", "off", "discard" or a list'),
         ("on_connect = [{send = 1, expect = 2}]", "non-empty strings"),
         ('on_connect = [{send = "x"}]', "step 1 must be"),
         ('on_connect = "AUTH"', "must be a list"),

@@ -1,0 +1,95 @@
+"""What each upstream protocol means for a pool: its handshake, its reset, and what a holder may
+leave on a connection. Pure: checks and verdicts, no sockets.
+
+| protocol  | handshake (on each new connection)  | when a lease ends                                  |
+|-----------|-------------------------------------|----------------------------------------------------|
+| redis     | AUTH, SELECT, CLIENT SETNAME        | RESET + handshake if a command changed the session |
+|           | (from username, password, db...)    | closed if a command or reply was left half way     |
+| http      | none                                | closed if a request or response was left half way  |
+| memcached | none                                | as it is (memcached keeps no session)              |
+| tcp       | none                                | as it is: the broker can't see a session in bytes  |
+
+A pool's own `on_connect` steps replace the handshake; its `reset` setting chooses: "auto" (the
+protocol's reset, only when needed), "off", "discard", or steps run on every clean return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
+from broker.probes import Check, line_checks
+from broker.protocols import redis
+from broker.protocols.http import HttpSession
+from broker.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
+
+# What to do with a connection whose lease ended cleanly as far as its socket can tell.
+KEEP = "keep"  # back to the idle queue
+RUN_RESET = "reset"  # run the reset checks first; back only if they pass
+CLOSE = "close"  # close it, for the reason given
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    action: str  # KEEP, RUN_RESET or CLOSE
+    reason: str = ""  # CLOSE: the connections_closed_<reason> counter
+    why: str = ""  # for the log line
+
+
+@dataclass(frozen=True, slots=True)
+class PoolProtocol:
+    """A pool's protocol, with its settings applied."""
+
+    name: str
+    handshake: tuple[Check, ...]  # run on each new connection, pipelined when `pipelined`
+    reset: tuple[Check, ...]  # run when a lease ends and the session needs it
+    pipelined: bool  # the steps may all go at once (Redis answers in order); a user's steps may not
+    reset_always: bool  # the pool's own reset steps: run on every clean return
+    reset_mode: str  # auto, off, discard or steps
+    new_session: Callable[[], Session] | None  # None: nothing to follow in the stream
+    protects: bool  # a holder's session never reaches the next holder (what a tcp pool can't say)
+
+    def on_return(self, session: Session | None) -> Return:
+        """Decide what a clean return (no failed I/O, nothing unread) does with the connection."""
+        outcome, why = session.verdict() if session is not None else (CLEAN, "")
+        if outcome is OUT_OF_SYNC:
+            return Return(CLOSE, "out_of_sync", why)
+        if self.reset_mode == RESET_DISCARD:
+            return Return(CLOSE, "reset", "the pool's reset is discard")
+        if self.reset_always or (outcome is RESET and self.reset_mode == RESET_AUTO):
+            return Return(RUN_RESET, why=why)
+        return Return(KEEP)
+
+
+def pool_protocol(config: PoolConfig) -> PoolProtocol:
+    """The protocol a pool's config names, with its handshake and reset built from its settings."""
+    handshake: list[Check]
+    if config.on_connect:
+        handshake = line_checks(config.on_connect)
+    elif config.protocol == "redis":
+        handshake = redis.handshake(config)
+    else:
+        handshake = []
+    reset: list[Check] = []
+    if isinstance(config.reset, tuple):
+        reset, mode = line_checks(config.reset), "steps"
+    else:
+        mode = config.reset
+        if config.protocol == "redis" and mode == RESET_AUTO:
+            reset = redis.reset(handshake)
+    sessions: dict[str, Callable[[], Session]] = {"redis": redis.RedisSession, "http": HttpSession}
+    return PoolProtocol(
+        name=config.protocol,
+        handshake=tuple(handshake),
+        reset=tuple(reset),
+        pipelined=config.protocol == "redis",  # Redis answers in order: one round trip for all
+        reset_always=mode == "steps",
+        reset_mode=mode,
+        new_session=sessions.get(config.protocol),
+        # memcached and http keep no session; redis's is reset; a tcp pool's is unknown to the broker.
+        protects=mode in (RESET_DISCARD, "steps") or (config.protocol != "tcp" and mode != RESET_OFF),
+    )
+
+
+__all__ = ["CLOSE", "KEEP", "RUN_RESET", "PoolProtocol", "Return", "pool_protocol"]
