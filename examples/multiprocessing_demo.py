@@ -1,7 +1,7 @@
 """Worker processes sharing one pool: each runs INCRs through the broker with redis-py, and the
 broker keeps the upstream at max_size connections however many workers there are.
 
-    poolbroker serve --upstream redis=127.0.0.1:6379 --max-size 4 &
+    poolbroker serve --upstream redis=127.0.0.1:6379 --protocol redis --max-size 4 &
     python examples/multiprocessing_demo.py [--processes 16] [--requests 500] [--start-method spawn]
 
 Prints what the workers did and what the broker saw (leases, upstream connections, wait p99).

@@ -166,6 +166,8 @@ def main() -> None:
             f"demo=127.0.0.1:{upstream.port}",
             "--max-size",
             str(args.max_size),
+            "--protocol",
+            "redis" if upstream.kind == "redis" else "tcp",
         ],
         cwd=ROOT,
         stderr=open(workdir / "broker.log", "wb"),  # noqa: SIM115 - lives as long as the broker

@@ -20,6 +20,7 @@ from client import Client
 def test_the_example_config_loads_and_serves(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
     config = load(ROOT / "examples" / "broker.toml")
     assert [pool.name for pool in config.pools] == ["redis", "cache", "api"]
+    assert [pool.protocol for pool in config.pools] == ["redis", "memcached", "http"]
     assert (config.log_format, config.metrics_bind) == ("json", "127.0.0.1:9187")
     # The same file, with the machine-specific parts overridden by flags.
     broker = start_broker(
@@ -46,7 +47,7 @@ def test_the_systemd_unit_starts_the_broker_with_flags_it_knows() -> None:
 
 
 def test_the_multiprocessing_demo_runs(own_redis: RedisServer, start_broker: Callable[..., Broker]) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "3")
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "3")
     result = subprocess.run(
         [sys.executable, "examples/multiprocessing_demo.py", "--processes", "4", "--requests", "50"],
         capture_output=True,

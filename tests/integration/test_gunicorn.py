@@ -76,7 +76,9 @@ def test_gunicorn_workers_lease_per_request(
     make_client: Callable[..., Client],
     tmp_path: Path,
 ) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", str(MAX_SIZE))
+    broker = start_broker(
+        "--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", str(MAX_SIZE)
+    )
     flags = ("--preload",) if preload else ()
     with gunicorn(broker.endpoint, tmp_path, *flags) as (url, _), ThreadPoolExecutor(16) as pool:
         # Half through redis-py over leases, half on leases by hand.
@@ -94,7 +96,7 @@ def test_gunicorn_workers_lease_per_request(
 def test_a_gunicorn_worker_killed_while_holding_a_lease_takes_nothing_with_it(
     own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
 ) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "1")
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "1")
     c = make_client(broker.endpoint)
     with gunicorn(broker.endpoint, tmp_path, "--preload") as (url, master):
         holding = threading.Thread(target=status, args=(url + "/hold?seconds=60",))
@@ -112,7 +114,7 @@ def test_a_gunicorn_worker_killed_while_holding_a_lease_takes_nothing_with_it(
 def test_gunicorn_s_worker_timeout_gives_the_connection_back(
     own_redis: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
 ) -> None:
-    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "1")
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "1")
     c = make_client(broker.endpoint)
     with gunicorn(broker.endpoint, tmp_path, "--timeout", "1") as (url, _):
         assert status(url + "/hold?seconds=30") in (None, 500, 502)  # the worker is aborted mid-request
