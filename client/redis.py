@@ -37,8 +37,8 @@ def _warn_unless_protected(broker: Client, pool: str) -> None:
     key = (broker.endpoint, pool)
     if key in _checked:
         return
+    info = broker.ping()["protocols"].get(pool)  # (a broker that does not answer: asked again next time)
     _checked.add(key)
-    info = broker.ping()["protocols"].get(pool)
     if info is None or info.get("protects"):
         return  # (an unknown pool: the lease itself says so)
     why = f"it speaks {info.get('protocol')}" if info.get("protocol") != "redis" else "its reset is off"

@@ -16,6 +16,10 @@ from client.http import HTTPConnection
 from client.redis import BrokerConnectionPool
 
 
+# HTTP pools: the broker follows each request and response (a connection is reused only between them).
+HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1")
+
+
 @pytest.fixture
 def http_upstream() -> HttpUpstream:
     return HttpUpstream()
@@ -24,7 +28,7 @@ def http_upstream() -> HttpUpstream:
 def test_http_client_runs_over_a_lease_with_keep_alive(
     http_upstream: HttpUpstream, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}")
+    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}", *HTTP_POOL)
     c = Client(broker.endpoint)
     conn = http.client.HTTPConnection("api.internal")
     conn.sock = c.lease("api")  # the standard library's own class, its socket a lease
@@ -42,7 +46,7 @@ def test_http_client_runs_over_a_lease_with_keep_alive(
 def test_the_http_adapter_leases_whenever_http_client_would_connect(
     http_upstream: HttpUpstream, start_broker: Callable[..., Broker]
 ) -> None:
-    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}", "--max-size", "2")
+    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}", "--max-size", "2", *HTTP_POOL)
     c = Client(broker.endpoint)
 
     def fetch() -> list[int]:
