@@ -15,7 +15,6 @@ from client import Client, PoolTimeout
 from client.http import HTTPConnection
 from client.redis import BrokerConnectionPool
 
-
 # HTTP pools: the broker follows each request and response (a connection is reused only between them).
 HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1")
 
