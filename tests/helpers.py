@@ -44,6 +44,65 @@ def broker_answers(client: Any) -> bool:
         return False
 
 
+def upstream_connections(port: int, pid: int) -> int:
+    """Established TCP connections the server process `pid` has on `port`, as the kernel holds them
+    (/proc/net/tcp and tcp6, the server's side of each socket, and those still in its accept queue).
+    Unlike the server's own client list, which lags while it has not yet read a close, a socket
+    leaves ESTABLISHED the moment its peer closes: so a pool that opened a replacement before closing
+    the old connection would show here, however briefly."""
+    owned = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            owned.add(target[8:-1])
+    # By (local, remote) address: the kernel writes these tables a page at a time, and a socket may
+    # appear twice when others come and go between two pages.
+    connections = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            established = fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port
+            # inode 0: accepted by the kernel, not yet by the server (its accept queue)
+            if established and (fields[9] in owned or fields[9] == "0"):
+                connections.add((fields[1], fields[2]))
+    return len(connections)
+
+
+class BoundSampler:
+    """Samples, every few milliseconds until stopped, the connections the server process `pid` has
+    on `port` (upstream_connections): `peak` is the most seen, `samples` how many were taken."""
+
+    def __init__(self, port: int, pid: int, every: float = 0.003) -> None:
+        self.port = port
+        self.pid = pid
+        self.peak = 0
+        self.samples = 0
+        self._every = every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BoundSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, upstream_connections(self.port, self.pid))
+            self.samples += 1
+            self._done.wait(self._every)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -179,6 +238,11 @@ class RedisServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def sampler(self) -> BoundSampler:
+        """Samples this Redis's connections as the kernel holds them (see upstream_connections)."""
+        assert self.proc is not None
+        return BoundSampler(self.port, self.proc.pid)
 
 
 class Broker:
@@ -319,6 +383,16 @@ class TestUpstream:
     def mute(self) -> None:
         with self._lock:
             self._muted.update(self._conns)
+
+    def push(self, data: bytes) -> None:
+        """Send `data` unasked on every accepted connection (a server that talks out of turn)."""
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.sendall(data)
+            except OSError:
+                pass
 
     def close_all(self) -> None:
         """Close every accepted connection from the server side."""

@@ -158,12 +158,14 @@ def test_redis_py_from_many_threads_stays_within_the_bound(
             r.incr("shared")
 
     threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    with own_redis.sampler() as upstream:  # Redis's connections, sampled throughout
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
     assert r.get("shared") == b"800"
     assert c.stats("redis")["redis"]["connections_created"] <= 3
+    assert upstream.samples > 10 and 1 <= upstream.peak <= 3
     c.close()
 
 

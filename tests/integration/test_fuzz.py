@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import zmq
 from helpers import Broker, RedisServer, wait_for
+from zmq.utils import monitor as zmq_monitor
 
 from client import Client
 
@@ -195,12 +196,26 @@ def test_oversize_messages_only_cost_their_sender_its_connection(
     with Client(broker.endpoint) as c:
         for sock in senders:
             sock.setsockopt(zmq.LINGER, 0)
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             sock.connect(broker.endpoint)
             sock.send(msgpack.packb({"v": 1, "id": 1, "op": "ping", "pad": b"x" * MAX_MESSAGE_SIZE}))
-            assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+            assert_dropped(monitor)  # the broker closed this sender's connection
+            assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # and no one else's
             assert sock.poll(0) == 0
+            sock.disable_monitor()
+            monitor.close()
             sock.close()
+        assert c.broker_stats()["bad_requests"] == 0  # dropped by libzmq before the loop saw them
     ctx.term()
+
+
+def assert_dropped(monitor: zmq.Socket[Any]) -> None:
+    """The monitored socket connected, then was disconnected by its peer, within 10 s."""
+    events = []
+    while zmq.EVENT_DISCONNECTED not in events:
+        assert monitor.poll(10_000), f"no disconnect within 10 s (events: {events})"
+        events.append(zmq_monitor.parse_monitor_message(monitor.recv_multipart())["event"])
+    assert events[0] == zmq.EVENT_CONNECTED
 
 
 def test_garbage_below_zeromq_framing_only_closes_that_connection(

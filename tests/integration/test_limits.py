@@ -17,6 +17,7 @@ import msgpack
 import pytest
 import zmq
 from helpers import ROOT, Broker, RedisServer, broker_answers, short_tempdir, wait_for
+from zmq.utils import monitor as zmq_monitor
 
 from client import Client, LimitExceeded
 
@@ -49,9 +50,16 @@ def test_a_request_over_max_message_size_is_refused_by_the_client_and_dropped_by
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
+    monitor = raw.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     raw.connect(broker.endpoint)
     raw.send(msgpack.packb({"v": 1, "id": 1, "op": "ping", "pad": b"x" * 70000}))
-    assert raw.poll(1000) == 0
+    events = []
+    while zmq.EVENT_DISCONNECTED not in events:  # the broker closes this connection
+        assert monitor.poll(10_000), f"no disconnect within 10 s (events: {events})"
+        events.append(zmq_monitor.parse_monitor_message(monitor.recv_multipart())["event"])
+    assert raw.poll(0) == 0  # unanswered
+    raw.disable_monitor()
+    monitor.close()
     raw.close()
     ctx.term()
     with Client(broker.endpoint) as c:

@@ -101,7 +101,10 @@ def test_a_held_write_that_fails_is_reported_by_the_read(
     echo = upstream("echo")
     broker = start_broker("--upstream", f"up={echo.address}")
     c = make_client(broker.endpoint)
-    with pytest.raises(UpstreamError), c.lease("up") as conn:
+    with pytest.raises(UpstreamError) as failure, c.lease("up") as conn:
         echo.close_all()  # the upstream drops the leased connection
         conn.sendall(b"hello\r\n")
         conn.recv_exactly(100)  # the held write goes out with this read, which fails
+    # Noticed as a failure of the connection, not waited out as a timeout (UpstreamTimeout is an
+    # UpstreamError too: a broker that missed the close would pass a plain raises()).
+    assert type(failure.value) is UpstreamError and failure.value.code == "upstream_error"

@@ -4,10 +4,11 @@ client certificates, and a handshake that stalls without stalling the broker."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
-from helpers import Broker, RedisServer, TestCertificates, TestUpstream
+from helpers import Broker, RedisServer, TestCertificates, TestUpstream, wait_for
 
 from client import Client, UpstreamError, UpstreamUnavailable
 from client.redis import BrokerConnectionPool
@@ -106,25 +107,24 @@ def test_a_stalled_tls_handshake_stalls_nobody_else(
     start_broker: Callable[..., Broker],
 ) -> None:
     mute = upstream("stall")  # accepts, and never answers the ClientHello
-    broker = start_broker(
-        "--config",
-        str(_config(certs, mute.port, redis_server.address)),
-    )
-    with Client(broker.endpoint) as c, Client(broker.endpoint) as other:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1) as background:
-            stalled = background.submit(c.request, "mute", b"PING\r\n", until=b"\r\n", timeout=5)
-            for _ in range(50):  # while the handshake hangs, the other pool serves
-                assert other.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
-            with pytest.raises(UpstreamUnavailable, match="connect_timeout"):
-                stalled.result(10)
+    broker = start_broker("--config", str(_config(certs, mute.port, redis_server.address)))
+    with Client(broker.endpoint) as c, Client(broker.endpoint) as other, ThreadPoolExecutor(1) as background:
+        stalled = background.submit(c.request, "mute", b"PING\r\n", until=b"\r\n", timeout=30)
+        wait_for(lambda: mute.accepted == 1, what="the TLS connect to begin")
+        wait_for(lambda: other.stats("mute")["mute"]["pool_connecting"] == 1, what="the broker to be handshaking")
+        for _ in range(50):  # while the handshake hangs, the other pool serves
+            assert other.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+        # Still hanging after the 50 (its connect_timeout is 30 s): they ran beside it, not after it.
+        assert not stalled.done() and other.stats("mute")["mute"]["pool_connecting"] == 1
+        mute.close_all()  # now the handshake fails, and says so
+        with pytest.raises(UpstreamUnavailable, match="TLS handshake failed"):
+            stalled.result(10)
 
 
 def _config(certs: TestCertificates, mute_port: int, redis_address: str) -> object:
     path = certs.dir / f"stall-{mute_port}.toml"
     path.write_text(
         f'[pools.mute]\nupstream = "127.0.0.1:{mute_port}"\ntls = true\ntls_ca_file = "{certs.ca}"\n'
-        f'connect_timeout = 0.5\n\n[pools.redis]\nupstream = "{redis_address}"\n'
+        f'connect_timeout = 30\n\n[pools.redis]\nupstream = "{redis_address}"\n'
     )
     return path

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from helpers import Broker, RedisServer, TestUpstream, wait_for
+from helpers import ROOT, Broker, RedisServer, TestUpstream, wait_for
 
 from client import Client, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
@@ -102,6 +105,22 @@ def test_an_idle_connection_closed_by_the_upstream_is_dropped_at_once(
 def test_unasked_bytes_on_an_idle_connection_drop_it(
     upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
 ) -> None:
+    echo = upstream("echo")
+    broker = start_broker("--upstream", f"echo={echo.address}", "--check-idle-after", "60")
+    c = make_client(broker.endpoint)
+    assert c.request("echo", b"one\n", until=b"\n") == b"one\n"
+    assert c.stats()["echo"]["pool_idle"] == 1
+    echo.push(b"out of turn\n")  # the upstream talks while nobody holds the connection
+    wait_for(lambda: c.stats()["echo"]["connections_closed_unread"] == 1, what="the idle connection dropped")
+    assert c.stats()["echo"]["pool_idle"] == 0
+    # The next holder gets a new connection: its answer is its own, not the stray line.
+    assert c.request("echo", b"two\n", until=b"\n") == b"two\n"
+    assert c.stats()["echo"]["connections_created"] == 2
+
+
+def test_a_greeting_is_read_by_the_holder_and_the_connection_kept(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
     greeter = upstream("greet")  # sends "hello\n" right after accepting
     broker = start_broker("--upstream", f"greet={greeter.address}")
     c = make_client(broker.endpoint)
@@ -147,6 +166,25 @@ def test_host_names_are_looked_up_off_the_loop(
     assert c.request("named", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
     with pytest.raises(UpstreamUnavailable, match=r"can't connect to nonexistent\.invalid:6379 for pool 'nowhere'"):
         c.lease("nowhere")
+
+
+def test_a_slow_name_lookup_stalls_nobody_else(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    # A test double for DNS only (tests/dns_double): "slow.stall.test" answers when told to.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "dns_double"), "POOLBROKER_TEST_DNS_STALL": str(tmp_path)}
+    broker = start_broker(
+        "--upstream", f"slow=slow.stall.test:{redis_server.port}", "--upstream", f"fast={redis_server.address}", env=env
+    )
+    c, other = make_client(broker.endpoint), make_client(broker.endpoint)
+    with ThreadPoolExecutor(1) as background:
+        slow = background.submit(c.request, "slow", b"PING\r\n", until=b"\r\n", timeout=30)
+        wait_for((tmp_path / "started").exists, what="the lookup to begin")
+        for _ in range(50):  # while the lookup hangs, the other pool serves
+            assert other.request("fast", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+        assert not slow.done() and other.stats("slow")["slow"]["pool_connecting"] == 1
+        (tmp_path / "answer").touch()  # the lookup answers: the waiting lease is served
+        assert slow.result(10) == b"+PONG\r\n"
 
 
 def test_a_one_shot_cycle_is_bounded_by_max_lease_time(

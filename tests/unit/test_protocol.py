@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import client
 from client.errors import ERROR_CLASSES, PoolTimeout, ProtocolError, error_from_code
 from client.protocol import VERSION, BadRequest, parse_request
 
@@ -151,8 +154,22 @@ def test_any_map_parses_to_a_checked_request_or_bad_request(body: dict[str, Any]
             assert isinstance(req.max_size, int) and req.max_size >= 1
 
 
+def documented_error_codes() -> dict[str, str]:
+    """docs/protocol.md's error table: {code: client exception name}."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    table = text.split("## Error codes", 1)[1].split("\n\n", 1)[0]
+    return dict(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", table, re.MULTILINE))
+
+
 def test_every_error_code_maps_to_one_client_exception() -> None:
+    documented = documented_error_codes()
+    assert len(documented) == 15 and set(documented) == set(ERROR_CLASSES)  # the table is the whole set
+    for code, name in documented.items():
+        error = error_from_code(code, "why")
+        assert type(error).__name__ == name and error.code == code and str(error) == "why"
+        assert type(error) is getattr(client, name)  # importable from the package, as documented
     assert isinstance(error_from_code("pool_timeout", "late"), PoolTimeout)
     assert isinstance(error_from_code("pool_timeout", "late"), TimeoutError)
+    assert isinstance(error_from_code("upstream_timeout", "late"), TimeoutError)
     unknown = error_from_code("made_up", "?")
     assert isinstance(unknown, ProtocolError) and "made_up" in str(unknown)
