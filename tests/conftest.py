@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,8 +54,7 @@ def start_broker(request: pytest.FixtureRequest) -> Iterator[Callable[..., Broke
     for broker in brokers:
         if getattr(request.node, "failed_call", False):
             if broker.proc is not None and broker.proc.poll() is None:
-                broker.proc.send_signal(signal.SIGUSR1)  # faulthandler: where is its loop?
-                time.sleep(0.3)
+                broker.dump_stack()  # where is its loop?
             print(f"--- log of the broker at {broker.endpoint}:\n{broker.log()}")
         broker.stop()
 

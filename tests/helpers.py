@@ -302,6 +302,18 @@ class Broker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def dump_stack(self) -> bool:
+        """`kill -USR1`: the broker writes every thread's stack to its log (faulthandler). True once
+        the dump is there (within 5 s)."""
+        assert self.proc is not None
+        dumps = self.log().count("most recent call first")
+        self.proc.send_signal(signal.SIGUSR1)
+        try:
+            wait_for(lambda: self.log().count("most recent call first") > dumps, timeout=5, what="the stack dump")
+        except AssertionError:
+            return False
+        return True
+
     def signal(self, signum: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         self.proc.send_signal(signum)
@@ -315,8 +327,7 @@ class Broker:
                 try:
                     self.proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    self.proc.send_signal(signal.SIGUSR1)  # faulthandler: where is it stuck?
-                    time.sleep(0.5)
+                    self.dump_stack()  # where is it stuck?
                     self.proc.kill()
                     self.proc.wait()
                     raise AssertionError(f"the broker ignored SIGTERM for 10 s:\n{self.log()}") from None
@@ -329,7 +340,8 @@ class Broker:
 class TestUpstream:
     """A TCP server of our own for what Redis can't do: echo, stall, close.
 
-    mode: "echo" echoes every byte; "stall" accepts and never answers; "close" closes at once;
+    mode: "echo" echoes every byte; "stall" accepts and never answers; "deaf" accepts and never even
+    reads (a send to it fills the socket buffers, then stalls); "close" closes at once;
     "greet" sends b"hello\\n" unasked right after accepting. mute() silences the connections open
     now while new ones still answer: what a firewall that dropped idle connections looks like.
     """
@@ -345,6 +357,7 @@ class TestUpstream:
         self._muted: set[socket.socket] = set()
         self.accepted = 0
         self._stopping = False
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -366,6 +379,9 @@ class TestUpstream:
     def _handle(self, conn: socket.socket) -> None:
         try:
             if self.mode == "close":
+                return
+            if self.mode == "deaf":
+                self._stopped.wait()
                 return
             if self.mode == "greet":
                 conn.sendall(b"hello\n")
@@ -406,6 +422,7 @@ class TestUpstream:
 
     def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self.listener.close()
         self.close_all()
 

@@ -59,6 +59,17 @@ def test_the_http_adapter_leases_whenever_http_client_would_connect(
             conn.close()  # each request under a lease of its own
         return statuses
 
+    # Keep-alive: one lease for as long as http.client keeps its connection, for every request on it.
+    conn = HTTPConnection(c, "api", host="api.internal", timeout=5)
+    before = c.stats("api")["api"]["requests_num"]
+    for _ in range(5):
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b"ok\n"
+        assert len(c.leases("api")) == 1  # held between requests
+    assert c.stats("api")["api"]["requests_num"] == before + 1  # five requests, one lease
+    conn.close()
+    assert c.leases("api") == []
+
     results: list[list[int]] = []
     threads = [threading.Thread(target=lambda: results.append(fetch())) for _ in range(4)]
     for thread in threads:
@@ -67,7 +78,7 @@ def test_the_http_adapter_leases_whenever_http_client_would_connect(
         thread.join(30)
     assert results == [[200] * 20] * 4
     stats = c.stats("api")["api"]
-    assert stats["requests_num"] == 80 and stats["connections_created"] <= 2
+    assert stats["requests_num"] == 81 and stats["connections_created"] <= 2
     c.close()
 
 
@@ -172,6 +183,15 @@ def test_redis_py_from_many_threads_stays_within_the_bound(
 def test_redis_py_refuses_resp3_over_leases() -> None:
     with pytest.raises(ValueError, match="RESP2"):
         BrokerConnectionPool(Client("ipc:///nonexistent"), "redis", protocol=3)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("password", "pw"), ("username", "app"), ("db", 3), ("client_name", "web")]
+)
+def test_redis_py_refuses_session_settings_that_belong_to_the_pool(setting: str, value: object) -> None:
+    # They would change the connection for its next holder; the broker's pool sets them once.
+    with pytest.raises(ValueError, match=f"{setting}: set .* in the broker's pool"):
+        BrokerConnectionPool(Client("ipc:///nonexistent"), "redis", **{setting: value})
 
 
 def test_redis_py_gives_up_after_one_lease_request_when_the_pool_is_busy(

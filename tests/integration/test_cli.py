@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -111,6 +112,34 @@ def test_the_shutdown_grace_ends_and_a_second_signal_ends_it_at_once(
         assert "shutdown grace is over: ending a lease held by pid" in broker.log()
         assert "(tag 'slow-job')" in broker.log()
         c.close()
+
+
+def test_a_second_shutdown_request_ends_active_leases_at_once(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--shutdown-grace", "60")
+    assert broker.proc is not None
+    with Client(broker.endpoint) as c, Client(broker.endpoint) as admin:
+        c.lease("redis", tag="slow-job")
+        admin.shutdown_broker()
+        wait_for(lambda: "shutting down" in broker.log(), what="the shutdown to begin")
+        assert broker.proc.poll() is None  # the lease may finish: the grace is 60 s
+        try:
+            admin.shutdown_broker()  # (its answer may not make it out: the broker ends at once)
+        except BrokerUnavailable:
+            pass
+        assert broker.proc.wait(10) == 0
+    assert "shutdown grace is over: ending a lease held by pid" in broker.log()
+
+
+def test_kill_usr1_prints_where_the_broker_is_and_it_goes_on(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    assert broker.dump_stack()
+    assert re.search(r'File ".*broker/server\.py", line \d+ in serve', broker.log())  # the loop, waiting
+    with Client(broker.endpoint) as c:
+        assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
 
 
 def test_bad_configuration_exits_2_with_the_reason(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,11 +105,11 @@ def test_a_gunicorn_worker_killed_while_holding_a_lease_takes_nothing_with_it(
         wait_for(lambda: c.stats()["redis"]["leases_active"] == 1, what="a worker to hold the one connection")
         for pid in workers(master):
             os.kill(pid, signal.SIGKILL)  # the OOM killer, say
-        wait_for(lambda: c.stats()["redis"]["leases_reclaimed"] == 1, timeout=2.0, what="the lease to be reclaimed")
+        wait_for(lambda: c.stats()["redis"]["leases_reclaimed"] == 1, what="the lease to be reclaimed")
         holding.join(30)
         # gunicorn starts new workers; the pool's one connection serves them.
         wait_for(lambda: status(url + "/hit") == 200, timeout=30, what="new workers to serve")
-    assert "tag 'wsgi-hold'" in broker.log()
+    assert re.search(r"tag 'wsgi-hold'.*: its connection closed", broker.log())  # not a time limit
 
 
 def test_gunicorn_s_worker_timeout_gives_the_connection_back(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import Broker, RedisServer, wait_for
+from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from client import Client, UpstreamUnavailable
 from client.redis import BrokerConnectionPool
@@ -105,6 +105,29 @@ def test_a_reset_that_fails_closes_the_connection(
         assert c.stats("redis")["redis"]["pool_size"] == 0
         assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # a fresh one serves
     assert "reset: expected b'+PANG', got b'+PONG\\r\\n'" in broker.log()
+
+
+def test_a_reset_that_gets_no_answer_ends_at_probe_timeout(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    stall = upstream("stall")  # takes the reset's bytes, never answers
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[pools.stall]\nupstream = "{stall.address}"\nmax_size = 1\nprobe_timeout = 0.3\n'
+        'reset = [{send = "RESET\\n", expect = "OK"}]\n'
+    )
+    broker = start_broker("--config", str(config))
+    with Client(broker.endpoint) as c:
+        c.lease("stall").release()
+        # The pool's one connection is held by its stalled reset; the next lease waits for its end
+        # (probe_timeout), then gets a new connection.
+        with c.lease("stall", timeout=30) as conn:
+            conn.sendall(b"x")
+            conn.flush()
+        stats = c.stats("stall")["stall"]
+    assert stats["connections_created"] == 2 and stats["connections_closed_broken"] == 1
+    assert stall.accepted == 2
+    assert "reset: no answer within probe_timeout=0.3s" in broker.log()
 
 
 def test_reset_discard_closes_every_returned_connection(

@@ -4,6 +4,7 @@ asking; the broker takes every connection back, and says whose it was."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,13 +53,14 @@ def test_a_killed_holder_s_lease_is_reclaimed_at_once_and_its_connection_replace
             me = r.client_id()
             [held_id] = [int(x["id"]) for x in r.client_list() if int(x["id"]) != me]
             proc.kill()
-            wait_for(lambda: stats(c)["leases_reclaimed"] == 1, timeout=2.0, what="the lease to be reclaimed")
+            wait_for(lambda: stats(c)["leases_reclaimed"] == 1, what="the lease to be reclaimed")
             assert c.request("redis", PING, until=b"\r\n") == PONG  # the one permit is free again
             ids = {int(x["id"]) for x in r.client_list()}
             assert held_id not in ids  # closed: its state was the dead holder's
         finally:
             r.close()
-    assert f"reclaiming a lease held by pid {proc.pid}" in broker.log()
+    # Reclaimed because its connection closed (not by a time limit, which would say which).
+    assert re.search(f"reclaiming a lease held by pid {proc.pid} .*: its connection closed", broker.log())
     assert "(tag 'holder-1')" in broker.log()
 
 
@@ -71,7 +73,7 @@ def test_a_killed_waiter_leaves_the_line_and_is_never_granted(
     with holder_process(broker.endpoint) as proc:  # it waits: the one connection is ours
         wait_for(lambda: stats(c)["requests_waiting"] == 1, what="the other process to wait")
         proc.kill()
-        wait_for(lambda: stats(c)["requests_abandoned"] == 1, timeout=2.0, what="its request to be dropped")
+        wait_for(lambda: stats(c)["requests_abandoned"] == 1, what="its request to be dropped")
     held.release()
     final = wait_for(lambda: (s := stats(c))["pool_idle"] == 1 and s, what="the connection back in the pool")
     assert final["requests_waiting"] == 0 and final["leases_reclaimed"] == 0 and final["leases_active"] == 0

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import ROOT, Broker, RedisServer, broker_answers, short_tempdir, wait_for
+from helpers import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 from zmq.utils import monitor as zmq_monitor
 
 from client import Client, LimitExceeded
@@ -107,6 +107,28 @@ def test_a_client_process_may_hold_or_wait_for_at_most_max_leases_per_client(
     assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
     second.release()
     c.close()
+
+
+def test_on_tcp_max_leases_per_client_counts_each_connection_alone(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    # Over tcp the broker can't see a process id: each client connection (a thread's socket) counts.
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    broker = start_broker(
+        *("--upstream", f"redis={redis_server.address}", "--max-size", "5", "--max-leases-per-client", "2"),
+        endpoint=endpoint,
+    )
+    with Client(broker.endpoint) as c:
+        held = [c.lease("redis"), c.lease("redis")]
+        with pytest.raises(LimitExceeded, match=r"max_leases_per_client"):
+            c.lease("redis")
+        results: list[bytes] = []
+        thread = threading.Thread(target=lambda: results.append(c.request("redis", b"PING\r\n", until=b"\r\n")))
+        thread.start()
+        thread.join(10)
+        assert results == [b"+PONG\r\n"]  # another thread's connection is another client here
+        for lease in held:
+            lease.release()
 
 
 def test_tokens_never_appear_in_full_in_the_log(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:

@@ -3,6 +3,9 @@ client certificates, and a handshake that stalls without stalling the broker."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -128,3 +131,62 @@ def _config(certs: TestCertificates, mute_port: int, redis_address: str) -> obje
         f'connect_timeout = 30\n\n[pools.redis]\nupstream = "{redis_address}"\n'
     )
     return path
+
+
+class TlsEcho:
+    """A TLS 1.3 echo server of our own (Redis does not say which server name a client asked for):
+    records the SNI of each handshake, and sends session tickets after it, as TLS 1.3 servers do."""
+
+    def __init__(self, certs: TestCertificates) -> None:
+        self.names: list[str | None] = []
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certs.server_cert, certs.server_key)
+        self.context.sni_callback = lambda sock, name, ctx: self.names.append(name)  # type: ignore[assignment,misc,return-value]
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                while data := tls.recv(65536):
+                    tls.sendall(data)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def tls_echo(certs: TestCertificates) -> Iterator[TlsEcho]:
+    server = TlsEcho(certs)
+    yield server
+    server.stop()
+
+
+def test_the_server_name_is_sent_and_idle_checks_read_through_tls(
+    tls_echo: TlsEcho, certs: TestCertificates, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker(
+        *("--upstream", f"echo=127.0.0.1:{tls_echo.port}", "--tls", "--tls-ca-file", str(certs.ca)),
+        *("--tls-server-name", "localhost", "--min-idle", "1", "--check-idle-after", "0"),
+    )
+    with Client(broker.endpoint) as c:
+        # min_idle opens one connection nobody leases: its session tickets arrive while it is idle,
+        # and the broker's watch on idle connections reads them through TLS (no data: it stays).
+        wait_for(lambda: c.stats("echo")["echo"]["pool_idle"] == 1, what="the warm-up connection")
+        for i in range(20):  # every checkout probes it (check_idle_after = 0): the tcp probe, through TLS
+            assert c.request("echo", b"hello %d\n" % i, until=b"\n") == b"hello %d\n" % i
+        stats = c.stats("echo")["echo"]
+    # Two connections (min_idle keeps one ready while the other is leased), none ever dropped.
+    assert (stats["connections_created"], stats["connections_closed"], stats["checks_failed"]) == (2, 0, 0)
+    assert tls_echo.names == ["localhost"] * 2  # the SNI: tls_server_name, which the certificate carries

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ def test_large_payloads_cross_in_both_directions(
         assert conn.request(b"x" * 100 + b"END", until=b"END") == b"x" * 100 + b"END"
 
 
-def test_a_stalled_upstream_times_out_and_stalls_nobody_else(
+def test_a_stalled_upstream_stalls_nobody_else_and_times_out(
     upstream: Callable[[str], TestUpstream],
     redis_server: RedisServer,
     start_broker: Callable[..., Broker],
@@ -36,30 +35,19 @@ def test_a_stalled_upstream_times_out_and_stalls_nobody_else(
 ) -> None:
     stall = upstream("stall")
     broker = start_broker("--upstream", f"stall={stall.address}", "--upstream", f"redis={redis_server.address}")
-    stalled_result: list[BaseException] = []
-    finished_at: list[float] = []
-
-    def stalled_read() -> None:
-        c = Client(broker.endpoint, io_timeout=3.0)
-        try:
-            with c.lease("stall") as conn:
-                conn.request(b"anyone?\n", until=b"\n")
-        except BaseException as exc:
-            stalled_result.append(exc)
-        finished_at.append(time.monotonic())
-        c.close()
-
-    thread = threading.Thread(target=stalled_read)
-    thread.start()
-    c = make_client(broker.endpoint)
-    wait_for(lambda: c.stats()["stall"]["leases_active"] == 1, what="the stalled lease")
-    for _ in range(200):  # others carry on while that read waits
-        assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
-    others_done = time.monotonic()
-    thread.join(10)
-    assert finished_at and others_done < finished_at[0], "the other pool waited for the stalled one"
-    assert isinstance(stalled_result[0], UpstreamTimeout)
-    assert "no answer from upstream in time" in str(stalled_result[0])
+    c, waiting = make_client(broker.endpoint), make_client(broker.endpoint, io_timeout=60.0)
+    with ThreadPoolExecutor(1) as background:
+        stalled = background.submit(waiting.request, "stall", b"anyone?\n", until=b"\n")
+        wait_for(lambda: c.stats()["stall"]["leases_active"] == 1, what="the stalled lease")
+        for _ in range(200):  # others carry on while that read waits
+            assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+        assert not stalled.done(), "the other pool waited for the stalled one"
+        stall.close_all()  # (ends the stalled read now rather than in 60 s)
+        with pytest.raises(UpstreamError):
+            stalled.result(10)
+    # A read that gets no answer ends at its io_timeout, as UpstreamTimeout, and says so.
+    with pytest.raises(UpstreamTimeout, match="no answer from upstream in time"):
+        c.request("stall", b"anyone?\n", until=b"\n", io_timeout=0.3)
 
 
 def test_a_read_timeout_keeps_the_lease_and_loses_no_bytes(
@@ -148,8 +136,8 @@ def test_a_connect_that_hangs_ends_at_connect_timeout(
         c = make_client(broker.endpoint)
         started = time.monotonic()
         with pytest.raises(UpstreamUnavailable, match=r"connect_timeout=0\.5s"):
-            c.lease("hang", timeout=5.0)
-        assert time.monotonic() - started < 4.0  # the connect timeout, not the acquire timeout
+            c.lease("hang", timeout=60.0)
+        assert time.monotonic() - started < 30.0  # at the connect timeout, not the (60 s) acquire timeout
     finally:
         for s in fillers:
             s.close()
