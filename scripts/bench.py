@@ -227,7 +227,7 @@ def one_client(redis: RedisServer, cycles: int) -> tuple[list[tuple[str, float]]
 # -- many processes --------------------------------------------------------------------------------
 
 
-def worker(kind: str, target: str, start: Any, end: Any, results: Any) -> None:
+def worker(kind: str, target: str, ready: Any, start: Any, end: Any, results: Any) -> None:
     """One process: PING in a loop from the start event to the end time, then report its count and
     its CPU time (all its threads: a ZeroMQ client's I/O thread counts too)."""
     if kind == "pool":
@@ -249,6 +249,8 @@ def worker(kind: str, target: str, start: Any, end: Any, results: Any) -> None:
         direct.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         call = lambda: redis_ping(direct)  # noqa: E731
     call()  # connected and warm before the clock starts
+    with ready.get_lock():
+        ready.value += 1
     start.wait()
     count = 0
     cpu = time.process_time()
@@ -270,15 +272,16 @@ class Run:
 def many(kind: str, target: str, processes: int, seconds: float, middle_pid: int) -> Run:
     """`processes` forked workers running together for `seconds`."""
     mp = multiprocessing.get_context("fork")
-    start, end, results = mp.Event(), mp.Value("d", 0.0), mp.SimpleQueue()
-    procs = [mp.Process(target=worker, args=(kind, target, start, end, results)) for _ in range(processes)]
+    ready, start, end, results = mp.Value("q", 0), mp.Event(), mp.Value("d", 0.0), mp.Queue()
+    procs = [mp.Process(target=worker, args=(kind, target, ready, start, end, results)) for _ in range(processes)]
     for proc in procs:
         proc.start()
-    time.sleep(0.5 + processes * 0.005)  # let them connect
+    # The clock starts once every process is connected, warm and waiting (a barrier, not a guess).
+    wait_for(lambda: ready.value == processes, timeout=120, what=f"{processes} {kind} processes to be ready")
     cpu = cpu_seconds(middle_pid)
     end.value = time.monotonic() + seconds
     start.set()
-    reports = [results.get() for _ in procs]  # (a worker that dies would hang here: see join below)
+    reports = [results.get(timeout=seconds + 60) for _ in procs]  # (a worker that died: queue.Empty)
     middle_cpu = cpu_seconds(middle_pid) - cpu
     for proc in procs:
         proc.join(60)

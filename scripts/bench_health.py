@@ -78,6 +78,8 @@ def outage(redis: RedisServer, down_for: list[float]) -> tuple[float, list[float
                     c.request("redis", PING, until=b"\r\n")
                     break
                 except UpstreamUnavailable:
+                    if time.monotonic() - back > 60:
+                        raise SystemExit("bench_health: leases did not work again within 60 s") from None
                     time.sleep(0.005)
             recoveries.append(time.monotonic() - back)
         return statistics.median(fail_ms), recoveries
@@ -100,8 +102,9 @@ def reclaim_ms(redis: RedisServer, kills: int) -> list[float]:
             assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
             proc.kill()
             killed = time.perf_counter()
-            while c.stats()["redis"]["leases_reclaimed"] < n + 1:
-                pass
+            while c.stats()["redis"]["leases_reclaimed"] < n + 1:  # (asked as fast as it answers)
+                if time.perf_counter() - killed > 30:
+                    raise SystemExit("bench_health: a killed holder's lease was not reclaimed within 30 s")
             times.append((time.perf_counter() - killed) * 1000)
             proc.wait()
         return times

@@ -115,12 +115,16 @@ def task_body(kind: str, key: bytes, i: int) -> tuple[bytes, bytes]:
     return line, line
 
 
-def worker(endpoint: str, kind: str, wid: int, tasks: int, leases: int, done: Any, errors: Any) -> None:
+def worker(endpoint: str, kind: str, wid: int, tasks: int, leases: int, shared: Any) -> None:
+    """`tasks` threads, each `leases` leases; starts when `shared.go` is set, so that interpreter
+    start-up is not timed, and writes when its last lease ended into `shared.finished[wid]`."""
     client = Client(endpoint, timeout=30.0)
+    client.ping()  # connected before the clock starts
     until = b"\r\n" if kind == "redis" else b"\n"
 
     def task(n: int) -> None:
         key = f"demo:{wid}:{n}".encode()
+        shared.go.wait()
         for i in range(1, leases + 1):
             request, expected = task_body(kind, key, i)
             try:
@@ -129,18 +133,30 @@ def worker(endpoint: str, kind: str, wid: int, tasks: int, leases: int, done: An
                 ok = reply == expected
             except PoolBrokerError:
                 ok = False
-            with done.get_lock():
-                done.value += 1
-            if not ok:
-                with errors.get_lock():
-                    errors.value += 1
+            counter = shared.done if ok else shared.errors  # a failed lease is not a lease done
+            with counter.get_lock():
+                counter.value += 1
 
     threads = [threading.Thread(target=task, args=(n,)) for n in range(tasks)]
     for t in threads:
         t.start()
+    with shared.ready.get_lock():
+        shared.ready.value += 1
     for t in threads:
         t.join()
+    shared.finished[wid] = time.monotonic()  # (CLOCK_MONOTONIC: one clock for every process here)
     client.close()
+
+
+class Shared:
+    """What the demo's processes share: a start signal, counts, and when each finished."""
+
+    def __init__(self, ctx: Any, processes: int) -> None:
+        self.go = ctx.Event()
+        self.ready = ctx.Value("q", 0)
+        self.done = ctx.Value("q", 0)
+        self.errors = ctx.Value("q", 0)
+        self.finished = ctx.Array("d", processes)
 
 
 def main() -> None:
@@ -197,35 +213,41 @@ def run(console: Console, args: argparse.Namespace, endpoint: str, upstream: Ups
         f"pool max_size {args.max_size}, upstream: {upstream.kind} on 127.0.0.1:{upstream.port}"
     )
     ctx = multiprocessing.get_context("spawn")
-    done, errors = ctx.Value("q", 0), ctx.Value("q", 0)
+    shared = Shared(ctx, args.processes)
     per_process = [args.tasks // args.processes + (w < args.tasks % args.processes) for w in range(args.processes)]
     total = args.tasks * args.leases
     procs = [
-        ctx.Process(target=worker, args=(endpoint, upstream.kind, w, n, args.leases, done, errors))
+        ctx.Process(target=worker, args=(endpoint, upstream.kind, w, n, args.leases, shared))
         for w, n in enumerate(per_process)
     ]
     sampler = socket.create_connection(("127.0.0.1", upstream.port)) if upstream.kind == "redis" else None
     peak = 0
-    started = time.monotonic()
     for p in procs:
         p.start()
+    # The clock starts once every process is up, connected and has its threads waiting.
+    wait_until(lambda: shared.ready.value == args.processes or not all(p.is_alive() for p in procs), "the workers", 60)
+    started = time.monotonic()
+    shared.go.set()
     columns = (TextColumn("leases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("leases", total=total)
         while any(p.is_alive() for p in procs):
             peak = max(peak, upstream.connections(sampler))
-            progress.update(bar, completed=done.value)
+            progress.update(bar, completed=shared.done.value + shared.errors.value)
             time.sleep(0.05)
-        progress.update(bar, completed=done.value)
-    elapsed = time.monotonic() - started
+        progress.update(bar, completed=shared.done.value + shared.errors.value)
     for p in procs:
         p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit("demo: a worker process failed")
+    elapsed = max(shared.finished) - started  # to the last lease's end, not to process exit
+    done, errors = shared.done, shared.errors
     stats = probe.stats()["demo"]
     probe.close()
 
     table = Table(title="summary", show_header=False)
     table.add_row("leases", f"{done.value:,}")
-    table.add_row("leases/s", f"{done.value / elapsed:,.0f}")
+    table.add_row("leases/s", f"{done.value / elapsed:,.0f} (from the start signal to the last lease's end)")
     waits = f"{stats['wait_p50_ms']} / {stats['wait_p99_ms']} / {stats['wait_max_ms']} ms"
     table.add_row("wait p50 / p99 / max", waits)
     table.add_row("peak upstream connections", f"{peak} (upstream's own count; max_size {args.max_size})")

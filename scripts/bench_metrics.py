@@ -1,0 +1,62 @@
+"""What a Prometheus scrape of the broker costs.
+
+    .venv/bin/python scripts/bench_metrics.py [--scrapes 100] [--pools 3]
+
+Starts a private Redis and a broker with `--pools` pools in front of it and `--metrics-bind`, runs
+some traffic through every pool (so that every histogram has buckets), then scrapes /metrics
+`--scrapes` times and prints the median and p90 scrape time, its size and line count. The scrape
+runs in prometheus_client's thread and reads the counters without stopping the broker's loop.
+Needs the test extras (./scripts/test makes .venv with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import Broker, RedisServer, free_port  # noqa: E402
+
+from client import Client  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scrapes", type=int, default=100)
+    parser.add_argument("--pools", type=int, default=3)
+    args = parser.parse_args()
+    redis = RedisServer().start()
+    port = free_port()
+    pools = [arg for i in range(args.pools) for arg in ("--upstream", f"p{i}={redis.address}")]
+    broker = Broker(*pools, "--metrics-bind", f"127.0.0.1:{port}", log_level="info").start()
+    try:
+        with Client(broker.endpoint) as c:
+            for i in range(args.pools):
+                for _ in range(200):
+                    c.request(f"p{i}", b"PING\r\n", until=b"\r\n")
+        times, body = [], b""
+        for _ in range(args.scrapes):
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                body = response.read()
+            times.append(time.perf_counter() - started)
+        times.sort()
+        median, p90 = statistics.median(times), times[int(len(times) * 0.9)]
+        lines = body.count(b"\n")
+        print(
+            f"/metrics of a broker with {args.pools} pools: median {median * 1000:.2f} ms, p90 {p90 * 1000:.2f} ms"
+            f" over {args.scrapes} scrapes; {len(body) / 1024:.1f} KiB, {lines} lines"
+        )
+    finally:
+        broker.stop()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main()
