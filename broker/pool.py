@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 
 from broker.config import PoolConfig
 from broker.histogram import Histogram
+from client.protocol import ErrorCode
 
 C = TypeVar("C")  # a connection
 R = TypeVar("R")  # a request
@@ -59,7 +60,7 @@ class Reject(Generic[R]):
     """Answer `request` with an error: it will not be granted."""
 
     request: R
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -186,7 +187,7 @@ class PoolCore(Generic[C, R]):
         self.requests_num += 1
         if self.closing:
             self.requests_failed += 1
-            return [Reject(request, "shutting_down", "the broker is shutting down")]
+            return [Reject(request, ErrorCode.SHUTTING_DOWN, "the broker is shutting down")]
         actions: list[Action[C, R]] = []
         if not self.waiting and not self.paused:  # nobody is ahead: the fast path
             conn = self._take_idle(now, actions)
@@ -203,12 +204,12 @@ class PoolCore(Generic[C, R]):
             self.requests_rejected += 1
             limit = self.config.max_waiting
             message = f"pool {self.name!r}: {self.waiting} requests already wait (max_waiting={limit})"
-            return [*actions, Reject(request, "pool_full", message)]
+            return [*actions, Reject(request, ErrorCode.POOL_FULL, message)]
         if self._unreachable(now):
             # Nothing open, nothing on its way, and too soon to try again: say so now rather than
             # at the end of the request's timeout.
             self.requests_failed += 1
-            return [*actions, Reject(request, "upstream_unavailable", self._unavailable_message(now))]
+            return [*actions, Reject(request, ErrorCode.UPSTREAM_UNAVAILABLE, self._unavailable_message(now))]
         waiter = _Waiter(request, now, deadline)
         self._waiters[request] = waiter
         self._queue.append(waiter)
@@ -249,7 +250,7 @@ class PoolCore(Generic[C, R]):
         self.retry_at = now + backoff * (0.5 + 0.5 * self._rng())  # jitter: retries don't march in step
         actions = self._check_all_idle()
         if not self._times and not self.connecting:
-            actions += self._fail_waiters("upstream_unavailable", self._unavailable_message(now))
+            actions += self._fail_waiters(ErrorCode.UPSTREAM_UNAVAILABLE, self._unavailable_message(now))
         return actions
 
     def release(self, conn: C, now: float, unfit: str | None = None) -> list[Action[C, R]]:
@@ -352,7 +353,7 @@ class PoolCore(Generic[C, R]):
         """Stop granting: reject every waiter (saying `why`), close idle and checking connections;
         leased ones close on release."""
         self.closing = True
-        actions = self._fail_waiters("shutting_down", why)
+        actions = self._fail_waiters(ErrorCode.SHUTTING_DOWN, why)
         while self.idle:
             actions += self._close(self.idle.pop(), "shutdown")
         for conn in list(self.checking):
@@ -541,12 +542,12 @@ class PoolCore(Generic[C, R]):
             self.requests_timeouts += 1
             waited = f"pool {self.name!r}: no connection within {waiter.deadline - waiter.since:.3f}s"
             if self.failures:  # the upstream is why: say so, with its error
-                actions.append(Reject(waiter.request, "upstream_unavailable", f"{waited}: {self.last_error}"))
+                actions.append(Reject(waiter.request, ErrorCode.UPSTREAM_UNAVAILABLE, f"{waited}: {self.last_error}"))
                 continue
             actions.append(
                 Reject(
                     waiter.request,
-                    "pool_timeout",
+                    ErrorCode.POOL_TIMEOUT,
                     f"{waited} ({len(self.leased)} leased of max_size {self.max_size}, {self.waiting} still waiting)",
                 )
             )
@@ -568,7 +569,7 @@ class PoolCore(Generic[C, R]):
         self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
         return [Close(conn, reason)]
 
-    def _fail_waiters(self, code: str, message: str) -> list[Action[C, R]]:
+    def _fail_waiters(self, code: ErrorCode, message: str) -> list[Action[C, R]]:
         actions: list[Action[C, R]] = []
         while (waiter := self._next_waiter()) is not None:
             self.requests_failed += 1

@@ -55,9 +55,11 @@ from client.protocol import (
     READ_EXACTLY,
     RELEASE_KEEP,
     TOKEN_BYTES,
-    VERSION,
     BadRequest,
+    ErrorCode,
     Request,
+    error_reply,
+    ok_reply,
     parse_request,
 )
 
@@ -277,14 +279,6 @@ RESTART_KEYS = (
 
 def _differences(old: Any, new: Any, keys: Iterable[str]) -> list[str]:
     return [key for key in keys if getattr(old, key) != getattr(new, key)]
-
-
-def _ok(rid: int, **fields: Any) -> dict[str, Any]:
-    return {"v": VERSION, "id": rid, "ok": True, **fields}
-
-
-def _error(rid: int | None, code: str, message: str) -> dict[str, Any]:
-    return {"v": VERSION, "id": rid, "ok": False, "error": code, "message": message}
 
 
 class Server:
@@ -608,7 +602,7 @@ class Server:
                 while option(RCVMORE):
                     recv(NOBLOCK)
                 self.bad_requests += 1
-                self._send(peer, _error(None, "bad_request", "a request is exactly one frame"))
+                self._send(peer, error_reply(None, ErrorCode.BAD_REQUEST, "a request is exactly one frame"))
                 continue
             self._on_message(peer, data, frame, now)
         self._router_used = True  # the batch ran out: ask again before waiting
@@ -618,25 +612,27 @@ class Server:
             req = parse_request(data)
         except BadRequest as exc:
             self.bad_requests += 1
-            self._send(peer, _error(exc.request_id, exc.code, exc.message))
+            self._send(peer, error_reply(exc.request_id, exc.code, exc.message))
             return
         except Exception:
             # A parser bug must cost one request, never the broker.
             log.exception("failed to parse a request")
             self.bad_requests += 1
-            self._send(peer, _error(None, "bad_request", "malformed request"))
+            self._send(peer, error_reply(None, ErrorCode.BAD_REQUEST, "malformed request"))
             return
         try:
             if req.op == OP_LEASE:
                 self._holder_of(peer, frame, now)  # the sender's fd, while its frame is at hand
             elif req.op == OP_ADMIN and not self._is_admin(peer, frame):
-                self._send(peer, _error(req.id, "not_authorized", f"{req.action!r} is for administrators only"))
+                self._send(
+                    peer, error_reply(req.id, ErrorCode.NOT_AUTHORIZED, f"{req.action!r} is for administrators only")
+                )
                 return
             self._handlers[req.op](peer, req, now)
         except Exception:
             # A bug of ours must not end the broker, nor leave the client without an answer.
             log.exception("failed to handle %s request %d", req.op, req.id)
-            self._send(peer, _error(req.id, "internal", "internal broker error; see the broker's log"))
+            self._send(peer, error_reply(req.id, ErrorCode.INTERNAL, "internal broker error; see the broker's log"))
 
     def _is_admin(self, peer: bytes, frame: zmq.Frame | None) -> bool:
         if frame is None:  # a known holder: decided on its first request
@@ -657,13 +653,13 @@ class Server:
         if pool := self._admin_pool(peer, req):
             pool.core.pause()
             log.info("pool %r: paused by an administrator (%d waiting)", pool.config.name, pool.core.waiting)
-            self._send(peer, _ok(req.id))
+            self._send(peer, ok_reply(req.id))
 
     def _resume(self, peer: bytes, req: Request, now: float) -> None:
         if pool := self._admin_pool(peer, req):
             log.info("pool %r: resumed by an administrator (%d waiting)", pool.config.name, pool.core.waiting)
             self._perform(pool, pool.core.resume(now), now)
-            self._send(peer, _ok(req.id))
+            self._send(peer, ok_reply(req.id))
 
     def _resize(self, peer: bytes, req: Request, now: float) -> None:
         if pool := self._admin_pool(peer, req):
@@ -672,7 +668,7 @@ class Server:
             config = dataclasses.replace(old, max_size=req.max_size, min_idle=min(old.min_idle, req.max_size))
             log.info("pool %r: max_size %d -> %d by an administrator", old.name, old.max_size, req.max_size)
             self._perform(pool, pool.reconfigure(config, now), now)
-            self._send(peer, _ok(req.id))
+            self._send(peer, ok_reply(req.id))
 
     def _drain(self, peer: bytes, req: Request, now: float) -> None:
         if pool := self._admin_pool(peer, req):
@@ -683,20 +679,20 @@ class Server:
                 len(pool.core.leased),
             )
             self._perform(pool, pool.core.drain(now), now)
-            self._send(peer, _ok(req.id))
+            self._send(peer, ok_reply(req.id))
 
     def _reload_for(self, peer: bytes, req: Request, now: float) -> None:
         try:
             changes = self.reload(now)
         except ConfigError as exc:
             log.error("reload failed, nothing changed: %s", exc)
-            self._send(peer, _error(req.id, "reload_failed", str(exc)))
+            self._send(peer, error_reply(req.id, ErrorCode.RELOAD_FAILED, str(exc)))
             return
-        self._send(peer, _ok(req.id, **changes))
+        self._send(peer, ok_reply(req.id, **changes))
 
     def _shutdown_for(self, peer: bytes, req: Request, now: float) -> None:
         log.info("shutdown asked by an administrator")
-        self._send(peer, _ok(req.id))
+        self._send(peer, ok_reply(req.id))
         self.stop()
 
     def reload(self, now: float) -> dict[str, list[str]]:
@@ -749,7 +745,7 @@ class Server:
         leases = [lease.info(now) for lease in self.leases.values()]
         if req.pool is not None:
             leases = [info for info in leases if info["pool"] == req.pool]
-        self._send(peer, _ok(req.id, leases=leases))
+        self._send(peer, ok_reply(req.id, leases=leases))
 
     def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
         protocols = {
@@ -760,7 +756,7 @@ class Server:
             }
             for name, pool in self.pools.items()
         }
-        self._send(peer, _ok(req.id, version=__version__, pools=sorted(self.pools), protocols=protocols))
+        self._send(peer, ok_reply(req.id, version=__version__, pools=sorted(self.pools), protocols=protocols))
 
     def _on_stats(self, peer: bytes, req: Request, now: float) -> None:
         if req.pool is not None and req.pool not in self.pools:
@@ -773,11 +769,11 @@ class Server:
             "bad_requests": self.bad_requests,
             "leases_active": len(self.leases),
         }
-        self._send(peer, _ok(req.id, pools=pools, broker=broker))
+        self._send(peer, ok_reply(req.id, pools=pools, broker=broker))
 
     def _unknown_pool(self, req: Request) -> dict[str, Any]:
         known = ", ".join(sorted(self.pools)) or "none"
-        return _error(req.id, "unknown_pool", f"no pool named {req.pool!r} (pools: {known})")
+        return error_reply(req.id, ErrorCode.UNKNOWN_POOL, f"no pool named {req.pool!r} (pools: {known})")
 
     def _on_lease(self, peer: bytes, req: Request, now: float) -> None:
         assert req.pool is not None  # parse_request guarantees it
@@ -791,13 +787,13 @@ class Server:
         limit = pool.config.max_leases_per_client
         if limit and self._taken_by(holder.process, pool) >= limit:
             message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
-            self._send(peer, _error(req.id, "limit_exceeded", message))
+            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return
         waiter = Waiter(holder, req, pool)
         if waiter.payload and self.waiting_payload + waiter.payload > self.config.max_waiting_payload:
             limit = self.config.max_waiting_payload
             message = f"lease requests in line already carry {self.waiting_payload} bytes (max_waiting_payload={limit})"
-            self._send(peer, _error(req.id, "limit_exceeded", message))
+            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return
         holder.waiters.add(waiter)
         self.waiting_payload += waiter.payload
@@ -817,7 +813,9 @@ class Server:
         if lease is None:
             return
         if lease.exchange is not None:
-            self._send(peer, _error(req.id, "lease_busy", "an I/O operation is already in progress on this lease"))
+            self._send(
+                peer, error_reply(req.id, ErrorCode.LEASE_BUSY, "an I/O operation is already in progress on this lease")
+            )
             return
         if self._exchange_fits(peer, req):
             self._start_exchange(lease, peer, req, now, first=False)
@@ -827,7 +825,7 @@ class Server:
         if lease is None:
             return
         if not req.noreply:  # the answer first: a reset that follows is no business of the client's
-            self._send(peer, _ok(req.id))
+            self._send(peer, ok_reply(req.id))
         self._end_lease(lease, now, keep=req.release == RELEASE_KEEP)
 
     def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
@@ -836,7 +834,9 @@ class Server:
         # Another peer's token is treated exactly like an unknown one: it reveals and touches nothing.
         if lease is None or lease.peer != peer:
             if not req.noreply:
-                self._send(peer, _error(req.id, "lease_lost", "no such lease (released, reclaimed, or not yours)"))
+                self._send(
+                    peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (released, reclaimed, or not yours)")
+                )
             return None
         return lease
 
@@ -844,11 +844,11 @@ class Server:
         limit = self.config.max_payload
         if req.read == READ_EXACTLY and req.n is not None and req.n > limit:
             message = f"read exactly {req.n} bytes is over the limit of {limit} (max_payload)"
-            self._send(peer, _error(req.id, "limit_exceeded", message))
+            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return False
         if req.send is not None and len(req.send) > limit:
             message = f"sending {len(req.send)} bytes in one operation is over the limit of {limit} (max_payload)"
-            self._send(peer, _error(req.id, "limit_exceeded", message))
+            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return False
         return True
 
@@ -881,7 +881,7 @@ class Server:
             elif kind is Reject:
                 waiter = action.request
                 self._leaves_line(waiter)
-                self._send(waiter.peer, _error(waiter.req.id, action.code, action.message))
+                self._send(waiter.peer, error_reply(waiter.req.id, action.code, action.message))
 
     def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
@@ -899,7 +899,7 @@ class Server:
             self._start_exchange(lease, waiter.peer, req, now, first=True)
         else:
             self._watch(conn)
-            if not self._send(waiter.peer, _ok(req.id, lease=token)):
+            if not self._send(waiter.peer, ok_reply(req.id, lease=token)):
                 # The requester left (timed out, gave up, died): the connection goes back at once.
                 self._end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
@@ -1076,7 +1076,7 @@ class Server:
                 conn.fill()
             except OSError as exc:
                 conn.fail(f"read from upstream failed: {exc}")
-                self._finish_error(exchange, "upstream_error", conn.error, now)
+                self._finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
                 return
         self._advance(exchange, now)
 
@@ -1236,7 +1236,7 @@ class Server:
                 lease.conn.fill()
             except OSError as exc:
                 lease.conn.fail(f"read from upstream failed: {exc}")
-                self._finish_error(exchange, "upstream_error", lease.conn.error, now)
+                self._finish_error(exchange, ErrorCode.UPSTREAM_ERROR, lease.conn.error, now)
                 return
         self._advance(exchange, now)
         if lease.exchange is exchange:  # still running: bound it in time
@@ -1255,7 +1255,7 @@ class Server:
                 sent = conn.send(exchange.send)
             except OSError as exc:
                 conn.fail(f"send to upstream failed: {exc}")
-                self._finish_error(exchange, "upstream_error", conn.error, now)
+                self._finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
                 return
             lease.bytes_sent += sent
             if lease.session is not None:
@@ -1270,7 +1270,7 @@ class Server:
         try:
             data, exchange.scanned = conn.take(exchange.read, exchange.n, exchange.delim, exchange.scanned)
         except ReadFailed as exc:
-            if exc.code == "upstream_error":
+            if exc.code == ErrorCode.UPSTREAM_ERROR:
                 conn.fail(exc.message)
             self._finish_error(exchange, exc.code, exc.message, now)
             return
@@ -1296,12 +1296,12 @@ class Server:
             return
         else:
             message = "no answer from upstream in time (bytes already read stay buffered)"
-        self._finish_error(exchange, "upstream_timeout", message, now)
+        self._finish_error(exchange, ErrorCode.UPSTREAM_TIMEOUT, message, now)
 
     def _finish_ok(self, exchange: Exchange, data: bytes | None, now: float) -> None:
         releasing = exchange.release is not None
         lease = self._end_exchange(exchange, now, lease_ends=releasing)
-        reply = _ok(exchange.rid)
+        reply = ok_reply(exchange.rid)
         if exchange.first:
             reply["lease"] = lease.token
         if data is not None:
@@ -1318,12 +1318,12 @@ class Server:
             # The holder is gone mid-conversation: the connection's state is unknown.
             self._end_lease(lease, now, keep=False)
 
-    def _finish_error(self, exchange: Exchange, code: str, message: str, now: float) -> None:
+    def _finish_error(self, exchange: Exchange, code: ErrorCode, message: str, now: float) -> None:
         # A failed exchange that was to end the lease, or that opened it (its requester has no
         # token yet), ends it; an unfinished exchange leaves the connection in an unknown state.
         ends = exchange.release is not None or exchange.first
         lease = self._end_exchange(exchange, now, lease_ends=ends)
-        reply = _error(exchange.rid, code, message)
+        reply = error_reply(exchange.rid, code, message)
         if ends:
             reply["released"] = True
         delivered = self._send(exchange.peer, reply)
@@ -1353,7 +1353,9 @@ class Server:
             # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
             self._end_exchange(exchange, now, lease_ends=True)
             conn.fail("the lease ended during an I/O operation")
-            self._send(exchange.peer, _error(exchange.rid, "lease_lost", "the lease ended during this operation"))
+            self._send(
+                exchange.peer, error_reply(exchange.rid, ErrorCode.LEASE_LOST, "the lease ended during this operation")
+            )
         conn.lease = None
         if reason is None:  # (an I/O that failed says more than the holder's discard)
             reason = "broken" if conn.broken else conn.unfit() if keep else "discarded"

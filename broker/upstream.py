@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from client.protocol import READ_ANY, READ_EXACTLY
+from client.protocol import READ_ANY, READ_EXACTLY, ErrorCode
 
 if TYPE_CHECKING:
     from broker.probes import Check
@@ -26,7 +26,7 @@ _READ_BUFFER = memoryview(bytearray(RECV_CHUNK))
 class ReadFailed(Exception):
     """A read can't be satisfied: `code` is a wire error code, the message says why."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -176,7 +176,7 @@ class UpstreamConn:
                 del buf[:n]
                 return data, 0
             if self.eof:
-                raise ReadFailed("upstream_error", f"upstream closed after {len(buf)} of {n} bytes")
+                raise ReadFailed(ErrorCode.UPSTREAM_ERROR, f"upstream closed after {len(buf)} of {n} bytes")
             return None, 0
         assert delim is not None
         # Resume the search where the last one stopped, less a delimiter's length that may straddle.
@@ -187,9 +187,11 @@ class UpstreamConn:
             del buf[:end]
             return data, 0
         if len(buf) >= n:
-            raise ReadFailed("limit_exceeded", f"no delimiter {delim!r} within {n} bytes")
+            raise ReadFailed(ErrorCode.LIMIT_EXCEEDED, f"no delimiter {delim!r} within {n} bytes")
         if self.eof:
-            raise ReadFailed("upstream_error", f"upstream closed before delimiter {delim!r} ({len(buf)} bytes read)")
+            raise ReadFailed(
+                ErrorCode.UPSTREAM_ERROR, f"upstream closed before delimiter {delim!r} ({len(buf)} bytes read)"
+            )
         return None, len(buf)
 
     def unfit(self) -> str | None:

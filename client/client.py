@@ -30,19 +30,18 @@ from client.protocol import (
     ADMIN_RESIZE,
     ADMIN_RESUME,
     ADMIN_SHUTDOWN,
-    OP_ADMIN,
-    OP_IO,
-    OP_LEASE,
-    OP_LEASES,
-    OP_PING,
-    OP_RELEASE,
-    OP_STATS,
-    READ_ANY,
-    READ_EXACTLY,
-    READ_UNTIL,
     RELEASE_DISCARD,
     RELEASE_KEEP,
     VERSION,
+    ErrorCode,
+    add_exchange,
+    admin_request,
+    io_request,
+    lease_request,
+    leases_request,
+    ping_request,
+    release_request,
+    stats_request,
 )
 
 HOSTNAME = socket.gethostname()
@@ -166,7 +165,7 @@ class _Channel:
             return
         token = reply.get("lease")
         if isinstance(token, bytes):
-            message = {"v": VERSION, "id": self.next_id, "op": OP_RELEASE, "lease": token, "noreply": True}
+            message = {**release_request(token), "v": VERSION, "id": self.next_id, "noreply": True}
             self.next_id += 1
             try:
                 self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
@@ -321,9 +320,7 @@ class Client:
         """
         timeout = self.timeout if timeout is None else timeout
         channel = self._channel()
-        message = {"op": OP_LEASE, "pool": pool, "timeout": timeout, "pid": channel.pid, "host": HOSTNAME}
-        if tag is not None:
-            message["tag"] = tag
+        message = lease_request(pool, timeout, channel.pid, HOSTNAME, tag)
         generation = channel.generation
         reply = _check(channel.call(message, timeout + self.broker_timeout))
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
@@ -348,8 +345,15 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
         channel = self._channel()
-        message = {"op": OP_LEASE, "pool": pool, "timeout": timeout, "pid": channel.pid, "host": HOSTNAME}
-        _add_exchange(message, data, io_timeout, until, exactly, max_bytes, RELEASE_KEEP)
+        message = add_exchange(
+            lease_request(pool, timeout, channel.pid, HOSTNAME),
+            data,
+            io_timeout,
+            until,
+            exactly,
+            max_bytes,
+            RELEASE_KEEP,
+        )
         reply = _check(channel.call(message, timeout + io_timeout + self.broker_timeout))
         return reply.get("data", b"")  # type: ignore[no-any-return]
 
@@ -362,16 +366,13 @@ class Client:
         return self._stats_reply(None)["broker"]  # type: ignore[no-any-return]
 
     def _stats_reply(self, pool: str | None) -> dict[str, Any]:
-        message: dict[str, Any] = {"op": OP_STATS}
-        if pool is not None:
-            message["pool"] = pool
-        return _check(self._channel().call(message, self.broker_timeout))
+        return _check(self._channel().call(stats_request(pool), self.broker_timeout))
 
     def ping(self) -> dict[str, Any]:
         """The broker's version, pool names, and per pool what it speaks: {"protocol": "redis",
         "reset": "auto", "protects": True} ("protects": what a holder leaves on a connection's
         session never reaches the next holder). Raises BrokerUnavailable if it does not answer."""
-        reply = _check(self._channel().call({"op": OP_PING}, self.broker_timeout))
+        reply = _check(self._channel().call(ping_request(), self.broker_timeout))
         return {
             "version": reply.get("version"),
             "pools": reply.get("pools", []),
@@ -381,10 +382,7 @@ class Client:
     def leases(self, pool: str | None = None) -> list[dict[str, Any]]:
         """Who holds what: per active lease its pool, holder (pid, host, tag), seconds held, idle
         and busy with I/O, operations and bytes each way."""
-        message: dict[str, Any] = {"op": OP_LEASES}
-        if pool is not None:
-            message["pool"] = pool
-        return _check(self._channel().call(message, self.broker_timeout))["leases"]  # type: ignore[no-any-return]
+        return _check(self._channel().call(leases_request(pool), self.broker_timeout))["leases"]  # type: ignore[no-any-return]
 
     # -- administration: NotAuthorized unless this client may administer the broker (on ipc, the
     # broker's own user; with CURVE, a key in its admin_keys) -----------------------------------
@@ -415,7 +413,7 @@ class Client:
         self._admin(ADMIN_SHUTDOWN)
 
     def _admin(self, action: str, **fields: Any) -> dict[str, Any]:
-        return _check(self._channel().call({"op": OP_ADMIN, "action": action, **fields}, self.broker_timeout))
+        return _check(self._channel().call(admin_request(action, **fields), self.broker_timeout))
 
     def close(self) -> None:
         """Close this process's sockets. Call it when no thread uses the Client any more."""
@@ -433,40 +431,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _add_exchange(
-    message: dict[str, Any],
-    send: bytes | None,
-    io_timeout: float,
-    until: bytes | None = None,
-    exactly: int | None = None,
-    max_bytes: int | None = None,
-    release: str | None = None,
-    poll: bool = False,
-) -> None:
-    """Add an exchange to a lease or io request: send `send`, then read up to and including
-    `until`, or `exactly` bytes, or whatever arrives first (at most `max_bytes`); none of the three:
-    no read. `release` ends the lease after it. `poll`: nothing read within io_timeout (which may
-    then be 0) is an empty answer rather than UpstreamTimeout."""
-    if send:
-        message["send"] = send
-    if until is not None:
-        if exactly is not None:
-            raise ValueError("give until= or exactly=, not both")
-        message["read"] = READ_UNTIL
-        message["delim"] = until
-    elif exactly is not None:
-        message["read"] = READ_EXACTLY
-        message["n"] = exactly
-    elif max_bytes is not None:
-        message["read"] = READ_ANY
-        message["n"] = max_bytes
-    message["io_timeout"] = io_timeout
-    if release is not None:
-        message["release"] = release
-    if poll:
-        message["poll"] = True
 
 
 class Lease:
@@ -640,14 +604,13 @@ class Lease:
             self._held.clear()
         self._used = True
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        message: dict[str, Any] = {"op": OP_IO, "lease": self._token}
-        _add_exchange(message, send, io_timeout, until, exactly, max_bytes, release, poll)
+        message = add_exchange(io_request(self._token), send, io_timeout, until, exactly, max_bytes, release, poll)
         try:
             reply = self._channel.call(message, io_timeout + self.client.broker_timeout)
         except BrokerUnavailable:
             self._done = True  # the channel was reset: the broker will reclaim this lease
             raise
-        if reply.get("released") or reply.get("error") == "lease_lost":
+        if reply.get("released") or reply.get("error") == ErrorCode.LEASE_LOST:
             self._done = True
         reply = _check(reply)
         if reply.get("eof"):
@@ -685,7 +648,7 @@ class Lease:
             self._done = True
             return
         self._done = True
-        self._channel.send_oneway({"op": OP_RELEASE, "lease": self._token, "release": mode})
+        self._channel.send_oneway(release_request(self._token, mode))
 
     @property
     def released(self) -> bool:

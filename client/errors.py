@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from client.protocol import ErrorCode
+
 
 class PoolBrokerError(Exception):
     """Base class of every poolbroker error."""
 
-    code = "internal"
+    code: str = ErrorCode.INTERNAL  # the wire's code (BrokerUnavailable's is the client's own)
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)
@@ -17,49 +19,49 @@ class PoolBrokerError(Exception):
 class PoolTimeout(PoolBrokerError, TimeoutError):
     """No connection could be leased within the acquire timeout."""
 
-    code = "pool_timeout"
+    code = ErrorCode.POOL_TIMEOUT
 
 
 class PoolFull(PoolBrokerError):
     """The pool's waiting queue is full (max_waiting): refused without waiting."""
 
-    code = "pool_full"
+    code = ErrorCode.POOL_FULL
 
 
 class UpstreamUnavailable(PoolBrokerError):
     """The broker could not connect to the upstream; the message carries the connect error."""
 
-    code = "upstream_unavailable"
+    code = ErrorCode.UPSTREAM_UNAVAILABLE
 
 
 class UpstreamError(PoolBrokerError):
     """I/O with the leased upstream connection failed (reset, closed mid-read)."""
 
-    code = "upstream_error"
+    code = ErrorCode.UPSTREAM_ERROR
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     """An I/O operation on the lease did not complete within its timeout; nothing was consumed."""
 
-    code = "upstream_timeout"
+    code = ErrorCode.UPSTREAM_TIMEOUT
 
 
 class LeaseLost(PoolBrokerError):
     """The lease is unknown to the broker: released, reclaimed, another client's, or the broker restarted."""
 
-    code = "lease_lost"
+    code = ErrorCode.LEASE_LOST
 
 
 class LimitExceeded(PoolBrokerError):
     """A request went over one of the broker's limits; the message names the limit."""
 
-    code = "limit_exceeded"
+    code = ErrorCode.LIMIT_EXCEEDED
 
 
 class NotAuthorized(PoolBrokerError):
     """An administrative request from a peer that may not administer this broker."""
 
-    code = "not_authorized"
+    code = ErrorCode.NOT_AUTHORIZED
 
 
 class BrokerUnavailable(PoolBrokerError):
@@ -71,32 +73,33 @@ class BrokerUnavailable(PoolBrokerError):
 class ProtocolError(PoolBrokerError):
     """A request or reply broke the wire protocol (malformed, unknown pool or operation, misuse)."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 # Wire error code -> exception class. Several codes may share a class; each code has one class.
-ERROR_CLASSES: dict[str, type[PoolBrokerError]] = {
-    "pool_timeout": PoolTimeout,
-    "pool_full": PoolFull,
-    "upstream_unavailable": UpstreamUnavailable,
-    "upstream_error": UpstreamError,
-    "upstream_timeout": UpstreamTimeout,
-    "lease_lost": LeaseLost,
-    "limit_exceeded": LimitExceeded,
-    "shutting_down": BrokerUnavailable,
-    "bad_request": ProtocolError,
-    "unsupported_version": ProtocolError,
-    "unknown_pool": ProtocolError,
-    "lease_busy": ProtocolError,
-    "not_authorized": NotAuthorized,
-    "reload_failed": PoolBrokerError,
-    "internal": PoolBrokerError,
+ERROR_CLASSES: dict[ErrorCode, type[PoolBrokerError]] = {
+    ErrorCode.POOL_TIMEOUT: PoolTimeout,
+    ErrorCode.POOL_FULL: PoolFull,
+    ErrorCode.UPSTREAM_UNAVAILABLE: UpstreamUnavailable,
+    ErrorCode.UPSTREAM_ERROR: UpstreamError,
+    ErrorCode.UPSTREAM_TIMEOUT: UpstreamTimeout,
+    ErrorCode.LEASE_LOST: LeaseLost,
+    ErrorCode.LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.SHUTTING_DOWN: BrokerUnavailable,
+    ErrorCode.BAD_REQUEST: ProtocolError,
+    ErrorCode.UNSUPPORTED_VERSION: ProtocolError,
+    ErrorCode.UNKNOWN_POOL: ProtocolError,
+    ErrorCode.LEASE_BUSY: ProtocolError,
+    ErrorCode.NOT_AUTHORIZED: NotAuthorized,
+    ErrorCode.RELOAD_FAILED: PoolBrokerError,
+    ErrorCode.INTERNAL: PoolBrokerError,
 }
 
 
 def error_from_code(code: str, message: str) -> PoolBrokerError:
     """The exception for a wire error reply (an unknown code becomes a ProtocolError)."""
-    cls = ERROR_CLASSES.get(code)
-    if cls is None:
+    try:
+        cls = ERROR_CLASSES[ErrorCode(code)]
+    except ValueError:
         return ProtocolError(f"unknown error code {code!r}: {message}", code=code)
     return cls(message, code=code)

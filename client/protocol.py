@@ -1,12 +1,15 @@
 """The poolbroker wire format, version 1: one msgpack map per message (see docs/protocol.md).
 
-The client builds requests; the broker parses them with `parse_request`, which type-checks every
-field so that nothing a client sends can reach the broker's state unchecked.
+Both sides use what is here: the client builds requests with the `*_request` functions and reads
+replies; the broker parses requests with `parse_request`, which type-checks every field so that
+nothing a client sends can reach the broker's state unchecked, and answers with `ok_reply` and
+`error_reply`, whose codes are `ErrorCode`s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -45,6 +48,27 @@ RELEASE_KEEP = "keep"  # back to the pool if the connection is clean
 RELEASE_DISCARD = "discard"  # close the connection: its state is unknown
 RELEASE_MODES = frozenset({RELEASE_KEEP, RELEASE_DISCARD})
 
+
+class ErrorCode(StrEnum):
+    """Every error a reply may carry (docs/protocol.md, "Error codes"); each is one client exception."""
+
+    BAD_REQUEST = "bad_request"  # malformed: not msgpack, a missing or mistyped field, extra frames
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_POOL = "unknown_pool"
+    LEASE_BUSY = "lease_busy"  # an exchange is already running on the lease
+    POOL_TIMEOUT = "pool_timeout"  # no connection within the acquire timeout
+    POOL_FULL = "pool_full"  # max_waiting requests already wait
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # the upstream can't be reached
+    UPSTREAM_ERROR = "upstream_error"  # an I/O on the connection failed
+    UPSTREAM_TIMEOUT = "upstream_timeout"  # the exchange did not finish within its io_timeout
+    LEASE_LOST = "lease_lost"  # unknown token: released, reclaimed, another client's
+    LIMIT_EXCEEDED = "limit_exceeded"  # over a broker limit; the message names it
+    NOT_AUTHORIZED = "not_authorized"  # an admin request from a peer that may not administer
+    RELOAD_FAILED = "reload_failed"  # the config file does not load; nothing changed
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"  # a broker bug; logged, and the broker goes on
+
+
 TOKEN_BYTES = 16  # a lease token: 128 random bits
 MAX_ID = 2**63 - 1
 MAX_NAME = 128  # pool names, hosts
@@ -54,7 +78,7 @@ MAX_TAG = 256
 class BadRequest(Exception):
     """A request that can't be served; the broker answers it with this code and message."""
 
-    def __init__(self, code: str, message: str, request_id: int | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -96,7 +120,7 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: 
         return None
     # bool is an int in Python: never accept it where a number is asked for.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise BadRequest("bad_request", f"field {name!r} has the wrong type", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"field {name!r} has the wrong type", rid)
     return value
 
 
@@ -105,14 +129,14 @@ def _positive_seconds(body: dict[str, Any], name: str, rid: int | None) -> float
     if value is None:
         return None
     if not 0 < value <= 86400:
-        raise BadRequest("bad_request", f"field {name!r} must be in (0, 86400] seconds", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"field {name!r} must be in (0, 86400] seconds", rid)
     return float(value)
 
 
 def _short_str(body: dict[str, Any], name: str, limit: int, rid: int | None) -> str | None:
     value = _field(body, name, str, rid)
     if value is not None and len(value) > limit:
-        raise BadRequest("bad_request", f"field {name!r} is longer than {limit}", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"field {name!r} is longer than {limit}", rid)
     return value  # type: ignore[no-any-return]
 
 
@@ -121,23 +145,25 @@ def parse_request(frame: bytes) -> Request:
     try:
         body = msgpack.unpackb(frame, raw=False)
     except Exception as exc:  # msgpack raises several types for bad input
-        raise BadRequest("bad_request", f"not a msgpack message: {type(exc).__name__}") from None
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"not a msgpack message: {type(exc).__name__}") from None
     if not isinstance(body, dict):
-        raise BadRequest("bad_request", "a request is a msgpack map")
+        raise BadRequest(ErrorCode.BAD_REQUEST, "a request is a msgpack map")
     rid = body.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
-        raise BadRequest("bad_request", "field 'id' must be an integer in [0, 2**63)")
+        raise BadRequest(ErrorCode.BAD_REQUEST, "field 'id' must be an integer in [0, 2**63)")
     version = body.get("v")
     if version != VERSION:
-        raise BadRequest("unsupported_version", f"protocol version {version!r}; this broker speaks {VERSION}", rid)
+        raise BadRequest(
+            ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r}; this broker speaks {VERSION}", rid
+        )
     op = body.get("op")
     if not isinstance(op, str) or op not in OPS:  # a list here would not even hash
-        raise BadRequest("bad_request", f"unknown operation {op!r}", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"unknown operation {op!r}", rid)
     req = Request(op=op, id=rid, noreply=_field(body, "noreply", bool, rid) or False)
     if op == OP_LEASE:
         req.pool = _short_str(body, "pool", MAX_NAME, rid)
         if not req.pool:
-            raise BadRequest("bad_request", "lease needs a 'pool'", rid)
+            raise BadRequest(ErrorCode.BAD_REQUEST, "lease needs a 'pool'", rid)
         req.timeout = _positive_seconds(body, "timeout", rid)
         req.tag = _short_str(body, "tag", MAX_TAG, rid)
         req.pid = _field(body, "pid", int, rid)
@@ -146,7 +172,7 @@ def parse_request(frame: bytes) -> Request:
     elif op in (OP_IO, OP_RELEASE):
         token = _field(body, "lease", bytes, rid)
         if token is None or len(token) != TOKEN_BYTES:
-            raise BadRequest("bad_request", f"{op} needs a {TOKEN_BYTES}-byte 'lease'", rid)
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"{op} needs a {TOKEN_BYTES}-byte 'lease'", rid)
         req.lease = token
         if op == OP_IO:
             _parse_exchange(body, req)
@@ -157,7 +183,7 @@ def parse_request(frame: bytes) -> Request:
     elif op == OP_ADMIN:
         _parse_admin(body, req)
     if req.noreply and op != OP_RELEASE:
-        raise BadRequest("bad_request", "only release may be one-way (noreply)", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, "only release may be one-way (noreply)", rid)
     return req
 
 
@@ -165,21 +191,21 @@ def _parse_admin(body: dict[str, Any], req: Request) -> None:
     rid = req.id
     req.action = _field(body, "action", str, rid)
     if req.action not in ADMIN_ACTIONS:
-        raise BadRequest("bad_request", f"'action' must be one of {sorted(ADMIN_ACTIONS)}", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"'action' must be one of {sorted(ADMIN_ACTIONS)}", rid)
     if req.action in ADMIN_POOL_ACTIONS:
         req.pool = _short_str(body, "pool", MAX_NAME, rid)
         if not req.pool:
-            raise BadRequest("bad_request", f"{req.action} needs a 'pool'", rid)
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"{req.action} needs a 'pool'", rid)
     if req.action == ADMIN_RESIZE:
         req.max_size = _field(body, "max_size", int, rid)
         if req.max_size is None or not 1 <= req.max_size <= MAX_POOL_SIZE:
-            raise BadRequest("bad_request", f"resize needs a 'max_size' in [1, {MAX_POOL_SIZE}]", rid)
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"resize needs a 'max_size' in [1, {MAX_POOL_SIZE}]", rid)
 
 
 def _release_mode(body: dict[str, Any], rid: int) -> str | None:
     mode = _field(body, "release", str, rid)
     if mode is not None and mode not in RELEASE_MODES:
-        raise BadRequest("bad_request", f"'release' must be one of {sorted(RELEASE_MODES)}", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"'release' must be one of {sorted(RELEASE_MODES)}", rid)
     return mode  # type: ignore[no-any-return]
 
 
@@ -196,18 +222,98 @@ def _parse_exchange(body: dict[str, Any], req: Request) -> None:
         req.io_timeout = _positive_seconds(body, "io_timeout", rid)
     req.release = _release_mode(body, rid)
     if req.poll and req.read != READ_ANY:
-        raise BadRequest("bad_request", "'poll' is for read 'any'", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, "'poll' is for read 'any'", rid)
     if req.read is None:
         if req.n is not None or req.delim is not None:
-            raise BadRequest("bad_request", "'n' and 'delim' need a 'read' mode", rid)
+            raise BadRequest(ErrorCode.BAD_REQUEST, "'n' and 'delim' need a 'read' mode", rid)
         return
     if req.read not in READ_MODES:
-        raise BadRequest("bad_request", f"'read' must be one of {sorted(READ_MODES)}", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"'read' must be one of {sorted(READ_MODES)}", rid)
     if req.n is not None and req.n < 0:
-        raise BadRequest("bad_request", "'n' must not be negative", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, "'n' must not be negative", rid)
     if req.read == READ_ANY and not req.n:
-        raise BadRequest("bad_request", "read 'any' needs 'n' >= 1 (the most bytes to return)", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, "read 'any' needs 'n' >= 1 (the most bytes to return)", rid)
     if req.read == READ_EXACTLY and req.n is None:
-        raise BadRequest("bad_request", "read 'exactly' needs 'n'", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, "read 'exactly' needs 'n'", rid)
     if req.read == READ_UNTIL and not req.delim:
-        raise BadRequest("bad_request", "read 'until' needs a non-empty 'delim'", rid)
+        raise BadRequest(ErrorCode.BAD_REQUEST, "read 'until' needs a non-empty 'delim'", rid)
+
+
+# -- replies (the broker builds them) -----------------------------------------------------------
+
+
+def ok_reply(rid: int, **fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "id": rid, "ok": True, **fields}
+
+
+def error_reply(rid: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"v": VERSION, "id": rid, "ok": False, "error": code, "message": message}
+
+
+# -- requests (the client builds them; the channel adds "v" and "id") ----------------------------
+
+
+def ping_request() -> dict[str, Any]:
+    return {"op": OP_PING}
+
+
+def stats_request(pool: str | None = None) -> dict[str, Any]:
+    return {"op": OP_STATS} if pool is None else {"op": OP_STATS, "pool": pool}
+
+
+def leases_request(pool: str | None = None) -> dict[str, Any]:
+    return {"op": OP_LEASES} if pool is None else {"op": OP_LEASES, "pool": pool}
+
+
+def admin_request(action: str, **fields: Any) -> dict[str, Any]:
+    return {"op": OP_ADMIN, "action": action, **fields}
+
+
+def lease_request(pool: str, timeout: float, pid: int, host: str, tag: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"op": OP_LEASE, "pool": pool, "timeout": timeout, "pid": pid, "host": host}
+    if tag is not None:
+        message["tag"] = tag
+    return message
+
+
+def io_request(token: bytes) -> dict[str, Any]:
+    return {"op": OP_IO, "lease": token}
+
+
+def release_request(token: bytes, mode: str = RELEASE_KEEP) -> dict[str, Any]:
+    return {"op": OP_RELEASE, "lease": token, "release": mode}
+
+
+def add_exchange(
+    message: dict[str, Any],
+    send: bytes | None,
+    io_timeout: float,
+    until: bytes | None = None,
+    exactly: int | None = None,
+    max_bytes: int | None = None,
+    release: str | None = None,
+    poll: bool = False,
+) -> dict[str, Any]:
+    """Add an exchange to a lease or io request: send `send`, then read up to and including
+    `until`, or `exactly` bytes, or whatever arrives first (at most `max_bytes`); none of the three:
+    no read. `release` ends the lease after it. `poll`: nothing read within io_timeout (which may
+    then be 0) is an empty answer rather than upstream_timeout."""
+    if send:
+        message["send"] = send
+    if until is not None:
+        if exactly is not None:
+            raise ValueError("give until= or exactly=, not both")
+        message["read"] = READ_UNTIL
+        message["delim"] = until
+    elif exactly is not None:
+        message["read"] = READ_EXACTLY
+        message["n"] = exactly
+    elif max_bytes is not None:
+        message["read"] = READ_ANY
+        message["n"] = max_bytes
+    message["io_timeout"] = io_timeout
+    if release is not None:
+        message["release"] = release
+    if poll:
+        message["poll"] = True
+    return message
