@@ -19,6 +19,7 @@ import select
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -343,6 +344,8 @@ class Server:
         self._tokens = b""  # random bytes drawn ahead for lease tokens
         self._token_at = 0
         self.resolver: Resolver[UpstreamConn] = Resolver(self._wake)
+        self._outbox: deque[tuple[PoolState, Any]] = deque()  # pool actions decided, not yet carried out
+        self._carrying_out = False
         self._stop_requests = 0  # a second one ends the shutdown grace at once
         self._drain_until: float | None = None  # set once shutting down: when leases are cut short
         self._handlers: dict[str, Callable[[bytes, Request, float], None]] = {
@@ -868,20 +871,38 @@ class Server:
     # -- pool actions ----------------------------------------------------------------------
 
     def _perform(self, pool: PoolState, actions: list[Any], now: float) -> None:
-        for action in actions:
-            kind = type(action)
-            if kind is Grant:
-                self._grant(action.request, action.conn, now)
-            elif kind is Open:
-                self._open(pool, now)
-            elif kind is Probe:
-                self._start_probe(action.conn, now)
-            elif kind is Close:
-                self._close_conn(action.conn, action.reason)
-            elif kind is Reject:
-                waiter = action.request
-                self._leaves_line(waiter)
-                self._send(waiter.peer, error_reply(waiter.req.id, action.code, action.message))
+        """Carry out what a pool core decided, in order, in this one place. Actions that carrying
+        out one of them leads to (a release that grants the next waiter, say) join the back of the
+        queue: each action runs to its end before the next begins, never from inside another."""
+        self._outbox.extend((pool, action) for action in actions)
+        if self._carrying_out:
+            return
+        self._carrying_out = True
+        try:
+            while self._outbox:
+                pool, action = self._outbox.popleft()
+                try:
+                    self._carry_out(pool, action, now)
+                except Exception:
+                    # A bug of ours in one action must not strand those queued behind it.
+                    log.exception("pool %r: failed to carry out %r", pool.config.name, action)
+        finally:
+            self._carrying_out = False
+
+    def _carry_out(self, pool: PoolState, action: Any, now: float) -> None:
+        kind = type(action)
+        if kind is Grant:
+            self._grant(action.request, action.conn, now)
+        elif kind is Open:
+            self._open(pool, now)
+        elif kind is Probe:
+            self._start_probe(action.conn, now)
+        elif kind is Close:
+            self._close_conn(action.conn, action.reason)
+        elif kind is Reject:
+            waiter = action.request
+            self._leaves_line(waiter)
+            self._send(waiter.peer, error_reply(waiter.req.id, action.code, action.message))
 
     def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
