@@ -30,6 +30,7 @@ from zmq.utils import monitor as zmq_monitor
 
 from broker import __version__, logs, tls
 from broker.config import BrokerConfig, ConfigError, PoolConfig
+from broker.connection import CHECKING, POLL, State
 from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
 from broker.probes import ProbeFailed, ProbeSpec, probe_spec
 from broker.protocols import CLOSE, RUN_RESET, pool_protocol
@@ -500,7 +501,7 @@ class Server:
         except BlockingIOError:
             pass
         for conn, answer in self.resolver.results():
-            if not conn.closed:  # else its connect timed out while the lookup ran
+            if conn.state is not State.CLOSED:  # else its connect timed out while the lookup ran
                 self._connect_to(conn, answer, now)
         if self._reload_requested:
             self._reload_requested = False
@@ -911,6 +912,7 @@ class Server:
         lease = Lease(token, conn, waiter, now)
         self.leases[token] = lease
         holder.leases.add(lease)
+        conn.move(State.LEASED)
         conn.lease = lease
         if holder.gone:  # (cancelled waiters are never granted; this is the one place to be sure)
             self._end_lease(lease, now, keep=True)
@@ -980,9 +982,9 @@ class Server:
         self._perform(pool, pool.core.connect_failed(now, message), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
-        conn.connecting = False
         context = conn.pool.tls
         if context is not None:  # the TLS handshake, in this loop, within connect_timeout
+            conn.move(State.TLS)
             try:
                 conn.start_tls(context, tls.server_name(conn.pool.config))
             except OSError as exc:
@@ -1010,7 +1012,7 @@ class Server:
             run = ProbeRun(
                 "on_connect", protocol.handshake, self._handshaken, self._handshake_failed, pipelined=protocol.pipelined
             )
-            self._run_checks(conn, run, None, now)
+            self._run_checks(conn, State.HANDSHAKE, run, None, now)
         else:
             self._handshaken(conn, now)
 
@@ -1030,29 +1032,20 @@ class Server:
             del self.conns[conn.fd]
         conn.close()
 
-    def _watch(self, conn: UpstreamConn, flags: int | None = None) -> None:
-        """Poll `conn` for what its state needs: an idle one for readability (a close by the
-        upstream or stray bytes), a leased one only while an exchange sends or reads."""
+    def _watch(self, conn: UpstreamConn) -> None:
+        """Poll `conn` for what its state needs (connection.POLL): an idle one for readability (a
+        close by the upstream or stray bytes), a leased one only while an exchange sends or reads."""
+        state = conn.state
+        flags = POLL[state]
         if flags is None:
-            probe = conn.probe
-            if conn.closed:
-                flags = 0
-            elif conn.connecting:
-                flags = select.EPOLLOUT
-            elif conn.handshaking:
-                flags = conn.handshaking
-            elif probe is not None:
-                flags = select.EPOLLOUT if probe.send is not None else select.EPOLLIN
-            elif conn.lease is None:
-                flags = select.EPOLLIN
-            else:
-                exchange = conn.lease.exchange
-                if exchange is None:
-                    flags = 0
-                elif exchange.send is not None:
-                    flags = select.EPOLLOUT
-                else:
-                    flags = select.EPOLLIN
+            if state is State.TLS:
+                flags = conn.tls_wants
+            elif state is State.LEASED:
+                exchange = conn.lease.exchange if conn.lease is not None else None
+                flags = 0 if exchange is None else select.EPOLLOUT if exchange.send is not None else select.EPOLLIN
+            else:  # a run of checks
+                run = conn.checks
+                flags = 0 if run is None else select.EPOLLOUT if run.send is not None else select.EPOLLIN
         if flags != conn.watching:
             if not flags:
                 self.epoll.unregister(conn.fd)
@@ -1063,7 +1056,31 @@ class Server:
             conn.watching = flags
 
     def _on_upstream_event(self, conn: UpstreamConn, now: float) -> None:
-        if conn.connecting:
+        """What an event means depends on the connection's state, and on nothing else."""
+        state = conn.state
+        if state is State.LEASED:
+            exchange = conn.lease.exchange if conn.lease is not None else None
+            if exchange is None:
+                self._watch(conn)
+                return
+            if exchange.send is None:
+                try:
+                    conn.fill()
+                except OSError as exc:
+                    conn.fail(f"read from upstream failed: {exc}")
+                    self._finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
+                    return
+            self._advance(exchange, now)
+        elif state is State.IDLE:
+            # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
+            reason = conn.unfit()
+            if reason is None:
+                return  # nothing there: an event from the poll that saw the fd's former owner
+            conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
+            self._perform(conn.pool, conn.pool.core.lost(conn, now, reason), now)
+        elif state in CHECKING:
+            self._advance_probe(conn, now)
+        elif state is State.CONNECTING:
             try:
                 error = conn.connect_result()
             except BlockingIOError:
@@ -1072,34 +1089,8 @@ class Server:
                 self._connected(conn, now)
             else:
                 self._connect_failed(conn, error, now)
-            return
-        if conn.handshaking:
+        elif state is State.TLS:
             self._advance_tls(conn, now)
-            return
-        if conn.probe is not None:
-            self._advance_probe(conn, now)
-            return
-        lease = conn.lease
-        if lease is None:
-            # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
-            reason = conn.unfit()
-            if reason is None:
-                return  # nothing there: an event from the poll that saw the fd's former owner
-            conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
-            self._perform(conn.pool, conn.pool.core.lost(conn, now, reason), now)
-            return
-        exchange = lease.exchange
-        if exchange is None:
-            self._watch(conn)
-            return
-        if exchange.send is None:
-            try:
-                conn.fill()
-            except OSError as exc:
-                conn.fail(f"read from upstream failed: {exc}")
-                self._finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
-                return
-        self._advance(exchange, now)
 
     # -- probes ----------------------------------------------------------------------------
 
@@ -1115,15 +1106,17 @@ class Server:
             return
         self._run_checks(
             conn,
+            State.PROBING,
             ProbeRun(f"{pool.probe.name} probe", [pool.probe.new_check()], self._probe_passed, self._probe_failed),
             "probe_timeout",
             now,
         )
 
-    def _run_checks(self, conn: UpstreamConn, run: ProbeRun, limit: str | None, now: float) -> None:
-        """Start `run` on `conn`, bounded by the pool's setting named `limit` (None: by the timer
-        the connection already has)."""
-        conn.probe = run
+    def _run_checks(self, conn: UpstreamConn, state: State, run: ProbeRun, limit: str | None, now: float) -> None:
+        """Start `run` on `conn` (moving it into `state`), bounded by the pool's setting named
+        `limit` (None: by the timer the connection already has)."""
+        conn.move(state)
+        conn.checks = run
         if limit is not None:
             timeout = getattr(conn.pool.config, limit)
             error = f"no answer within {limit}={timeout}s"
@@ -1131,7 +1124,7 @@ class Server:
         self._advance_probe(conn, now)
 
     def _advance_probe(self, conn: UpstreamConn, now: float) -> None:
-        run = conn.probe
+        run = conn.checks
         assert run is not None
         try:
             while True:
@@ -1159,19 +1152,20 @@ class Server:
         self._watch(conn)
 
     def _checks_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
-        run = conn.probe
+        run = conn.checks
         if run is None:
             return  # (already ended)
         self._end_probe(conn)
         run.on_fail(conn, f"{run.describe()}: {error}", now)
 
     def _end_probe(self, conn: UpstreamConn) -> None:
-        conn.probe = None
+        conn.checks = None
         self.timers.cancel(conn.timer)
         conn.timer = None
         self._watch(conn)
 
     def _probe_passed(self, conn: UpstreamConn, now: float) -> None:
+        conn.move(State.IDLE)  # (the core then hands it to a waiter, or keeps it idle)
         self._perform(conn.pool, conn.pool.core.probe_ok(conn, now), now)
 
     def _probe_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
@@ -1190,6 +1184,7 @@ class Server:
         conn.timer = None
         if pool.core.failures:  # (the core counts failures in a row until this success)
             log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
+        conn.move(State.IDLE)
         self._perform(pool, pool.core.connected(conn, now, conn.opened_at), now)
         self._watch(conn)
 
@@ -1197,6 +1192,7 @@ class Server:
         self._connect_failed(conn, ProbeFailed(error), now)
 
     def _reset_passed(self, conn: UpstreamConn, now: float) -> None:
+        conn.move(State.IDLE)
         self._perform(conn.pool, conn.pool.core.release(conn, now), now)
         self._watch(conn)
 
@@ -1392,10 +1388,11 @@ class Server:
                     self._reset_failed,
                     pipelined=pool.protocol.pipelined,
                 )
-                self._run_checks(conn, run, "probe_timeout", now)
+                self._run_checks(conn, State.RESETTING, run, "probe_timeout", now)
                 return
             if decision.action == CLOSE:
                 reason = decision.reason
                 conn.error = decision.why
+        conn.move(State.IDLE)  # (back in the pool's hands: the core keeps it, hands it on or closes it)
         self._perform(pool, pool.core.release(conn, now, reason), now)
         self._watch(conn)

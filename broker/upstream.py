@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from broker.connection import State, check_move
 from client.protocol import READ_ANY, READ_EXACTLY, ErrorCode
 
 if TYPE_CHECKING:
@@ -44,11 +45,10 @@ class UpstreamConn:
         "eof",
         "broken",
         "error",
-        "closed",
-        "connecting",
-        "handshaking",
+        "state",
+        "tls_wants",
         "lease",
-        "probe",
+        "checks",
         "timer",
         "watching",
         "_readable",
@@ -63,17 +63,20 @@ class UpstreamConn:
         self.eof = False  # the upstream closed its side
         self.broken = False  # an I/O failed or was cut short: never reuse
         self.error = ""  # what went wrong, for the log line that closes it
-        self.closed = False
-        self.connecting = True
-        self.handshaking = 0  # during a TLS handshake: the poll flag it waits for
-        self.lease: Lease | None = None
-        self.probe: ProbeRun | None = None
-        self.timer: Timer | None = None  # the connect's or the probe's deadline
+        self.state = State.CONNECTING  # moved only along connection.MOVES (move())
+        self.tls_wants = 0  # during the TLS handshake: the poll flag it waits for
+        self.lease: Lease | None = None  # LEASED: whose
+        self.checks: ProbeRun | None = None  # HANDSHAKE, PROBING, RESETTING: the run of checks
+        self.timer: Timer | None = None  # the connect's or the checks' deadline
         self.watching = 0  # poll flags currently registered
         self._readable: select.poll | None = None  # this socket alone: is anything there, right now?
 
     def __repr__(self) -> str:
-        return f"<UpstreamConn {self.pool.config.name} fd={self.fd}>"
+        return f"<UpstreamConn {self.pool.config.name} fd={self.fd} {self.state.value}>"
+
+    def move(self, state: State) -> None:
+        """Into `state`, along the table of moves (BadMove if it has none: a bug of ours)."""
+        self.state = check_move(self.state, state)
 
     def fail(self, error: str) -> None:
         """An I/O on it failed or was cut short: it must never be reused."""
@@ -116,7 +119,7 @@ class UpstreamConn:
         """Wrap the connected socket in TLS; handshake() then drives the handshake."""
         assert self.sock is not None
         self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
-        self.handshaking = select.EPOLLOUT
+        self.tls_wants = select.EPOLLOUT
 
     def handshake(self) -> int:
         """Advance the TLS handshake: 0 once done, else the poll flag to wait for. Raises OSError
@@ -125,12 +128,12 @@ class UpstreamConn:
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self.handshaking = select.EPOLLIN
+            self.tls_wants = select.EPOLLIN
         except ssl.SSLWantWriteError:
-            self.handshaking = select.EPOLLOUT
+            self.tls_wants = select.EPOLLOUT
         else:
-            self.handshaking = 0
-        return self.handshaking
+            self.tls_wants = 0
+        return self.tls_wants
 
     def send(self, data: memoryview) -> int:
         """Send what the socket takes now; 0 when its buffer is full. Raises OSError if broken."""
@@ -223,7 +226,8 @@ class UpstreamConn:
         return "unread" if peeked else "broken"  # b"": the peer closed
 
     def close(self) -> None:
-        self.closed = True
+        if self.state is not State.CLOSED:
+            self.move(State.CLOSED)
         if self.sock is not None:
             self.sock.close()
 

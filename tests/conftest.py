@@ -51,12 +51,20 @@ def start_broker(request: pytest.FixtureRequest) -> Iterator[Callable[..., Broke
         return broker.start()
 
     yield start
+    bugs = []
     for broker in brokers:
         if getattr(request.node, "failed_call", False):
             if broker.proc is not None and broker.proc.poll() is None:
                 broker.dump_stack()  # where is its loop?
             print(f"--- log of the broker at {broker.endpoint}:\n{broker.log()}")
+        log = broker.log()
         broker.stop()
+        # The broker logs a traceback only for a bug of its own, which it survived (nothing a client
+        # or an upstream does is one): any test that met one fails, whatever it asserted.
+        if "Traceback (most recent call last)" in log:
+            bugs.append(log)
+    if bugs:
+        pytest.fail(f"the broker logged a traceback (a bug it survived):\n{bugs[0]}")
 
 
 @pytest.fixture
