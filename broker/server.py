@@ -17,7 +17,6 @@ import math
 import os
 import select
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -29,16 +28,18 @@ import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
 from broker import __version__, logs, tls
-from broker.config import BrokerConfig, ConfigError, PoolConfig
+from broker.config import BrokerConfig, ConfigError
 from broker.connection import CHECKING, POLL, State
-from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
-from broker.probes import ProbeFailed, ProbeSpec, probe_spec
-from broker.protocols import CLOSE, RUN_RESET, pool_protocol
-from broker.protocols.session import Session
-from broker.resolver import AddrInfo, Resolver, numeric_address
+from broker.exchange import Exchange, ReadFailed, over_limits
+from broker.leases import Holder, Lease, LeaseTable, Waiter
+from broker.pool import Close, Grant, Open, Probe, Reject
+from broker.pools import PoolState
+from broker.probes import ProbeFailed
+from broker.protocols import CLOSE, RUN_RESET
+from broker.resolver import AddrInfo, Resolver
 from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
-from broker.timers import Timer, Timers
-from broker.upstream import ProbeRun, ReadFailed, UpstreamConn
+from broker.timers import Timers
+from broker.upstream import ProbeRun, UpstreamConn
 from client.protocol import (
     ADMIN_DRAIN,
     ADMIN_PAUSE,
@@ -54,7 +55,6 @@ from client.protocol import (
     OP_RELEASE,
     OP_STATS,
     READ_ANY,
-    READ_EXACTLY,
     RELEASE_KEEP,
     TOKEN_BYTES,
     BadRequest,
@@ -77,182 +77,6 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
 
 
-class Holder:
-    """A client connection that has asked for a lease: what it holds and waits for, and its fd,
-    by which the broker learns that the connection closed (the process died, or gave up).
-
-    `process` is what max_leases_per_client counts by: on ipc the peer's pid as the kernel reports
-    it (all of a process's threads together), elsewhere the connection itself."""
-
-    __slots__ = ("peer", "fd", "process", "admin", "leases", "waiters", "gone")
-
-    def __init__(self, peer: bytes, fd: int, process: object, admin: bool) -> None:
-        self.peer = peer
-        self.fd = fd
-        self.process = process
-        self.admin = admin
-        self.leases: set[Lease] = set()
-        self.waiters: set[Waiter] = set()
-        self.gone = False
-
-
-class Waiter:
-    """A lease request from `holder`, as queued in a pool core."""
-
-    __slots__ = ("peer", "req", "holder", "pool", "payload")
-
-    def __init__(self, holder: Holder, req: Request, pool: PoolState) -> None:
-        self.peer = holder.peer
-        self.req = req
-        self.holder = holder
-        self.pool = pool
-        self.payload = len(req.send) if req.send else 0  # bytes it holds until granted
-
-
-class Lease:
-    """A granted connection, known by its token and bound to the peer that asked for it."""
-
-    __slots__ = (
-        "token",
-        "pool",
-        "conn",
-        "peer",
-        "holder",
-        "pid",
-        "host",
-        "tag",
-        "since",
-        "last_io",
-        "ops",
-        "bytes_sent",
-        "bytes_received",
-        "busy",
-        "exchange",
-        "timer",
-        "warned",
-        "session",
-    )
-
-    def __init__(self, token: bytes, conn: UpstreamConn, waiter: Waiter, now: float) -> None:
-        req = waiter.req
-        self.token = token
-        self.pool = conn.pool
-        self.conn = conn
-        self.peer = waiter.peer
-        self.holder = waiter.holder
-        self.pid = req.pid
-        self.host = req.host
-        self.tag = req.tag
-        self.since = now
-        self.last_io = now
-        self.ops = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.busy = 0.0  # seconds spent in I/O operations: held minus busy is held but idle
-        self.exchange: Exchange | None = None
-        self.timer: Timer | None = None  # the next look at how long it has been held or idle
-        self.warned = False  # the leak warning was logged
-        # What the holder sends and reads, followed by the pool's protocol: what it left behind.
-        new_session = conn.pool.protocol.new_session
-        self.session: Session | None = new_session() if new_session is not None else None
-
-    def __repr__(self) -> str:
-        # Never the whole token: it is a capability.
-        return f"<Lease {self.token[:4].hex()}.. pool={self.pool.config.name} pid={self.pid} tag={self.tag}>"
-
-    def info(self, now: float) -> dict[str, Any]:
-        """Who holds it and what it did, for `poolbroker leases` (never the token)."""
-        busy = self.busy + (now - self.exchange.started if self.exchange is not None else 0.0)
-        return {
-            "pool": self.pool.config.name,
-            "pid": self.pid,
-            "host": self.host,
-            "tag": self.tag,
-            "held_s": round(now - self.since, 3),
-            "idle_s": round(0.0 if self.exchange is not None else now - self.last_io, 3),
-            "busy_s": round(busy, 3),
-            "ops": self.ops,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-        }
-
-    def describe(self, now: float) -> str:
-        """Who holds it and for how long, for operators (never the token)."""
-        tag = f" (tag {self.tag!r})" if self.tag else ""
-        return (
-            f"lease held by pid {self.pid} on {self.host!r}{tag} for {now - self.since:.1f}s,"
-            f" {self.ops} I/O operations, last {now - self.last_io:.1f}s ago"
-        )
-
-
-class Exchange:
-    """One I/O operation on a lease: send, then read, then reply (and maybe release)."""
-
-    __slots__ = (
-        "lease",
-        "peer",
-        "rid",
-        "send",
-        "read",
-        "n",
-        "delim",
-        "scanned",
-        "release",
-        "first",
-        "poll",
-        "poll_now",
-        "started",
-        "timer",
-    )
-
-    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_payload: int, now: float) -> None:
-        self.lease = lease
-        self.peer = peer
-        self.rid = req.id
-        self.send: memoryview | None = memoryview(req.send) if req.send else None
-        self.read = req.read
-        # Reads are bounded by max_payload: `any` and `until` are clamped to it.
-        self.n = min(req.n, max_payload) if req.n is not None else max_payload
-        self.delim = req.delim
-        self.scanned = 0
-        self.release = req.release
-        self.first = first  # the exchange carried by a lease request: its reply carries the token
-        # A poll: nothing read within io_timeout is an empty answer, not an error (pub/sub waits).
-        self.poll = req.poll
-        self.poll_now = req.poll and req.io_timeout == 0.0  # take only what is there already
-        self.started = now
-        self.timer: Timer | None = None
-
-
-class PoolState:
-    """A pool as the server sees it: its config, its pure core (and the upstream's health), its probe."""
-
-    def __init__(self, config: PoolConfig) -> None:
-        self.config = config
-        self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
-        self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
-        self.protocol = pool_protocol(config)  # its handshake, its reset, what a holder leaves
-        self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
-        self.tls: ssl.SSLContext | None = tls.client_context(config)  # raises ConfigError
-
-    def __repr__(self) -> str:
-        return repr(self.core).replace("PoolCore", "Pool", 1)
-
-    def reconfigure(self, config: PoolConfig, now: float) -> list[Any]:
-        """New settings, live. A new upstream address drains the connections to the old one."""
-        moved = (config.host, config.port) != (self.config.host, self.config.port)
-        moved = moved or _differences(self.config, config, TLS_KEYS) != []  # another TLS: new connections
-        self.tls = tls.client_context(config)
-        self.config = config
-        self.probe = probe_spec(config)
-        self.protocol = pool_protocol(config)
-        actions = self.core.reconfigure(config, now)
-        if moved:
-            self.address = numeric_address(config.host, config.port)
-            actions += self.core.drain(now)
-        return actions
-
-
 # The hot path calls pyzmq's compiled socket methods directly, with plain ints: the Python layer
 # over them (routing-id checks, results turned into enum.Flag values) cost about 1 us a call.
 EVENTS, FD, RCVMORE = int(zmq.EVENTS), int(zmq.FD), int(zmq.RCVMORE)
@@ -264,8 +88,6 @@ def _int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
     """`sock.getsockopt`, for the options that are ints (FD, EVENTS, RCVMORE)."""
     return cast(Callable[[int], int], functools.partial(zmq.backend.Socket.get, sock))
 
-
-TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
 
 # Broker settings a reload can't change in a running broker: they are the socket's.
 RESTART_KEYS = (
@@ -298,11 +120,11 @@ class Server:
         self._reload_requested = False
         self.ctx = ctx or zmq.Context()
         self.pools = {pool.name: PoolState(pool) for pool in config.pools}
-        self.leases: dict[bytes, Lease] = {}
+        self.table = LeaseTable()  # holders, waiters and leases
+        self.leases = self.table.leases  # (by token: the table's own dict)
         self.conns: dict[int, UpstreamConn] = {}  # by fd
         self.timers = Timers()
         self.packer = msgpack.Packer(use_bin_type=True)
-        self.waiting_payload = 0  # bytes carried by lease requests not yet granted (max_waiting_payload)
         self.curve = curve
         self.bad_requests = 0
         self.requests_received = 0  # every message: a one-shot lease cycle is one
@@ -324,9 +146,7 @@ class Server:
         # Disconnect events name the fd of a connection that closed: the first message of each
         # holder carries its fd (SRCFD), so the broker knows whose leases to reclaim.
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.holders: dict[bytes, Holder] = {}  # by routing id
-        self.fd_holders: dict[int, Holder] = {}
-        self.processes: dict[object, set[Holder]] = {}  # by Holder.process
+        self.holders = self.table.holders  # (by routing id: the table's own dict)
         self.epoll = select.epoll()
         self.epoll.register(_int_option(self.router)(FD), select.EPOLLIN)
         self.epoll.register(_int_option(self.monitor)(FD), select.EPOLLIN)
@@ -518,7 +338,7 @@ class Server:
             except zmq.Again:
                 break
             if event["event"] == zmq.EVENT_DISCONNECTED:
-                holder = self.fd_holders.pop(int(event["value"]), None)
+                holder = self.table.by_fd.pop(int(event["value"]), None)
                 if holder is not None:
                     gone.append(holder)
         if gone and requests_first:
@@ -538,34 +358,24 @@ class Server:
         fd = frame.get(zmq.SRCFD)
         pid = peer_credentials(frame)[1] if self.ipc_path else None
         process = ("pid", pid) if pid is not None else peer
-        holder = self.holders[peer] = Holder(peer, fd, process, self._is_admin(peer, frame))
-        self.processes.setdefault(process, set()).add(holder)
-        if fd < 0:
-            return holder  # no fd (inproc): only the lease time limits apply
-        # The fd may have served an earlier connection. libzmq reports that one's disconnect before
-        # it closes the fd, so before this connection could have it: read those reports first, or
-        # a late one would be taken for this connection's.
-        self._drain_monitor(now, requests_first=False)
-        previous = self.fd_holders.get(fd)
+        holder = Holder(peer, fd, process, self._is_admin(peer, frame))
+        if fd >= 0:
+            # The fd may have served an earlier connection. libzmq reports that one's disconnect
+            # before it closes the fd, so before this connection could have it: read those reports
+            # first, or a late one would be taken for this connection's.
+            self._drain_monitor(now, requests_first=False)
+        previous = self.table.add_holder(holder)
         if previous is not None:  # (never seen: a disconnect report always comes first)
             self._holder_gone(previous, now, "its connection closed (its fd was reused)")
-        self.fd_holders[fd] = holder
         return holder
 
     def _holder_gone(self, holder: Holder, now: float, why: str) -> None:
         """A holder's connection closed: its waiters leave the line and its leases are reclaimed
         (their connections closed: what the holder left in them is unknown)."""
-        holder.gone = True
-        del self.holders[holder.peer]
-        siblings = self.processes[holder.process]
-        siblings.discard(holder)
-        if not siblings:
-            del self.processes[holder.process]
-        if self.fd_holders.get(holder.fd) is holder:
-            del self.fd_holders[holder.fd]
+        self.table.remove_holder(holder)
         for waiter in list(holder.waiters):
             waiter.pool.core.cancel(waiter)
-            self._leaves_line(waiter)
+            self.table.leaves_line(waiter)
         for lease in list(holder.leases):
             log.warning("pool %r: reclaiming a %s: %s", lease.pool.config.name, lease.describe(now), why)
             self._end_lease(lease, now, keep=False, reason="reclaimed")
@@ -789,28 +599,20 @@ class Server:
             return
         holder = self.holders[peer]
         limit = pool.config.max_leases_per_client
-        if limit and self._taken_by(holder.process, pool) >= limit:
+        if limit and self.table.taken_by(holder.process, pool) >= limit:
             message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
             self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return
         waiter = Waiter(holder, req, pool)
-        if waiter.payload and self.waiting_payload + waiter.payload > self.config.max_waiting_payload:
+        waiting = self.table.waiting_payload
+        if waiter.payload and waiting + waiter.payload > self.config.max_waiting_payload:
             limit = self.config.max_waiting_payload
-            message = f"lease requests in line already carry {self.waiting_payload} bytes (max_waiting_payload={limit})"
+            message = f"lease requests in line already carry {waiting} bytes (max_waiting_payload={limit})"
             self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return
-        holder.waiters.add(waiter)
-        self.waiting_payload += waiter.payload
+        self.table.queue(waiter)
         timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
         self._perform(pool, pool.core.request(waiter, now, now + timeout), now)
-
-    def _taken_by(self, process: object, pool: PoolState) -> int:
-        """Leases of `pool` that a client process holds or waits for, over all its connections."""
-        taken = 0
-        for holder in self.processes[process]:
-            taken += sum(1 for lease in holder.leases if lease.pool is pool)
-            taken += sum(1 for waiter in holder.waiters if waiter.pool is pool)
-        return taken
 
     def _on_io(self, peer: bytes, req: Request, now: float) -> None:
         lease = self._lease_of(peer, req)
@@ -834,9 +636,8 @@ class Server:
 
     def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
         assert req.lease is not None
-        lease = self.leases.get(req.lease)
-        # Another peer's token is treated exactly like an unknown one: it reveals and touches nothing.
-        if lease is None or lease.peer != peer:
+        lease = self.table.lease_of(peer, req.lease)
+        if lease is None:
             if not req.noreply:
                 self._send(
                     peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (released, reclaimed, or not yours)")
@@ -845,16 +646,10 @@ class Server:
         return lease
 
     def _exchange_fits(self, peer: bytes, req: Request) -> bool:
-        limit = self.config.max_payload
-        if req.read == READ_EXACTLY and req.n is not None and req.n > limit:
-            message = f"read exactly {req.n} bytes is over the limit of {limit} (max_payload)"
-            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
-            return False
-        if req.send is not None and len(req.send) > limit:
-            message = f"sending {len(req.send)} bytes in one operation is over the limit of {limit} (max_payload)"
-            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
-            return False
-        return True
+        problem = over_limits(req, self.config.max_payload)
+        if problem is not None:
+            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
+        return problem is None
 
     def _send(self, peer: bytes, reply: dict[str, Any]) -> bool:
         """Send a reply; False when the peer is gone or not reading (never blocks the loop)."""
@@ -902,16 +697,16 @@ class Server:
             self._close_conn(action.conn, action.reason)
         elif kind is Reject:
             waiter = action.request
-            self._leaves_line(waiter)
+            self.table.leaves_line(waiter)
             self._send(waiter.peer, error_reply(waiter.req.id, action.code, action.message))
 
     def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
-        self._leaves_line(waiter)
+        self.table.leaves_line(waiter)
         token = self._new_token()
-        lease = Lease(token, conn, waiter, now)
-        self.leases[token] = lease
-        holder.leases.add(lease)
+        new_session = waiter.pool.protocol.new_session
+        lease = Lease(token, conn, waiter, new_session() if new_session is not None else None, now)
+        self.table.add(lease)
         conn.move(State.LEASED)
         conn.lease = lease
         if holder.gone:  # (cancelled waiters are never granted; this is the one place to be sure)
@@ -927,14 +722,8 @@ class Server:
                 self._end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
         # own deadline bounds it: it needs no watch of its own.
-        if lease.token in self.leases and not (req.release is not None and lease.exchange is not None):
+        if self.table.active(lease) and not (req.release is not None and lease.exchange is not None):
             self._schedule_lease_check(lease, now)
-
-    def _leaves_line(self, waiter: Waiter) -> None:
-        """A lease request is granted, refused or cancelled: it no longer waits."""
-        if waiter in waiter.holder.waiters:
-            waiter.holder.waiters.remove(waiter)
-            self.waiting_payload -= waiter.payload
 
     def _new_token(self) -> bytes:
         """128 bits from the OS's random source (as secrets.token_bytes), drawn TOKEN_BATCH at a time."""
@@ -1277,15 +1066,14 @@ class Server:
             lease.bytes_sent += sent
             if lease.session is not None:
                 lease.session.sent(exchange.send[:sent])
-            exchange.send = exchange.send[sent:] if sent < len(exchange.send) else None
-            if exchange.send is not None:
+            if exchange.sent(sent) is not None:
                 self._watch(conn)
                 return
         if exchange.read is None:
             self._finish_ok(exchange, None, now)
             return
         try:
-            data, exchange.scanned = conn.take(exchange.read, exchange.n, exchange.delim, exchange.scanned)
+            data = exchange.take(conn.rbuf, conn.eof)
         except ReadFailed as exc:
             if exc.code == ErrorCode.UPSTREAM_ERROR:
                 conn.fail(exc.message)
@@ -1331,7 +1119,7 @@ class Server:
         delivered = self._send(exchange.peer, reply)
         if releasing:
             self._end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
-        elif not delivered and lease.token in self.leases:
+        elif not delivered and self.table.active(lease):
             # The holder is gone mid-conversation: the connection's state is unknown.
             self._end_lease(lease, now, keep=False)
 
@@ -1344,7 +1132,7 @@ class Server:
         if ends:
             reply["released"] = True
         delivered = self._send(exchange.peer, reply)
-        if (ends or not delivered) and lease.token in self.leases:
+        if (ends or not delivered) and self.table.active(lease):
             self._end_lease(lease, now, keep=False)
 
     def _end_exchange(self, exchange: Exchange, now: float, *, lease_ends: bool) -> Lease:
@@ -1360,8 +1148,7 @@ class Server:
 
     def _end_lease(self, lease: Lease, now: float, *, keep: bool, reason: str | None = None) -> None:
         """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
-        del self.leases[lease.token]
-        lease.holder.leases.discard(lease)
+        self.table.remove(lease)
         self.timers.cancel(lease.timer)
         lease.timer = None
         conn = lease.conn

@@ -11,26 +11,17 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.connection import State, check_move
-from client.protocol import READ_ANY, READ_EXACTLY, ErrorCode
 
 if TYPE_CHECKING:
+    from broker.leases import Lease
+    from broker.pools import PoolState
     from broker.probes import Check
-    from broker.server import Lease, PoolState
     from broker.timers import Timer
 
 RECV_CHUNK = 256 * 1024
 # Reads land here first: recv(RECV_CHUNK) would allocate a 256 KiB object per read (about 20 us)
 # to keep a few bytes. One buffer serves every connection: the server loop is one thread.
 _READ_BUFFER = memoryview(bytearray(RECV_CHUNK))
-
-
-class ReadFailed(Exception):
-    """A read can't be satisfied: `code` is a wire error code, the message says why."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class UpstreamConn:
@@ -159,43 +150,6 @@ class UpstreamConn:
             # TLS may hold decrypted bytes the socket's poll will never announce: take them too.
             if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
                 return
-
-    def take(self, mode: str, n: int, delim: bytes | None, scanned: int) -> tuple[bytes | None, int]:
-        """Take what a read asks for from the buffer, or (None, how far a delimiter search got).
-
-        `n`: any: the most to return; exactly: the count; until: the most to scan.
-        Raises ReadFailed when the read can never be satisfied.
-        """
-        buf = self.rbuf
-        if mode == READ_ANY:
-            if buf:
-                data = bytes(buf[:n])
-                del buf[:n]
-                return data, 0
-            return (b"", 0) if self.eof else (None, 0)
-        if mode == READ_EXACTLY:
-            if len(buf) >= n:
-                data = bytes(buf[:n])
-                del buf[:n]
-                return data, 0
-            if self.eof:
-                raise ReadFailed(ErrorCode.UPSTREAM_ERROR, f"upstream closed after {len(buf)} of {n} bytes")
-            return None, 0
-        assert delim is not None
-        # Resume the search where the last one stopped, less a delimiter's length that may straddle.
-        found = buf.find(delim, max(0, scanned - len(delim) + 1), n)
-        if found >= 0:
-            end = found + len(delim)
-            data = bytes(buf[:end])
-            del buf[:end]
-            return data, 0
-        if len(buf) >= n:
-            raise ReadFailed(ErrorCode.LIMIT_EXCEEDED, f"no delimiter {delim!r} within {n} bytes")
-        if self.eof:
-            raise ReadFailed(
-                ErrorCode.UPSTREAM_ERROR, f"upstream closed before delimiter {delim!r} ({len(buf)} bytes read)"
-            )
-        return None, len(buf)
 
     def unfit(self) -> str | None:
         """Why it can't go back to the pool, as a close reason, or None if it is clean: no I/O

@@ -1,0 +1,51 @@
+"""A pool as the broker sees it: its config, its pure core, its probe, its protocol, where its
+upstream is and how to speak TLS to it."""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from broker import tls
+from broker.config import PoolConfig
+from broker.pool import PoolCore
+from broker.probes import ProbeSpec, probe_spec
+from broker.protocols import pool_protocol
+from broker.resolver import AddrInfo, numeric_address
+
+if TYPE_CHECKING:
+    from broker.leases import Waiter
+    from broker.upstream import UpstreamConn
+
+TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
+
+
+class PoolState:
+    """A pool as the server sees it: its config, its pure core (and the upstream's health), its probe."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
+        self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
+        self.protocol = pool_protocol(config)  # its handshake, its reset, what a holder leaves
+        self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
+        self.tls: ssl.SSLContext | None = tls.client_context(config)  # raises ConfigError
+
+    def __repr__(self) -> str:
+        return repr(self.core).replace("PoolCore", "Pool", 1)
+
+    def reconfigure(self, config: PoolConfig, now: float) -> list[Any]:
+        """New settings, live. A new upstream address drains the connections to the old one."""
+        moved = (config.host, config.port) != (self.config.host, self.config.port)
+        moved = moved or any(
+            getattr(self.config, key) != getattr(config, key) for key in TLS_KEYS
+        )  # another TLS: new connections
+        self.tls = tls.client_context(config)
+        self.config = config
+        self.probe = probe_spec(config)
+        self.protocol = pool_protocol(config)
+        actions = self.core.reconfigure(config, now)
+        if moved:
+            self.address = numeric_address(config.host, config.port)
+            actions += self.core.drain(now)
+        return actions
