@@ -9,7 +9,6 @@ ROUTER's ZMQ_FD costs one getsockopt(EVENTS), not a pass over every socket.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
@@ -19,7 +18,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgpack
@@ -27,11 +26,12 @@ import zmq
 import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
-from broker import __version__, logs, tls
+from broker import tls
 from broker.config import BrokerConfig, ConfigError
 from broker.connection import CHECKING, POLL, State
 from broker.exchange import Exchange, ReadFailed, over_limits
 from broker.leases import Holder, Lease, LeaseTable, Waiter
+from broker.operations import Operations, unknown_pool
 from broker.pool import Close, Grant, Open, Probe, Reject
 from broker.pools import PoolState
 from broker.probes import ProbeFailed
@@ -41,19 +41,10 @@ from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_cu
 from broker.timers import Timers
 from broker.upstream import ProbeRun, UpstreamConn
 from client.protocol import (
-    ADMIN_DRAIN,
-    ADMIN_PAUSE,
-    ADMIN_RELOAD,
-    ADMIN_RESIZE,
-    ADMIN_RESUME,
-    ADMIN_SHUTDOWN,
     OP_ADMIN,
     OP_IO,
     OP_LEASE,
-    OP_LEASES,
-    OP_PING,
     OP_RELEASE,
-    OP_STATS,
     READ_ANY,
     RELEASE_KEEP,
     TOKEN_BYTES,
@@ -87,22 +78,6 @@ NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 def _int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
     """`sock.getsockopt`, for the options that are ints (FD, EVENTS, RCVMORE)."""
     return cast(Callable[[int], int], functools.partial(zmq.backend.Socket.get, sock))
-
-
-# Broker settings a reload can't change in a running broker: they are the socket's.
-RESTART_KEYS = (
-    "bind",
-    "max_message_size",
-    "curve_secret_key",
-    "curve_clients",
-    "admin_keys",
-    "metrics_bind",
-    "log_format",
-)
-
-
-def _differences(old: Any, new: Any, keys: Iterable[str]) -> list[str]:
-    return [key for key in keys if getattr(old, key) != getattr(new, key)]
 
 
 class Server:
@@ -173,19 +148,10 @@ class Server:
             OP_LEASE: self._on_lease,
             OP_IO: self._on_io,
             OP_RELEASE: self._on_release,
-            OP_STATS: self._on_stats,
-            OP_PING: self._on_ping,
-            OP_LEASES: self._on_leases,
-            OP_ADMIN: self._on_admin,
         }
-        self._admin_actions: dict[str, Callable[[bytes, Request, float], None]] = {
-            ADMIN_PAUSE: self._pause,
-            ADMIN_RESUME: self._resume,
-            ADMIN_RESIZE: self._resize,
-            ADMIN_DRAIN: self._drain,
-            ADMIN_RELOAD: self._reload_for,
-            ADMIN_SHUTDOWN: self._shutdown_for,
-        }
+        # Requests that look at or change the broker rather than lease from it.
+        self.operations = Operations(self)
+        self._handlers.update(self.operations.handlers())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -203,6 +169,10 @@ class Server:
             self.router.bind(endpoint)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._drain_until is not None
 
     @property
     def wakeup_fd(self) -> int:
@@ -236,7 +206,7 @@ class Server:
         wake_fd = self._wake_r.fileno()
         conns = self.conns
         for pool in self.pools.values():
-            self._log_opened(pool)
+            self.log_opened(pool)
         self._run_due(time.monotonic(), start=True)  # warm up to min_idle
         while not self._done_serving(time.monotonic()):
             deadline = self._next_deadline()
@@ -306,7 +276,7 @@ class Server:
                 grace,
             )
             for pool in self.pools.values():
-                self._perform(pool, pool.core.shutdown(), now)
+                self.carry_out(pool, pool.core.shutdown(), now)
             self._drain_until = now + grace
             self.timers.call_at(self._drain_until, lambda t: None)  # wake the loop then
         return not self.leases or now >= self._drain_until or self._stop_requests > 1
@@ -326,7 +296,7 @@ class Server:
         if self._reload_requested:
             self._reload_requested = False
             try:
-                self.reload(now)
+                self.operations.reload(now)
             except ConfigError as exc:
                 log.error("reload failed, nothing changed: %s", exc)
 
@@ -393,7 +363,7 @@ class Server:
         for pool in self.pools.values():
             deadline = pool.core.next_deadline()
             if start or (deadline is not None and deadline <= now):
-                self._perform(pool, pool.core.tick(now), now)
+                self.carry_out(pool, pool.core.tick(now), now)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -416,7 +386,7 @@ class Server:
                 while option(RCVMORE):
                     recv(NOBLOCK)
                 self.bad_requests += 1
-                self._send(peer, error_reply(None, ErrorCode.BAD_REQUEST, "a request is exactly one frame"))
+                self.reply(peer, error_reply(None, ErrorCode.BAD_REQUEST, "a request is exactly one frame"))
                 continue
             self._on_message(peer, data, frame, now)
         self._router_used = True  # the batch ran out: ask again before waiting
@@ -426,19 +396,19 @@ class Server:
             req = parse_request(data)
         except BadRequest as exc:
             self.bad_requests += 1
-            self._send(peer, error_reply(exc.request_id, exc.code, exc.message))
+            self.reply(peer, error_reply(exc.request_id, exc.code, exc.message))
             return
         except Exception:
             # A parser bug must cost one request, never the broker.
             log.exception("failed to parse a request")
             self.bad_requests += 1
-            self._send(peer, error_reply(None, ErrorCode.BAD_REQUEST, "malformed request"))
+            self.reply(peer, error_reply(None, ErrorCode.BAD_REQUEST, "malformed request"))
             return
         try:
             if req.op == OP_LEASE:
                 self._holder_of(peer, frame, now)  # the sender's fd, while its frame is at hand
             elif req.op == OP_ADMIN and not self._is_admin(peer, frame):
-                self._send(
+                self.reply(
                     peer, error_reply(req.id, ErrorCode.NOT_AUTHORIZED, f"{req.action!r} is for administrators only")
                 )
                 return
@@ -446,154 +416,22 @@ class Server:
         except Exception:
             # A bug of ours must not end the broker, nor leave the client without an answer.
             log.exception("failed to handle %s request %d", req.op, req.id)
-            self._send(peer, error_reply(req.id, ErrorCode.INTERNAL, "internal broker error; see the broker's log"))
+            self.reply(peer, error_reply(req.id, ErrorCode.INTERNAL, "internal broker error; see the broker's log"))
 
     def _is_admin(self, peer: bytes, frame: zmq.Frame | None) -> bool:
         if frame is None:  # a known holder: decided on its first request
             return self.holders[peer].admin
         return peer_is_admin(frame, self.ipc_path is not None, self.curve)
 
-    def _on_admin(self, peer: bytes, req: Request, now: float) -> None:
-        assert req.action is not None  # parse_request guarantees it
-        self._admin_actions[req.action](peer, req, now)
-
-    def _admin_pool(self, peer: bytes, req: Request) -> PoolState | None:
-        pool = self.pools.get(req.pool or "")
-        if pool is None:
-            self._send(peer, self._unknown_pool(req))
-        return pool
-
-    def _pause(self, peer: bytes, req: Request, now: float) -> None:
-        if pool := self._admin_pool(peer, req):
-            pool.core.pause()
-            log.info("pool %r: paused by an administrator (%d waiting)", pool.config.name, pool.core.waiting)
-            self._send(peer, ok_reply(req.id))
-
-    def _resume(self, peer: bytes, req: Request, now: float) -> None:
-        if pool := self._admin_pool(peer, req):
-            log.info("pool %r: resumed by an administrator (%d waiting)", pool.config.name, pool.core.waiting)
-            self._perform(pool, pool.core.resume(now), now)
-            self._send(peer, ok_reply(req.id))
-
-    def _resize(self, peer: bytes, req: Request, now: float) -> None:
-        if pool := self._admin_pool(peer, req):
-            assert req.max_size is not None
-            old = pool.config
-            config = dataclasses.replace(old, max_size=req.max_size, min_idle=min(old.min_idle, req.max_size))
-            log.info("pool %r: max_size %d -> %d by an administrator", old.name, old.max_size, req.max_size)
-            self._perform(pool, pool.reconfigure(config, now), now)
-            self._send(peer, ok_reply(req.id))
-
-    def _drain(self, peer: bytes, req: Request, now: float) -> None:
-        if pool := self._admin_pool(peer, req):
-            log.info(
-                "pool %r: drained by an administrator: %d idle closing now, %d leased closing on return",
-                pool.config.name,
-                len(pool.core.idle),
-                len(pool.core.leased),
-            )
-            self._perform(pool, pool.core.drain(now), now)
-            self._send(peer, ok_reply(req.id))
-
-    def _reload_for(self, peer: bytes, req: Request, now: float) -> None:
-        try:
-            changes = self.reload(now)
-        except ConfigError as exc:
-            log.error("reload failed, nothing changed: %s", exc)
-            self._send(peer, error_reply(req.id, ErrorCode.RELOAD_FAILED, str(exc)))
-            return
-        self._send(peer, ok_reply(req.id, **changes))
-
-    def _shutdown_for(self, peer: bytes, req: Request, now: float) -> None:
-        log.info("shutdown asked by an administrator")
-        self._send(peer, ok_reply(req.id))
-        self.stop()
-
-    def reload(self, now: float) -> dict[str, list[str]]:
-        """Read the config file again and apply it: pools added, removed or changed; active leases
-        untouched. Raises ConfigError (and changes nothing) if the file is invalid."""
-        if self.reload_config is None:
-            raise ConfigError("this broker was started without a config file: nothing to reload")
-        if self._drain_until is not None:
-            raise ConfigError("the broker is shutting down")
-        config = self.reload_config()
-        for pool_config in config.pools:
-            tls.client_context(pool_config)  # a TLS file that does not load fails the reload before any change
-        for key in _differences(self.config, config, RESTART_KEYS):
-            log.warning("reload: %s changed; it takes effect at the next restart", key)
-        old = {pool.name: pool for pool in self.config.pools}
-        new = {pool.name: pool for pool in config.pools}
-        changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
-        for name in old.keys() - new.keys():
-            pool = self.pools.pop(name)
-            log.info("pool %r: removed by a reload; its %d leases finish first", name, len(pool.core.leased))
-            self._perform(pool, pool.core.shutdown(f"pool {name!r} was removed from the configuration"), now)
-            changes["removed"].append(name)
-        for name, pool_config in new.items():
-            if name not in old:
-                pool = self.pools[name] = PoolState(pool_config)
-                self._log_opened(pool)
-                self._perform(pool, pool.core.tick(now), now)  # warm up to min_idle
-                changes["added"].append(name)
-            elif pool_config != old[name]:
-                differ = _differences(old[name], pool_config, [f.name for f in dataclasses.fields(pool_config)])
-                log.info("pool %r: changed by a reload: %s", name, ", ".join(differ))
-                self._perform(self.pools[name], self.pools[name].reconfigure(pool_config, now), now)
-                changes["changed"].append(name)
-        self.config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in RESTART_KEYS})
-        logs.set_level(self.config.log_level)
-        log.info(
-            "reloaded: %s added, %s removed, %s changed",
-            *(", ".join(sorted(names)) or "none" for names in changes.values()),
-        )
-        return changes
-
-    def _log_opened(self, pool: PoolState) -> None:
+    def log_opened(self, pool: PoolState) -> None:
         c = pool.config
         log.info("pool %r opened: upstream %s, max_size %d, min_idle %d", c.name, c.address, c.max_size, c.min_idle)
-
-    def _on_leases(self, peer: bytes, req: Request, now: float) -> None:
-        if req.pool is not None and req.pool not in self.pools:
-            self._send(peer, self._unknown_pool(req))
-            return
-        leases = [lease.info(now) for lease in self.leases.values()]
-        if req.pool is not None:
-            leases = [info for info in leases if info["pool"] == req.pool]
-        self._send(peer, ok_reply(req.id, leases=leases))
-
-    def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
-        protocols = {
-            name: {
-                "protocol": pool.config.protocol,
-                "reset": pool.protocol.reset_mode,
-                "protects": pool.protocol.protects,
-            }
-            for name, pool in self.pools.items()
-        }
-        self._send(peer, ok_reply(req.id, version=__version__, pools=sorted(self.pools), protocols=protocols))
-
-    def _on_stats(self, peer: bytes, req: Request, now: float) -> None:
-        if req.pool is not None and req.pool not in self.pools:
-            self._send(peer, self._unknown_pool(req))
-            return
-        names = [req.pool] if req.pool is not None else list(self.pools)
-        pools = {name: self.pools[name].core.stats() for name in names}
-        broker = {
-            "requests_received": self.requests_received,
-            "bad_requests": self.bad_requests,
-            "leases_active": len(self.leases),
-        }
-        self._send(peer, ok_reply(req.id, pools=pools, broker=broker))
-
-    def _unknown_pool(self, req: Request) -> dict[str, Any]:
-        known = ", ".join(sorted(self.pools)) or "none"
-        return error_reply(req.id, ErrorCode.UNKNOWN_POOL, f"no pool named {req.pool!r} (pools: {known})")
 
     def _on_lease(self, peer: bytes, req: Request, now: float) -> None:
         assert req.pool is not None  # parse_request guarantees it
         pool = self.pools.get(req.pool)
         if pool is None:
-            self._send(peer, self._unknown_pool(req))
+            self.reply(peer, unknown_pool(self.pools, req))
             return
         if req.has_exchange and not self._exchange_fits(peer, req):
             return
@@ -601,25 +439,25 @@ class Server:
         limit = pool.config.max_leases_per_client
         if limit and self.table.taken_by(holder.process, pool) >= limit:
             message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
-            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
+            self.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return
         waiter = Waiter(holder, req, pool)
         waiting = self.table.waiting_payload
         if waiter.payload and waiting + waiter.payload > self.config.max_waiting_payload:
             limit = self.config.max_waiting_payload
             message = f"lease requests in line already carry {waiting} bytes (max_waiting_payload={limit})"
-            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
+            self.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
             return
         self.table.queue(waiter)
         timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
-        self._perform(pool, pool.core.request(waiter, now, now + timeout), now)
+        self.carry_out(pool, pool.core.request(waiter, now, now + timeout), now)
 
     def _on_io(self, peer: bytes, req: Request, now: float) -> None:
         lease = self._lease_of(peer, req)
         if lease is None:
             return
         if lease.exchange is not None:
-            self._send(
+            self.reply(
                 peer, error_reply(req.id, ErrorCode.LEASE_BUSY, "an I/O operation is already in progress on this lease")
             )
             return
@@ -631,7 +469,7 @@ class Server:
         if lease is None:
             return
         if not req.noreply:  # the answer first: a reset that follows is no business of the client's
-            self._send(peer, ok_reply(req.id))
+            self.reply(peer, ok_reply(req.id))
         self._end_lease(lease, now, keep=req.release == RELEASE_KEEP)
 
     def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
@@ -639,7 +477,7 @@ class Server:
         lease = self.table.lease_of(peer, req.lease)
         if lease is None:
             if not req.noreply:
-                self._send(
+                self.reply(
                     peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (released, reclaimed, or not yours)")
                 )
             return None
@@ -648,10 +486,10 @@ class Server:
     def _exchange_fits(self, peer: bytes, req: Request) -> bool:
         problem = over_limits(req, self.config.max_payload)
         if problem is not None:
-            self._send(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
+            self.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
         return problem is None
 
-    def _send(self, peer: bytes, reply: dict[str, Any]) -> bool:
+    def reply(self, peer: bytes, reply: dict[str, Any]) -> bool:
         """Send a reply; False when the peer is gone or not reading (never blocks the loop)."""
         self._router_used = True
         try:
@@ -666,7 +504,7 @@ class Server:
 
     # -- pool actions ----------------------------------------------------------------------
 
-    def _perform(self, pool: PoolState, actions: list[Any], now: float) -> None:
+    def carry_out(self, pool: PoolState, actions: list[Any], now: float) -> None:
         """Carry out what a pool core decided, in order, in this one place. Actions that carrying
         out one of them leads to (a release that grants the next waiter, say) join the back of the
         queue: each action runs to its end before the next begins, never from inside another."""
@@ -698,7 +536,7 @@ class Server:
         elif kind is Reject:
             waiter = action.request
             self.table.leaves_line(waiter)
-            self._send(waiter.peer, error_reply(waiter.req.id, action.code, action.message))
+            self.reply(waiter.peer, error_reply(waiter.req.id, action.code, action.message))
 
     def _grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
@@ -717,7 +555,7 @@ class Server:
             self._start_exchange(lease, waiter.peer, req, now, first=True)
         else:
             self._watch(conn)
-            if not self._send(waiter.peer, ok_reply(req.id, lease=token)):
+            if not self.reply(waiter.peer, ok_reply(req.id, lease=token)):
                 # The requester left (timed out, gave up, died): the connection goes back at once.
                 self._end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
@@ -768,7 +606,7 @@ class Server:
         message = f"can't connect to {pool.config.address} for pool {pool.config.name!r}: {exc}"
         # Log the first failure of a run loudly; repeats would flood the log during an outage.
         log.log(logging.DEBUG if pool.core.failures else logging.WARNING, "%s", message)
-        self._perform(pool, pool.core.connect_failed(now, message), now)
+        self.carry_out(pool, pool.core.connect_failed(now, message), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
         context = conn.pool.tls
@@ -866,7 +704,7 @@ class Server:
             if reason is None:
                 return  # nothing there: an event from the poll that saw the fd's former owner
             conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
-            self._perform(conn.pool, conn.pool.core.lost(conn, now, reason), now)
+            self.carry_out(conn.pool, conn.pool.core.lost(conn, now, reason), now)
         elif state in CHECKING:
             self._advance_probe(conn, now)
         elif state is State.CONNECTING:
@@ -888,7 +726,7 @@ class Server:
         if pool.probe is None:  # tcp: open and nothing unread, known without a round trip
             unfit = conn.unfit()
             if unfit is None:
-                self._perform(pool, pool.core.probe_ok(conn, now), now)
+                self.carry_out(pool, pool.core.probe_ok(conn, now), now)
             else:
                 why = "closed by the upstream" if unfit == "broken" else "unread bytes"
                 self._probe_failed(conn, f"tcp probe: {why}", now)
@@ -955,14 +793,14 @@ class Server:
 
     def _probe_passed(self, conn: UpstreamConn, now: float) -> None:
         conn.move(State.IDLE)  # (the core then hands it to a waiter, or keeps it idle)
-        self._perform(conn.pool, conn.pool.core.probe_ok(conn, now), now)
+        self.carry_out(conn.pool, conn.pool.core.probe_ok(conn, now), now)
 
     def _probe_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
         pool = conn.pool
         self._end_probe(conn)
         conn.error = error
         log.warning("pool %r: %s; checking its other idle connections", pool.config.name, error)
-        self._perform(pool, pool.core.probe_failed(conn, now), now)
+        self.carry_out(pool, pool.core.probe_failed(conn, now), now)
 
     # -- handshake and reset: the pool's on_connect and reset steps ----------------------------
 
@@ -974,7 +812,7 @@ class Server:
         if pool.core.failures:  # (the core counts failures in a row until this success)
             log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
         conn.move(State.IDLE)
-        self._perform(pool, pool.core.connected(conn, now, conn.opened_at), now)
+        self.carry_out(pool, pool.core.connected(conn, now, conn.opened_at), now)
         self._watch(conn)
 
     def _handshake_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
@@ -982,12 +820,12 @@ class Server:
 
     def _reset_passed(self, conn: UpstreamConn, now: float) -> None:
         conn.move(State.IDLE)
-        self._perform(conn.pool, conn.pool.core.release(conn, now), now)
+        self.carry_out(conn.pool, conn.pool.core.release(conn, now), now)
         self._watch(conn)
 
     def _reset_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
         conn.fail(error)
-        self._perform(conn.pool, conn.pool.core.release(conn, now, "broken"), now)
+        self.carry_out(conn.pool, conn.pool.core.release(conn, now, "broken"), now)
         self._watch(conn)
 
     # -- leases and exchanges --------------------------------------------------------------
@@ -1116,7 +954,7 @@ class Server:
         if releasing:
             reply["released"] = True
         # The answer goes first; the lease ends after (a reset it needs is no wait of the client's).
-        delivered = self._send(exchange.peer, reply)
+        delivered = self.reply(exchange.peer, reply)
         if releasing:
             self._end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
         elif not delivered and self.table.active(lease):
@@ -1131,7 +969,7 @@ class Server:
         reply = error_reply(exchange.rid, code, message)
         if ends:
             reply["released"] = True
-        delivered = self._send(exchange.peer, reply)
+        delivered = self.reply(exchange.peer, reply)
         if (ends or not delivered) and self.table.active(lease):
             self._end_lease(lease, now, keep=False)
 
@@ -1157,7 +995,7 @@ class Server:
             # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
             self._end_exchange(exchange, now, lease_ends=True)
             conn.fail("the lease ended during an I/O operation")
-            self._send(
+            self.reply(
                 exchange.peer, error_reply(exchange.rid, ErrorCode.LEASE_LOST, "the lease ended during this operation")
             )
         conn.lease = None
@@ -1181,5 +1019,5 @@ class Server:
                 reason = decision.reason
                 conn.error = decision.why
         conn.move(State.IDLE)  # (back in the pool's hands: the core keeps it, hands it on or closes it)
-        self._perform(pool, pool.core.release(conn, now, reason), now)
+        self.carry_out(pool, pool.core.release(conn, now, reason), now)
         self._watch(conn)
