@@ -42,13 +42,14 @@ class Holder:
 class Waiter:
     """A lease request from `holder`, as queued in a pool core."""
 
-    __slots__ = ("peer", "req", "holder", "pool", "payload")
+    __slots__ = ("peer", "req", "holder", "pool", "deadline", "payload")
 
-    def __init__(self, holder: Holder, req: Request, pool: PoolState) -> None:
+    def __init__(self, holder: Holder, req: Request, pool: PoolState, deadline: float) -> None:
         self.peer = holder.peer
         self.req = req
         self.holder = holder
         self.pool = pool
+        self.deadline = deadline  # when its acquire timeout ends
         self.payload = len(req.send) if req.send else 0  # bytes it holds until granted
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from helpers import Broker, RedisServer, TestUpstream
+from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from client import Client, UpstreamError
 from client.client import HOLD_WRITES_UP_TO
@@ -102,6 +102,9 @@ def test_a_held_write_that_fails_is_reported_by_the_read(
     broker = start_broker("--upstream", f"up={echo.address}")
     c = make_client(broker.endpoint)
     with pytest.raises(UpstreamError) as failure, c.lease("up") as conn:
+        # (The broker's connect completes in the kernel's accept queue: wait until the upstream
+        # has taken it, or there would be nothing to close yet.)
+        wait_for(lambda: echo.accepted == 1, what="the upstream to accept the connection")
         echo.close_all()  # the upstream drops the leased connection
         conn.sendall(b"hello\r\n")
         conn.recv_exactly(100)  # the held write goes out with this read, which fails

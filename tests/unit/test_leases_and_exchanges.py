@@ -57,7 +57,7 @@ class TableMachine(RuleBasedStateMachine):
     @rule(holder=holders, pool=st.sampled_from(POOLS), size=st.integers(0, 100))
     def ask(self, holder: Holder, pool: Any, size: int) -> None:
         if not holder.gone:
-            self.table.queue(Waiter(holder, lease_request(b"x" * size if size else None), pool))
+            self.table.queue(Waiter(holder, lease_request(b"x" * size if size else None), pool, 5.0))
 
     @precondition(lambda self: any(h.waiters for h in self.table.holders.values()))
     @rule(data=st.data(), granted=st.booleans())

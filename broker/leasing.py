@@ -1,0 +1,319 @@
+"""Driving leases: lease requests and their limits, grants (a token, and the first exchange a
+request may carry), each exchange's send and read on the leased connection, the lease's time
+limits, and its end, where the pool's protocol says whether the connection goes back as it is, is
+reset first, or is closed. Tables and decisions are pure (leases.py, exchange.py, protocols/);
+this carries them out with the server's sockets and timers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import TYPE_CHECKING
+
+from broker.connection import State
+from broker.exchange import Exchange, ReadFailed, over_limits
+from broker.leases import Lease, Waiter
+from broker.operations import unknown_pool
+from broker.protocols import CLOSE, RUN_RESET
+from broker.upstream import UpstreamConn
+from client.protocol import READ_ANY, RELEASE_KEEP, TOKEN_BYTES, ErrorCode, Request, error_reply, ok_reply
+
+if TYPE_CHECKING:
+    from broker.server import Server
+
+log = logging.getLogger("broker.server")  # (the operator's log lines, where they always were)
+
+TOKEN_BATCH = 256  # lease tokens drawn from the OS's random source per read (one syscall, not one each)
+
+
+class Leasing:
+    """Every lease's life, from its request to its end."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._tokens = b""  # random bytes drawn ahead for lease tokens
+        self._token_at = 0
+
+    def on_lease(self, peer: bytes, req: Request, now: float) -> None:
+        assert req.pool is not None  # parse_request guarantees it
+        pool = self.server.pools.get(req.pool)
+        if pool is None:
+            self.server.reply(peer, unknown_pool(self.server.pools, req))
+            return
+        if req.has_exchange and not self._exchange_fits(peer, req):
+            return
+        holder = self.server.holders[peer]
+        limit = pool.config.max_leases_per_client
+        if limit and self.server.table.taken_by(holder.process, pool) >= limit:
+            message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
+            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
+            return
+        timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
+        waiter = Waiter(holder, req, pool, now + timeout)
+        waiting = self.server.table.waiting_payload
+        if waiter.payload and waiting + waiter.payload > self.server.config.max_waiting_payload:
+            limit = self.server.config.max_waiting_payload
+            message = f"lease requests in line already carry {waiting} bytes (max_waiting_payload={limit})"
+            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
+            return
+        self.server.table.queue(waiter)
+        self.server.carry_out(pool, pool.core.request(waiter, now, waiter.deadline), now)
+
+    def on_io(self, peer: bytes, req: Request, now: float) -> None:
+        lease = self._lease_of(peer, req)
+        if lease is None:
+            return
+        if lease.exchange is not None:
+            self.server.reply(
+                peer, error_reply(req.id, ErrorCode.LEASE_BUSY, "an I/O operation is already in progress on this lease")
+            )
+            return
+        if self._exchange_fits(peer, req):
+            self._start_exchange(lease, peer, req, now, first=False)
+
+    def on_release(self, peer: bytes, req: Request, now: float) -> None:
+        lease = self._lease_of(peer, req)
+        if lease is None:
+            return
+        if not req.noreply:  # the answer first: a reset that follows is no business of the client's
+            self.server.reply(peer, ok_reply(req.id))
+        self.end_lease(lease, now, keep=req.release == RELEASE_KEEP)
+
+    def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
+        assert req.lease is not None
+        lease = self.server.table.lease_of(peer, req.lease)
+        if lease is None:
+            if not req.noreply:
+                self.server.reply(
+                    peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (released, reclaimed, or not yours)")
+                )
+            return None
+        return lease
+
+    def _exchange_fits(self, peer: bytes, req: Request) -> bool:
+        problem = over_limits(req, self.server.config.max_payload)
+        if problem is not None:
+            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
+        return problem is None
+
+    def grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
+        holder = waiter.holder
+        self.server.table.leaves_line(waiter)
+        token = self._new_token()
+        new_session = waiter.pool.protocol.new_session
+        lease = Lease(token, conn, waiter, new_session() if new_session is not None else None, now)
+        self.server.table.add(lease)
+        conn.move(State.LEASED)
+        conn.lease = lease
+        if holder.gone:  # (cancelled waiters are never granted; this is the one place to be sure)
+            self.end_lease(lease, now, keep=True)
+            return
+        req = waiter.req
+        if req.has_exchange:
+            self._start_exchange(lease, waiter.peer, req, now, first=True)
+        else:
+            self.server.upstreams.watch(conn)
+            if not self.server.reply(waiter.peer, ok_reply(req.id, lease=token)):
+                # The requester left (timed out, gave up, died): the connection goes back at once.
+                self.end_lease(lease, now, keep=True)
+        # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
+        # own deadline bounds it: it needs no watch of its own.
+        if self.server.table.active(lease) and not (req.release is not None and lease.exchange is not None):
+            self._schedule_lease_check(lease, now)
+
+    def _new_token(self) -> bytes:
+        """128 bits from the OS's random source (as secrets.token_bytes), drawn TOKEN_BATCH at a time."""
+        at = self._token_at
+        if at >= len(self._tokens):
+            self._tokens = os.urandom(TOKEN_BYTES * TOKEN_BATCH)
+            at = 0
+        self._token_at = at + TOKEN_BYTES
+        return self._tokens[at : at + TOKEN_BYTES]
+
+    def _schedule_lease_check(self, lease: Lease, now: float) -> None:
+        """Look at the lease again when it may next be due for the leak warning or reclaiming."""
+        config = lease.pool.config
+        due = math.inf
+        if config.leak_warning_after and not lease.warned:
+            due = lease.since + config.leak_warning_after
+        if config.lease_idle_timeout:
+            # An exchange in progress is not idleness: look again a whole timeout from now.
+            last_io = now if lease.exchange is not None else lease.last_io
+            due = min(due, last_io + config.lease_idle_timeout)
+        if config.max_lease_time:
+            due = min(due, lease.since + config.max_lease_time)
+        if due != math.inf:
+            lease.timer = self.server.timers.call_at(max(due, now), lambda t: self._check_lease(lease, t))
+
+    def _check_lease(self, lease: Lease, now: float) -> None:
+        lease.timer = None
+        config = lease.pool.config
+        name = config.name
+        if config.max_lease_time and now - lease.since >= config.max_lease_time:
+            log.warning(
+                "pool %r: reclaiming a %s: over max_lease_time=%ss", name, lease.describe(now), config.max_lease_time
+            )
+            self.end_lease(lease, now, keep=False, reason="reclaimed")
+            return
+        idle = lease.exchange is None and now - lease.last_io >= config.lease_idle_timeout
+        if config.lease_idle_timeout and idle:
+            log.warning(
+                "pool %r: reclaiming a %s: no I/O for lease_idle_timeout=%ss",
+                name,
+                lease.describe(now),
+                config.lease_idle_timeout,
+            )
+            self.end_lease(lease, now, keep=False, reason="reclaimed")
+            return
+        if config.leak_warning_after and not lease.warned and now - lease.since >= config.leak_warning_after:
+            lease.warned = True
+            log.warning("pool %r: possible leak: a %s", name, lease.describe(now))
+        self._schedule_lease_check(lease, now)
+
+    def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
+        exchange = Exchange(lease, peer, req, first, self.server.config.max_payload, now)
+        lease.exchange = exchange
+        lease.ops += 1
+        lease.last_io = now
+        if exchange.poll and exchange.send is None:
+            try:  # what arrived while nobody read (a leased socket is polled only during an exchange)
+                lease.conn.fill()
+            except OSError as exc:
+                lease.conn.fail(f"read from upstream failed: {exc}")
+                self.finish_error(exchange, ErrorCode.UPSTREAM_ERROR, lease.conn.error, now)
+                return
+        self.advance(exchange, now)
+        if lease.exchange is exchange:  # still running: bound it in time
+            config = lease.pool.config
+            io_timeout = req.io_timeout if req.io_timeout is not None else config.io_timeout
+            if first and req.release is not None and config.max_lease_time:
+                io_timeout = min(io_timeout, config.max_lease_time)  # a one-shot cycle is all one lease
+            exchange.timer = self.server.timers.call_at(
+                now + io_timeout, lambda t: self._exchange_timed_out(exchange, t)
+            )
+
+    def advance(self, exchange: Exchange, now: float) -> None:
+        """Move an exchange on as far as the socket allows: send, then read, then reply."""
+        lease = exchange.lease
+        conn = lease.conn
+        if exchange.send is not None:
+            try:
+                sent = conn.send(exchange.send)
+            except OSError as exc:
+                conn.fail(f"send to upstream failed: {exc}")
+                self.finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
+                return
+            lease.bytes_sent += sent
+            if lease.session is not None:
+                lease.session.sent(exchange.send[:sent])
+            if exchange.sent(sent) is not None:
+                self.server.upstreams.watch(conn)
+                return
+        if exchange.read is None:
+            self._finish_ok(exchange, None, now)
+            return
+        try:
+            data = exchange.take(conn.rbuf, conn.eof)
+        except ReadFailed as exc:
+            if exc.code == ErrorCode.UPSTREAM_ERROR:
+                conn.fail(exc.message)
+            self.finish_error(exchange, exc.code, exc.message, now)
+            return
+        if data is None:
+            if exchange.poll_now:  # a poll with no time to wait: nothing there now
+                self._finish_ok(exchange, b"", now)
+                return
+            self.server.upstreams.watch(conn)
+            return
+        lease.bytes_received += len(data)
+        if lease.session is not None:
+            lease.session.received(data)
+        self._finish_ok(exchange, data, now)
+
+    def _exchange_timed_out(self, exchange: Exchange, now: float) -> None:
+        exchange.timer = None
+        if exchange.send is not None:
+            # Part of a message may have gone out: the upstream's view of the stream is unknown.
+            message = "send to upstream timed out"
+            exchange.lease.conn.fail(message)
+        elif exchange.poll:
+            self._finish_ok(exchange, b"", now)  # nothing came: the empty answer a poll asked for
+            return
+        else:
+            message = "no answer from upstream in time (bytes already read stay buffered)"
+        self.finish_error(exchange, ErrorCode.UPSTREAM_TIMEOUT, message, now)
+
+    def _finish_ok(self, exchange: Exchange, data: bytes | None, now: float) -> None:
+        releasing = exchange.release is not None
+        lease = self._end_exchange(exchange, now, lease_ends=releasing)
+        reply = ok_reply(exchange.rid)
+        if exchange.first:
+            reply["lease"] = lease.token
+        if data is not None:
+            reply["data"] = data
+            if not data and exchange.read == READ_ANY and lease.conn.eof:
+                reply["eof"] = True
+        if releasing:
+            reply["released"] = True
+        # The answer goes first; the lease ends after (a reset it needs is no wait of the client's).
+        delivered = self.server.reply(exchange.peer, reply)
+        if releasing:
+            self.end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
+        elif not delivered and self.server.table.active(lease):
+            # The holder is gone mid-conversation: the connection's state is unknown.
+            self.end_lease(lease, now, keep=False)
+
+    def finish_error(self, exchange: Exchange, code: ErrorCode, message: str, now: float) -> None:
+        # A failed exchange that was to end the lease, or that opened it (its requester has no
+        # token yet), ends it; an unfinished exchange leaves the connection in an unknown state.
+        ends = exchange.release is not None or exchange.first
+        lease = self._end_exchange(exchange, now, lease_ends=ends)
+        reply = error_reply(exchange.rid, code, message)
+        if ends:
+            reply["released"] = True
+        delivered = self.server.reply(exchange.peer, reply)
+        if (ends or not delivered) and self.server.table.active(lease):
+            self.end_lease(lease, now, keep=False)
+
+    def _end_exchange(self, exchange: Exchange, now: float, *, lease_ends: bool) -> Lease:
+        lease = exchange.lease
+        self.server.timers.cancel(exchange.timer)
+        exchange.timer = None
+        lease.exchange = None
+        lease.last_io = now
+        lease.busy += now - exchange.started
+        if not lease_ends:  # (else _end_lease sets what to watch, once)
+            self.server.upstreams.watch(lease.conn)
+        return lease
+
+    def end_lease(self, lease: Lease, now: float, *, keep: bool, reason: str | None = None) -> None:
+        """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
+        self.server.table.remove(lease)
+        self.server.timers.cancel(lease.timer)
+        lease.timer = None
+        conn = lease.conn
+        exchange = lease.exchange
+        if exchange is not None:
+            # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
+            self._end_exchange(exchange, now, lease_ends=True)
+            conn.fail("the lease ended during an I/O operation")
+            self.server.reply(
+                exchange.peer, error_reply(exchange.rid, ErrorCode.LEASE_LOST, "the lease ended during this operation")
+            )
+        conn.lease = None
+        if reason is None:  # (an I/O that failed says more than the holder's discard)
+            reason = "broken" if conn.broken else conn.unfit() if keep else "discarded"
+        pool = lease.pool
+        if reason is None:  # clean, as far as its socket tells: what did the holder leave on it?
+            decision = pool.protocol.on_return(lease.session)
+            if decision.action == RUN_RESET:  # back to the pool only once the reset has answered
+                log.debug("pool %r: resetting a returned connection: %s", pool.config.name, decision.why)
+                self.server.upstreams.run_reset(conn, now)
+                return
+            if decision.action == CLOSE:
+                reason = decision.reason
+                conn.error = decision.why
+        conn.move(State.IDLE)  # (back in the pool's hands: the core keeps it, hands it on or closes it)
+        self.server.carry_out(pool, pool.core.release(conn, now, reason), now)
+        self.server.upstreams.watch(conn)
