@@ -1,5 +1,5 @@
 """`python -m broker` is the `poolbroker` command."""
 
-from broker.cli import main
+from broker.operate.cli import main
 
 raise SystemExit(main())

@@ -137,7 +137,7 @@ def test_kill_usr1_prints_where_the_broker_is_and_it_goes_on(
 ) -> None:
     broker = start_broker("--upstream", f"redis={redis_server.address}")
     assert broker.dump_stack()
-    assert re.search(r'File ".*broker/server\.py", line \d+ in serve', broker.log())  # the loop, waiting
+    assert re.search(r'File ".*broker/drive/server\.py", line \d+ in serve', broker.log())  # the loop, waiting
     with Client(broker.endpoint) as c:
         assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from helpers import ROOT, Broker, RedisServer, free_port, short_tempdir
 
-from broker.cli import build_parser
 from broker.config import load
+from broker.operate.cli import build_parser
 from client import Client
 
 
@@ -73,8 +73,9 @@ def test_the_package_builds_a_wheel_with_its_type_information_and_command() -> N
     assert result.returncode == 0, result.stderr
     [wheel] = list(Path(out).glob("poolbroker-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"broker/py.typed", "client/py.typed", "client/redis.py", "broker/server.py"} <= set(names)
+    assert {"broker/py.typed", "client/py.typed", "client/redis.py", "broker/drive/server.py"} <= set(names)
+    assert {"broker/decide/protocols/redis.py", "broker/operate/cli.py"} <= set(names)  # every layer
     [entry_points] = [name for name in names if name.endswith("entry_points.txt")]
-    assert "poolbroker = broker.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "poolbroker = broker.operate.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     version = subprocess.run([sys.executable, "-m", "broker", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert version.stdout.strip() == "poolbroker 0.1.0"

@@ -24,7 +24,7 @@ from helpers import ROOT, Broker, RedisServer, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from broker import top
+from broker.operate import top
 from client import Client, NotAuthorized, PoolBrokerError, PoolTimeout, UpstreamUnavailable
 
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 from helpers import ROOT, Broker, HttpUpstream, RedisServer, wait_for
 
-from broker.protocols.resp import encode_command
+from broker.decide.protocols.resp import encode_command
 from client import Client, UpstreamTimeout
 from client.client import Lease
 from client.redis import BrokerConnectionPool, SessionLeakWarning

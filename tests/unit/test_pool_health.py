@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pools import make
 
-from broker.pool import OPEN, Close, Grant, PoolCore, Probe, Reject
+from broker.decide.pool import OPEN, Close, Grant, PoolCore, Probe, Reject
 
 
 def idle(pool: PoolCore[str, str], now: float, *conns: str) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker.config import PoolConfig
-from broker.pool import Close, Grant, Open, PoolCore, Probe, Reject
+from broker.decide.pool import Close, Grant, Open, PoolCore, Probe, Reject
 
 
 class PoolMachine(RuleBasedStateMachine):

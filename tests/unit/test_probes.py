@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from broker.config import PoolConfig
-from broker.probes import MAX_REPLY, ProbeFailed, probe_spec
+from broker.decide.probes import MAX_REPLY, ProbeFailed, probe_spec
 
 
 def check_for(**settings: Any) -> Any:

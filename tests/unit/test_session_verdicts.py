@@ -8,12 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.config import PoolConfig
-from broker.probes import LineCheck
-from broker.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
-from broker.protocols.http import HttpSession
-from broker.protocols.redis import RedisSession
-from broker.protocols.resp import RespReader, encode_command
-from broker.protocols.session import CLEAN, OUT_OF_SYNC, RESET
+from broker.decide.probes import LineCheck
+from broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
+from broker.decide.protocols.http import HttpSession
+from broker.decide.protocols.redis import RedisSession
+from broker.decide.protocols.resp import RespReader, encode_command
+from broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
 
 OK = b"+OK\r\n"
 

@@ -11,18 +11,18 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from broker.connection import State
-from broker.exchange import Exchange, ReadFailed, over_limits
-from broker.leases import Lease, Waiter
-from broker.operations import unknown_pool
-from broker.protocols import CLOSE, RUN_RESET
-from broker.upstream import UpstreamConn
+from broker.decide.connection import State
+from broker.decide.exchange import Exchange, ReadFailed, over_limits
+from broker.decide.leases import Holder, Lease, Waiter
+from broker.decide.protocols import CLOSE, RUN_RESET
+from broker.drive.pools import unknown_pool
+from broker.drive.upstream import UpstreamConn
 from client.protocol import READ_ANY, RELEASE_KEEP, TOKEN_BYTES, ErrorCode, Request, error_reply, ok_reply
 
 if TYPE_CHECKING:
-    from broker.server import Server
+    from broker.drive.server import Server
 
-log = logging.getLogger("broker.server")  # (the operator's log lines, where they always were)
+log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
 TOKEN_BATCH = 256  # lease tokens drawn from the OS's random source per read (one syscall, not one each)
 
@@ -59,6 +59,17 @@ class Leasing:
             return
         self.server.table.queue(waiter)
         self.server.carry_out(pool, pool.core.request(waiter, now, waiter.deadline), now)
+
+    def holder_gone(self, holder: Holder, now: float, why: str) -> None:
+        """A holder's connection closed: its waiters leave the line and its leases are reclaimed
+        (their connections closed: what the holder left in them is unknown)."""
+        self.server.table.remove_holder(holder)
+        for waiter in list(holder.waiters):
+            waiter.pool.core.cancel(waiter)
+            self.server.table.leaves_line(waiter)
+        for lease in list(holder.leases):
+            log.warning("pool %r: reclaiming a %s: %s", lease.pool.config.name, lease.describe(now), why)
+            self.end_lease(lease, now, keep=False, reason="reclaimed")
 
     def on_io(self, peer: bytes, req: Request, now: float) -> None:
         lease = self._lease_of(peer, req)

@@ -9,18 +9,18 @@ import logging
 import select
 from typing import TYPE_CHECKING
 
-from broker import tls
-from broker.connection import CHECKING, POLL, State
-from broker.pools import PoolState
-from broker.probes import ProbeFailed
-from broker.resolver import AddrInfo
-from broker.upstream import ProbeRun, UpstreamConn
+from broker.decide.connection import CHECKING, POLL, State
+from broker.decide.probes import ProbeFailed
+from broker.drive import tls
+from broker.drive.pools import PoolState
+from broker.drive.resolver import AddrInfo
+from broker.drive.upstream import ProbeRun, UpstreamConn
 from client.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from broker.server import Server
+    from broker.drive.server import Server
 
-log = logging.getLogger("broker.server")  # (the operator's log lines, where they always were)
+log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
 
 class Upstreams:

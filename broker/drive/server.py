@@ -26,17 +26,16 @@ import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
 from broker.config import BrokerConfig, ConfigError
-from broker.connection import State
-from broker.leases import Holder, LeaseTable
-from broker.leasing import Leasing
-from broker.operations import Operations
-from broker.pool import Close, Grant, Open, Probe, Reject
-from broker.pools import PoolState
-from broker.resolver import Resolver
-from broker.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
-from broker.timers import Timers
-from broker.upstream import UpstreamConn
-from broker.upstreams import Upstreams
+from broker.decide.connection import State
+from broker.decide.leases import Holder, LeaseTable
+from broker.decide.pool import Close, Grant, Open, Probe, Reject
+from broker.drive.leasing import Leasing
+from broker.drive.pools import PoolState
+from broker.drive.resolver import Resolver
+from broker.drive.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
+from broker.drive.timers import Timers
+from broker.drive.upstream import UpstreamConn
+from broker.drive.upstreams import Upstreams
 from client.protocol import (
     OP_ADMIN,
     OP_IO,
@@ -49,7 +48,7 @@ from client.protocol import (
     parse_request,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
 ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
 REPLIES_QUEUED_PER_CLIENT = 100  # then replies to that client are dropped (ZeroMQ SNDHWM)
@@ -141,9 +140,8 @@ class Server:
         }
         self.upstreams = Upstreams(self)  # every upstream connection, through its life
         self.conns = self.upstreams.conns  # (by fd: its own dict)
-        # Requests that look at or change the broker rather than lease from it.
-        self.operations = Operations(self)
-        self._handlers.update(self.operations.handlers())
+        # SIGHUP's reload, once the operations layer installs it (add_operations).
+        self.on_reload: Callable[[float], object] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -161,6 +159,14 @@ class Server:
             self.router.bind(endpoint)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
+
+    def add_operations(
+        self, handlers: dict[str, Callable[[bytes, Request, float], None]], reload: Callable[[float], object]
+    ) -> None:
+        """Requests that look at or change the broker rather than lease from it (the operations
+        layer's: ping, stats, leases, admin), and what SIGHUP does."""
+        self._handlers.update(handlers)
+        self.on_reload = reload
 
     @property
     def shutting_down(self) -> bool:
@@ -288,7 +294,9 @@ class Server:
         if self._reload_requested:
             self._reload_requested = False
             try:
-                self.operations.reload(now)
+                if self.on_reload is None:
+                    raise ConfigError("this broker has no reload installed")
+                self.on_reload(now)
             except ConfigError as exc:
                 log.error("reload failed, nothing changed: %s", exc)
 
@@ -309,7 +317,7 @@ class Server:
             self._drain_router(now, batch=None)
         for holder in gone:
             if not holder.gone:
-                self._holder_gone(holder, now, "its connection closed")
+                self.leasing.holder_gone(holder, now, "its connection closed")
 
     def _holder_of(self, peer: bytes, frame: zmq.Frame | None, now: float) -> Holder:
         """The Holder for a lease request's sender, known by its fd from its first request on."""
@@ -328,19 +336,8 @@ class Server:
             self._drain_monitor(now, requests_first=False)
         previous = self.table.add_holder(holder)
         if previous is not None:  # (never seen: a disconnect report always comes first)
-            self._holder_gone(previous, now, "its connection closed (its fd was reused)")
+            self.leasing.holder_gone(previous, now, "its connection closed (its fd was reused)")
         return holder
-
-    def _holder_gone(self, holder: Holder, now: float, why: str) -> None:
-        """A holder's connection closed: its waiters leave the line and its leases are reclaimed
-        (their connections closed: what the holder left in them is unknown)."""
-        self.table.remove_holder(holder)
-        for waiter in list(holder.waiters):
-            waiter.pool.core.cancel(waiter)
-            self.table.leaves_line(waiter)
-        for lease in list(holder.leases):
-            log.warning("pool %r: reclaiming a %s: %s", lease.pool.config.name, lease.describe(now), why)
-            self.leasing.end_lease(lease, now, keep=False, reason="reclaimed")
 
     def _next_deadline(self) -> float | None:
         deadline = self.timers.next_deadline()

@@ -15,10 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from broker.pool import CLOSE_REASONS
+from broker.decide.pool import CLOSE_REASONS
 
 if TYPE_CHECKING:
-    from broker.server import Server
+    from broker.drive.server import Server
 
 GAUGES = {
     "pool_max": "The pool's bound (max_size).",

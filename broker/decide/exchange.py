@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from client.protocol import READ_ANY, READ_EXACTLY, ErrorCode, Request
 
 if TYPE_CHECKING:
-    from broker.leases import Lease
-    from broker.timers import Timer
+    from broker.decide.leases import Lease
+    from broker.drive.timers import Timer
 
 
 class ReadFailed(Exception):

@@ -9,9 +9,11 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from broker import __version__, logs, tls
+from broker import __version__
 from broker.config import ConfigError
-from broker.pools import PoolState
+from broker.drive import tls
+from broker.drive.pools import PoolState, unknown_pool
+from broker.operate import logs
 from client.protocol import (
     ADMIN_DRAIN,
     ADMIN_PAUSE,
@@ -30,9 +32,9 @@ from client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from broker.server import Server
+    from broker.drive.server import Server
 
-log = logging.getLogger("broker.server")  # (the operator's log lines, where they always were)
+log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
 # Broker settings a reload can't change in a running broker: they are the socket's.
 RESTART_KEYS = (
@@ -46,11 +48,6 @@ RESTART_KEYS = (
 )
 
 Handler = Callable[[bytes, Request, float], None]
-
-
-def unknown_pool(pools: dict[str, PoolState], req: Request) -> dict[str, Any]:
-    known = ", ".join(sorted(pools)) or "none"
-    return error_reply(req.id, ErrorCode.UNKNOWN_POOL, f"no pool named {req.pool!r} (pools: {known})")
 
 
 def _differences(old: Any, new: Any, keys: Iterable[str]) -> list[str]:
@@ -70,6 +67,10 @@ class Operations:
             ADMIN_RELOAD: self._reload_for,
             ADMIN_SHUTDOWN: self._shutdown_for,
         }
+
+    def install(self) -> None:
+        """Answer the operations requests, and reload on SIGHUP, in the server."""
+        self.server.add_operations(self.handlers(), self.reload)
 
     def handlers(self) -> dict[str, Handler]:
         return {OP_PING: self._on_ping, OP_STATS: self._on_stats, OP_LEASES: self._on_leases, OP_ADMIN: self._on_admin}

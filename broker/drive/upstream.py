@@ -10,13 +10,13 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from broker.connection import State, check_move
+from broker.decide.connection import State, check_move
 
 if TYPE_CHECKING:
-    from broker.leases import Lease
-    from broker.pools import PoolState
-    from broker.probes import Check
-    from broker.timers import Timer
+    from broker.decide.leases import Lease
+    from broker.decide.probes import Check
+    from broker.drive.pools import PoolState
+    from broker.drive.timers import Timer
 
 RECV_CHUNK = 256 * 1024
 # Reads land here first: recv(RECV_CHUNK) would allocate a 256 KiB object per read (about 20 us)

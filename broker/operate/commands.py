@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from broker import top
+from broker.operate import top
 from client import Client, PoolBrokerError
 
 

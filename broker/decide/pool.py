@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker.config import PoolConfig
-from broker.histogram import Histogram
+from broker.decide.histogram import Histogram
 from client.protocol import ErrorCode
 
 C = TypeVar("C")  # a connection

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 from client.protocol import Request
 
 if TYPE_CHECKING:
-    from broker.exchange import Exchange
-    from broker.pools import PoolState
-    from broker.protocols.session import Session
-    from broker.timers import Timer
-    from broker.upstream import UpstreamConn
+    from broker.decide.exchange import Exchange
+    from broker.decide.protocols.session import Session
+    from broker.drive.pools import PoolState
+    from broker.drive.timers import Timer
+    from broker.drive.upstream import UpstreamConn
 
 
 class Holder:

@@ -11,12 +11,15 @@ import sys
 
 import zmq
 
-from broker import __version__, logs, security
-from broker import commands as operator_commands
+from broker import __version__
 from broker.config import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, load, parse_address
-from broker.metrics import MetricsServer
-from broker.runtime import prepare_ipc
-from broker.server import Server
+from broker.drive import security
+from broker.drive.server import Server
+from broker.operate import commands as operator_commands
+from broker.operate import logs
+from broker.operate.metrics import MetricsServer
+from broker.operate.operations import Operations
+from broker.operate.runtime import prepare_ipc
 from client.endpoint import default_endpoint
 
 log = logging.getLogger("broker")
@@ -121,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
     raise_fd_limit()
     try:
         server = Server(config, curve=curve, reload_config=read_config if args.config else None)
+        Operations(server).install()
     except ConfigError as exc:  # (a TLS file that does not load)
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 2

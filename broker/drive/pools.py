@@ -6,16 +6,17 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from broker import tls
 from broker.config import PoolConfig
-from broker.pool import PoolCore
-from broker.probes import ProbeSpec, probe_spec
-from broker.protocols import pool_protocol
-from broker.resolver import AddrInfo, numeric_address
+from broker.decide.pool import PoolCore
+from broker.decide.probes import ProbeSpec, probe_spec
+from broker.decide.protocols import pool_protocol
+from broker.drive import tls
+from broker.drive.resolver import AddrInfo, numeric_address
+from client.protocol import ErrorCode, Request, error_reply
 
 if TYPE_CHECKING:
-    from broker.leases import Waiter
-    from broker.upstream import UpstreamConn
+    from broker.decide.leases import Waiter
+    from broker.drive.upstream import UpstreamConn
 
 TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
 
@@ -49,3 +50,9 @@ class PoolState:
             self.address = numeric_address(config.host, config.port)
             actions += self.core.drain(now)
         return actions
+
+
+def unknown_pool(pools: dict[str, PoolState], req: Request) -> dict[str, Any]:
+    """The error reply to a request that names a pool this broker does not have."""
+    known = ", ".join(sorted(pools)) or "none"
+    return error_reply(req.id, ErrorCode.UNKNOWN_POOL, f"no pool named {req.pool!r} (pools: {known})")

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
-from broker.probes import Check, line_checks
-from broker.protocols import redis
-from broker.protocols.http import HttpSession
-from broker.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
+from broker.decide.probes import Check, line_checks
+from broker.decide.protocols import redis
+from broker.decide.protocols.http import HttpSession
+from broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
 
 # What to do with a connection whose lease ended cleanly as far as its socket can tell.
 KEEP = "keep"  # back to the idle queue
