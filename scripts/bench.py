@@ -259,6 +259,8 @@ def worker(kind: str, target: str, ready: Any, start: Any, end: Any, results: An
         call()
         count += 1
     results.put((count, time.process_time() - cpu))
+    results.close()
+    results.join_thread()  # (the queue's feeder thread must send it before the exit below)
     os._exit(0)  # skip teardown: a thousand contexts closing at once would only add noise
 
 
