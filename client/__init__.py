@@ -1,6 +1,6 @@
 """poolbroker's client: lease connections from a broker shared by every worker process."""
 
-from client.client import Client, Lease
+from client.client import Client
 from client.endpoint import default_endpoint
 from client.errors import (
     BrokerUnavailable,
@@ -15,6 +15,7 @@ from client.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from client.lease import Lease
 
 __all__ = [
     "BrokerUnavailable",

@@ -9,7 +9,7 @@ import pytest
 from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from client import Client, UpstreamError
-from client.client import HOLD_WRITES_UP_TO
+from client.lease import HOLD_WRITES_UP_TO
 
 
 def messages_for(c: Client, action: Callable[[], object]) -> int:

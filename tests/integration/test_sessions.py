@@ -17,7 +17,7 @@ from helpers import ROOT, Broker, HttpUpstream, RedisServer, wait_for
 
 from broker.decide.protocols.resp import encode_command
 from client import Client, UpstreamTimeout
-from client.client import Lease
+from client.lease import Lease
 from client.redis import BrokerConnectionPool, SessionLeakWarning
 
 PASSWORD = "pool-secret"
