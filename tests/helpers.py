@@ -45,11 +45,11 @@ def broker_answers(client: Any) -> bool:
 
 
 def upstream_connections(port: int, pid: int) -> int:
-    """Established TCP connections the server process `pid` has on `port`, as the kernel holds them
-    (/proc/net/tcp and tcp6, the server's side of each socket, and those still in its accept queue).
-    Unlike the server's own client list, which lags while it has not yet read a close, a socket
-    leaves ESTABLISHED the moment its peer closes: so a pool that opened a replacement before closing
-    the old connection would show here, however briefly."""
+    """TCP sockets the process `pid` (a broker) holds to a loopback server's `port`, as the kernel
+    holds them (/proc/net/tcp and tcp6, by inode): each counts from its creation, connecting or
+    connected, until the broker closes it, whatever the broker's own counters say. So a pool that
+    opened a replacement before closing the old connection, or forgot to close one, shows here.
+    (The server's side lags: it may still hold a connection whose close it has not yet seen.)"""
     owned = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -68,16 +68,14 @@ def upstream_connections(port: int, pid: int) -> int:
             continue
         for line in lines:
             fields = line.split()
-            established = fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port
-            # inode 0: accepted by the kernel, not yet by the server (its accept queue)
-            if established and (fields[9] in owned or fields[9] == "0"):
+            if fields[9] in owned and int(fields[2].rsplit(":", 1)[1], 16) == port:
                 connections.add((fields[1], fields[2]))
     return len(connections)
 
 
 class BoundSampler:
-    """Samples, every few milliseconds until stopped, the connections the server process `pid` has
-    on `port` (upstream_connections): `peak` is the most seen, `samples` how many were taken."""
+    """Samples, every few milliseconds until stopped, the sockets the broker process `pid` holds to
+    `port` (upstream_connections): `peak` is the most seen, `samples` how many were taken."""
 
     def __init__(self, port: int, pid: int, every: float = 0.003) -> None:
         self.port = port
@@ -243,10 +241,10 @@ class RedisServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def sampler(self) -> BoundSampler:
-        """Samples this Redis's connections as the kernel holds them (see upstream_connections)."""
-        assert self.proc is not None
-        return BoundSampler(self.port, self.proc.pid)
+    def sampler(self, broker: Broker) -> BoundSampler:
+        """Samples the sockets `broker` holds to this Redis, as the kernel holds them (see
+        upstream_connections)."""
+        return BoundSampler(self.port, broker.pid)
 
 
 class Broker:

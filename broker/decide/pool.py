@@ -16,77 +16,15 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker.config import PoolConfig
+from broker.decide.actions import CLOSE_REASONS, OPEN, Action, Close, Grant, Probe, Reject
 from broker.decide.histogram import Histogram
 from client.protocol import ErrorCode
 
 C = TypeVar("C")  # a connection
 R = TypeVar("R")  # a request
-
-
-@dataclass(frozen=True, slots=True)
-class Grant(Generic[C, R]):
-    """Hand `conn` to `request`: it is now leased."""
-
-    request: R
-    conn: C
-
-
-@dataclass(frozen=True, slots=True)
-class Open:
-    """Open one new upstream connection; report connected() or connect_failed()."""
-
-
-@dataclass(frozen=True, slots=True)
-class Probe(Generic[C]):
-    """Check that `conn` still works; report probe_ok() or probe_failed()."""
-
-    conn: C
-
-
-@dataclass(frozen=True, slots=True)
-class Close(Generic[C]):
-    """Close `conn`: it has left the pool."""
-
-    conn: C
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reject(Generic[R]):
-    """Answer `request` with an error: it will not be granted."""
-
-    request: R
-    code: ErrorCode
-    message: str
-
-
-Action = Grant[C, R] | Open | Probe[C] | Close[C] | Reject[R]
-OPEN = Open()
-
-# Why a connection left the pool; each is a connections_closed_<reason> counter.
-# discarded: by its holder; broken: I/O or a probe failed, or the upstream closed it; unread: it
-# came back with bytes nobody read; out_of_sync: its protocol's stream was left in the middle of a
-# message, or with answers still owed (redis, http); idle / lifetime: the reaper; reclaimed: taken
-# back from a holder that died or held it too long; resized: over a lowered max_size; drained: an
-# operator drained the pool (or its upstream changed); reset: the pool's reset rule is "discard"
-# (its session state is unknown); shutdown.
-CLOSE_REASONS = (
-    "discarded",
-    "broken",
-    "unread",
-    "out_of_sync",
-    "idle",
-    "lifetime",
-    "reclaimed",
-    "resized",
-    "drained",
-    "reset",
-    "shutdown",
-)
 
 LIFETIME_JITTER = 0.05  # connections expire up to 5% before max_lifetime, so they don't all go at once
 

@@ -26,9 +26,9 @@ import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
 from broker.config import BrokerConfig, ConfigError
+from broker.decide.actions import Close, Grant, Open, Probe, Reject
 from broker.decide.connection import State
 from broker.decide.leases import Holder, LeaseTable
-from broker.decide.pool import Close, Grant, Open, Probe, Reject
 from broker.drive.leasing import Leasing
 from broker.drive.pools import PoolState
 from broker.drive.resolver import Resolver

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from broker.decide.pool import CLOSE_REASONS
+from broker.decide.actions import CLOSE_REASONS
 
 if TYPE_CHECKING:
     from broker.drive.server import Server

@@ -169,7 +169,7 @@ def test_redis_py_from_many_threads_stays_within_the_bound(
             r.incr("shared")
 
     threads = [threading.Thread(target=work) for _ in range(8)]
-    with own_redis.sampler() as upstream:  # Redis's connections, sampled throughout
+    with own_redis.sampler(broker) as upstream:  # the broker's sockets to Redis, sampled throughout
         for thread in threads:
             thread.start()
         for thread in threads:

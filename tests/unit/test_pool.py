@@ -6,7 +6,8 @@ import pytest
 from pools import make  # every timed feature off: these tests are about the bound and the queue
 
 from broker.config import ConfigError
-from broker.decide.pool import OPEN, Close, Grant, PoolCore, Reject
+from broker.decide.actions import OPEN, Close, Grant, Reject
+from broker.decide.pool import PoolCore
 
 
 def fill(pool: PoolCore[str, str], *conns: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pools import make
 
-from broker.decide.pool import OPEN, Close, Grant, PoolCore, Probe, Reject
+from broker.decide.actions import OPEN, Close, Grant, Probe, Reject
+from broker.decide.pool import PoolCore
 
 
 def idle(pool: PoolCore[str, str], now: float, *conns: str) -> None:

@@ -8,8 +8,8 @@ import math
 from pools import make
 from test_pool import fill
 
+from broker.decide.actions import OPEN, Close, Grant, Reject
 from broker.decide.histogram import EXPORT_BOUNDS, Histogram
-from broker.decide.pool import OPEN, Close, Grant, Reject
 
 
 def test_a_paused_pool_hands_nothing_out_and_refuses_nothing() -> None:

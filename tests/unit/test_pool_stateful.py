@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker.config import PoolConfig
-from broker.decide.pool import Close, Grant, Open, PoolCore, Probe, Reject
+from broker.decide.actions import Close, Grant, Open, Probe, Reject
+from broker.decide.pool import PoolCore
 
 
 class PoolMachine(RuleBasedStateMachine):
