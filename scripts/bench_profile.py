@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts")]
 
-from bench import CLOCK_TICKS, PING, POOL, RedisServer, start_broker, worker  # noqa: E402
+from bench import CLOCK_TICKS, PING, POOL, RedisServer, start_broker, wait_for, worker  # noqa: E402
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -74,14 +74,15 @@ def main() -> None:
     broker = start_broker(redis, "--acquire-timeout", "60")
     try:
         mp = multiprocessing.get_context("fork")
-        start, end, results = mp.Event(), mp.Value("d", 0.0), mp.SimpleQueue()
+        ready, start, end, results = mp.Value("q", 0), mp.Event(), mp.Value("d", 0.0), mp.Queue()
         procs = [
-            mp.Process(target=worker, args=("pool", broker.endpoint, start, end, results))
+            mp.Process(target=worker, args=("pool", broker.endpoint, ready, start, end, results))
             for _ in range(args.processes)
         ]
         for proc in procs:
             proc.start()
-        time.sleep(0.5 + args.processes * 0.005)
+        # The clock starts once every process is connected, warm and waiting (a barrier, not a guess).
+        wait_for(lambda: ready.value == args.processes, timeout=120, what="the client processes to be ready")
         before = thread_cpu(broker.pid)
         end.value = time.monotonic() + args.seconds
         start.set()
@@ -90,7 +91,7 @@ def main() -> None:
             argv = [spy_exe, "record", "-p", str(broker.pid), "-d", str(max(1, int(args.seconds) - 1))]
             argv += ["-f", "raw", "-o", str(args.py_spy), "-r", "500", "--nonblocking"]
             spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        reports = [results.get() for _ in procs]
+        reports = [results.get(timeout=args.seconds + 60) for _ in procs]
         after = thread_cpu(broker.pid)
         for proc in procs:
             proc.join(60)
