@@ -11,32 +11,21 @@ The bound, the seed's semaphore: idle + checking + leased + connecting <= max_si
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from broker.config import PoolConfig
 from broker.decide.actions import CLOSE_REASONS, OPEN, Action, Close, Grant, Probe, Reject
 from broker.decide.histogram import Histogram
+from broker.decide.waiting import WaitingLine
 from client.protocol import ErrorCode
 
 C = TypeVar("C")  # a connection
 R = TypeVar("R")  # a request
 
 LIFETIME_JITTER = 0.05  # connections expire up to 5% before max_lifetime, so they don't all go at once
-
-
-class _Waiter(Generic[R]):
-    __slots__ = ("request", "since", "deadline", "done")
-
-    def __init__(self, request: R, since: float, deadline: float) -> None:
-        self.request = request
-        self.since = since
-        self.deadline = deadline
-        self.done = False  # granted, timed out or rejected: skip it wherever it still sits
 
 
 class _Times:
@@ -68,15 +57,11 @@ class PoolCore(Generic[C, R]):
         self.checking: dict[C, bool] = {}  # being probed -> a waiter counts on it (a checkout probe)
         self._times: dict[C, _Times] = {}  # every open connection: idle, checking or leased
         self.connecting = 0
-        self.waiting = 0
         self.closing = False
         self.paused = False  # requests wait, nothing is handed out
         self.drained_at = -math.inf  # connections opened before this close when they come back
         self._checkout_checks = 0  # probes that waiters count on, like connects in flight
-        self._queue: deque[_Waiter[R]] = deque()  # FIFO, may hold done waiters
-        self._waiters: dict[R, _Waiter[R]] = {}  # the live ones, for cancel()
-        self._deadlines: list[tuple[float, int, _Waiter[R]]] = []  # heap, may hold done waiters
-        self._seq = 0
+        self.line: WaitingLine[R] = WaitingLine()  # requests waiting for a connection
         self._next_care: float | None = None  # when an idle connection next needs the reaper or a probe
         self._reap_held = False  # the reaper spared connections past idle_timeout to keep min_idle
         # The upstream's health, from connects: consecutive failures and when to try again.
@@ -110,6 +95,11 @@ class PoolCore(Generic[C, R]):
     def size(self) -> int:
         """Open connections (idle + checking + leased)."""
         return len(self._times)
+
+    @property
+    def waiting(self) -> int:
+        """Requests in line for a connection."""
+        return self.line.count
 
     def __repr__(self) -> str:
         return (
@@ -148,12 +138,7 @@ class PoolCore(Generic[C, R]):
             # at the end of the request's timeout.
             self.requests_failed += 1
             return [*actions, Reject(request, ErrorCode.UPSTREAM_UNAVAILABLE, self._unavailable_message(now))]
-        waiter = _Waiter(request, now, deadline)
-        self._waiters[request] = waiter
-        self._queue.append(waiter)
-        self._seq += 1
-        heapq.heappush(self._deadlines, (deadline, self._seq, waiter))
-        self.waiting += 1
+        self.line.add(request, now, deadline)
         self.requests_queued += 1
         return actions + self._serve_waiters(now)
 
@@ -207,12 +192,8 @@ class PoolCore(Generic[C, R]):
 
     def cancel(self, request: R) -> None:
         """A waiting request's requester is gone: it leaves the line, and will never be granted."""
-        waiter = self._waiters.pop(request, None)
-        if waiter is not None:
-            waiter.done = True
-            self.waiting -= 1
+        if self.line.cancel(request):
             self.requests_abandoned += 1
-            self._compact()
 
     def lost(self, conn: C, now: float, reason: str = "broken") -> list[Action[C, R]]:
         """An idle connection turned out unusable (the upstream closed it, or sent unasked data)."""
@@ -248,9 +229,7 @@ class PoolCore(Generic[C, R]):
 
     def next_deadline(self) -> float | None:
         """When tick() next has work to do, or None if nothing is scheduled."""
-        while self._deadlines and self._deadlines[0][2].done:
-            heapq.heappop(self._deadlines)
-        deadline = self._deadlines[0][0] if self._deadlines else None
+        deadline = self.line.next_deadline()
         if self._next_care is not None and (deadline is None or self._next_care < deadline):
             deadline = self._next_care
         retry = self.failures and not self.connecting and self._wanted() > 0  # once the backoff is over
@@ -403,13 +382,12 @@ class PoolCore(Generic[C, R]):
         self._times[conn].leased_since = now
 
     def _hand_over(self, conn: C, now: float) -> list[Action[C, R]]:
-        waiter = None if self.paused else self._next_waiter()
+        waiter = None if self.paused else self.line.next()
         if waiter is None:
             self._make_idle(conn)
             return []
         self._lease(conn, now)
         self.wait_time.record(now - waiter.since)
-        self._compact()
         return [Grant(waiter.request, conn)]
 
     def _make_idle(self, conn: C) -> None:
@@ -470,13 +448,7 @@ class PoolCore(Generic[C, R]):
 
     def _expire(self, now: float) -> list[Action[C, R]]:
         actions: list[Action[C, R]] = []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            waiter = heapq.heappop(self._deadlines)[2]
-            if waiter.done:
-                continue
-            waiter.done = True
-            self.waiting -= 1
-            del self._waiters[waiter.request]
+        for waiter in self.line.expired(now):
             self.requests_timeouts += 1
             waited = f"pool {self.name!r}: no connection within {waiter.deadline - waiter.since:.3f}s"
             if self.failures:  # the upstream is why: say so, with its error
@@ -489,18 +461,7 @@ class PoolCore(Generic[C, R]):
                     f"{waited} ({len(self.leased)} leased of max_size {self.max_size}, {self.waiting} still waiting)",
                 )
             )
-        self._compact()
         return actions
-
-    def _next_waiter(self) -> _Waiter[R] | None:
-        while self._queue:
-            waiter = self._queue.popleft()
-            if not waiter.done:
-                waiter.done = True
-                self.waiting -= 1
-                del self._waiters[waiter.request]
-                return waiter
-        return None
 
     def _close(self, conn: C, reason: str) -> list[Action[C, R]]:
         del self._times[conn]
@@ -509,18 +470,7 @@ class PoolCore(Generic[C, R]):
 
     def _fail_waiters(self, code: ErrorCode, message: str) -> list[Action[C, R]]:
         actions: list[Action[C, R]] = []
-        while (waiter := self._next_waiter()) is not None:
+        while (waiter := self.line.next()) is not None:
             self.requests_failed += 1
             actions.append(Reject(waiter.request, code, message))
-        self._compact()
         return actions
-
-    def _compact(self) -> None:
-        # Done waiters stay where they sit until reached; rebuild when they outnumber live ones so
-        # that memory follows the live waiters, not the request rate. Amortized O(1) per request.
-        limit = 2 * self.waiting + 64
-        if len(self._queue) > limit:
-            self._queue = deque(w for w in self._queue if not w.done)
-        if len(self._deadlines) > limit:
-            self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
-            heapq.heapify(self._deadlines)

@@ -174,8 +174,8 @@ def test_memory_follows_live_waiters_not_the_request_rate() -> None:
     for i in range(10_000):  # each waits, then is served: the deadlines heap must not keep them
         pool.request(f"w{i}", float(i), float(i) + 60)
         pool.release("c1", float(i))
-    assert len(pool._deadlines) <= 2 * pool.waiting + 64
-    assert len(pool._queue) <= 2 * pool.waiting + 64
+    assert len(pool.line._deadlines) <= 2 * pool.waiting + 64
+    assert len(pool.line._queue) <= 2 * pool.waiting + 64
 
 
 def test_repr_reads_like_a_status_line() -> None:
