@@ -170,6 +170,8 @@ class Lease:
         """At least 1 byte and at most `bufsize`; b"" once the upstream has closed. How long it
         waits is settimeout()'s: non-blocking, it raises BlockingIOError when nothing is there."""
         if self._timeout == 0:
+            if self._held:  # writes go out whole first: a poll has no time to wait for a full buffer
+                self.flush()
             data = self._io(max_bytes=bufsize, poll=True, io_timeout=0)
             if not data and not self.eof:
                 raise BlockingIOError(errno.EAGAIN, "nothing to read from the lease yet")
