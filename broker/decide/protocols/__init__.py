@@ -44,11 +44,24 @@ class PoolProtocol:
     name: str
     handshake: tuple[Check, ...]  # run on each new connection, pipelined when `pipelined`
     reset: tuple[Check, ...]  # run when a lease ends and the session needs it
-    pipelined: bool  # the steps may all go at once (Redis answers in order); a user's steps may not
-    reset_always: bool  # the pool's own reset steps: run on every clean return
     reset_mode: str  # auto, off, discard or steps
     new_session: Callable[[], Session] | None  # None: nothing to follow in the stream
-    protects: bool  # a holder's session never reaches the next holder (what a tcp pool can't say)
+
+    @property
+    def pipelined(self) -> bool:
+        """The steps may all go at once: Redis answers in order (one round trip for all)."""
+        return self.name == "redis"
+
+    @property
+    def reset_always(self) -> bool:
+        """The pool's own reset steps run on every clean return."""
+        return self.reset_mode == "steps"
+
+    @property
+    def protects(self) -> bool:
+        """A holder's session never reaches the next holder: memcached and http keep none, redis's
+        is reset, a tcp pool's is unknown to the broker unless its own steps or discard handle it."""
+        return self.reset_mode in (RESET_DISCARD, "steps") or (self.name != "tcp" and self.reset_mode != RESET_OFF)
 
     def on_return(self, session: Session | None) -> Return:
         """Decide what a clean return (no failed I/O, nothing unread) does with the connection."""
@@ -60,6 +73,10 @@ class PoolProtocol:
         if self.reset_always or (outcome is RESET and self.reset_mode == RESET_AUTO):
             return Return(RUN_RESET, why=why)
         return Return(KEEP)
+
+
+# The protocols whose stream the broker follows, and how it follows each.
+SESSIONS: dict[str, Callable[[], Session]] = {"redis": redis.RedisSession, "http": HttpSession}
 
 
 def pool_protocol(config: PoolConfig) -> PoolProtocol:
@@ -78,17 +95,12 @@ def pool_protocol(config: PoolConfig) -> PoolProtocol:
         mode = config.reset
         if config.protocol == "redis" and mode == RESET_AUTO:
             reset = redis.reset(handshake)
-    sessions: dict[str, Callable[[], Session]] = {"redis": redis.RedisSession, "http": HttpSession}
     return PoolProtocol(
         name=config.protocol,
         handshake=tuple(handshake),
         reset=tuple(reset),
-        pipelined=config.protocol == "redis",  # Redis answers in order: one round trip for all
-        reset_always=mode == "steps",
         reset_mode=mode,
-        new_session=sessions.get(config.protocol),
-        # memcached and http keep no session; redis's is reset; a tcp pool's is unknown to the broker.
-        protects=mode in (RESET_DISCARD, "steps") or (config.protocol != "tcp" and mode != RESET_OFF),
+        new_session=SESSIONS.get(config.protocol),
     )
 
 
