@@ -4,8 +4,10 @@ deadline, or a one-way message; CURVE keys for a broker beyond loopback."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -13,12 +15,14 @@ import zmq
 
 from client.errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
 from client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
-from client.protocol import VERSION, release_request
+from client.protocol import VERSION, Template, release_request
 
 CLOSE_LINGER_MS = 500
 # The broker's default max_message_size: it drops the connection of a client that sends more,
 # without a word, so the client refuses to send such a request and says why.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+MAX_TEMPLATES = 256
+HOSTNAME = socket.gethostname()  # (a lease request names its holder: pid and host)
 
 
 class Curve:
@@ -59,6 +63,7 @@ class Channel:
         self.sock = self._connect()
         self._recv_timeout_ms = -1  # RCVTIMEO as last set
         self.generation = 0  # bumped on reset: leases taken on an older socket are lost
+        self._templates: dict[tuple[Any, ...], Template] = {}
 
     def _connect(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
@@ -85,37 +90,56 @@ class Channel:
             self.next_id = rid + 1
             message["v"] = VERSION
             message["id"] = rid
-            body = self.packer.pack(message)
-            if len(body) > self.max_message_size:
-                limit = self.max_message_size
-                raise LimitExceeded(f"a request of {len(body)} bytes is over the limit of {limit} (max_message_size)")
+            return self._round_trip(self.packer.pack(message), rid, wait)
+
+    def call_packed(self, template: Template, values: tuple[Any, ...], wait: float) -> dict[str, Any]:
+        """As call(), for a request made from a template and the values of its varying fields."""
+        with self.lock:
+            rid = self.next_id
+            self.next_id = rid + 1
+            return self._round_trip(template.pack(self.packer.pack, rid, values), rid, wait)
+
+    def template(self, key: tuple[Any, ...], make: Callable[[], Template]) -> Template:
+        """The template remembered for `key`, made by `make` the first time (a few kinds of request
+        serve a process: the cache is cleared, not grown, when an odd caller makes many)."""
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()
+            template = self._templates[key] = make()
+        return template
+
+    def _round_trip(self, body: bytes, rid: int, wait: float) -> dict[str, Any]:
+        if len(body) > self.max_message_size:
+            limit = self.max_message_size
+            raise LimitExceeded(f"a request of {len(body)} bytes is over the limit of {limit} (max_message_size)")
+        try:
+            self.sock.send(body, zmq.NOBLOCK)
+        except zmq.Again:
+            self._reset()
+            raise BrokerUnavailable(f"the broker at {self.endpoint} is not taking requests") from None
+        deadline = time.monotonic() + wait
+        remaining = wait
+        while True:
+            # A blocking recv with RCVTIMEO: a poll before each recv would cost a wake-up more.
+            timeout_ms = int(remaining * 1000) or 1
+            if timeout_ms != self._recv_timeout_ms:
+                self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+                self._recv_timeout_ms = timeout_ms
             try:
-                self.sock.send(body, zmq.NOBLOCK)
+                data = self.sock.recv()
             except zmq.Again:
-                self._reset()
-                raise BrokerUnavailable(f"the broker at {self.endpoint} is not taking requests") from None
-            deadline = time.monotonic() + wait
-            remaining = wait
-            while True:
-                # A blocking recv with RCVTIMEO: a poll before each recv would cost a wake-up more.
-                timeout_ms = int(remaining * 1000) or 1
-                if timeout_ms != self._recv_timeout_ms:
-                    self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-                    self._recv_timeout_ms = timeout_ms
-                try:
-                    data = self.sock.recv()
-                except zmq.Again:
-                    raise self._no_answer(wait) from None
-                try:
-                    reply = msgpack.unpackb(data)
-                except Exception as exc:  # msgpack raises several types for bad input
-                    raise ProtocolError(f"undecodable reply from the broker: {exc}") from None
-                if type(reply) is dict and reply.get("id") == rid:
-                    return reply
-                self._drop_stray(reply)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._no_answer(wait)
+                raise self._no_answer(wait) from None
+            try:
+                reply = msgpack.unpackb(data)
+            except Exception as exc:  # msgpack raises several types for bad input
+                raise ProtocolError(f"undecodable reply from the broker: {exc}") from None
+            if type(reply) is dict and reply.get("id") == rid:
+                return reply
+            self._drop_stray(reply)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._no_answer(wait)
 
     def _no_answer(self, wait: float) -> BrokerUnavailable:
         self._reset()
@@ -138,14 +162,13 @@ class Channel:
             except zmq.Again:
                 pass  # the broker reclaims it when its time limits say so
 
-    def send_oneway(self, message: dict[str, Any]) -> None:
+    def send_oneway(self, template: Template, values: tuple[Any, ...]) -> None:
+        """A request that wants no answer (its template says "noreply")."""
         with self.lock:
-            message["v"] = VERSION
-            message["id"] = self.next_id
-            message["noreply"] = True
-            self.next_id += 1
+            rid = self.next_id
+            self.next_id = rid + 1
             try:
-                self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
+                self.sock.send(template.pack(self.packer.pack, rid, values), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the broker is unreachable; it will reclaim the lease itself
 

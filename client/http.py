@@ -34,7 +34,8 @@ class HTTPConnection(http.client.HTTPConnection):
         self.tag = tag
 
     def connect(self) -> None:
-        lease = self.broker.lease(self.pool, tag=self.tag)
+        # Lazy: the lease request goes with the first request's bytes (one round trip, not two).
+        lease = self.broker.lease(self.pool, tag=self.tag, lazy=True)
         if self.timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
             lease.settimeout(self.timeout)
         self.sock = lease

@@ -9,9 +9,19 @@ import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from client.channel import Channel, check_reply
-from client.errors import BrokerUnavailable, LeaseLost
-from client.protocol import RELEASE_DISCARD, RELEASE_KEEP, ErrorCode, add_exchange, io_request, release_request
+from client.channel import HOSTNAME, Channel
+from client.errors import BrokerUnavailable, LeaseLost, error_from_code
+from client.protocol import (
+    OP_IO,
+    OP_LEASE,
+    OP_RELEASE,
+    RELEASE_DISCARD,
+    RELEASE_KEEP,
+    ErrorCode,
+    Template,
+    add_exchange,
+    lease_request,
+)
 
 if TYPE_CHECKING:
     from client.client import Client
@@ -20,6 +30,41 @@ DEFAULT_RECV = 65536
 # A lease holds writes until its next read (so that a write and its answer are one round trip), or
 # until this many bytes are held: then they go at once, in a round trip of their own.
 HOLD_WRITES_UP_TO = 256 * 1024
+
+
+def first_exchange(
+    channel: Channel,
+    pool: str,
+    timeout: float,
+    tag: str | None,
+    exchange: tuple[float, bytes | None, int | None, int | None, str | None, bool],
+    sending: bool,
+) -> Template:
+    """The template of a lease request that carries its first exchange (a lazy lease's first I/O,
+    a one-shot cycle): `exchange` is (io_timeout, until, exactly, max_bytes, release, poll)."""
+
+    def make() -> Template:
+        message = add_exchange(lease_request(pool, timeout, channel.pid, HOSTNAME, tag), None, *exchange)
+        return Template(message, ("send",) if sending else ())
+
+    return channel.template((OP_LEASE, pool, timeout, tag, exchange, sending), make)
+
+
+def _next_exchange(
+    channel: Channel, exchange: tuple[float, bytes | None, int | None, int | None, str | None, bool], sending: bool
+) -> Template:
+    """The template of an exchange on a lease already held."""
+
+    def make() -> Template:
+        return Template(add_exchange({"op": OP_IO}, None, *exchange), ("lease", "send") if sending else ("lease",))
+
+    return channel.template((OP_IO, exchange, sending), make)
+
+
+def _release(channel: Channel, mode: str) -> Template:
+    return channel.template(
+        (OP_RELEASE, mode), lambda: Template({"op": OP_RELEASE, "release": mode, "noreply": True}, ("lease",))
+    )
 
 
 class _LeaseIO(io.RawIOBase):
@@ -52,6 +97,12 @@ class Lease:
     however they are written; `flush()` sends them at once. Reads and flushes are one round trip each.
     `close()` gives the connection back, as `release()` does; after `shutdown()` it is discarded.
 
+    A lazy lease (`Client.lease(..., lazy=True)`) is asked for with its first exchange, so a lease
+    with one exchange costs one round trip and a one-way release. Until then it holds nothing, and
+    what the pool would have said at once (PoolTimeout, UnknownPool, PoolFull...) is raised by that
+    first read or flush; a lazy lease whose first exchange fails is over. Releasing one that never
+    sent anything sends nothing.
+
     Timeouts are a socket's: `settimeout(t)` bounds each operation to t seconds (UpstreamTimeout, a
     TimeoutError, when it runs out), `settimeout(0)` makes `recv` non-blocking (BlockingIOError when
     nothing has arrived), `settimeout(None)` makes `recv` wait as long as it takes (in round trips of
@@ -59,14 +110,25 @@ class Lease:
     """
 
     def __init__(
-        self, client: Client, channel: Channel, generation: int, pool: str, token: bytes, io_timeout: float
+        self,
+        client: Client,
+        channel: Channel,
+        generation: int,
+        pool: str,
+        token: bytes | None,
+        io_timeout: float,
+        *,
+        timeout: float = 0.0,
+        tag: str | None = None,
     ) -> None:
         self.client = client
         self.pool = pool
         self.io_timeout = io_timeout
+        self.tag = tag
         self._channel = channel
         self._generation = generation
-        self._token = token
+        self._token = token  # None: a lazy lease, requested with its first exchange
+        self._acquire_timeout = timeout  # (a lazy lease's: how long its first exchange may wait for a grant)
         self._done = False
         self._held = bytearray()  # writes not yet sent: they go with the next read
         self._default_io_timeout = io_timeout
@@ -76,8 +138,9 @@ class Lease:
         self.eof = False  # the upstream closed its side
 
     def __repr__(self) -> str:
-        state = "released" if self._done else "active"
-        return f"<Lease {self.pool} {self._token[:4].hex()}.. {state}>"
+        state = "released" if self._done else "active" if self._token is not None else "not yet granted"
+        token = f" {self._token[:4].hex()}.." if self._token is not None else ""
+        return f"<Lease {self.pool}{token} {state}>"
 
     def __enter__(self) -> Lease:
         return self
@@ -216,18 +279,34 @@ class Lease:
             self._held.clear()
         self._used = True
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        message = add_exchange(io_request(self._token), send, io_timeout, until, exactly, max_bytes, release, poll)
+        exchange = (io_timeout, until, exactly, max_bytes, release, poll)
+        channel = self._channel
+        token = self._token
+        wait = io_timeout + self.client.broker_timeout
+        if token is None:  # a lazy lease: the lease request goes with its first exchange
+            template = first_exchange(channel, self.pool, self._acquire_timeout, self.tag, exchange, bool(send))
+            values: tuple[bytes, ...] = (send,) if send else ()
+            wait += self._acquire_timeout
+        else:
+            template = _next_exchange(channel, exchange, bool(send))
+            values = (token, send) if send else (token,)
         try:
-            reply = self._channel.call(message, io_timeout + self.client.broker_timeout)
+            reply = channel.call_packed(template, values, wait)
         except BrokerUnavailable:
             self._done = True  # the channel was reset: the broker will reclaim this lease
             raise
-        if reply.get("released") or reply.get("error") == ErrorCode.LEASE_LOST:
+        if reply.get("ok") is True:
+            if token is None:
+                self._token = reply["lease"]
+            if reply.get("released"):
+                self._done = True
+            if reply.get("eof"):
+                self.eof = True
+            return reply.get("data", b"")  # type: ignore[no-any-return]
+        # A lazy lease whose first exchange fails is over (never granted, or ended with it).
+        if token is None or reply.get("released") or reply.get("error") == ErrorCode.LEASE_LOST:
             self._done = True
-        reply = check_reply(reply)
-        if reply.get("eof"):
-            self.eof = True
-        return reply.get("data", b"")  # type: ignore[no-any-return]
+        raise error_from_code(str(reply.get("error")), str(reply.get("message", "")))
 
     def _check_usable(self) -> None:
         if self._done:
@@ -254,13 +333,16 @@ class Lease:
         self._end(RELEASE_DISCARD)
 
     def _end(self, mode: str) -> None:
-        # One-way: nothing to wait for. A lease already lost, or a parent's, is left alone.
+        # One-way: nothing to wait for. A lease already lost, or a parent's, or a lazy one never
+        # granted, is left alone.
         self._held.clear()
-        if self._done or self._channel.pid != os.getpid() or self._channel.generation != self._generation:
+        channel = self._channel
+        token = self._token
+        if self._done or token is None or channel.pid != os.getpid() or channel.generation != self._generation:
             self._done = True
             return
         self._done = True
-        self._channel.send_oneway(release_request(self._token, mode))
+        channel.send_oneway(_release(channel, mode), (token,))
 
     @property
     def released(self) -> bool:

@@ -276,12 +276,33 @@ def lease_request(pool: str, timeout: float, pid: int, host: str, tag: str | Non
     return message
 
 
-def io_request(token: bytes) -> dict[str, Any]:
-    return {"op": OP_IO, "lease": token}
-
-
 def release_request(token: bytes, mode: str = RELEASE_KEEP) -> dict[str, Any]:
     return {"op": OP_RELEASE, "lease": token, "release": mode}
+
+
+class Template:
+    """A request's fixed fields packed once; each use packs only what varies (the id, a token, the
+    payload) and joins the pieces, as a msgpack map is its header and then its pairs in a row.
+    Under load a client process runs cold, and every Python step shows: building and packing a
+    dozen fields per call cost about 30 us a cycle with 100 client processes, this costs a few."""
+
+    __slots__ = ("_head", "_keys")
+
+    def __init__(self, fixed: dict[str, Any], varying: tuple[str, ...] = ()) -> None:
+        fixed = {"v": VERSION, **fixed}
+        packer = msgpack.Packer(use_bin_type=True)  # (made once per kind of request: no need to share)
+        pairs = packer.pack(fixed)[len(packer.pack_map_header(len(fixed))) :]
+        self._head = packer.pack_map_header(len(fixed) + len(varying) + 1) + pairs
+        self._keys = tuple(packer.pack(key) for key in (*varying, "id"))
+
+    def pack(self, pack: Any, rid: int, values: tuple[Any, ...] = ()) -> bytes:
+        """The whole request: `values` for the varying fields in their order, then `rid`; `pack` is
+        the caller's msgpack Packer.pack (a Packer is not shared between threads)."""
+        parts = [self._head]
+        for key, value in zip(self._keys, (*values, rid), strict=True):
+            parts.append(key)
+            parts.append(pack(value))
+        return b"".join(parts)
 
 
 def add_exchange(

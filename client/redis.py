@@ -1,9 +1,10 @@
 """redis-py over leases: `redis.Redis(connection_pool=BrokerConnectionPool(client, "redis"))`.
 
 Each command, and each pipeline (MULTI/EXEC included), runs under one lease: redis-py takes a
-connection from this pool for it and gives it back after, and this pool turns that into a lease
-and its release. A pub/sub holds one lease for its life, until `close()`. The broker's pool is the
-one bound across every process; this one only hands out wrappers.
+connection from this pool for it and gives it back after, and this pool turns that into a lazy
+lease (asked for with the command itself: one round trip) and its one-way release. A pub/sub
+holds one lease for its life, until `close()`. The broker's pool is the one bound across every
+process; this one only hands out wrappers, which stay "connected" from one command to the next.
 
 The broker's pool should say `protocol = "redis"`: then what a holder leaves on a connection (a
 SELECT, a MULTI without EXEC, a WATCH, CLIENT SETNAME or TRACKING, a subscription) is reset
@@ -15,6 +16,7 @@ does not reset sessions this adapter warns once.
 from __future__ import annotations
 
 import inspect
+import socket
 import warnings
 from typing import Any
 
@@ -52,8 +54,54 @@ def _warn_unless_protected(broker: Client, pool: str) -> None:
     )
 
 
+class LeasedSocket:
+    """The socket redis-py keeps for a connection: each command or pipeline runs on a lazy lease of
+    its own, asked for with its first read and given back after it, so redis-py's connection stays
+    "connected" (no connect, handshake or teardown per command) while the broker's pool is shared."""
+
+    def __init__(self, broker: Client, pool: str, tag: str | None, timeout: float | None) -> None:
+        self._broker = broker
+        self._pool = pool
+        self._tag = tag
+        self._timeout = timeout
+        self.lease = self._next_lease()
+
+    def _next_lease(self) -> Lease:
+        lease = self._broker.lease(self._pool, tag=self._tag, lazy=True)
+        lease.settimeout(self._timeout)
+        return lease
+
+    def give_back(self) -> None:
+        """The command is done: release its lease (nothing is sent if it never asked for one)."""
+        self.lease.release()
+        self.lease = self._next_lease()
+
+    def sendall(self, data: bytes) -> None:
+        self.lease.sendall(data)
+
+    def recv(self, bufsize: int = 65536) -> bytes:
+        return self.lease.recv(bufsize)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        return self.lease.recv_into(buffer, nbytes)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self.lease.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        self.lease.shutdown(how)
+
+    def close(self) -> None:
+        self.lease.close()
+
+
 class LeaseConnection(Connection):
-    """A redis-py connection whose socket is a lease; connect() leases, the pool's release gives it back."""
+    """A redis-py connection whose socket is a LeasedSocket: a lease per command, given back when
+    redis-py gives the connection back to this pool."""
 
     def __init__(self, *, broker: Client, pool: str, tag: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
@@ -61,27 +109,35 @@ class LeaseConnection(Connection):
         self.pool_name = pool
         self.tag = tag
 
-    def _connect(self) -> Lease:
+    def _connect(self) -> LeasedSocket:
         _warn_unless_protected(self.broker, self.pool_name)
-        lease = self.broker.lease(self.pool_name, tag=self.tag)
         # redis-py's socket_timeout, as a socket's: None waits as long as a command takes (BLPOP 0).
-        lease.settimeout(self.socket_timeout)
-        return lease
+        return LeasedSocket(self.broker, self.pool_name, self.tag, self.socket_timeout)
 
     def can_read(self, timeout: float = 0) -> bool:
-        # A new lease has nothing to read (the broker hands out clean connections only): say so
-        # without a round trip, since redis-py asks on every checkout. Later (pub/sub) ask the lease.
+        # A command's lease has nothing to read before it sends (the broker hands out clean
+        # connections only): say so without a round trip, since redis-py asks on every checkout.
+        # Later (pub/sub) ask the lease.
         sock = self._sock
-        if isinstance(sock, Lease) and sock.fresh:
+        if isinstance(sock, LeasedSocket) and sock.lease.fresh:
             return False
         return bool(super().can_read(timeout))
 
     def give_back(self) -> None:
-        """The command or pipeline is done: release the lease (kept by the broker if clean), then
-        let redis-py forget the socket (closing a released lease does nothing)."""
-        if self._sock is not None:
-            self._sock.release()
-        self.disconnect()  # type: ignore[no-untyped-call]
+        """The command or pipeline is done: release its lease (kept by the broker if clean). The
+        connection stays connected for the next command, which leases anew, unless redis-py's
+        parser still holds bytes of this one (or can't say): then it is disconnected, as redis-py
+        does with a connection returned before its reply was read."""
+        sock = self._sock
+        if not isinstance(sock, LeasedSocket):
+            return
+        buffer = getattr(self._parser, "_buffer", None)
+        unread = getattr(buffer, "unread_bytes", None)
+        if callable(unread) and unread() == 0:
+            sock.give_back()
+        else:
+            sock.lease.release()
+            self.disconnect()
 
     def repr_pieces(self) -> list[tuple[str, Any]]:
         return [("pool", self.pool_name), ("broker", self.broker.endpoint)]

@@ -30,7 +30,7 @@ def app(environ: dict[str, object], start_response: Callable[..., object]) -> It
     if path == "/hit":
         body = f"{os.getpid()} {redis_client.incr('hits')}\n".encode()
     elif path == "/raw":
-        with client.lease("redis", tag="wsgi-raw") as conn:
+        with client.lease("redis", tag="wsgi-raw", lazy=True) as conn:
             reply = conn.request(b"INCR hits\r\n", until=b"\r\n")  # ":<n>\r\n"
         body = f"{os.getpid()} {int(reply[1:])}\n".encode()
     elif path == "/hold":

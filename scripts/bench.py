@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -49,6 +49,7 @@ from client import Client  # noqa: E402
 
 PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"  # RESP: twemproxy takes no inline commands
 POOL = 10
+T = TypeVar("T")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 ECHO = """
@@ -291,7 +292,7 @@ def many(kind: str, target: str, processes: int, seconds: float, middle_pid: int
     return Run(ops / seconds, sum(cpu for _, cpu in reports) / ops * 1e6, middle_cpu / ops * 1e6)
 
 
-def peak_connections(redis: RedisServer, run: Callable[[], Run]) -> tuple[Run, int]:
+def peak_connections(redis: RedisServer, run: Callable[[], T]) -> tuple[T, int]:
     """Run `run`, sampling Redis's connected_clients every 10 ms (less the sampler itself)."""
     sampler = redis.client()
     peak = 0

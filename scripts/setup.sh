@@ -6,7 +6,8 @@ cd "$ROOT"
 
 find_python() {
     for py in python3.13 python3.12 python3.11 python3; do
-        if command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        # (stderr quiet: a pyenv shim answers command -v, then says "command not found" when run)
+        if command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
             echo "$py"; return
         fi
     done
@@ -17,13 +18,18 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 ensure_servers() {
     # Real upstreams for the tests and the demo: Debian's redis-server (built with TLS) and
-    # memcached; openssl makes the test certificates.
-    command -v redis-server >/dev/null && command -v memcached >/dev/null && command -v openssl >/dev/null && return
-    echo "setup: installing redis-server, memcached and openssl (Debian packages)" >&2
+    # memcached; openssl makes the test certificates; the benchmarks' load generator (wrk) and
+    # peer (twemproxy, packaged as nutcracker).
+    local missing=()
+    for tool in redis-server memcached openssl wrk nutcracker; do  # (each package has its command's name)
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    [ ${#missing[@]} = 0 ] && return
+    echo "setup: installing ${missing[*]} (Debian packages)" >&2
     as_root apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server memcached openssl >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
     # The packages start system-wide instances on the default ports; ours start their own on free ports.
-    as_root systemctl disable --now redis-server memcached >/dev/null 2>&1 || true
+    as_root systemctl disable --now redis-server memcached nutcracker >/dev/null 2>&1 || true
 }
 
 ensure_venv() {

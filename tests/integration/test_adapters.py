@@ -210,3 +210,53 @@ def test_redis_py_gives_up_after_one_lease_request_when_the_pool_is_busy(
     assert r.ping() is True
     c.close()
     holder.close()
+
+
+def _messages(c: Client, action: Callable[[], object]) -> int:
+    """Messages the broker received for `action` (its own count; the stats request taken off)."""
+    before = c.broker_stats()["requests_received"]
+    action()
+    return int(c.broker_stats()["requests_received"] - before - 1)
+
+
+def test_a_redis_py_command_costs_one_round_trip_and_a_one_way_release(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--protocol", "redis")
+    c = Client(broker.endpoint)
+    r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+    r.ping()  # (the adapter's one-time look at the pool's protocol, out of the count)
+
+    def commands() -> None:
+        for n in range(1, 101):
+            assert r.incr("counted-incr") == n
+
+    assert _messages(c, commands) == 200  # the command with its lease request, then the release
+    with r.pipeline(transaction=True) as pipe:
+        assert _messages(c, lambda: pipe.incr("counted-incr").get("counted-incr").execute()) == 2
+    c.close()
+
+
+def test_an_http_client_request_costs_one_round_trip_and_a_one_way_release(
+    http_upstream: HttpUpstream, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"api=127.0.0.1:{http_upstream.port}", *HTTP_POOL)
+    c = Client(broker.endpoint)
+
+    def requests(keep_alive: bool) -> None:
+        conn = HTTPConnection(c, "api", host="api.internal", timeout=5)
+        for _ in range(100):
+            # HEAD: the server writes its answer in one piece, so one read takes it all (a GET's
+            # body comes in a second write, which may need a read of its own).
+            conn.request("HEAD", "/health")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            if not keep_alive:
+                conn.close()  # a lease per request
+        conn.close()
+
+    assert _messages(c, lambda: requests(keep_alive=False)) == 200
+    assert _messages(c, lambda: requests(keep_alive=True)) == 101  # one lease: an exchange each, one release
+    assert c.stats("api")["api"]["leases_active"] == 0
+    c.close()

@@ -1,14 +1,16 @@
 """How many messages a lease cycle costs: one for a one-shot cycle, one per read however the writes
-before it were made. Counted by the broker itself (`requests_received`), so nothing here is timing."""
+before it were made, and for a lazy lease no round trip of its own. Counted by the broker itself
+(`requests_received`), so nothing here is timing."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
 from helpers import Broker, RedisServer, TestUpstream, wait_for
 
-from client import Client, UpstreamError
+from client import Client, LeaseLost, PoolTimeout, ProtocolError, UpstreamError
 from client.lease import HOLD_WRITES_UP_TO
 
 
@@ -111,3 +113,89 @@ def test_a_held_write_that_fails_is_reported_by_the_read(
     # Noticed as a failure of the connection, not waited out as a timeout (UpstreamTimeout is an
     # UpstreamError too: a broker that missed the close would pass a plain raises()).
     assert type(failure.value) is UpstreamError and failure.value.code == "upstream_error"
+
+
+# -- lazy leases: the lease request goes with the first exchange -------------------------------
+
+
+def test_a_lazy_lease_with_one_exchange_is_one_round_trip_and_a_release(redis_client: Client) -> None:
+    def conversation() -> None:
+        with redis_client.lease("redis", lazy=True) as conn:
+            conn.sendall(b"INCR lazy-count\r\n")
+            assert conn.recv_until(b"\r\n") == b":1\r\n"
+
+    assert messages_for(redis_client, conversation) == 2  # the first exchange (with the lease), the release
+
+    def three() -> None:
+        with redis_client.lease("redis", lazy=True) as conn:
+            for n in (2, 3, 4):
+                assert conn.request(b"INCR lazy-count\r\n", until=b"\r\n") == b":%d\r\n" % n
+
+    assert messages_for(redis_client, three) == 4  # n exchanges are n round trips, then the release
+    assert redis_client.stats("redis")["redis"]["leases_active"] == 0
+
+
+def test_a_lazy_lease_that_sends_nothing_asks_for_nothing(redis_client: Client) -> None:
+    def unused() -> None:
+        with redis_client.lease("redis", lazy=True):
+            pass
+        redis_client.lease("redis", lazy=True).discard()
+
+    assert messages_for(redis_client, unused) == 0
+    assert redis_client.stats("redis")["redis"]["requests_num"] == 0
+
+
+def test_a_lazy_lease_with_only_writes_is_a_one_shot_cycle(redis_client: Client, redis_server: RedisServer) -> None:
+    def write_only() -> None:
+        with redis_client.lease("redis", lazy=True) as conn:
+            conn.sendall(b"SET lazy-write-only 1\r\n")  # held: lease, write and release in one request
+
+    assert messages_for(redis_client, write_only) == 1
+    assert redis_server.client().get("lazy-write-only") == b"1"
+
+
+def test_a_lazy_lease_holds_its_connection_between_exchanges(redis_client: Client) -> None:
+    with redis_client.lease("redis", lazy=True, tag="lazy-one") as conn:
+        assert conn.request(b"CLIENT ID\r\n", until=b"\r\n") == (first := conn.request(b"CLIENT ID\r\n", until=b"\r\n"))
+        assert first.startswith(b":")
+        (held,) = redis_client.leases("redis")
+        assert held["tag"] == "lazy-one" and held["ops"] == 2  # tagged and counted as any lease
+    assert redis_client.leases("redis") == []
+
+
+def test_a_lazy_lease_reports_the_pools_error_at_its_first_exchange(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+    c = make_client(broker.endpoint)
+    with c.lease("redis"):  # the only connection, held
+        conn = c.lease("redis", timeout=0.2, lazy=True)  # no error yet: nothing was asked
+        with pytest.raises(PoolTimeout):
+            conn.request(b"PING\r\n", until=b"\r\n")
+        with pytest.raises(LeaseLost):  # a lazy lease whose first exchange failed is over
+            conn.request(b"PING\r\n", until=b"\r\n")
+        conn.release()  # (nothing to give back: sends nothing, raises nothing)
+    unknown = c.lease("no-such-pool", lazy=True)
+    with pytest.raises(ProtocolError) as failure:
+        unknown.request(b"PING\r\n", until=b"\r\n")
+    assert failure.value.code == "unknown_pool"
+    stats = c.stats("redis")["redis"]
+    assert (stats["requests_timeouts"], stats["leases_active"]) == (1, 0)
+    assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # and the pool is whole
+
+
+def test_a_lazy_lease_is_the_parents_after_fork(redis_client: Client) -> None:
+    conn = redis_client.lease("redis", lazy=True)
+    pid = os.fork()
+    if pid == 0:  # the child: the lease, granted or not, is not its own
+        try:
+            conn.request(b"PING\r\n", until=b"\r\n")
+        except LeaseLost:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert conn.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # still the parent's to use
+    conn.release()

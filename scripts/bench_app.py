@@ -1,0 +1,138 @@
+"""What a web request pays for the pool: the gunicorn example under a real HTTP load generator.
+
+    .venv/bin/python scripts/bench_app.py [--seconds 10] [--rounds 2] [--workers 8] [--max-size 4]
+
+examples/gunicorn_app.py (GET /hit: one Redis INCR through redis-py over BrokerConnectionPool)
+under gunicorn with 8 sync workers, and beside it the same app with redis-py's own pool in each
+worker (`direct_app` below), taking turns, each loaded by `wrk -t 2 -c 32 -d SECONDS --latency`.
+Printed per run: requests/s, latency p50 and p99, and the most connections Redis saw at once
+(sampled every 10 ms from its own connected_clients). Needs wrk (./scripts/test's set-up installs
+it), redis-server, and the test extras in .venv.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+
+import redis
+
+# -- the direct app: gunicorn imports this module as `bench_app:direct_app` -------------------------
+
+_direct = redis.Redis.from_url(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379"))
+
+
+def direct_app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    """As the example's /hit, with redis-py's own connection pool (one per worker process)."""
+    if environ.get("PATH_INFO") != "/hit":
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    body = f"{os.getpid()} {_direct.incr('hits')}\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def parse_wrk(output: str) -> tuple[float, float, float, int]:
+    """Requests/s, latency p50 and p99 (ms), and non-2xx or socket errors from `wrk --latency`."""
+
+    def ms(text: str) -> float:
+        value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    p99 = ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout) (\d+)", output))
+    return rate, p50, p99, errors
+
+
+def main() -> None:
+    import argparse
+    import shutil
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path[:0] = [str(root), str(root / "tests"), str(root / "scripts")]
+    from bench import peak_connections
+    from helpers import Broker, RedisServer, free_port, wait_for
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each app, taking turns")
+    parser.add_argument("--workers", type=int, default=8, help="gunicorn sync workers")
+    parser.add_argument("--max-size", type=int, default=4, help="the broker pool's max_size")
+    parser.add_argument("--connections", type=int, default=32, help="wrk's open connections")
+    args = parser.parse_args()
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("bench_app: needs wrk (apt-get install wrk; ./scripts/test's set-up installs it)")
+
+    def serve(app: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        command = [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-b", f"127.0.0.1:{port}", app]
+        pythonpath = f"{root}:{root / 'scripts'}"
+        proc = subprocess.Popen(
+            command, cwd=root, env={**os.environ, **env, "PYTHONPATH": pythonpath}, stderr=subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}/hit"
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=60, what=f"gunicorn serving {app}")
+        return proc, url
+
+    def load(url: str) -> tuple[float, float, float, int]:
+        command = [wrk, "-t", "2", "-c", str(args.connections), "-d", f"{args.seconds}s", "--latency", url]
+        return parse_wrk(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    redis_server = RedisServer().start()
+    # One app at a time, started afresh for each run (and for poolbroker its broker): Redis's
+    # connection count is then that app's.
+    direct, pooled = "redis-py's own pool per worker (direct)", f"redis-py over poolbroker (pool of {args.max_size})"
+    results: dict[str, list[tuple[float, float, float, int, int]]] = {direct: [], pooled: []}
+    try:
+        for _ in range(args.rounds):
+            for name in results:
+                broker = None
+                if name == pooled:
+                    flags = ("--max-size", str(args.max_size), "--protocol", "redis")
+                    broker = Broker("--upstream", f"redis={redis_server.address}", *flags).start()
+                    proc, url = serve("examples.gunicorn_app:app", {"POOLBROKER_ENDPOINT": broker.endpoint})
+                else:
+                    proc, url = serve("bench_app:direct_app", {"BENCH_REDIS_URL": f"redis://{redis_server.address}"})
+                try:
+                    figures, peak = peak_connections(redis_server, lambda url=url: load(url))  # type: ignore[misc]
+                finally:
+                    proc.terminate()
+                    proc.wait(15)
+                    if broker is not None:
+                        broker.stop()
+                results[name].append((*figures, peak))
+    finally:
+        redis_server.stop()
+    print(
+        f"gunicorn, {args.workers} sync workers, GET /hit (one Redis INCR), wrk -t 2 -c {args.connections}"
+        f" -d {args.seconds}s, {args.rounds} rounds taking turns:"
+    )
+    print(f"  {'':45s} {'requests/s':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} {'Redis peak conns':>16s}")
+    for name, runs in results.items():
+        for rate, p50, p99, errors, peak in runs:
+            print(f"  {name:45s} {rate:11,.0f} {p50:7.2f} {p99:7.2f} {errors:6d} {peak:16d}")
+    mean = {name: sum(run[0] for run in runs) / len(runs) for name, runs in results.items()}
+    print(f"poolbroker / direct requests/s: {mean[pooled] / mean[direct]:.2f}x (target at least 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
