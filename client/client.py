@@ -126,22 +126,25 @@ class Client:
         tag: str | None = None,
         io_timeout: float | None = None,
         lazy: bool = False,
+        when_done: bool = False,
     ) -> Lease:
         """Lease a connection from `pool`, waiting up to `timeout` seconds for one.
 
         Use it in a `with` block: leaving normally releases it, leaving by an exception discards
         it (its state is unknown). `lazy=True` asks for nothing yet: the lease request goes with the
         first exchange, one round trip fewer, and the pool's errors come from that exchange.
+        `when_done=True` ends the lease after the read that finishes the conversation, as the
+        broker's redis or http pool sees it (see Lease): no release message of its own.
         """
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
         channel = self._channel()
         generation = channel.generation
-        if lazy:
-            return Lease(self, channel, generation, pool, None, io_timeout, timeout=timeout, tag=tag)
-        message = lease_request(pool, timeout, channel.pid, HOSTNAME, tag)
-        reply = check_reply(channel.call(message, timeout + self.broker_timeout))
-        return Lease(self, channel, generation, pool, reply["lease"], io_timeout, timeout=timeout, tag=tag)
+        token = None
+        if not lazy:
+            message = lease_request(pool, timeout, channel.pid, HOSTNAME, tag)
+            token = check_reply(channel.call(message, timeout + self.broker_timeout))["lease"]
+        return Lease(self, channel, generation, pool, token, io_timeout, timeout=timeout, tag=tag, when_done=when_done)
 
     def request(
         self,

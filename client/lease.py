@@ -17,6 +17,7 @@ from client.protocol import (
     OP_RELEASE,
     RELEASE_DISCARD,
     RELEASE_KEEP,
+    RELEASE_WHEN_DONE,
     ErrorCode,
     Template,
     add_exchange,
@@ -99,9 +100,14 @@ class Lease:
 
     A lazy lease (`Client.lease(..., lazy=True)`) is asked for with its first exchange, so a lease
     with one exchange costs one round trip and a one-way release. Until then it holds nothing, and
-    what the pool would have said at once (PoolTimeout, UnknownPool, PoolFull...) is raised by that
-    first read or flush; a lazy lease whose first exchange fails is over. Releasing one that never
-    sent anything sends nothing.
+    what the pool would have said at once (PoolTimeout, PoolFull, an unknown pool...) is raised by
+    that first read or flush; a lazy lease whose first exchange fails is over. Releasing one that
+    never sent anything sends nothing.
+
+    A `when_done` lease ends by itself after a read that leaves the conversation over, as the
+    broker sees it in a redis or http pool: every command answered, the session as it was handed
+    out (no MULTI, WATCH, SELECT or subscription pending). Its reply says so and `released` turns
+    true; the release that follows costs nothing. A tcp or memcached pool never ends one early.
 
     Timeouts are a socket's: `settimeout(t)` bounds each operation to t seconds (UpstreamTimeout, a
     TimeoutError, when it runs out), `settimeout(0)` makes `recv` non-blocking (BlockingIOError when
@@ -120,6 +126,7 @@ class Lease:
         *,
         timeout: float = 0.0,
         tag: str | None = None,
+        when_done: bool = False,
     ) -> None:
         self.client = client
         self.pool = pool
@@ -129,6 +136,7 @@ class Lease:
         self._generation = generation
         self._token = token  # None: a lazy lease, requested with its first exchange
         self._acquire_timeout = timeout  # (a lazy lease's: how long its first exchange may wait for a grant)
+        self._when_done = when_done  # each read may end the lease, once the broker sees the conversation over
         self._done = False
         self._held = bytearray()  # writes not yet sent: they go with the next read
         self._default_io_timeout = io_timeout
@@ -279,6 +287,8 @@ class Lease:
             self._held.clear()
         self._used = True
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
+        if release is None and self._when_done and (until is not None or exactly is not None or max_bytes):
+            release = RELEASE_WHEN_DONE
         exchange = (io_timeout, until, exactly, max_bytes, release, poll)
         channel = self._channel
         token = self._token

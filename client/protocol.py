@@ -47,6 +47,10 @@ READ_MODES = frozenset({READ_ANY, READ_EXACTLY, READ_UNTIL})
 RELEASE_KEEP = "keep"  # back to the pool if the connection is clean
 RELEASE_DISCARD = "discard"  # close the connection: its state is unknown
 RELEASE_MODES = frozenset({RELEASE_KEEP, RELEASE_DISCARD})
+# An exchange's only: end the lease after it (as keep) if the pool's protocol sees the conversation
+# over (every command answered, the session as it was handed out); else the lease goes on.
+RELEASE_WHEN_DONE = "when_done"
+EXCHANGE_RELEASE_MODES = RELEASE_MODES | {RELEASE_WHEN_DONE}
 
 
 class ErrorCode(StrEnum):
@@ -104,7 +108,7 @@ class Request:
     n: int | None = None
     delim: bytes | None = None
     io_timeout: float | None = None
-    release: str | None = None  # after the exchange: keep or discard
+    release: str | None = None  # after the exchange: keep, discard, or when_done
     poll: bool = False  # read any: nothing within io_timeout (0: none at all) is an empty answer
     action: str | None = None  # admin: what to do
     max_size: int | None = None  # admin resize: the new bound
@@ -112,6 +116,11 @@ class Request:
     @property
     def has_exchange(self) -> bool:
         return self.send is not None or self.read is not None
+
+    @property
+    def ends_lease(self) -> bool:
+        """The exchange ends its lease whatever it finds (a one-shot cycle, when it is the first)."""
+        return self.release in RELEASE_MODES
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: int | None) -> Any:
@@ -202,10 +211,10 @@ def _parse_admin(body: dict[str, Any], req: Request) -> None:
             raise BadRequest(ErrorCode.BAD_REQUEST, f"resize needs a 'max_size' in [1, {MAX_POOL_SIZE}]", rid)
 
 
-def _release_mode(body: dict[str, Any], rid: int) -> str | None:
+def _release_mode(body: dict[str, Any], rid: int, modes: frozenset[str] = RELEASE_MODES) -> str | None:
     mode = _field(body, "release", str, rid)
-    if mode is not None and mode not in RELEASE_MODES:
-        raise BadRequest(ErrorCode.BAD_REQUEST, f"'release' must be one of {sorted(RELEASE_MODES)}", rid)
+    if mode is not None and mode not in modes:
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"'release' must be one of {sorted(modes)}", rid)
     return mode  # type: ignore[no-any-return]
 
 
@@ -220,7 +229,7 @@ def _parse_exchange(body: dict[str, Any], req: Request) -> None:
         req.io_timeout = 0.0
     else:
         req.io_timeout = _positive_seconds(body, "io_timeout", rid)
-    req.release = _release_mode(body, rid)
+    req.release = _release_mode(body, rid, EXCHANGE_RELEASE_MODES)
     if req.poll and req.read != READ_ANY:
         raise BadRequest(ErrorCode.BAD_REQUEST, "'poll' is for read 'any'", rid)
     if req.read is None:

@@ -2,12 +2,14 @@
 
     .venv/bin/python scripts/bench_app.py [--seconds 10] [--rounds 2] [--workers 8] [--max-size 4]
 
-examples/gunicorn_app.py (GET /hit: one Redis INCR through redis-py over BrokerConnectionPool)
-under gunicorn with 8 sync workers, and beside it the same app with redis-py's own pool in each
-worker (`direct_app` below), taking turns, each loaded by `wrk -t 2 -c 32 -d SECONDS --latency`.
-Printed per run: requests/s, latency p50 and p99, and the most connections Redis saw at once
-(sampled every 10 ms from its own connected_clients). Needs wrk (./scripts/test's set-up installs
-it), redis-server, and the test extras in .venv.
+examples/gunicorn_app.py (GET /hit: one Redis INCR through redis-py over BrokerConnectionPool;
+GET /raw: the same INCR in raw RESP on a lazy lease) under gunicorn with 8 sync workers, and beside
+it the same app with redis-py's own pool in each worker (`direct_app` below), and as a floor the
+same INCR sent raw through the bare-bones relay of scripts/bench.py (`relay_app`: one ZeroMQ round
+trip per request and nothing else), taking turns, each loaded by `wrk -t 2 -c 32 -d SECONDS
+--latency`. Printed per run: requests/s, latency p50 and p99, and the most connections Redis saw
+at once (sampled every 10 ms from its own connected_clients). Needs wrk (./scripts/test's set-up
+installs it), redis-server, and the test extras in .venv.
 """
 
 from __future__ import annotations
@@ -29,6 +31,28 @@ def direct_app(environ: dict[str, object], start_response: Callable[..., object]
         start_response("404 Not Found", [("Content-Length", "0")])
         return [b""]
     body = f"{os.getpid()} {_direct.incr('hits')}\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+_relay: list[object] = []  # this worker's DEALER to the bare-bones relay, made on first use (after fork)
+
+
+def relay_app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    """As /hit through the bare-bones relay of scripts/bench.py: one ZeroMQ round trip per request
+    and nothing else, what any broker hop costs before its features (raw RESP, no redis-py)."""
+    import zmq
+
+    if environ.get("PATH_INFO") != "/hit":
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    if not _relay:
+        sock = zmq.Context().socket(zmq.DEALER)
+        sock.connect(os.environ["BENCH_RELAY"])
+        _relay.append(sock)
+    sock = _relay[0]
+    sock.send(b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n")  # type: ignore[attr-defined]
+    body = f"{os.getpid()} {int(sock.recv()[1:])}\n".encode()  # type: ignore[attr-defined]
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -60,8 +84,8 @@ def main() -> None:
 
     root = Path(__file__).resolve().parent.parent
     sys.path[:0] = [str(root), str(root / "tests"), str(root / "scripts")]
-    from bench import peak_connections
-    from helpers import Broker, RedisServer, free_port, wait_for
+    from bench import RELAY, Script, peak_connections
+    from helpers import Broker, RedisServer, free_port, short_tempdir, wait_for
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
@@ -74,14 +98,14 @@ def main() -> None:
     if wrk is None:
         sys.exit("bench_app: needs wrk (apt-get install wrk; ./scripts/test's set-up installs it)")
 
-    def serve(app: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    def serve(app: str, env: dict[str, str], path: str = "/hit") -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         command = [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-b", f"127.0.0.1:{port}", app]
         pythonpath = f"{root}:{root / 'scripts'}"
         proc = subprocess.Popen(
             command, cwd=root, env={**os.environ, **env, "PYTHONPATH": pythonpath}, stderr=subprocess.DEVNULL
         )
-        url = f"http://127.0.0.1:{port}/hit"
+        url = f"http://127.0.0.1:{port}{path}"
 
         def answers() -> bool:
             try:
@@ -101,15 +125,23 @@ def main() -> None:
     # One app at a time, started afresh for each run (and for poolbroker its broker): Redis's
     # connection count is then that app's.
     direct, pooled = "redis-py's own pool per worker (direct)", f"redis-py over poolbroker (pool of {args.max_size})"
-    results: dict[str, list[tuple[float, float, float, int, int]]] = {direct: [], pooled: []}
+    raw = f"raw INCR on a lazy lease, poolbroker (pool of {args.max_size})"
+    relayed = f"raw INCR over the bare-bones relay ({args.max_size} conns)"
+    results: dict[str, list[tuple[float, float, float, int, int]]] = {direct: [], pooled: [], raw: [], relayed: []}
+    workdir = short_tempdir()
     try:
         for _ in range(args.rounds):
             for name in results:
-                broker = None
-                if name == pooled:
+                middle: Broker | Script | None = None
+                if name in (pooled, raw):
                     flags = ("--max-size", str(args.max_size), "--protocol", "redis")
-                    broker = Broker("--upstream", f"redis={redis_server.address}", *flags).start()
-                    proc, url = serve("examples.gunicorn_app:app", {"POOLBROKER_ENDPOINT": broker.endpoint})
+                    middle = broker = Broker("--upstream", f"redis={redis_server.address}", *flags).start()
+                    path = "/hit" if name == pooled else "/raw"
+                    proc, url = serve("examples.gunicorn_app:app", {"POOLBROKER_ENDPOINT": broker.endpoint}, path)
+                elif name == relayed:
+                    endpoint = f"ipc://{workdir}/relay.sock"
+                    middle = Script(RELAY, endpoint, str(redis_server.port), str(args.max_size))
+                    proc, url = serve("bench_app:relay_app", {"BENCH_RELAY": endpoint})
                 else:
                     proc, url = serve("bench_app:direct_app", {"BENCH_REDIS_URL": f"redis://{redis_server.address}"})
                 try:
@@ -117,11 +149,12 @@ def main() -> None:
                 finally:
                     proc.terminate()
                     proc.wait(15)
-                    if broker is not None:
-                        broker.stop()
+                    if middle is not None:
+                        middle.stop()
                 results[name].append((*figures, peak))
     finally:
         redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"gunicorn, {args.workers} sync workers, GET /hit (one Redis INCR), wrk -t 2 -c {args.connections}"
         f" -d {args.seconds}s, {args.rounds} rounds taking turns:"
@@ -132,6 +165,8 @@ def main() -> None:
             print(f"  {name:45s} {rate:11,.0f} {p50:7.2f} {p99:7.2f} {errors:6d} {peak:16d}")
     mean = {name: sum(run[0] for run in runs) / len(runs) for name, runs in results.items()}
     print(f"poolbroker / direct requests/s: {mean[pooled] / mean[direct]:.2f}x (target at least 0.8x)")
+    print(f"bare-bones relay / direct requests/s: {mean[relayed] / mean[direct]:.2f}x (the floor of a ZeroMQ hop)")
+    print(f"raw INCR, poolbroker / bare-bones relay requests/s: {mean[raw] / mean[relayed]:.2f}x")
 
 
 if __name__ == "__main__":

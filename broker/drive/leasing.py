@@ -17,7 +17,18 @@ from broker.decide.leases import Holder, Lease, Waiter
 from broker.decide.protocols import CLOSE, RUN_RESET
 from broker.drive.pools import unknown_pool
 from broker.drive.upstream import UpstreamConn
-from client.protocol import READ_ANY, RELEASE_KEEP, TOKEN_BYTES, ErrorCode, Request, error_reply, ok_reply
+from client.protocol import (
+    READ_ANY,
+    RELEASE_DISCARD,
+    RELEASE_KEEP,
+    RELEASE_MODES,
+    RELEASE_WHEN_DONE,
+    TOKEN_BYTES,
+    ErrorCode,
+    Request,
+    error_reply,
+    ok_reply,
+)
 
 if TYPE_CHECKING:
     from broker.drive.server import Server
@@ -130,7 +141,7 @@ class Leasing:
                 self.end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
         # own deadline bounds it: it needs no watch of its own.
-        if self.server.table.active(lease) and not (req.release is not None and lease.exchange is not None):
+        if self.server.table.active(lease) and not (req.ends_lease and lease.exchange is not None):
             self._schedule_lease_check(lease, now)
 
     def _new_token(self) -> bytes:
@@ -198,7 +209,7 @@ class Leasing:
         if lease.exchange is exchange:  # still running: bound it in time
             config = lease.pool.config
             io_timeout = req.io_timeout if req.io_timeout is not None else config.io_timeout
-            if first and req.release is not None and config.max_lease_time:
+            if first and req.ends_lease and config.max_lease_time:
                 io_timeout = min(io_timeout, config.max_lease_time)  # a one-shot cycle is all one lease
             exchange.timer = self.server.timers.call_at(
                 now + io_timeout, lambda t: self._exchange_timed_out(exchange, t)
@@ -256,8 +267,14 @@ class Leasing:
         self.finish_error(exchange, ErrorCode.UPSTREAM_TIMEOUT, message, now)
 
     def _finish_ok(self, exchange: Exchange, data: bytes | None, now: float) -> None:
-        releasing = exchange.release is not None
-        lease = self._end_exchange(exchange, now, lease_ends=releasing)
+        release = exchange.release
+        lease = exchange.lease
+        # "when_done": the lease ends here only if the conversation is over (every command
+        # answered, nothing left on the session); else the holder goes on with it.
+        releasing = release in RELEASE_MODES or (
+            release == RELEASE_WHEN_DONE and bool(data) and lease.pool.protocol.conversation_over(lease.session)
+        )
+        self._end_exchange(exchange, now, lease_ends=releasing)
         reply = ok_reply(exchange.rid)
         if exchange.first:
             reply["lease"] = lease.token
@@ -270,7 +287,7 @@ class Leasing:
         # The answer goes first; the lease ends after (a reset it needs is no wait of the client's).
         delivered = self.server.reply(exchange.peer, reply)
         if releasing:
-            self.end_lease(lease, now, keep=exchange.release == RELEASE_KEEP)
+            self.end_lease(lease, now, keep=release != RELEASE_DISCARD)
         elif not delivered and self.server.table.active(lease):
             # The holder is gone mid-conversation: the connection's state is unknown.
             self.end_lease(lease, now, keep=False)
@@ -278,7 +295,7 @@ class Leasing:
     def finish_error(self, exchange: Exchange, code: ErrorCode, message: str, now: float) -> None:
         # A failed exchange that was to end the lease, or that opened it (its requester has no
         # token yet), ends it; an unfinished exchange leaves the connection in an unknown state.
-        ends = exchange.release is not None or exchange.first
+        ends = exchange.release in RELEASE_MODES or exchange.first
         lease = self._end_exchange(exchange, now, lease_ends=ends)
         reply = error_reply(exchange.rid, code, message)
         if ends:

@@ -199,3 +199,39 @@ def test_a_lazy_lease_is_the_parents_after_fork(redis_client: Client) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert conn.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # still the parent's to use
     conn.release()
+
+
+def test_a_when_done_lease_ends_with_the_answer_that_finishes_the_conversation(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], make_client: Callable[..., Client]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--protocol", "redis")
+    c = make_client(broker.endpoint)
+
+    def one_command() -> None:
+        conn = c.lease("redis", lazy=True, when_done=True)
+        assert conn.request(b"INCR when-done\r\n", until=b"\r\n") == b":1\r\n"
+        assert conn.released  # every command answered, nothing left: the answer ended the lease
+        conn.release()  # (nothing to send)
+
+    assert messages_for(c, one_command) == 1
+
+    def transaction() -> None:
+        with c.lease("redis", lazy=True, when_done=True) as conn:
+            assert conn.request(b"MULTI\r\n", until=b"\r\n") == b"+OK\r\n"
+            assert not conn.released  # an open MULTI: the lease goes on
+            assert conn.request(b"INCR when-done\r\n", until=b"\r\n") == b"+QUEUED\r\n"
+            assert conn.request(b"EXEC\r\n", until=b":2\r\n") == b"*1\r\n:2\r\n"
+            assert conn.released
+
+    assert messages_for(c, transaction) == 3
+    assert c.stats("redis")["redis"]["leases_active"] == 0
+
+
+def test_a_when_done_lease_on_a_pool_that_follows_no_stream_waits_for_its_release(redis_client: Client) -> None:
+    # (redis_client's pool speaks tcp: the broker can't tell when a conversation is over)
+    def one_command() -> None:
+        with redis_client.lease("redis", lazy=True, when_done=True) as conn:
+            assert conn.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+            assert not conn.released
+
+    assert messages_for(redis_client, one_command) == 2

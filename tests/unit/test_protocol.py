@@ -51,6 +51,9 @@ def test_io_and_release_parse() -> None:
     assert (io.lease, io.read, io.n, io.io_timeout) == (TOKEN, "exactly", 5, 0.5)
     release = parse_request(pack(op="release", lease=TOKEN, noreply=True))
     assert (release.release, release.noreply) == ("keep", True)
+    when_done = parse_request(pack(op="io", lease=TOKEN, read="any", n=9, release="when_done"))
+    assert (when_done.release, when_done.ends_lease) == ("when_done", False)
+    assert parse_request(pack(op="io", lease=TOKEN, read="any", n=9, release="discard")).ends_lease
 
 
 @pytest.mark.parametrize(
@@ -77,6 +80,8 @@ def test_io_and_release_parse() -> None:
         (pack(op="io", lease=TOKEN, read="exactly", n=-1), "bad_request", "not be negative"),
         (pack(op="io", lease=TOKEN, send="text"), "bad_request", "'send' has the wrong type"),
         (pack(op="release", lease=TOKEN, release="maybe"), "bad_request", "'release' must be"),
+        (pack(op="release", lease=TOKEN, release="when_done"), "bad_request", "'release' must be"),
+        (pack(op="io", lease=TOKEN, read="any", n=1, release="soon"), "bad_request", "'release' must be"),
         (pack(op="ping", noreply=True), "bad_request", "only release may be one-way"),
     ],
 )

@@ -251,3 +251,23 @@ def test_redis_settings_need_the_redis_protocol() -> None:
         pool(protocol="redis", username="u")
     with pytest.raises(ConfigError, match="protocol 'pg' is not one of"):
         pool(protocol="pg")
+
+
+def test_a_conversation_is_over_when_every_command_is_answered_and_nothing_is_left() -> None:
+    redis = pool_protocol(pool(protocol="redis"))
+    incr = encode_command("INCR", "n")
+    assert redis.conversation_over(session_after([incr], [b":1\r\n"]))
+    assert not redis.conversation_over(session_after([incr, incr], [b":1\r\n"]))  # a reply to come
+    assert not redis.conversation_over(session_after([incr], [b":1"]))  # half a reply
+    for command in (("WATCH", "n"), ("MULTI",), ("SELECT", "2"), ("SUBSCRIBE", "c")):
+        assert not redis.conversation_over(session_after([encode_command(*command)], [b"+OK\r\n"]))
+    multi = [encode_command("MULTI"), incr, encode_command("EXEC")]
+    assert redis.conversation_over(session_after(multi, [b"+OK\r\n+QUEUED\r\n*1\r\n:2\r\n"]))
+    http = pool_protocol(pool(protocol="http"))
+    exchange = HttpSession()
+    exchange.sent(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not http.conversation_over(exchange)  # the response is still to come
+    exchange.received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert http.conversation_over(exchange)
+    # A pool that follows no stream can't tell: its leases never end early.
+    assert not pool_protocol(pool(protocol="tcp")).conversation_over(None)

@@ -63,6 +63,12 @@ class PoolProtocol:
         is reset, a tcp pool's is unknown to the broker unless its own steps or discard handle it."""
         return self.reset_mode in (RESET_DISCARD, "steps") or (self.name != "tcp" and self.reset_mode != RESET_OFF)
 
+    def conversation_over(self, session: Session | None) -> bool:
+        """Every command has its answer and the session is as it was handed out: a lease asked to
+        end "when done" ends now. A pool that follows no stream (tcp, memcached) can't tell, and
+        never ends one early."""
+        return session is not None and session.verdict()[0] is CLEAN
+
     def on_return(self, session: Session | None) -> Return:
         """Decide what a clean return (no failed I/O, nothing unread) does with the connection."""
         outcome, why = session.verdict() if session is not None else (CLEAN, "")
