@@ -43,29 +43,32 @@ def first_exchange(
 ) -> Template:
     """The template of a lease request that carries its first exchange (a lazy lease's first I/O,
     a one-shot cycle): `exchange` is (io_timeout, until, exactly, max_bytes, release, poll)."""
-
-    def make() -> Template:
+    key = (OP_LEASE, pool, timeout, tag, exchange, sending)
+    template = channel.templates.get(key)
+    if template is None:
         message = add_exchange(lease_request(pool, timeout, channel.pid, HOSTNAME, tag), None, *exchange)
-        return Template(message, ("send",) if sending else ())
-
-    return channel.template((OP_LEASE, pool, timeout, tag, exchange, sending), make)
+        template = channel.remember(key, Template(message, ("send",) if sending else ()))
+    return template
 
 
 def _next_exchange(
     channel: Channel, exchange: tuple[float, bytes | None, int | None, int | None, str | None, bool], sending: bool
 ) -> Template:
     """The template of an exchange on a lease already held."""
-
-    def make() -> Template:
-        return Template(add_exchange({"op": OP_IO}, None, *exchange), ("lease", "send") if sending else ("lease",))
-
-    return channel.template((OP_IO, exchange, sending), make)
+    key = (OP_IO, exchange, sending)
+    template = channel.templates.get(key)
+    if template is None:
+        message = add_exchange({"op": OP_IO}, None, *exchange)
+        template = channel.remember(key, Template(message, ("lease", "send") if sending else ("lease",)))
+    return template
 
 
 def _release(channel: Channel, mode: str) -> Template:
-    return channel.template(
-        (OP_RELEASE, mode), lambda: Template({"op": OP_RELEASE, "release": mode, "noreply": True}, ("lease",))
-    )
+    key = (OP_RELEASE, mode)
+    template = channel.templates.get(key)
+    if template is None:
+        template = channel.remember(key, Template({"op": OP_RELEASE, "release": mode, "noreply": True}, ("lease",)))
+    return template
 
 
 class _LeaseIO(io.RawIOBase):

@@ -307,8 +307,11 @@ class Template:
     def pack(self, pack: Any, rid: int, values: tuple[Any, ...] = ()) -> bytes:
         """The whole request: `values` for the varying fields in their order, then `rid`; `pack` is
         the caller's msgpack Packer.pack (a Packer is not shared between threads)."""
+        keys = self._keys
+        if len(values) == 1:  # (the usual cases, spelled out: a payload, or a token)
+            return b"".join((self._head, keys[0], pack(values[0]), keys[1], pack(rid)))
         parts = [self._head]
-        for key, value in zip(self._keys, (*values, rid), strict=True):
+        for key, value in zip(keys, (*values, rid), strict=True):
             parts.append(key)
             parts.append(pack(value))
         return b"".join(parts)

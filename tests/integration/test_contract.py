@@ -176,3 +176,23 @@ def test_replies_left_unread_are_dropped_past_the_cap_and_the_broker_goes_on(
         assert 100 <= read < sent // 2
         assert c.ping()["pools"] == ["redis"]  # and others are served as before
     assert call(sock, 7, op="ping")["ok"] is True  # so is this client, once it reads again
+
+
+def test_when_done_ends_a_lease_only_once_the_conversation_is_over(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], dealers: Callable[[str], zmq.Socket[Any]]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--protocol", "redis")
+    sock = dealers(broker.endpoint)
+    read = {"read": "any", "n": 1024, "release": "when_done"}
+    done = call(sock, 1, op="lease", pool="redis", send=b"INCR contract-done\r\n", **read)
+    assert (done["data"], done.get("released")) == (b":1\r\n", True)
+    late = call(sock, 2, op="release", lease=done["lease"])  # a release sent anyway: nothing to end
+    assert (late["ok"], late["error"]) == (False, "lease_lost")
+    multi = call(sock, 3, op="lease", pool="redis", send=b"MULTI\r\n", **read)
+    assert (multi["data"], multi.get("released")) == (b"+OK\r\n", None)  # an open MULTI: it goes on
+    queued = call(sock, 4, op="io", lease=multi["lease"], send=b"INCR contract-done\r\n", **read)
+    assert (queued["data"], queued.get("released")) == (b"+QUEUED\r\n", None)
+    executed = call(sock, 5, op="io", lease=multi["lease"], send=b"EXEC\r\n", **read)
+    assert (executed["data"], executed.get("released")) == (b"*1\r\n:2\r\n", True)
+    stats = call(sock, 6, op="stats", pool="redis")["pools"]["redis"]
+    assert (stats["leases_active"], stats["connections_closed"]) == (0, 0)
