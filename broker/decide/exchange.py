@@ -7,13 +7,10 @@ whether the read is satisfied; nothing here touches a socket or a clock (times a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Generic
 
+from broker.decide.leases import C, Lease, P, T
 from client.protocol import READ_ANY, READ_EXACTLY, ErrorCode, Request
-
-if TYPE_CHECKING:
-    from broker.decide.leases import Lease
-    from broker.drive.timers import Timer
 
 
 class ReadFailed(Exception):
@@ -36,7 +33,7 @@ def over_limits(req: Request, max_payload: int) -> str | None:
     return None
 
 
-class Exchange:
+class Exchange(Generic[P, C, T]):
     """One I/O operation on a lease: send, then read, then reply (and maybe release)."""
 
     __slots__ = (
@@ -56,7 +53,9 @@ class Exchange:
         "timer",
     )
 
-    def __init__(self, lease: Lease, peer: bytes, req: Request, first: bool, max_payload: int, now: float) -> None:
+    def __init__(
+        self, lease: Lease[P, C, T], peer: bytes, req: Request, first: bool, max_payload: int, now: float
+    ) -> None:
         self.lease = lease
         self.peer = peer
         self.rid = req.id
@@ -72,7 +71,7 @@ class Exchange:
         self.poll = req.poll
         self.poll_now = req.poll and req.io_timeout == 0.0  # take only what is there already
         self.started = now
-        self.timer: Timer | None = None
+        self.timer: T | None = None
 
     def sent(self, count: int) -> memoryview | None:
         """`count` more bytes went out: what is left to send (None once all of it has)."""

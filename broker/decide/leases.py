@@ -8,19 +8,30 @@ never touch a socket or a clock; the driver adds and removes entries as it acts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from broker.config import PoolConfig
 from client.protocol import Request
 
 if TYPE_CHECKING:
     from broker.decide.exchange import Exchange
     from broker.decide.protocols.session import Session
-    from broker.drive.pools import PoolState
-    from broker.drive.timers import Timer
-    from broker.drive.upstream import UpstreamConn
 
 
-class Holder:
+class PoolRef(Protocol):
+    """What the tables ask of the driver's pool: its settings (its name, in listings and logs)."""
+
+    config: PoolConfig
+
+
+# The tables hold the driver's objects without knowing them: its pool (P), its upstream connection
+# (C) and its timer handle (T); the driver names them (broker/drive/tables.py).
+P = TypeVar("P", bound=PoolRef)
+C = TypeVar("C")
+T = TypeVar("T")
+
+
+class Holder(Generic[P, C, T]):
     """A client connection that has asked for a lease: what it holds and waits for, and its fd,
     by which the broker learns that the connection closed (the process died, or gave up).
 
@@ -34,17 +45,17 @@ class Holder:
         self.fd = fd
         self.process = process
         self.admin = admin
-        self.leases: set[Lease] = set()
-        self.waiters: set[Waiter] = set()
+        self.leases: set[Lease[P, C, T]] = set()
+        self.waiters: set[Waiter[P, C, T]] = set()
         self.gone = False
 
 
-class Waiter:
+class Waiter(Generic[P, C, T]):
     """A lease request from `holder`, as queued in a pool core."""
 
     __slots__ = ("peer", "req", "holder", "pool", "deadline", "payload")
 
-    def __init__(self, holder: Holder, req: Request, pool: PoolState, deadline: float) -> None:
+    def __init__(self, holder: Holder[P, C, T], req: Request, pool: P, deadline: float) -> None:
         self.peer = holder.peer
         self.req = req
         self.holder = holder
@@ -53,7 +64,7 @@ class Waiter:
         self.payload = len(req.send) if req.send else 0  # bytes it holds until granted
 
 
-class Lease:
+class Lease(Generic[P, C, T]):
     """A granted connection, known by its token and bound to the peer that asked for it."""
 
     __slots__ = (
@@ -77,7 +88,7 @@ class Lease:
         "session",
     )
 
-    def __init__(self, token: bytes, conn: UpstreamConn, waiter: Waiter, session: Session | None, now: float) -> None:
+    def __init__(self, token: bytes, conn: C, waiter: Waiter[P, C, T], session: Session | None, now: float) -> None:
         req = waiter.req
         self.token = token
         self.pool = waiter.pool
@@ -93,8 +104,8 @@ class Lease:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.busy = 0.0  # seconds spent in I/O operations: held minus busy is held but idle
-        self.exchange: Exchange | None = None
-        self.timer: Timer | None = None  # the next look at how long it has been held or idle
+        self.exchange: Exchange[P, C, T] | None = None
+        self.timer: T | None = None  # the next look at how long it has been held or idle
         self.warned = False  # the leak warning was logged
         # What the holder sends and reads, followed by the pool's protocol: what it left behind.
         self.session = session
@@ -128,17 +139,17 @@ class Lease:
         )
 
 
-class LeaseTable:
+class LeaseTable(Generic[P, C, T]):
     """Every holder, waiter and lease of the broker."""
 
     def __init__(self) -> None:
-        self.leases: dict[bytes, Lease] = {}  # by token
-        self.holders: dict[bytes, Holder] = {}  # by routing id
-        self.by_fd: dict[int, Holder] = {}  # by the fd of its connection: how a disconnect names it
-        self.processes: dict[object, set[Holder]] = {}  # by Holder.process
+        self.leases: dict[bytes, Lease[P, C, T]] = {}  # by token
+        self.holders: dict[bytes, Holder[P, C, T]] = {}  # by routing id
+        self.by_fd: dict[int, Holder[P, C, T]] = {}  # by the fd of its connection: how a disconnect names it
+        self.processes: dict[object, set[Holder[P, C, T]]] = {}  # by Holder.process
         self.waiting_payload = 0  # bytes carried by lease requests not yet granted (max_waiting_payload)
 
-    def add_holder(self, holder: Holder) -> Holder | None:
+    def add_holder(self, holder: Holder[P, C, T]) -> Holder[P, C, T] | None:
         """A new client connection; returns the holder that had its fd before (its disconnect
         report missed), which the caller must treat as gone."""
         self.holders[holder.peer] = holder
@@ -149,7 +160,7 @@ class LeaseTable:
         self.by_fd[holder.fd] = holder
         return previous if previous is not holder else None
 
-    def remove_holder(self, holder: Holder) -> None:
+    def remove_holder(self, holder: Holder[P, C, T]) -> None:
         """The holder's connection closed: out of every table (its waiters and leases are the
         caller's to cancel and end)."""
         holder.gone = True
@@ -162,28 +173,28 @@ class LeaseTable:
         if self.by_fd.get(holder.fd) is holder:
             del self.by_fd[holder.fd]
 
-    def queue(self, waiter: Waiter) -> None:
+    def queue(self, waiter: Waiter[P, C, T]) -> None:
         waiter.holder.waiters.add(waiter)
         self.waiting_payload += waiter.payload
 
-    def leaves_line(self, waiter: Waiter) -> None:
+    def leaves_line(self, waiter: Waiter[P, C, T]) -> None:
         """A lease request is granted, refused or cancelled: it no longer waits."""
         if waiter in waiter.holder.waiters:
             waiter.holder.waiters.remove(waiter)
             self.waiting_payload -= waiter.payload
 
-    def add(self, lease: Lease) -> None:
+    def add(self, lease: Lease[P, C, T]) -> None:
         self.leases[lease.token] = lease
         lease.holder.leases.add(lease)
 
-    def remove(self, lease: Lease) -> None:
+    def remove(self, lease: Lease[P, C, T]) -> None:
         del self.leases[lease.token]
         lease.holder.leases.discard(lease)
 
-    def active(self, lease: Lease) -> bool:
+    def active(self, lease: Lease[P, C, T]) -> bool:
         return self.leases.get(lease.token) is lease
 
-    def lease_of(self, peer: bytes, token: bytes) -> Lease | None:
+    def lease_of(self, peer: bytes, token: bytes) -> Lease[P, C, T] | None:
         """The lease `token` names, if it is `peer`'s. Another peer's token is treated exactly like
         an unknown one: it reveals and touches nothing."""
         lease = self.leases.get(token)

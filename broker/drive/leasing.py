@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from broker.decide.connection import State
 from broker.decide.exchange import Exchange, ReadFailed, over_limits
-from broker.decide.leases import Holder, Lease, Waiter
+from broker.decide.leases import Lease, Waiter
 from broker.decide.protocols import CLOSE, RUN_RESET
 from broker.drive.pools import unknown_pool
 from broker.drive.upstream import UpstreamConn
@@ -32,6 +32,7 @@ from client.protocol import (
 
 if TYPE_CHECKING:
     from broker.drive.server import Server
+    from broker.drive.tables import DriveExchange, DriveHolder, DriveLease, DriveWaiter
 
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
@@ -71,7 +72,7 @@ class Leasing:
         self.server.table.queue(waiter)
         self.server.carry_out(pool, pool.core.request(waiter, now, waiter.deadline), now)
 
-    def holder_gone(self, holder: Holder, now: float, why: str) -> None:
+    def holder_gone(self, holder: DriveHolder, now: float, why: str) -> None:
         """A holder's connection closed: its waiters leave the line and its leases are reclaimed
         (their connections closed: what the holder left in them is unknown)."""
         self.server.table.remove_holder(holder)
@@ -102,7 +103,7 @@ class Leasing:
             self.server.reply(peer, ok_reply(req.id))
         self.end_lease(lease, now, keep=req.release == RELEASE_KEEP)
 
-    def _lease_of(self, peer: bytes, req: Request) -> Lease | None:
+    def _lease_of(self, peer: bytes, req: Request) -> DriveLease | None:
         assert req.lease is not None
         lease = self.server.table.lease_of(peer, req.lease)
         if lease is None:
@@ -119,7 +120,7 @@ class Leasing:
             self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
         return problem is None
 
-    def grant(self, waiter: Waiter, conn: UpstreamConn, now: float) -> None:
+    def grant(self, waiter: DriveWaiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
         self.server.table.leaves_line(waiter)
         token = self._new_token()
@@ -153,7 +154,7 @@ class Leasing:
         self._token_at = at + TOKEN_BYTES
         return self._tokens[at : at + TOKEN_BYTES]
 
-    def _schedule_lease_check(self, lease: Lease, now: float) -> None:
+    def _schedule_lease_check(self, lease: DriveLease, now: float) -> None:
         """Look at the lease again when it may next be due for the leak warning or reclaiming."""
         config = lease.pool.config
         due = math.inf
@@ -168,7 +169,7 @@ class Leasing:
         if due != math.inf:
             lease.timer = self.server.timers.call_at(max(due, now), lambda t: self._check_lease(lease, t))
 
-    def _check_lease(self, lease: Lease, now: float) -> None:
+    def _check_lease(self, lease: DriveLease, now: float) -> None:
         lease.timer = None
         config = lease.pool.config
         name = config.name
@@ -193,7 +194,7 @@ class Leasing:
             log.warning("pool %r: possible leak: a %s", name, lease.describe(now))
         self._schedule_lease_check(lease, now)
 
-    def _start_exchange(self, lease: Lease, peer: bytes, req: Request, now: float, first: bool) -> None:
+    def _start_exchange(self, lease: DriveLease, peer: bytes, req: Request, now: float, first: bool) -> None:
         exchange = Exchange(lease, peer, req, first, self.server.config.max_payload, now)
         lease.exchange = exchange
         lease.ops += 1
@@ -215,7 +216,7 @@ class Leasing:
                 now + io_timeout, lambda t: self._exchange_timed_out(exchange, t)
             )
 
-    def advance(self, exchange: Exchange, now: float) -> None:
+    def advance(self, exchange: DriveExchange, now: float) -> None:
         """Move an exchange on as far as the socket allows: send, then read, then reply."""
         lease = exchange.lease
         conn = lease.conn
@@ -253,7 +254,7 @@ class Leasing:
             lease.session.received(data)
         self._finish_ok(exchange, data, now)
 
-    def _exchange_timed_out(self, exchange: Exchange, now: float) -> None:
+    def _exchange_timed_out(self, exchange: DriveExchange, now: float) -> None:
         exchange.timer = None
         if exchange.send is not None:
             # Part of a message may have gone out: the upstream's view of the stream is unknown.
@@ -266,7 +267,7 @@ class Leasing:
             message = "no answer from upstream in time (bytes already read stay buffered)"
         self.finish_error(exchange, ErrorCode.UPSTREAM_TIMEOUT, message, now)
 
-    def _finish_ok(self, exchange: Exchange, data: bytes | None, now: float) -> None:
+    def _finish_ok(self, exchange: DriveExchange, data: bytes | None, now: float) -> None:
         release = exchange.release
         lease = exchange.lease
         # "when_done": the lease ends here only if the conversation is over (every command
@@ -292,7 +293,7 @@ class Leasing:
             # The holder is gone mid-conversation: the connection's state is unknown.
             self.end_lease(lease, now, keep=False)
 
-    def finish_error(self, exchange: Exchange, code: ErrorCode, message: str, now: float) -> None:
+    def finish_error(self, exchange: DriveExchange, code: ErrorCode, message: str, now: float) -> None:
         # A failed exchange that was to end the lease, or that opened it (its requester has no
         # token yet), ends it; an unfinished exchange leaves the connection in an unknown state.
         ends = exchange.release in RELEASE_MODES or exchange.first
@@ -304,7 +305,7 @@ class Leasing:
         if (ends or not delivered) and self.server.table.active(lease):
             self.end_lease(lease, now, keep=False)
 
-    def _end_exchange(self, exchange: Exchange, now: float, *, lease_ends: bool) -> Lease:
+    def _end_exchange(self, exchange: DriveExchange, now: float, *, lease_ends: bool) -> DriveLease:
         lease = exchange.lease
         self.server.timers.cancel(exchange.timer)
         exchange.timer = None
@@ -315,7 +316,7 @@ class Leasing:
             self.server.upstreams.watch(lease.conn)
         return lease
 
-    def end_lease(self, lease: Lease, now: float, *, keep: bool, reason: str | None = None) -> None:
+    def end_lease(self, lease: DriveLease, now: float, *, keep: bool, reason: str | None = None) -> None:
         """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
         self.server.table.remove(lease)
         self.server.timers.cancel(lease.timer)

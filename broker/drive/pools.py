@@ -15,7 +15,7 @@ from broker.drive.resolver import AddrInfo, numeric_address
 from client.protocol import ErrorCode, Request, error_reply
 
 if TYPE_CHECKING:
-    from broker.decide.leases import Waiter
+    from broker.drive.tables import DriveWaiter
     from broker.drive.upstream import UpstreamConn
 
 TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
@@ -26,7 +26,7 @@ class PoolState:
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
-        self.core: PoolCore[UpstreamConn, Waiter] = PoolCore(config)
+        self.core: PoolCore[UpstreamConn, DriveWaiter] = PoolCore(config)
         self.probe: ProbeSpec | None = probe_spec(config)  # None: the tcp check, done at once
         self.protocol = pool_protocol(config)  # its handshake, its reset, what a holder leaves
         self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up

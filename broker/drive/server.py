@@ -33,6 +33,7 @@ from broker.drive.leasing import Leasing
 from broker.drive.pools import PoolState
 from broker.drive.resolver import Resolver
 from broker.drive.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
+from broker.drive.tables import DriveHolder, DriveLeaseTable
 from broker.drive.timers import Timers
 from broker.drive.upstream import UpstreamConn
 from broker.drive.upstreams import Upstreams
@@ -86,7 +87,7 @@ class Server:
         self._reload_requested = False
         self.ctx = ctx or zmq.Context()
         self.pools = {pool.name: PoolState(pool) for pool in config.pools}
-        self.table = LeaseTable()  # holders, waiters and leases
+        self.table: DriveLeaseTable = LeaseTable()  # holders, waiters and leases
         self.leases = self.table.leases  # (by token: the table's own dict)
         self.timers = Timers()
         self.packer = msgpack.Packer(use_bin_type=True)
@@ -319,7 +320,7 @@ class Server:
             if not holder.gone:
                 self.leasing.holder_gone(holder, now, "its connection closed")
 
-    def _holder_of(self, peer: bytes, frame: zmq.Frame | None, now: float) -> Holder:
+    def _holder_of(self, peer: bytes, frame: zmq.Frame | None, now: float) -> DriveHolder:
         """The Holder for a lease request's sender, known by its fd from its first request on."""
         holder = self.holders.get(peer)
         if holder is not None:

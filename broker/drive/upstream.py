@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from broker.decide.connection import State, check_move
 
 if TYPE_CHECKING:
-    from broker.decide.leases import Lease
     from broker.decide.probes import Check
     from broker.drive.pools import PoolState
+    from broker.drive.tables import DriveLease
     from broker.drive.timers import Timer
 
 RECV_CHUNK = 256 * 1024
@@ -56,7 +56,7 @@ class UpstreamConn:
         self.error = ""  # what went wrong, for the log line that closes it
         self.state = State.CONNECTING  # moved only along connection.MOVES (move())
         self.tls_wants = 0  # during the TLS handshake: the poll flag it waits for
-        self.lease: Lease | None = None  # LEASED: whose
+        self.lease: DriveLease | None = None  # LEASED: whose
         self.checks: ProbeRun | None = None  # HANDSHAKE, PROBING, RESETTING: the run of checks
         self.timer: Timer | None = None  # the connect's or the checks' deadline
         self.watching = 0  # poll flags currently registered
