@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.endpoint import ENDPOINT_ENV
+from poolbroker.client.endpoint import ENDPOINT_ENV
 
 
 class ConfigError(ValueError):

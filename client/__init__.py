@@ -1,8 +1,8 @@
 """poolbroker's client: lease connections from a broker shared by every worker process."""
 
-from client.client import Client
-from client.endpoint import default_endpoint
-from client.errors import (
+from poolbroker.client.client import Client
+from poolbroker.client.endpoint import default_endpoint
+from poolbroker.client.errors import (
     BrokerUnavailable,
     LeaseLost,
     LimitExceeded,
@@ -15,7 +15,7 @@ from client.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from client.lease import Lease
+from poolbroker.client.lease import Lease
 
 __all__ = [
     "BrokerUnavailable",

@@ -13,9 +13,9 @@ import msgpack
 import zmq
 import zmq.backend
 
-from client.errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
-from client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
-from client.protocol import VERSION, Template, release_request
+from poolbroker.client.errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
+from poolbroker.client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
+from poolbroker.client.protocol import VERSION, Template, release_request
 
 CLOSE_LINGER_MS = 500
 # The broker's default max_message_size: it drops the connection of a client that sends more,

@@ -14,11 +14,11 @@ from typing import Any
 
 import zmq
 
-from client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Channel, Curve, check_reply, close_sockets
-from client.endpoint import default_endpoint
-from client.errors import BrokerUnavailable
-from client.lease import DEFAULT_RECV, HOLD_WRITES_UP_TO, Lease, first_exchange
-from client.protocol import (
+from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Channel, Curve, check_reply, close_sockets
+from poolbroker.client.endpoint import default_endpoint
+from poolbroker.client.errors import BrokerUnavailable
+from poolbroker.client.lease import DEFAULT_RECV, HOLD_WRITES_UP_TO, Lease, first_exchange
+from poolbroker.client.protocol import (
     ADMIN_DRAIN,
     ADMIN_PAUSE,
     ADMIN_RELOAD,

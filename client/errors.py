@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.protocol import ErrorCode
+from poolbroker.client.protocol import ErrorCode
 
 
 class PoolBrokerError(Exception):

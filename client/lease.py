@@ -9,9 +9,9 @@ import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from client.channel import HOSTNAME, Channel
-from client.errors import BrokerUnavailable, LeaseLost, error_from_code
-from client.protocol import (
+from poolbroker.client.channel import HOSTNAME, Channel
+from poolbroker.client.errors import BrokerUnavailable, LeaseLost, error_from_code
+from poolbroker.client.protocol import (
     OP_IO,
     OP_LEASE,
     OP_RELEASE,
@@ -25,7 +25,7 @@ from client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from client.client import Client
+    from poolbroker.client.client import Client
 
 DEFAULT_RECV = 65536
 # A lease holds writes until its next read (so that a write and its answer are one round trip), or

@@ -17,8 +17,8 @@ from urllib.parse import parse_qs
 
 import redis
 
-from client import Client
-from client.redis import BrokerConnectionPool
+from poolbroker import Client
+from poolbroker.redis import BrokerConnectionPool
 
 # At import time, even under --preload: no socket is made until the first request, in the worker.
 client = Client()

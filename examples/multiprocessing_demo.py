@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-from client import Client
-from client.redis import BrokerConnectionPool
+from poolbroker import Client
+from poolbroker.redis import BrokerConnectionPool
 
 # One per process, made lazily: safe to create before fork, and under spawn each child makes its own.
 client = Client(timeout=30)

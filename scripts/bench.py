@@ -45,7 +45,7 @@ import msgpack  # noqa: E402
 import zmq  # noqa: E402
 from helpers import Broker, RedisServer, free_port, short_tempdir, wait_for  # noqa: E402
 
-from client import Client  # noqa: E402
+from poolbroker import Client  # noqa: E402
 
 PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"  # RESP: twemproxy takes no inline commands
 POOL = 10

@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Broker, RedisServer  # noqa: E402
 
-from client import Client, UpstreamUnavailable  # noqa: E402
+from poolbroker import Client, UpstreamUnavailable  # noqa: E402
 
 PING = b"PING\r\n"
 

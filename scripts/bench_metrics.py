@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Broker, RedisServer, free_port  # noqa: E402
 
-from client import Client  # noqa: E402
+from poolbroker import Client  # noqa: E402
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Broker, RedisServer  # noqa: E402
 
-from broker.decide.protocols.resp import encode_command  # noqa: E402
-from client import Client  # noqa: E402
+from poolbroker import Client  # noqa: E402
+from poolbroker.broker.decide.protocols.resp import encode_command  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Broker, RedisServer, free_port  # noqa: E402
 
-from broker.drive.security import keygen  # noqa: E402
-from client import Client  # noqa: E402
+from poolbroker import Client  # noqa: E402
+from poolbroker.broker.drive.security import keygen  # noqa: E402
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 BIG = 1024 * 1024

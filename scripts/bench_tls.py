@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Broker, RedisServer, TestCertificates  # noqa: E402
 
-from client import Client  # noqa: E402
+from poolbroker import Client  # noqa: E402
 
 PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"
 

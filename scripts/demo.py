@@ -26,7 +26,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client import BrokerUnavailable, Client, PoolBrokerError  # noqa: E402
+from poolbroker import BrokerUnavailable, Client, PoolBrokerError  # noqa: E402
 
 
 def free_port() -> int:
@@ -174,7 +174,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "broker",
+            "poolbroker",
             "serve",
             "--bind",
             endpoint,

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import Broker, HttpUpstream, MemcachedServer, RedisServer, TestUpstream
 
-from client import Client
+from poolbroker import Client
 
 
 @pytest.fixture(scope="session")

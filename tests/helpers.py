@@ -35,7 +35,7 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
 
 def broker_answers(client: Any) -> bool:
     """Does the broker answer this client's ping (within the client's broker_timeout)?"""
-    from client import BrokerUnavailable
+    from poolbroker import BrokerUnavailable
 
     try:
         client.ping()
@@ -248,7 +248,7 @@ class RedisServer:
 
 
 class Broker:
-    """A real broker process (`python -m broker serve`) on a private ipc endpoint."""
+    """A real broker process (`python -m poolbroker serve`) on a private ipc endpoint."""
 
     def __init__(
         self,
@@ -271,7 +271,7 @@ class Broker:
         argv = [
             sys.executable,
             "-m",
-            "broker",
+            "poolbroker",
             "serve",
             "--bind",
             self.endpoint,
@@ -291,7 +291,7 @@ class Broker:
         return self.proc.pid
 
     def ready(self) -> bool:
-        from client import Client
+        from poolbroker import Client
 
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import Client
+from poolbroker import Client
 
 NOTHING, HOLDING, IN_BETWEEN = 0, 1, 2
 

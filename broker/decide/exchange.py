@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Generic
 
-from broker.decide.leases import C, Lease, P, T
-from client.protocol import READ_ANY, READ_EXACTLY, ErrorCode, Request
+from poolbroker.broker.decide.leases import C, Lease, P, T
+from poolbroker.client.protocol import READ_ANY, READ_EXACTLY, ErrorCode, Request
 
 
 class ReadFailed(Exception):

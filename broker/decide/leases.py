@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from broker.config import PoolConfig
-from client.protocol import Request
+from poolbroker.broker.config import PoolConfig
+from poolbroker.client.protocol import Request
 
 if TYPE_CHECKING:
-    from broker.decide.exchange import Exchange
-    from broker.decide.protocols.session import Session
+    from poolbroker.broker.decide.exchange import Exchange
+    from poolbroker.broker.decide.protocols.session import Session
 
 
 class PoolRef(Protocol):

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import h11
 
-from broker.config import PoolConfig
+from poolbroker.broker.config import PoolConfig
 
 MAX_REPLY = 64 * 1024  # a health reply larger than this is not a health reply
 

@@ -11,13 +11,13 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from broker.decide.connection import State
-from broker.decide.exchange import Exchange, ReadFailed, over_limits
-from broker.decide.leases import Lease, Waiter
-from broker.decide.protocols import CLOSE, RUN_RESET
-from broker.drive.pools import unknown_pool
-from broker.drive.upstream import UpstreamConn
-from client.protocol import (
+from poolbroker.broker.decide.connection import State
+from poolbroker.broker.decide.exchange import Exchange, ReadFailed, over_limits
+from poolbroker.broker.decide.leases import Lease, Waiter
+from poolbroker.broker.decide.protocols import CLOSE, RUN_RESET
+from poolbroker.broker.drive.pools import unknown_pool
+from poolbroker.broker.drive.upstream import UpstreamConn
+from poolbroker.client.protocol import (
     READ_ANY,
     RELEASE_DISCARD,
     RELEASE_KEEP,
@@ -31,8 +31,8 @@ from client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from broker.drive.server import Server
-    from broker.drive.tables import DriveExchange, DriveHolder, DriveLease, DriveWaiter
+    from poolbroker.broker.drive.server import Server
+    from poolbroker.broker.drive.tables import DriveExchange, DriveHolder, DriveLease, DriveWaiter
 
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from broker.config import PoolConfig
-from broker.decide.pool import PoolCore
-from broker.decide.probes import ProbeSpec, probe_spec
-from broker.decide.protocols import pool_protocol
-from broker.drive import tls
-from broker.drive.resolver import AddrInfo, numeric_address
-from client.protocol import ErrorCode, Request, error_reply
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.pool import PoolCore
+from poolbroker.broker.decide.probes import ProbeSpec, probe_spec
+from poolbroker.broker.decide.protocols import pool_protocol
+from poolbroker.broker.drive import tls
+from poolbroker.broker.drive.resolver import AddrInfo, numeric_address
+from poolbroker.client.protocol import ErrorCode, Request, error_reply
 
 if TYPE_CHECKING:
-    from broker.drive.tables import DriveWaiter
-    from broker.drive.upstream import UpstreamConn
+    from poolbroker.broker.drive.tables import DriveWaiter
+    from poolbroker.broker.drive.upstream import UpstreamConn
 
 TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
 

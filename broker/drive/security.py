@@ -19,8 +19,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from broker.config import BrokerConfig, ConfigError
-from client.keys import load_key_pair
+from poolbroker.broker.config import BrokerConfig, ConfigError
+from poolbroker.client.keys import load_key_pair
 
 
 @dataclass(frozen=True)

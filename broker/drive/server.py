@@ -25,19 +25,19 @@ import zmq
 import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
-from broker.config import BrokerConfig, ConfigError
-from broker.decide.actions import Close, Grant, Open, Probe, Reject
-from broker.decide.connection import State
-from broker.decide.leases import Holder, LeaseTable
-from broker.drive.leasing import Leasing
-from broker.drive.pools import PoolState
-from broker.drive.resolver import Resolver
-from broker.drive.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
-from broker.drive.tables import DriveHolder, DriveLeaseTable
-from broker.drive.timers import Timers
-from broker.drive.upstream import UpstreamConn
-from broker.drive.upstreams import Upstreams
-from client.protocol import (
+from poolbroker.broker.config import BrokerConfig, ConfigError
+from poolbroker.broker.decide.actions import Close, Grant, Open, Probe, Reject
+from poolbroker.broker.decide.connection import State
+from poolbroker.broker.decide.leases import Holder, LeaseTable
+from poolbroker.broker.drive.leasing import Leasing
+from poolbroker.broker.drive.pools import PoolState
+from poolbroker.broker.drive.resolver import Resolver
+from poolbroker.broker.drive.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
+from poolbroker.broker.drive.tables import DriveHolder, DriveLeaseTable
+from poolbroker.broker.drive.timers import Timers
+from poolbroker.broker.drive.upstream import UpstreamConn
+from poolbroker.broker.drive.upstreams import Upstreams
+from poolbroker.client.protocol import (
     OP_ADMIN,
     OP_IO,
     OP_LEASE,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from broker.decide.exchange import Exchange
-from broker.decide.leases import Holder, Lease, LeaseTable, Waiter
-from broker.drive.pools import PoolState
-from broker.drive.timers import Timer
-from broker.drive.upstream import UpstreamConn
+from poolbroker.broker.decide.exchange import Exchange
+from poolbroker.broker.decide.leases import Holder, Lease, LeaseTable, Waiter
+from poolbroker.broker.drive.pools import PoolState
+from poolbroker.broker.drive.timers import Timer
+from poolbroker.broker.drive.upstream import UpstreamConn
 
 DriveHolder: TypeAlias = Holder[PoolState, UpstreamConn, Timer]
 DriveWaiter: TypeAlias = Waiter[PoolState, UpstreamConn, Timer]

@@ -10,13 +10,13 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from broker.decide.connection import State, check_move
+from poolbroker.broker.decide.connection import State, check_move
 
 if TYPE_CHECKING:
-    from broker.decide.probes import Check
-    from broker.drive.pools import PoolState
-    from broker.drive.tables import DriveLease
-    from broker.drive.timers import Timer
+    from poolbroker.broker.decide.probes import Check
+    from poolbroker.broker.drive.pools import PoolState
+    from poolbroker.broker.drive.tables import DriveLease
+    from poolbroker.broker.drive.timers import Timer
 
 RECV_CHUNK = 256 * 1024
 # Reads land here first: recv(RECV_CHUNK) would allocate a 256 KiB object per read (about 20 us)

@@ -9,16 +9,16 @@ import logging
 import select
 from typing import TYPE_CHECKING
 
-from broker.decide.connection import CHECKING, POLL, State
-from broker.decide.probes import ProbeFailed
-from broker.drive import tls
-from broker.drive.pools import PoolState
-from broker.drive.resolver import AddrInfo
-from broker.drive.upstream import ProbeRun, UpstreamConn
-from client.protocol import ErrorCode
+from poolbroker.broker.decide.connection import CHECKING, POLL, State
+from poolbroker.broker.decide.probes import ProbeFailed
+from poolbroker.broker.drive import tls
+from poolbroker.broker.drive.pools import PoolState
+from poolbroker.broker.drive.resolver import AddrInfo
+from poolbroker.broker.drive.upstream import ProbeRun, UpstreamConn
+from poolbroker.client.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from broker.drive.server import Server
+    from poolbroker.broker.drive.server import Server
 
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 

@@ -1,4 +1,4 @@
-"""The `poolbroker` command (also `python -m broker`)."""
+"""The `poolbroker` command (also `python -m poolbroker`)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import sys
 
 import zmq
 
-from broker import __version__
-from broker.config import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, load, parse_address
-from broker.drive import security
-from broker.drive.server import Server
-from broker.operate import commands as operator_commands
-from broker.operate import logs
-from broker.operate.metrics import MetricsServer
-from broker.operate.operations import Operations
-from broker.operate.runtime import prepare_ipc
-from client.endpoint import default_endpoint
+from poolbroker.broker import __version__
+from poolbroker.broker.config import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, load, parse_address
+from poolbroker.broker.drive import security
+from poolbroker.broker.drive.server import Server
+from poolbroker.broker.operate import commands as operator_commands
+from poolbroker.broker.operate import logs
+from poolbroker.broker.operate.metrics import MetricsServer
+from poolbroker.broker.operate.operations import Operations
+from poolbroker.broker.operate.runtime import prepare_ipc
+from poolbroker.client.endpoint import default_endpoint
 
 log = logging.getLogger("broker")
 

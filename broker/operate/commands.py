@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any
 
-from broker.operate import top
-from client import Client, PoolBrokerError
+from poolbroker.broker.operate import top
+from poolbroker.client import Client, PoolBrokerError
 
 
 def add_parsers(commands: Any) -> None:

@@ -15,10 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from broker.decide.actions import CLOSE_REASONS
+from poolbroker.broker.decide.actions import CLOSE_REASONS
 
 if TYPE_CHECKING:
-    from broker.drive.server import Server
+    from poolbroker.broker.drive.server import Server
 
 GAUGES = {
     "pool_max": "The pool's bound (max_size).",

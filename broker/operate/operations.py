@@ -9,12 +9,12 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from broker import __version__
-from broker.config import ConfigError
-from broker.drive import tls
-from broker.drive.pools import PoolState, unknown_pool
-from broker.operate import logs
-from client.protocol import (
+from poolbroker.broker import __version__
+from poolbroker.broker.config import ConfigError
+from poolbroker.broker.drive import tls
+from poolbroker.broker.drive.pools import PoolState, unknown_pool
+from poolbroker.broker.operate import logs
+from poolbroker.client.protocol import (
     ADMIN_DRAIN,
     ADMIN_PAUSE,
     ADMIN_RELOAD,
@@ -32,7 +32,7 @@ from client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from broker.drive.server import Server
+    from poolbroker.broker.drive.server import Server
 
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 

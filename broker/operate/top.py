@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from client import Client
+from poolbroker.client import Client
 
 LEASES_SHOWN = 10  # the longest-held ones
 

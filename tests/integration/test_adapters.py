@@ -11,9 +11,9 @@ import pytest
 import redis
 from helpers import Broker, HttpUpstream, RedisServer
 
-from client import Client, PoolTimeout
-from client.http import HTTPConnection
-from client.redis import BrokerConnectionPool
+from poolbroker import Client, PoolTimeout
+from poolbroker.http import HTTPConnection
+from poolbroker.redis import BrokerConnectionPool
 
 # HTTP pools: the broker follows each request and response (a connection is reused only between them).
 HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
 
-from client import BrokerUnavailable, Client
+from poolbroker import BrokerUnavailable, Client
 
 
 def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
@@ -26,7 +26,7 @@ def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
     monkeypatch.delenv("POOLBROKER_ENDPOINT", raising=False)
     env = dict(os.environ)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--upstream", f"redis={redis_server.address}"],
+        [sys.executable, "-m", "poolbroker", "serve", "--upstream", f"redis={redis_server.address}"],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -144,7 +144,7 @@ def test_kill_usr1_prints_where_the_broker_is_and_it_goes_on(
 
 def test_bad_configuration_exits_2_with_the_reason(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--upstream", "nonsense"],
+        [sys.executable, "-m", "poolbroker", "serve", "--upstream", "nonsense"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -169,5 +169,5 @@ def test_the_console_script_and_python_m_are_one_program() -> None:
     if not script.exists():
         pytest.skip("the package is not installed in this environment")
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
-    mod = subprocess.run([sys.executable, "-m", "broker", "--version"], capture_output=True, text=True, timeout=30)
+    mod = subprocess.run([sys.executable, "-m", "poolbroker", "--version"], capture_output=True, text=True, timeout=30)
     assert out.stdout == mod.stdout and out.stdout.startswith("poolbroker ")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from helpers import ROOT, Broker, RedisServer, broker_answers, short_tempdir, wait_for
 
-from client import BrokerUnavailable, Client, LeaseLost
+from poolbroker import BrokerUnavailable, Client, LeaseLost
 
 
 def test_one_client_shared_by_32_threads(
@@ -160,7 +160,7 @@ def test_a_broker_restart_needs_no_client_restart(
 
 COLLECT_CYCLES = """
 import gc, sys
-from client import Client
+from poolbroker import Client
 for _ in range(5):
     c = Client(sys.argv[1])
     lease = c.lease("redis")

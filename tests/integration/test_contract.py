@@ -11,7 +11,7 @@ import pytest
 import zmq
 from helpers import Broker, RedisServer, TestUpstream, wait_for
 
-from client import Client
+from poolbroker import Client
 
 Raw = Callable[..., dict[str, Any]]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from helpers import ROOT, Broker, RedisServer, free_port, short_tempdir
 
-from broker.config import load
-from broker.operate.cli import build_parser
-from client import Client
+from poolbroker import Client
+from poolbroker.broker.config import load
+from poolbroker.broker.operate.cli import build_parser
 
 
 def test_the_example_config_loads_and_serves(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
@@ -62,10 +63,15 @@ def test_the_multiprocessing_demo_runs(own_redis: RedisServer, start_broker: Cal
     assert own_redis.broker_connections() <= 3
 
 
-def test_the_package_builds_a_wheel_with_its_type_information_and_command() -> None:
+def test_the_package_builds_a_wheel_of_one_package_with_its_type_information_and_command() -> None:
     out = short_tempdir()
+    # From a copy of the sources (symlinks kept): a build/ left in the checkout by an older build
+    # would otherwise slip its files into the wheel.
+    source = Path(out) / "source"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache")
+    shutil.copytree(ROOT, source, symlinks=True, ignore=skip)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -73,9 +79,27 @@ def test_the_package_builds_a_wheel_with_its_type_information_and_command() -> N
     assert result.returncode == 0, result.stderr
     [wheel] = list(Path(out).glob("poolbroker-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"broker/py.typed", "client/py.typed", "client/redis.py", "broker/drive/server.py"} <= set(names)
-    assert {"broker/decide/protocols/redis.py", "broker/operate/cli.py"} <= set(names)  # every layer
+    # One package at the top level, nothing else: no `client` or `broker` to shadow an app's own.
+    assert {name.split("/")[0] for name in names} == {"poolbroker", "poolbroker-0.1.0.dist-info"}
+    assert {"poolbroker/py.typed", "poolbroker/redis.py", "poolbroker/http.py", "poolbroker/__main__.py"} <= set(names)
+    every_layer = {
+        "broker/drive/server.py",
+        "broker/decide/protocols/redis.py",
+        "broker/operate/cli.py",
+        "client/lease.py",
+    }
+    assert {f"poolbroker/{name}" for name in every_layer} <= set(names)
     [entry_points] = [name for name in names if name.endswith("entry_points.txt")]
-    assert "poolbroker = broker.operate.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
-    version = subprocess.run([sys.executable, "-m", "broker", "--version"], capture_output=True, text=True, cwd=ROOT)
-    assert version.stdout.strip() == "poolbroker 0.1.0"
+    assert "poolbroker = poolbroker.broker.operate.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # Installed on its own (away from this checkout), it imports and runs as the service.
+    target = Path(out) / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)]
+    assert subprocess.run(install, capture_output=True, text=True, timeout=300).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = "import poolbroker, poolbroker.redis, poolbroker.http; print(poolbroker.__file__)"
+    imported = subprocess.run([sys.executable, "-c", where], capture_output=True, text=True, cwd=out, env=env)
+    assert imported.stdout.strip() == str(target / "poolbroker" / "__init__.py"), imported.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "poolbroker", "--version"], capture_output=True, text=True, cwd=out, env=env
+    )
+    assert version.stdout.strip() == "poolbroker 0.1.0", version.stderr

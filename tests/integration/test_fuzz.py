@@ -14,7 +14,7 @@ import zmq
 from helpers import Broker, RedisServer, wait_for
 from zmq.utils import monitor as zmq_monitor
 
-from client import Client
+from poolbroker import Client
 
 MAX_MESSAGE_SIZE = 65536
 VALID = [

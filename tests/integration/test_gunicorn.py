@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, Broker, RedisServer, free_port, wait_for
 
-from client import Client
+from poolbroker import Client
 
 MAX_SIZE = 4
 

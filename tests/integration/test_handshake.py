@@ -10,8 +10,8 @@ import pytest
 import redis
 from helpers import Broker, RedisServer, TestUpstream, wait_for
 
-from client import Client, UpstreamUnavailable
-from client.redis import BrokerConnectionPool
+from poolbroker import Client, UpstreamUnavailable
+from poolbroker.redis import BrokerConnectionPool
 
 PASSWORD = "s3cret-pass"
 

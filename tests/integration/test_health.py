@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import Broker, HttpUpstream, MemcachedServer, RedisServer, TestUpstream, wait_for
 
-from client import Client, UpstreamTimeout, UpstreamUnavailable
+from poolbroker import Client, UpstreamTimeout, UpstreamUnavailable
 
 PING = b"PING\r\n"
 PONG = b"+PONG\r\n"

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 from helpers import ROOT, Broker, RedisServer, wait_for
 
-from client import Client, LeaseLost
+from poolbroker import Client, LeaseLost
 
 PING = b"PING\r\n"
 PONG = b"+PONG\r\n"

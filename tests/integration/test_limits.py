@@ -19,7 +19,7 @@ import zmq
 from helpers import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 from zmq.utils import monitor as zmq_monitor
 
-from client import Client, LimitExceeded
+from poolbroker import Client, LimitExceeded
 
 
 def test_one_operation_may_send_and_read_at_most_max_payload(
@@ -203,7 +203,7 @@ def test_a_flood_of_connections_does_not_end_the_broker(redis_server: RedisServe
     broker takes all the descriptors its hard limit allows, whatever soft limit it was given."""
     directory = short_tempdir()
     endpoint = f"ipc://{directory}/b.sock"
-    argv = ["prlimit", "--nofile=200:4096", sys.executable, "-m", "broker", "serve", "--bind", endpoint]
+    argv = ["prlimit", "--nofile=200:4096", sys.executable, "-m", "poolbroker", "serve", "--bind", endpoint]
     proc = subprocess.Popen([*argv, "--upstream", f"redis={redis_server.address}"], cwd=ROOT, stderr=subprocess.PIPE)
     flood: list[socket.socket] = []
     try:

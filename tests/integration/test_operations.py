@@ -24,12 +24,12 @@ from helpers import ROOT, Broker, RedisServer, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from broker.operate import top
-from client import Client, NotAuthorized, PoolBrokerError, PoolTimeout, UpstreamUnavailable
+from poolbroker import Client, NotAuthorized, PoolBrokerError, PoolTimeout, UpstreamUnavailable
+from poolbroker.broker.operate import top
 
 
 def poolbroker(*args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "broker", *args]
+    argv = [sys.executable, "-m", "poolbroker", *args]
     env = {**os.environ, "COLUMNS": "200"}  # rich's tables fit the terminal; a pipe's is 80 wide
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
 
@@ -166,7 +166,7 @@ def test_top_refreshes_in_place_in_a_terminal(redis_server: RedisServer, start_b
     broker = start_broker("--upstream", f"redis={redis_server.address}")
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "top", "--interval", "0.2", "--endpoint", broker.endpoint],
+        [sys.executable, "-m", "poolbroker", "top", "--interval", "0.2", "--endpoint", broker.endpoint],
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,

@@ -10,7 +10,7 @@ import pytest
 import zmq
 from helpers import Broker, RedisServer
 
-from client import Client
+from poolbroker import Client
 
 
 @pytest.fixture

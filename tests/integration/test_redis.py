@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from helpers import Broker, RedisServer, free_port, wait_for
 
-from client import Client, LeaseLost, PoolFull, PoolTimeout, ProtocolError, UpstreamUnavailable
+from poolbroker import Client, LeaseLost, PoolFull, PoolTimeout, ProtocolError, UpstreamUnavailable
 
 
 def resp(*parts: bytes) -> bytes:

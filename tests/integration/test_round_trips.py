@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 from helpers import Broker, RedisServer, TestUpstream, wait_for
 
-from client import Client, LeaseLost, PoolTimeout, ProtocolError, UpstreamError
-from client.lease import HOLD_WRITES_UP_TO
+from poolbroker import Client, LeaseLost, PoolTimeout, ProtocolError, UpstreamError
+from poolbroker.client.lease import HOLD_WRITES_UP_TO
 
 
 def messages_for(c: Client, action: Callable[[], object]) -> int:

@@ -14,17 +14,19 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 
-from client import BrokerUnavailable, Client, NotAuthorized
+from poolbroker import BrokerUnavailable, Client, NotAuthorized
 
 
 def serve_and_exit(*args: str) -> subprocess.CompletedProcess[str]:
     """A broker that is expected to refuse to start."""
-    argv = [sys.executable, "-m", "broker", "serve", *args]
+    argv = [sys.executable, "-m", "poolbroker", "serve", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
 
 
 def poolbroker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "poolbroker", *args], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
 
 
 # -- ipc ---------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_over_ipc_another_user_may_connect_only_as_root_and_may_not_administer(r
     directory = short_tempdir()
     os.chown(directory, nobody, nobody)
     endpoint = f"ipc://{directory}/b.sock"
-    argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", sys.executable, "-m", "broker"]
+    argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", sys.executable, "-m", "poolbroker"]
     argv += ["serve", "--bind", endpoint, "--upstream", f"redis={redis_server.address}"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

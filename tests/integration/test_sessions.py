@@ -15,10 +15,10 @@ import pytest
 import redis
 from helpers import ROOT, Broker, HttpUpstream, RedisServer, wait_for
 
-from broker.decide.protocols.resp import encode_command
-from client import Client, UpstreamTimeout
-from client.lease import Lease
-from client.redis import BrokerConnectionPool, SessionLeakWarning
+from poolbroker import Client, UpstreamTimeout
+from poolbroker.broker.decide.protocols.resp import encode_command
+from poolbroker.client.lease import Lease
+from poolbroker.redis import BrokerConnectionPool, SessionLeakWarning
 
 PASSWORD = "pool-secret"
 
@@ -165,7 +165,7 @@ def test_a_holder_killed_in_the_middle_of_a_multi_leaves_nothing(broker: Broker,
         f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from client import Client
+        from poolbroker import Client
         lease = Client({broker.endpoint!r}).lease("redis")
         lease.request(b"MULTI\\r\\n", until=b"\\r\\n")
         lease.request(b"SET from-the-dead 1\\r\\n", until=b"\\r\\n")

@@ -13,8 +13,8 @@ import pytest
 import redis
 from helpers import Broker, RedisServer, TestCertificates, TestUpstream, wait_for
 
-from client import Client, UpstreamError, UpstreamUnavailable
-from client.redis import BrokerConnectionPool
+from poolbroker import Client, UpstreamError, UpstreamUnavailable
+from poolbroker.redis import BrokerConnectionPool
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, Broker, RedisServer, TestUpstream, wait_for
 
-from client import Client, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from poolbroker import Client, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 
 def test_large_payloads_cross_in_both_directions(

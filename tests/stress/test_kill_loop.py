@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, Broker, RedisServer, wait_for
 
-from client import Client
+from poolbroker import Client
 
 HOLDER = ROOT / "tests" / "holder.py"
 MAX_SIZE = 10

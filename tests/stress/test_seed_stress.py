@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, Broker, RedisServer
 
-from client import Client
+from poolbroker import Client
 
 PROCESSES, THREADS, LEASES, MAX_SIZE = 4, 25, 100, 10
 

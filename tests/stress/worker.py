@@ -9,7 +9,7 @@ import json
 import sys
 import threading
 
-from client import Client
+from poolbroker import Client
 
 
 def main() -> None:

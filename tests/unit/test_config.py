@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import POOL_SETTINGS, BrokerConfig, ConfigError, PoolConfig, load, parse_upstream
-from broker.drive.security import check_bind, is_loopback_tcp, load_curve
+from poolbroker.broker.config import POOL_SETTINGS, BrokerConfig, ConfigError, PoolConfig, load, parse_upstream
+from poolbroker.broker.drive.security import check_bind, is_loopback_tcp, load_curve
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -115,7 +115,7 @@ def test_health_settings_from_a_file(tmp_path: Path) -> None:
 
 
 def test_every_pool_setting_but_the_step_lists_is_also_a_flag() -> None:
-    from broker.operate.cli import build_parser
+    from poolbroker.broker.operate.cli import build_parser
 
     flags = []
     file_only = ("on_connect", "reset", "password")  # step lists, and a secret (not on a command line)
@@ -237,7 +237,7 @@ def test_tls_settings(tmp_path: Path) -> None:
         load(write(tmp_path, '[pools.a]\nupstream = "h:1"\ntls_ca_file = "/etc/ca.pem"\n'))
     with pytest.raises(ConfigError, match="tls_key_file needs tls_cert_file"):
         load(write(tmp_path, '[pools.a]\nupstream = "h:1"\ntls = true\ntls_key_file = "k.pem"\n'))
-    from broker.drive.tls import client_context
+    from poolbroker.broker.drive.tls import client_context
 
     with pytest.raises(ConfigError, match="can't set up TLS"):
         client_context(PoolConfig("a", "h", 1, tls=True, tls_ca_file=str(tmp_path / "missing.pem")))

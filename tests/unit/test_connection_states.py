@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.decide.connection import CHECKING, MOVES, POLL, BadMove, State, check_move
+from poolbroker.broker.decide.connection import CHECKING, MOVES, POLL, BadMove, State, check_move
 
 LIVES = [  # every life a connection may lead, as the broker drives it
     [State.CONNECTING, State.IDLE, State.LEASED, State.IDLE, State.CLOSED],  # plain tcp, leased once

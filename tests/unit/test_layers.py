@@ -1,5 +1,7 @@
 """The broker's layers, as its imports show them: operate -> drive -> decide -> the settings and
-the wire types; the client never imports the broker; no module imports one that imports it back."""
+the wire types; the client and the adapters never import the broker; no module imports one that
+imports it back; nothing imports the repository's folders by their own names (client, broker):
+everything is `poolbroker.*`, the one package that is installed."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def module_name(path: Path) -> str:
+    """The module's name in the installed package (client/ and broker/ are poolbroker's)."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] != "poolbroker":
+        parts.insert(0, "poolbroker")
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -33,10 +38,13 @@ def imports_of(path: Path, *, types_too: bool = False) -> set[str]:
                 visit([n for n in getattr(node, child, []) if isinstance(n, ast.stmt)])
 
     visit(tree.body)
-    return {name for name in found if name.split(".")[0] in ("broker", "client")}
+    return {name for name in found if name.split(".")[0] in ("broker", "client", "poolbroker")}
 
 
-MODULES = {module_name(p): p for folder in ("broker", "client") for p in (ROOT / folder).rglob("*.py")}
+# (poolbroker/client and poolbroker/broker are links to client/ and broker/: each file once)
+SOURCES = [p for folder in ("broker", "client") for p in (ROOT / folder).rglob("*.py")]
+SOURCES += [p for p in (ROOT / "poolbroker").glob("*.py")]
+MODULES = {module_name(p): p for p in SOURCES}
 # (a package importing its own submodules is not a module importing itself)
 IMPORTS = {name: {i for i in imports_of(path) if i in MODULES and i != name} for name, path in MODULES.items()}
 # The layers hold for types too: a decision never names a type of the driver's.
@@ -44,22 +52,53 @@ TYPE_IMPORTS = {
     name: {i for i in imports_of(path, types_too=True) if i in MODULES and i != name} for name, path in MODULES.items()
 }
 # The settings, and what both sides of the wire share: its types, endpoints and key files.
-SHARED = {"broker", "broker.config", "client.protocol", "client.endpoint", "client.keys"}
+SHARED = {
+    "poolbroker.broker",
+    "poolbroker.broker.config",
+    "poolbroker.client.protocol",
+    "poolbroker.client.endpoint",
+    "poolbroker.client.keys",
+}
+ADAPTERS = {"poolbroker", "poolbroker.redis", "poolbroker.http"}  # the package's face: the client's users
 
 
 def layer(name: str) -> str:
-    for prefix in ("broker.decide", "broker.drive", "broker.operate", "client"):
+    if name in ADAPTERS:
+        return "adapters"
+    for prefix in (
+        "poolbroker.broker.decide",
+        "poolbroker.broker.drive",
+        "poolbroker.broker.operate",
+        "poolbroker.client",
+    ):
         if name == prefix or name.startswith(prefix + "."):
             return prefix
     return name
 
 
+def test_nothing_imports_the_folders_by_their_own_names() -> None:
+    bare = {
+        f"{name} imports {target}"
+        for name, path in MODULES.items()
+        for target in imports_of(path, types_too=True)
+        if target.split(".")[0] in ("client", "broker")
+    }
+    assert not bare, bare
+
+
 def test_imports_point_down_only() -> None:
     allowed = {
-        "client": {"client"},
-        "broker.decide": {"broker.decide"} | SHARED,
-        "broker.drive": {"broker.drive", "broker.decide"} | SHARED,
-        "broker.operate": {"broker.operate", "broker.drive", "broker.decide", "client"} | SHARED,
+        "adapters": {"adapters", "poolbroker.client"},
+        "poolbroker.client": {"poolbroker.client"},
+        "poolbroker.broker.decide": {"poolbroker.broker.decide"} | SHARED,
+        "poolbroker.broker.drive": {"poolbroker.broker.drive", "poolbroker.broker.decide"} | SHARED,
+        "poolbroker.broker.operate": {
+            "poolbroker.broker.operate",
+            "poolbroker.broker.drive",
+            "poolbroker.broker.decide",
+            "poolbroker.client",
+        }
+        | SHARED,
     }
     wrong = []
     for name, imported in TYPE_IMPORTS.items():
@@ -70,8 +109,10 @@ def test_imports_point_down_only() -> None:
             if target not in SHARED and layer(target) not in allowed[here]:
                 wrong.append(f"{name} imports {target}")
     assert not wrong, wrong
-    client_imports = {i for name, imports in TYPE_IMPORTS.items() if name.startswith("client") for i in imports}
-    assert not any(i.startswith("broker") for i in client_imports)
+    client_side = {
+        i for name, imports in TYPE_IMPORTS.items() if layer(name) in ("poolbroker.client", "adapters") for i in imports
+    }
+    assert not any(i.startswith("poolbroker.broker") for i in client_side)
 
 
 def test_no_module_imports_one_that_imports_it_back() -> None:

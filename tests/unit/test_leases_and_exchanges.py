@@ -8,9 +8,9 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
-from broker.decide.exchange import Exchange, ReadFailed, over_limits, take
-from broker.decide.leases import Holder, Lease, LeaseTable, Waiter
-from client.protocol import ErrorCode, Request
+from poolbroker.broker.decide.exchange import Exchange, ReadFailed, over_limits, take
+from poolbroker.broker.decide.leases import Holder, Lease, LeaseTable, Waiter
+from poolbroker.client.protocol import ErrorCode, Request
 
 POOLS: list[Any] = [object(), object()]  # stand-ins for PoolState: the table only compares them
 

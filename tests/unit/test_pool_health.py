@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pools import make
 
-from broker.decide.actions import OPEN, Close, Grant, Probe, Reject
-from broker.decide.pool import PoolCore
+from poolbroker.broker.decide.actions import OPEN, Close, Grant, Probe, Reject
+from poolbroker.broker.decide.pool import PoolCore
 
 
 def idle(pool: PoolCore[str, str], now: float, *conns: str) -> None:

@@ -8,8 +8,8 @@ import math
 from pools import make
 from test_pool import fill
 
-from broker.decide.actions import OPEN, Close, Grant, Reject
-from broker.decide.histogram import EXPORT_BOUNDS, Histogram
+from poolbroker.broker.decide.actions import OPEN, Close, Grant, Reject
+from poolbroker.broker.decide.histogram import EXPORT_BOUNDS, Histogram
 
 
 def test_a_paused_pool_hands_nothing_out_and_refuses_nothing() -> None:

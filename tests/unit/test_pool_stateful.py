@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from broker.config import PoolConfig
-from broker.decide.actions import Close, Grant, Open, Probe, Reject
-from broker.decide.pool import PoolCore
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.actions import Close, Grant, Open, Probe, Reject
+from poolbroker.broker.decide.pool import PoolCore
 
 
 class PoolMachine(RuleBasedStateMachine):

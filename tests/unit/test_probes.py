@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import PoolConfig
-from broker.decide.probes import MAX_REPLY, ProbeFailed, probe_spec
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.probes import MAX_REPLY, ProbeFailed, probe_spec
 
 
 def check_for(**settings: Any) -> Any:

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import client
-from client.errors import ERROR_CLASSES, PoolTimeout, ProtocolError, error_from_code
-from client.protocol import VERSION, BadRequest, ErrorCode, parse_request
+import poolbroker
+from poolbroker.client.errors import ERROR_CLASSES, PoolTimeout, ProtocolError, error_from_code
+from poolbroker.client.protocol import VERSION, BadRequest, ErrorCode, parse_request
 
 TOKEN = b"t" * 16
 
@@ -173,7 +173,7 @@ def test_every_error_code_maps_to_one_client_exception() -> None:
     for code, name in documented.items():
         error = error_from_code(code, "why")
         assert type(error).__name__ == name and error.code == code and str(error) == "why"
-        assert type(error) is getattr(client, name)  # importable from the package, as documented
+        assert type(error) is getattr(poolbroker, name)  # importable from the package, as documented
     assert isinstance(error_from_code("pool_timeout", "late"), PoolTimeout)
     assert isinstance(error_from_code("pool_timeout", "late"), TimeoutError)
     assert isinstance(error_from_code("upstream_timeout", "late"), TimeoutError)

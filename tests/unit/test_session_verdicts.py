@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.config import PoolConfig
-from broker.decide.probes import LineCheck
-from broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
-from broker.decide.protocols.http import HttpSession
-from broker.decide.protocols.redis import RedisSession
-from broker.decide.protocols.resp import RespReader, encode_command
-from broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.probes import LineCheck
+from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
+from poolbroker.broker.decide.protocols.http import HttpSession
+from poolbroker.broker.decide.protocols.redis import RedisSession
+from poolbroker.broker.decide.protocols.resp import RespReader, encode_command
+from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
 
 OK = b"+OK\r\n"
 
@@ -241,7 +241,7 @@ def test_the_reset_runs_only_when_the_session_changed() -> None:
 
 
 def test_redis_settings_need_the_redis_protocol() -> None:
-    from broker.config import ConfigError
+    from poolbroker.broker.config import ConfigError
 
     with pytest.raises(ConfigError, match='db need protocol = "redis"'):
         pool(db=2)

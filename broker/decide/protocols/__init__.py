@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
-from broker.decide.probes import Check, line_checks
-from broker.decide.protocols import redis
-from broker.decide.protocols.http import HttpSession
-from broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
+from poolbroker.broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
+from poolbroker.broker.decide.probes import Check, line_checks
+from poolbroker.broker.decide.protocols import redis
+from poolbroker.broker.decide.protocols.http import HttpSession
+from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
 
 # What to do with a connection whose lease ended cleanly as far as its socket can tell.
 KEEP = "keep"  # back to the idle queue

@@ -8,10 +8,10 @@ sent, a reply not read: the stream is out of step, and no reset can be trusted o
 
 from __future__ import annotations
 
-from broker.config import PoolConfig
-from broker.decide.probes import Check, LineCheck
-from broker.decide.protocols.resp import RespReader, encode_command
-from broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.probes import Check, LineCheck
+from poolbroker.broker.decide.protocols.resp import RespReader, encode_command
+from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
 
 # Commands after which the connection's session is no longer the pool's: the reset must run.
 SESSION_COMMANDS = frozenset(

@@ -1,7 +1,7 @@
 """http.client over leases: the standard library's HTTP client, pooled by the broker.
 
-    from client import Client
-    from client.http import HTTPConnection
+    from poolbroker.client import Client
+    from poolbroker.http import HTTPConnection
 
     conn = HTTPConnection(Client(), "api", host="api.internal")
     conn.request("GET", "/health")
@@ -18,7 +18,7 @@ import http.client
 import socket
 from typing import Any
 
-from client.client import Client
+from poolbroker.client.client import Client
 
 
 class HTTPConnection(http.client.HTTPConnection):

@@ -25,8 +25,8 @@ from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
-from client.client import Client
-from client.lease import Lease
+from poolbroker.client.client import Client
+from poolbroker.client.lease import Lease
 
 _checked: set[tuple[str, str]] = set()  # (endpoint, pool) whose protocol was looked at in this process
 

@@ -1,0 +1,45 @@
+"""poolbroker: one bounded pool of upstream TCP connections, shared by every worker process.
+
+    from poolbroker import Client
+
+    c = Client()                        # $POOLBROKER_ENDPOINT, else the broker's default ipc
+    c.request("redis", b"INCR hits\r\n", until=b"\r\n")
+
+The service is `poolbroker serve` (or `python -m poolbroker serve`). The client is in
+`poolbroker.client`, the broker in `poolbroker.broker`; the adapters are named after their
+library: `poolbroker.redis` (redis-py), `poolbroker.http` (http.client).
+"""
+
+from poolbroker.client import (
+    BrokerUnavailable,
+    Client,
+    Lease,
+    LeaseLost,
+    LimitExceeded,
+    NotAuthorized,
+    PoolBrokerError,
+    PoolFull,
+    PoolTimeout,
+    ProtocolError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    default_endpoint,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "Client",
+    "Lease",
+    "LeaseLost",
+    "LimitExceeded",
+    "NotAuthorized",
+    "PoolBrokerError",
+    "PoolFull",
+    "PoolTimeout",
+    "ProtocolError",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "default_endpoint",
+]
