@@ -17,7 +17,8 @@ import zmq
 from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Channel, Curve, check_reply, close_sockets
 from poolbroker.client.endpoint import default_endpoint
 from poolbroker.client.errors import BrokerUnavailable
-from poolbroker.client.lease import DEFAULT_RECV, HOLD_WRITES_UP_TO, Lease, first_exchange
+from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, first_exchange
+from poolbroker.client.lease import Lease
 from poolbroker.client.protocol import (
     ADMIN_DRAIN,
     ADMIN_PAUSE,

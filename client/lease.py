@@ -4,71 +4,19 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from poolbroker.client.channel import HOSTNAME, Channel
-from poolbroker.client.errors import BrokerUnavailable, LeaseLost, error_from_code
-from poolbroker.client.protocol import (
-    OP_IO,
-    OP_LEASE,
-    OP_RELEASE,
-    RELEASE_DISCARD,
-    RELEASE_KEEP,
-    RELEASE_WHEN_DONE,
-    ErrorCode,
-    Template,
-    add_exchange,
-    lease_request,
-)
+from poolbroker.client.channel import Channel
+from poolbroker.client.errors import BrokerUnavailable
+from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, LeaseCore
+from poolbroker.client.protocol import RELEASE_DISCARD, RELEASE_KEEP
 
 if TYPE_CHECKING:
     from poolbroker.client.client import Client
 
-DEFAULT_RECV = 65536
-# A lease holds writes until its next read (so that a write and its answer are one round trip), or
-# until this many bytes are held: then they go at once, in a round trip of their own.
-HOLD_WRITES_UP_TO = 256 * 1024
-
-
-def first_exchange(
-    channel: Channel,
-    pool: str,
-    timeout: float,
-    tag: str | None,
-    exchange: tuple[float, bytes | None, int | None, int | None, str | None, bool],
-    sending: bool,
-) -> Template:
-    """The template of a lease request that carries its first exchange (a lazy lease's first I/O,
-    a one-shot cycle): `exchange` is (io_timeout, until, exactly, max_bytes, release, poll)."""
-    key = (OP_LEASE, pool, timeout, tag, exchange, sending)
-    template = channel.templates.get(key)
-    if template is None:
-        message = add_exchange(lease_request(pool, timeout, channel.pid, HOSTNAME, tag), None, *exchange)
-        template = channel.remember(key, Template(message, ("send",) if sending else ()))
-    return template
-
-
-def _next_exchange(
-    channel: Channel, exchange: tuple[float, bytes | None, int | None, int | None, str | None, bool], sending: bool
-) -> Template:
-    """The template of an exchange on a lease already held."""
-    key = (OP_IO, exchange, sending)
-    template = channel.templates.get(key)
-    if template is None:
-        message = add_exchange({"op": OP_IO}, None, *exchange)
-        template = channel.remember(key, Template(message, ("lease", "send") if sending else ("lease",)))
-    return template
-
-
-def _release(channel: Channel, mode: str) -> Template:
-    key = (OP_RELEASE, mode)
-    template = channel.templates.get(key)
-    if template is None:
-        template = channel.remember(key, Template({"op": OP_RELEASE, "release": mode, "noreply": True}, ("lease",)))
-    return template
+__all__ = ["DEFAULT_RECV", "HOLD_WRITES_UP_TO", "Lease"]
 
 
 class _LeaseIO(io.RawIOBase):
@@ -92,7 +40,7 @@ class _LeaseIO(io.RawIOBase):
         return self._lease.send(bytes(data))
 
 
-class Lease:
+class Lease(LeaseCore):
     """A leased upstream connection that works like a socket: `sendall`, `send`, `recv`,
     `recv_into`, `makefile`, `settimeout`, `gettimeout`, `shutdown`, `close`, so code written for a
     socket (http.client, redis-py) runs over it.
@@ -131,27 +79,18 @@ class Lease:
         tag: str | None = None,
         when_done: bool = False,
     ) -> None:
+        super().__init__(
+            channel,
+            generation,
+            pool,
+            token,
+            io_timeout,
+            client.broker_timeout,
+            timeout=timeout,
+            tag=tag,
+            when_done=when_done,
+        )
         self.client = client
-        self.pool = pool
-        self.io_timeout = io_timeout
-        self.tag = tag
-        self._channel = channel
-        self._generation = generation
-        self._token = token  # None: a lazy lease, requested with its first exchange
-        self._acquire_timeout = timeout  # (a lazy lease's: how long its first exchange may wait for a grant)
-        self._when_done = when_done  # each read may end the lease, once the broker sees the conversation over
-        self._done = False
-        self._held = bytearray()  # writes not yet sent: they go with the next read
-        self._default_io_timeout = io_timeout
-        self._timeout: float | None = io_timeout  # as settimeout() set it: None blocks, 0 polls
-        self._shut = False  # shutdown() was called: close() discards
-        self._used = False  # an I/O operation went to the broker
-        self.eof = False  # the upstream closed its side
-
-    def __repr__(self) -> str:
-        state = "released" if self._done else "active" if self._token is not None else "not yet granted"
-        token = f" {self._token[:4].hex()}.." if self._token is not None else ""
-        return f"<Lease {self.pool}{token} {state}>"
 
     def __enter__(self) -> Lease:
         return self
@@ -170,11 +109,8 @@ class Lease:
         """Send all of `data` to the upstream: held, and sent with the next read (or flush, or
         release). An error sending it is raised by that call. Past HOLD_WRITES_UP_TO held bytes,
         whole chunks of that size go at once, one round trip each, so any size can be sent."""
-        self._check_usable()
-        if data:
-            self._held += data
-            if len(self._held) > HOLD_WRITES_UP_TO:
-                self._send_held(keep_tail=True)
+        if self._hold(data):
+            self._send_held(keep_tail=True)
 
     def flush(self) -> None:
         """Send the held writes now (a round trip per HOLD_WRITES_UP_TO bytes); nothing to do if
@@ -202,23 +138,6 @@ class Lease:
         size = buffering if buffering and buffering > 0 else DEFAULT_RECV
         return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
 
-    def settimeout(self, timeout: float | None) -> None:
-        """As a socket's: seconds each I/O operation may take; 0: `recv` does not wait; None: `recv`
-        waits as long as it takes. The other operations take the lease's default io_timeout then."""
-        if timeout is not None and not 0 <= timeout <= 86400:
-            raise ValueError("a lease's timeout is in [0, 86400] seconds, or None")
-        self._timeout = None if timeout is None else float(timeout)
-        self.io_timeout = self._timeout if self._timeout else self._default_io_timeout
-
-    def gettimeout(self) -> float | None:
-        return self._timeout
-
-    @property
-    def fresh(self) -> bool:
-        """Nothing was sent or read yet: the connection is as the broker handed it out (clean, with
-        nothing to read), which a caller may know without asking."""
-        return not self._used and not self._held
-
     def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
         """Send what is held; the connection is discarded on close (its state is unusual now)."""
         if not self._done:
@@ -233,12 +152,10 @@ class Lease:
             self.release()
 
     def _send_held(self, keep_tail: bool) -> None:
-        held = bytes(self._held)
-        self._held.clear()
-        end = len(held) - len(held) % HOLD_WRITES_UP_TO if keep_tail else len(held)
-        for start in range(0, end, HOLD_WRITES_UP_TO):
-            self._io(held[start : start + HOLD_WRITES_UP_TO])  # an error drops the rest: it can't follow
-        self._held += held[end:]  # less than a chunk: it goes with the next read
+        chunks, tail = self._take_held(keep_tail)
+        for chunk in chunks:
+            self._io(chunk)  # an error drops the rest: it can't follow
+        self._held += tail  # less than a chunk: it goes with the next read
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         """At least 1 byte and at most `bufsize`; b"" once the upstream has closed. How long it
@@ -282,53 +199,13 @@ class Lease:
         poll: bool = False,
         io_timeout: float | None = None,
     ) -> bytes:
-        self._check_usable()
-        if self._held:  # the held writes go first, in the same exchange
-            if send:
-                self._held += send
-            send = bytes(self._held)
-            self._held.clear()
-        self._used = True
-        io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        if release is None and self._when_done and (until is not None or exactly is not None or max_bytes):
-            release = RELEASE_WHEN_DONE
-        exchange = (io_timeout, until, exactly, max_bytes, release, poll)
-        channel = self._channel
-        token = self._token
-        wait = io_timeout + self.client.broker_timeout
-        if token is None:  # a lazy lease: the lease request goes with its first exchange
-            template = first_exchange(channel, self.pool, self._acquire_timeout, self.tag, exchange, bool(send))
-            values: tuple[bytes, ...] = (send,) if send else ()
-            wait += self._acquire_timeout
-        else:
-            template = _next_exchange(channel, exchange, bool(send))
-            values = (token, send) if send else (token,)
+        template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout)
         try:
-            reply = channel.call_packed(template, values, wait)
+            reply = self._channel.call_packed(template, values, wait)
         except BrokerUnavailable:
             self._done = True  # the channel was reset: the broker will reclaim this lease
             raise
-        if reply.get("ok") is True:
-            if token is None:
-                self._token = reply["lease"]
-            if reply.get("released"):
-                self._done = True
-            if reply.get("eof"):
-                self.eof = True
-            return reply.get("data", b"")  # type: ignore[no-any-return]
-        # A lazy lease whose first exchange fails is over (never granted, or ended with it).
-        if token is None or reply.get("released") or reply.get("error") == ErrorCode.LEASE_LOST:
-            self._done = True
-        raise error_from_code(str(reply.get("error")), str(reply.get("message", "")))
-
-    def _check_usable(self) -> None:
-        if self._done:
-            raise LeaseLost("this lease has been released")
-        if self._channel.pid != os.getpid():
-            raise LeaseLost("this lease belongs to the parent process; lease again after fork")
-        if self._channel.generation != self._generation:
-            self._done = True
-            raise LeaseLost("the connection to the broker was reset since this lease was taken")
+        return self._conclude(reply, token)
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -346,17 +223,6 @@ class Lease:
         self._end(RELEASE_DISCARD)
 
     def _end(self, mode: str) -> None:
-        # One-way: nothing to wait for. A lease already lost, or a parent's, or a lazy one never
-        # granted, is left alone.
-        self._held.clear()
-        channel = self._channel
-        token = self._token
-        if self._done or token is None or channel.pid != os.getpid() or channel.generation != self._generation:
-            self._done = True
-            return
-        self._done = True
-        channel.send_oneway(_release(channel, mode), (token,))
-
-    @property
-    def released(self) -> bool:
-        return self._done
+        ending = self._ending(mode)  # (one-way: nothing to wait for)
+        if ending is not None:
+            self._channel.send_oneway(*ending)
