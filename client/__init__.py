@@ -1,5 +1,6 @@
 """poolbroker's client: lease connections from a broker shared by every worker process."""
 
+from poolbroker.client.aio import AsyncClient, AsyncLease
 from poolbroker.client.client import Client
 from poolbroker.client.endpoint import default_endpoint
 from poolbroker.client.errors import (
@@ -18,6 +19,8 @@ from poolbroker.client.errors import (
 from poolbroker.client.lease import Lease
 
 __all__ = [
+    "AsyncClient",
+    "AsyncLease",
     "BrokerUnavailable",
     "Client",
     "Lease",

@@ -5,12 +5,17 @@
     c = Client()                        # $POOLBROKER_ENDPOINT, else the broker's default ipc
     c.request("redis", b"INCR hits\r\n", until=b"\r\n")
 
+    async with AsyncClient() as ac:     # asyncio: every task of the loop shares one socket
+        await ac.request("redis", b"INCR hits\r\n", until=b"\r\n")
+
 The service is `poolbroker serve` (or `python -m poolbroker serve`). The client is in
 `poolbroker.client`, the broker in `poolbroker.broker`; the adapters are named after their
 library: `poolbroker.redis` (redis-py), `poolbroker.http` (http.client).
 """
 
 from poolbroker.client import (
+    AsyncClient,
+    AsyncLease,
     BrokerUnavailable,
     Client,
     Lease,
@@ -28,6 +33,8 @@ from poolbroker.client import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncLease",
     "BrokerUnavailable",
     "Client",
     "Lease",

@@ -1,0 +1,193 @@
+"""AsyncClient against a real broker and a real Redis: many tasks on one client, leases by `async
+with`, every call bounded in time, and tasks cancelled while they wait or in the middle of an
+exchange leaking nothing (seen from the broker's own counts and from Redis's side)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+import pytest
+from helpers import Broker, RedisServer, TestUpstream, wait_for
+
+from poolbroker import AsyncClient, BrokerUnavailable, Client, LeaseLost, PoolTimeout
+
+
+def test_many_tasks_share_one_client_within_the_bound(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--max-size", "3")
+
+    async def main() -> list[bytes]:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+
+            async def task() -> list[bytes]:
+                return [await c.request("redis", b"INCR async-hits\r\n", until=b"\r\n") for _ in range(10)]
+
+            answers = await asyncio.gather(*(task() for _ in range(50)))
+            return [answer for some in answers for answer in some]
+
+    with own_redis.sampler(broker) as upstream:
+        answers = asyncio.run(main())
+    # 500 INCRs, each answered once: every count from 1 to 500 came back to some task.
+    assert sorted(int(answer[1:]) for answer in answers) == list(range(1, 501))
+    assert 1 <= upstream.peak <= 3
+    with Client(broker.endpoint) as c:
+        assert c.stats("redis")["redis"]["leases_active"] == 0
+
+
+def test_a_lease_by_async_with_reads_as_the_sync_lease_does(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--protocol", "redis")
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint) as c:
+            async with c.lease("redis", tag="async-one") as conn:
+                conn.sendall(b"SET async-key ")
+                conn.sendall(b"hello\r\n")  # held: both go with the next read
+                assert await conn.recv_until(b"\r\n") == b"+OK\r\n"
+                assert await conn.request(b"GET async-key\r\n", until=b"\r\n") == b"$5\r\n"
+                assert await conn.recv_exactly(7) == b"hello\r\n"
+                (held,) = await c.leases("redis")
+                assert held["tag"] == "async-one" and held["ops"] == 3
+            assert await c.leases("redis") == []
+            before = (await c.broker_stats())["requests_received"]
+            async with c.lease("redis", lazy=True, when_done=True) as conn:
+                assert await conn.request(b"INCR async-lazy\r\n", until=b"\r\n") == b":1\r\n"
+                assert conn.released  # the answer ended it: nothing more to send
+            # the lazy lease's one message, and the stats request that counts
+            assert (await c.broker_stats())["requests_received"] - before == 2
+            assert (await c.ping())["pools"] == ["redis"]
+
+    asyncio.run(main())
+
+
+def test_every_async_call_has_a_deadline(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=0.3) as c, c.lease("redis"):
+            with pytest.raises(PoolTimeout):
+                async with c.lease("redis"):
+                    pass
+        async with AsyncClient("ipc:///nonexistent/nobody.sock", broker_timeout=0.3) as nobody:
+            with pytest.raises(BrokerUnavailable):
+                await nobody.ping()
+
+    asyncio.run(main())
+
+
+def test_a_task_cancelled_while_it_waits_for_a_grant_gives_the_grant_back(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--max-size", "1")
+    sync = Client(broker.endpoint)
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+            held = sync.lease("redis")  # the only connection
+
+            async def waiter() -> None:
+                async with c.lease("redis"):
+                    raise AssertionError("never granted: cancelled first")
+
+            task = asyncio.create_task(waiter())
+            await asyncio.to_thread(wait_for, lambda: sync.stats("redis")["redis"]["requests_waiting"] == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            held.release()  # the broker grants the cancelled request: its answer finds nobody...
+
+            def given_back() -> bool:
+                stats = sync.stats("redis")["redis"]
+                return stats["requests_num"] == 2 and stats["leases_active"] == 0 and stats["pool_idle"] == 1
+
+            await asyncio.to_thread(wait_for, given_back, what="the late grant to be given back")
+            # ...and goes back whole (kept, not discarded): the next lease gets the same connection.
+            assert await c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+            assert sync.stats("redis")["redis"]["connections_created"] == 1
+
+    asyncio.run(main())
+    sync.close()
+
+
+def test_a_task_cancelled_in_the_middle_of_an_exchange_discards_its_lease(
+    upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker]
+) -> None:
+    stall = upstream("stall")
+    broker = start_broker("--upstream", f"slow={stall.address}")
+    sync = Client(broker.endpoint)
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint) as c:
+            for lazy in (False, True):
+
+                async def talk(lazy: bool = lazy) -> None:
+                    # (the eager lease's exchange could run 30 s: its discard must come at once)
+                    async with c.lease("slow", lazy=lazy, io_timeout=1.0 if lazy else 30.0) as conn:
+                        await conn.request(b"hello\r\n", until=b"\r\n")  # the upstream never answers
+
+                task = asyncio.create_task(talk())
+
+                def busy() -> bool:
+                    return any(lease["busy_s"] > 0 for lease in sync.leases("slow"))
+
+                await asyncio.to_thread(wait_for, busy, what="the exchange to be running")
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        # The eager lease is discarded at once (its exchange cut short: the connection closes as
+        # broken); the lazy one's holder has no token yet, so its exchange runs out its io_timeout
+        # and the broker ends it then. Neither connection is handed on.
+
+        def gone() -> bool:
+            stats = sync.stats("slow")["slow"]
+            return (stats["leases_active"], stats["connections_closed"], stats["pool_idle"]) == (0, 2, 0)
+
+        await asyncio.to_thread(wait_for, gone, what="both cut leases to be closed")
+
+    asyncio.run(main())
+    sync.close()
+
+
+def test_an_async_lease_is_the_parents_after_fork(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    c = AsyncClient(broker.endpoint)
+
+    async def parent_request() -> bytes:
+        return await c.request("redis", b"PING\r\n", until=b"\r\n")
+
+    assert asyncio.run(parent_request()) == b"+PONG\r\n"
+    pid = os.fork()
+    if pid == 0:  # the child: its own socket, made on first use
+        try:
+            os._exit(0 if asyncio.run(parent_request()) == b"+PONG\r\n" else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    async def a_lease_taken_in_the_parent() -> None:
+        lease = c.lease("redis", lazy=True)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                await lease.request(b"PING\r\n", until=b"\r\n")
+            except LeaseLost:
+                os._exit(0)
+            except BaseException:
+                os._exit(2)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert await lease.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"  # the parent's to use
+        lease.discard()
+        await c.aclose()
+        with pytest.raises(BrokerUnavailable):
+            await c.request("redis", b"PING\r\n", until=b"\r\n")
+
+    asyncio.run(a_lease_taken_in_the_parent())
