@@ -59,7 +59,12 @@ SHARED = {
     "poolbroker.client.endpoint",
     "poolbroker.client.keys",
 }
-ADAPTERS = {"poolbroker", "poolbroker.redis", "poolbroker.http"}  # the package's face: the client's users
+ADAPTERS = {
+    "poolbroker",
+    "poolbroker.redis",
+    "poolbroker.http",
+    "poolbroker.memcache",
+}  # the package's face: the client's users
 
 
 def layer(name: str) -> str:

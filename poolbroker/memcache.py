@@ -1,0 +1,131 @@
+"""pymemcache over leases: `poolbroker.memcache.Client(broker, "cache")` is a pymemcache Client whose
+every command runs on a lease of the broker's pool `cache` (whose upstream is memcached).
+
+    from poolbroker import Client
+    from poolbroker.memcache import Client as MemcacheClient
+
+    cache = MemcacheClient(Client(), "cache")
+    cache.set("greeting", "hello")          # noreply (pymemcache's default): one message
+    cache.get("greeting")                   # one round trip and a one-way release
+
+It goes through pymemcache's `socket_module` hook: the "socket" it connects is a stand-in whose
+I/O goes through a lazy lease, asked for with the command's bytes; each command gives its lease
+back when it returns (a noreply command's bytes go with that release, in one round trip that
+raises if they could not be sent). memcached keeps no session, so nothing needs resetting between
+holders; a command that fails has its lease discarded (pymemcache closes its socket then).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pymemcache.client.base import Client as PymemcacheClient
+
+from poolbroker.client.client import Client as BrokerClient
+from poolbroker.client.lease import Lease
+
+__all__ = ["Client", "LeaseSocket", "LeaseSocketModule"]
+
+
+class LeaseSocket:
+    """The socket pymemcache holds: each command runs on a lazy lease of its own."""
+
+    def __init__(self, broker: BrokerClient, pool: str, tag: str | None) -> None:
+        self._broker = broker
+        self._pool = pool
+        self._tag = tag
+        self._timeout: float | None = None
+        self.lease: Lease | None = None
+
+    def _current(self) -> Lease:
+        if self.lease is None or self.lease.released:
+            self.lease = self._broker.lease(self._pool, tag=self._tag, lazy=True)
+            if self._timeout is not None:
+                self.lease.settimeout(self._timeout)
+        return self.lease
+
+    def give_back(self) -> None:
+        """The command returned: its lease goes back (with a noreply command's bytes, if held)."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
+
+    # -- what pymemcache calls -------------------------------------------------------------
+
+    def connect(self, address: Any) -> None:
+        pass  # where to connect is the broker pool's business
+
+    def setsockopt(self, *args: Any) -> None:
+        pass  # (TCP_NODELAY, keepalive: the broker's own upstream sockets have theirs)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        if self.lease is not None:
+            self.lease.settimeout(timeout)
+
+    def sendall(self, data: bytes) -> None:
+        self._current().sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        return self._current().recv(size)
+
+    def close(self) -> None:
+        """pymemcache closes its socket after a failed command (or on close()): a lease in use is
+        discarded then, its connection's state being unknown."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.discard()
+
+
+class LeaseSocketModule:
+    """What pymemcache's `socket_module` hook takes: the socket module's names, with sockets that
+    are leases of `pool`."""
+
+    AF_INET, AF_INET6, AF_UNIX, AF_UNSPEC = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_UNSPEC
+    SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY = socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY
+    error, timeout = socket.error, socket.timeout
+
+    def __init__(self, broker: BrokerClient, pool: str, tag: str | None = None) -> None:
+        self.broker = broker
+        self.pool = pool
+        self.tag = tag
+
+    def getaddrinfo(self, host: str, port: int, *args: Any) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+
+    def socket(self, *args: Any) -> LeaseSocket:
+        return LeaseSocket(self.broker, self.pool, self.tag)
+
+
+class Client(PymemcacheClient):  # type: ignore[misc]
+    """pymemcache's Client, each command on a lease of the broker's `pool`. Takes pymemcache's
+    own options (serde, timeouts, default_noreply...) except where to connect."""
+
+    def __init__(self, broker: BrokerClient, pool: str = "memcached", *, tag: str | None = None, **kwargs: Any) -> None:
+        for key in ("server", "socket_module", "tls_context", "socket_keepalive"):
+            if key in kwargs:
+                raise ValueError(f"{key}: where and how to connect is the broker pool's business")
+        super().__init__((pool, 0), socket_module=LeaseSocketModule(broker, pool, tag), **kwargs)
+
+    def _give_back(self) -> None:
+        if isinstance(self.sock, LeaseSocket):  # (None after a failure: pymemcache closed it)
+            self.sock.give_back()
+
+    def _fetch_cmd(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._fetch_cmd(*args, **kwargs)
+        finally:
+            self._give_back()
+
+    def _store_cmd(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._store_cmd(*args, **kwargs)
+        finally:
+            self._give_back()
+
+    def _misc_cmd(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._misc_cmd(*args, **kwargs)
+        finally:
+            self._give_back()
