@@ -6,7 +6,7 @@ import errno
 import io
 import socket
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from poolbroker.client.channel import Channel
 from poolbroker.client.errors import BrokerUnavailable
@@ -16,13 +16,19 @@ from poolbroker.client.protocol import RELEASE_DISCARD, RELEASE_KEEP
 if TYPE_CHECKING:
     from poolbroker.client.client import Client
 
-__all__ = ["DEFAULT_RECV", "HOLD_WRITES_UP_TO", "Lease"]
+__all__ = ["DEFAULT_RECV", "HOLD_WRITES_UP_TO", "Lease", "LeaseIO"]
 
 
-class _LeaseIO(io.RawIOBase):
-    """The raw stream under Lease.makefile(): reads and writes go through the lease."""
+class _Stream(Protocol):
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int: ...
 
-    def __init__(self, lease: Lease, reading: bool) -> None:
+    def send(self, data: bytes) -> int: ...
+
+
+class LeaseIO(io.RawIOBase):
+    """The raw stream under makefile(): reads and writes go through a lease (or a leased socket)."""
+
+    def __init__(self, lease: _Stream, reading: bool) -> None:
         super().__init__()
         self._lease = lease
         self._reading = reading
@@ -134,7 +140,7 @@ class Lease(LeaseCore):
         """A binary file over the lease, as socket.makefile: "rb" or "wb". Closing it leaves the lease open."""
         if mode not in ("rb", "wb"):
             raise ValueError(f"invalid mode {mode!r}: a lease's file is binary, 'rb' or 'wb'")
-        raw = _LeaseIO(self, reading=mode == "rb")
+        raw = LeaseIO(self, reading=mode == "rb")
         size = buffering if buffering and buffering > 0 else DEFAULT_RECV
         return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
 

@@ -16,7 +16,6 @@ does not reset sessions this adapter warns once.
 from __future__ import annotations
 
 import inspect
-import socket
 import warnings
 from typing import Any
 
@@ -26,7 +25,7 @@ from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
 from poolbroker.client.client import Client
-from poolbroker.client.lease import Lease
+from poolbroker.client.leased_socket import LeasedSocket
 
 _checked: set[tuple[str, str]] = set()  # (endpoint, pool) whose protocol was looked at in this process
 
@@ -52,62 +51,6 @@ def _warn_unless_protected(broker: Client, pool: str) -> None:
         SessionLeakWarning,
         stacklevel=4,
     )
-
-
-class LeasedSocket:
-    """The socket redis-py keeps for a connection: each command or pipeline runs on a lease of its
-    own, asked for with the command (lazy) and ended by the read that brings its last reply
-    (when_done: the broker's redis pool sees when every command is answered and nothing is left on
-    the session), so a command is one message and its answer. redis-py's connection stays
-    "connected" (no connect, handshake or teardown per command) while the broker's pool is shared.
-    What keeps a session (MULTI, WATCH, a subscription) keeps its lease until redis-py gives the
-    connection back."""
-
-    def __init__(self, broker: Client, pool: str, tag: str | None, timeout: float | None) -> None:
-        self._broker = broker
-        self._pool = pool
-        self._tag = tag
-        self._timeout = timeout
-        self.lease = self._next_lease()
-
-    def _next_lease(self) -> Lease:
-        lease = self._broker.lease(self._pool, tag=self._tag, lazy=True, when_done=True)
-        lease.settimeout(self._timeout)
-        return lease
-
-    def _current(self) -> Lease:
-        """The lease for what comes next: a new one once the last has ended by itself."""
-        if self.lease.released:
-            self.lease = self._next_lease()
-        return self.lease
-
-    def give_back(self) -> None:
-        """The command is done: release its lease (nothing is sent if it ended by itself, or never
-        asked for one)."""
-        self.lease.release()
-        self.lease = self._next_lease()
-
-    def sendall(self, data: bytes) -> None:
-        self._current().sendall(data)
-
-    def recv(self, bufsize: int = 65536) -> bytes:
-        return self._current().recv(bufsize)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
-        return self._current().recv_into(buffer, nbytes)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._timeout = timeout
-        self.lease.settimeout(timeout)
-
-    def gettimeout(self) -> float | None:
-        return self._timeout
-
-    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
-        self.lease.shutdown(how)
-
-    def close(self) -> None:
-        self.lease.close()
 
 
 class LeaseConnection(Connection):

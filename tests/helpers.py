@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -460,11 +461,18 @@ class MemcachedServer:
 
 class HttpUpstream:
     """A small HTTP/1.1 server with keep-alive: GET or HEAD /health answers 200, /down 503, and
-    GET /stall sends its headers, then its body only once `unstall` is set."""
+    GET /stall sends its headers, then its body only once `unstall` is set. With `tls`, HTTPS.
+    It counts the connections it accepted (`accepted`) and the most open at once (`peak_open`):
+    what a client pooling its connections is judged by, from the server's side."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TestCertificates | None = None) -> None:
         self.unstall = threading.Event()
         unstall = self.unstall
+        self.accepted = 0
+        self.open = 0
+        self.peak_open = 0
+        counts = threading.Lock()
+        upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a pooled upstream must
@@ -494,7 +502,25 @@ class HttpUpstream:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                with counts:
+                    upstream.accepted += 1
+                    upstream.open += 1
+                    upstream.peak_open = max(upstream.peak_open, upstream.open)
+                super().setup()
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                finally:
+                    with counts:
+                        upstream.open -= 1
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tls.server_cert, tls.server_key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -1,0 +1,88 @@
+"""A socket for client libraries that keep their connections open between requests (redis-py,
+urllib3): each conversation on it runs on a lease of its own, so an idle library connection
+holds no upstream connection and the broker's pool stays shared."""
+
+from __future__ import annotations
+
+import io
+import socket
+from typing import TYPE_CHECKING, Any
+
+from poolbroker.client.exchanges import DEFAULT_RECV
+from poolbroker.client.lease import Lease, LeaseIO
+
+if TYPE_CHECKING:
+    from poolbroker.client.client import Client
+
+
+class LeasedSocket:
+    """Socket-like; each conversation runs on a lazy lease, asked for with its first bytes and
+    ended by the answer that finishes it where the broker follows the pool's protocol (`redis`,
+    `http`: when_done), or by give_back() (which the adapters call when their library is done
+    with the connection: the only end in a `tcp` or `memcached` pool). A library connection
+    holding it stays "connected" (no connect or handshake per request) and holds no upstream
+    connection between conversations. What keeps a session (a MULTI, a WATCH, a subscription)
+    keeps its lease until give_back()."""
+
+    def __init__(self, broker: Client, pool: str, tag: str | None = None, timeout: float | None = None) -> None:
+        self._broker = broker
+        self._pool = pool
+        self._tag = tag
+        self._timeout = timeout
+        self.lease = self._next_lease()
+
+    def _next_lease(self) -> Lease:
+        lease = self._broker.lease(self._pool, tag=self._tag, lazy=True, when_done=True)
+        lease.settimeout(self._timeout)
+        return lease
+
+    def _current(self) -> Lease:
+        """The lease for what comes next: a new one once the last has ended by itself."""
+        if self.lease.released:
+            self.lease = self._next_lease()
+        return self.lease
+
+    def give_back(self) -> None:
+        """The conversation is over: release its lease (nothing is sent if it ended by itself, or
+        never asked for one)."""
+        if not self.lease.fresh or self.lease.released:
+            self.lease.release()
+            self.lease = self._next_lease()
+
+    def sendall(self, data: bytes) -> None:
+        self._current().sendall(data)
+
+    def send(self, data: bytes) -> int:
+        self._current().sendall(data)
+        return len(data)
+
+    def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
+        return self._current().recv(bufsize)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        return self._current().recv_into(buffer, nbytes)
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
+        """A binary file over this socket (over whichever lease each read or write runs on)."""
+        if mode not in ("rb", "wb"):
+            raise ValueError(f"invalid mode {mode!r}: a leased socket's file is binary, 'rb' or 'wb'")
+        raw = LeaseIO(self, reading=mode == "rb")
+        size = buffering if buffering and buffering > 0 else DEFAULT_RECV
+        return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self.lease.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setsockopt(self, *args: Any) -> None:
+        pass  # (the broker's own upstream sockets have their options)
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        self.lease.shutdown(how)
+
+    def close(self) -> None:
+        """As a socket's: the lease in use goes back (discarded after shutdown())."""
+        self.lease.close()

@@ -1,0 +1,92 @@
+"""HTTP clients over leases, against a real HTTP/1.1 server with keep-alive, plain and through a pool
+with `tls = true`: requests works unchanged, the server sees its connections reused and never more
+of them open at once than the pool's max_size, and an idle Session holds none."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+from helpers import Broker, HttpUpstream, TestCertificates
+
+from poolbroker import Client
+from poolbroker.requests import PoolBrokerAdapter
+
+HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1", "--max-size", "2")
+
+
+@pytest.fixture(scope="module")
+def certs() -> TestCertificates:
+    return TestCertificates()
+
+
+@pytest.fixture(params=["plain", "tls"])
+def served(request: pytest.FixtureRequest, certs: TestCertificates) -> Iterator[tuple[HttpUpstream, tuple[str, ...]]]:
+    """The server, and the broker flags for a pool in front of it (with TLS to it when it has TLS)."""
+    if request.param == "plain":
+        server, flags = HttpUpstream(), ()
+    else:
+        server, flags = (
+            HttpUpstream(tls=certs),
+            ("--tls", "--tls-ca-file", str(certs.ca), "--tls-server-name", "localhost"),
+        )
+    yield server, flags
+    server.stop()
+
+
+def test_requests_through_the_pool_reuses_connections_within_the_bound(
+    served: tuple[HttpUpstream, tuple[str, ...]], start_broker: Callable[..., Broker]
+) -> None:
+    server, tls = served
+    broker = start_broker("--upstream", f"api={server.address}", *HTTP_POOL, *tls)
+    c = Client(broker.endpoint, timeout=30)
+    session = requests.Session()
+    session.mount("http://api.internal/", PoolBrokerAdapter(c, "api"))
+    response = session.get("http://api.internal/health", timeout=5)
+    assert (response.status_code, response.text) == (200, "ok\n")
+    assert session.get("http://api.internal/down", timeout=5).status_code == 503
+    assert c.stats("api")["api"]["leases_active"] == 0  # an idle Session holds no connection
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        own = requests.Session()  # (a Session per thread, as requests advises)
+        own.mount("http://api.internal/", PoolBrokerAdapter(c, "api"))
+        try:
+            for _ in range(25):
+                got = own.get("http://api.internal/health", timeout=10)
+                assert (got.status_code, got.content) == (200, b"ok\n")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    # 202 requests from 9 sessions: the server saw at most 2 connections open at once, and no more
+    # than that ever (each was reused).
+    stats = c.stats("api")["api"]
+    assert server.peak_open <= 2 and server.accepted == stats["connections_created"] <= 2
+    assert (stats["leases_active"], stats["requests_num"], stats["connections_closed"]) == (0, 202, 0)
+    c.close()
+
+
+def test_a_requests_call_is_one_message_and_its_answer(
+    served: tuple[HttpUpstream, tuple[str, ...]], start_broker: Callable[..., Broker]
+) -> None:
+    server, tls = served
+    broker = start_broker("--upstream", f"api={server.address}", *HTTP_POOL, *tls)
+    c = Client(broker.endpoint)
+    session = requests.Session()
+    session.mount("http://", PoolBrokerAdapter(c, "api"))
+    session.head("http://api.internal/health", timeout=5)
+    before = c.broker_stats()["requests_received"]
+    for _ in range(20):
+        # HEAD: the server writes its answer in one piece, so one read takes it all
+        assert session.head("http://api.internal/health", timeout=5).status_code == 200
+    # Each request carried its lease request, and the end of its response ended the lease.
+    assert c.broker_stats()["requests_received"] - before - 1 == 20
+    c.close()
