@@ -1,17 +1,21 @@
 """HTTP clients over leases, against a real HTTP/1.1 server with keep-alive, plain and through a pool
-with `tls = true`: requests works unchanged, the server sees its connections reused and never more
-of them open at once than the pool's max_size, and an idle Session holds none."""
+with `tls = true`: requests and httpx (sync and async) work unchanged, the server sees its
+connections reused and never more of them open at once than the pool's max_size, and an idle
+client holds none."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 import requests
 from helpers import Broker, HttpUpstream, TestCertificates
 
-from poolbroker import Client
+from poolbroker import AsyncClient, Client
+from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
 from poolbroker.requests import PoolBrokerAdapter
 
 HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1", "--max-size", "2")
@@ -89,4 +93,50 @@ def test_a_requests_call_is_one_message_and_its_answer(
         assert session.head("http://api.internal/health", timeout=5).status_code == 200
     # Each request carried its lease request, and the end of its response ended the lease.
     assert c.broker_stats()["requests_received"] - before - 1 == 20
+    c.close()
+
+
+def test_httpx_sync_and_async_through_the_pool_within_the_bound(
+    served: tuple[HttpUpstream, tuple[str, ...]], start_broker: Callable[..., Broker]
+) -> None:
+    server, tls = served
+    broker = start_broker("--upstream", f"api={server.address}", *HTTP_POOL, *tls)
+    c = Client(broker.endpoint, timeout=30)
+    with httpx.Client(transport=PoolBrokerTransport(c, "api"), base_url="https://api.internal") as api:
+        got = api.get("/health")
+        assert (got.status_code, got.text) == (200, "ok\n")
+        assert api.get("/down").status_code == 503
+        before = c.broker_stats()["requests_received"]
+        for _ in range(20):
+            assert api.head("/health").status_code == 200
+        assert c.broker_stats()["requests_received"] - before - 1 == 20  # one message per request
+        assert c.stats("api")["api"]["leases_active"] == 0  # an idle httpx client holds no connection
+
+    async def many_tasks() -> list[int]:
+        async with AsyncClient(broker.endpoint, timeout=30) as ac:
+            transport = AsyncPoolBrokerTransport(ac, "api")
+            async with httpx.AsyncClient(transport=transport, base_url="http://api.internal") as api:
+
+                async def task() -> list[int]:
+                    return [(await api.get("/health")).status_code for _ in range(10)]
+
+                return [status for some in await asyncio.gather(*(task() for _ in range(20))) for status in some]
+
+    assert asyncio.run(many_tasks()) == [200] * 200
+    stats = c.stats("api")["api"]
+    assert server.peak_open <= 2 and server.accepted == stats["connections_created"] <= 2
+    assert (stats["leases_active"], stats["requests_num"], stats["connections_closed"]) == (0, 222, 0)
+    c.close()
+
+
+def test_httpx_reports_the_pools_errors_as_its_own(
+    http_upstream: HttpUpstream, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"api={http_upstream.address}", *HTTP_POOL)
+    c = Client(broker.endpoint, timeout=0.3)
+    holders = [c.lease("api"), c.lease("api")]  # the pool's 2 connections, held
+    with httpx.Client(transport=PoolBrokerTransport(c, "api")) as api, pytest.raises(httpx.PoolTimeout):
+        api.get("http://api.internal/health")
+    for held in holders:
+        held.release()
     c.close()

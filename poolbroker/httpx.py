@@ -1,0 +1,198 @@
+"""httpx over leases, sync and async, on httpcore's network backend interface.
+
+    import httpx
+    from poolbroker import AsyncClient, Client
+    from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
+
+    api = httpx.Client(transport=PoolBrokerTransport(Client(), "api"), base_url="http://api.internal")
+    api.get("/health")
+    async with httpx.AsyncClient(transport=AsyncPoolBrokerTransport(AsyncClient(), "api")) as api:
+        await api.get("http://api.internal/health")
+
+The transports are httpx's own (HTTPTransport, AsyncHTTPTransport: its limits, retries and error
+mapping), over a network backend whose "TCP connections" are streams of leases of the broker's
+`pool`: every request goes to the pool's upstream, whatever the URL's host (which still goes in
+the Host header). Each request runs on a lease of its own, asked for with the request's bytes and
+ended by the end of its response, which the broker sees in an `http` pool: use one (in another
+kind of pool a connection httpx keeps alive keeps its lease until httpx closes it). TLS is the
+pool's (`tls = true`): an `https://` URL is spoken in plain HTTP to the lease, so `verify` and
+`cert` do not apply. HTTP/1.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+from poolbroker.client.aio import AsyncClient, AsyncLease
+from poolbroker.client.client import Client
+from poolbroker.client.errors import PoolBrokerError, PoolTimeout, UpstreamTimeout
+from poolbroker.client.leased_socket import LeasedSocket
+
+__all__ = ["AsyncPoolBrokerTransport", "PoolBrokerTransport"]
+
+
+@contextlib.contextmanager
+def _as_httpcore_errors(reading: bool) -> Iterator[None]:
+    """The broker's errors as httpcore's, which httpx turns into its own (httpx.PoolTimeout...)."""
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise httpcore.PoolTimeout(str(exc)) from exc
+    except UpstreamTimeout as exc:
+        raise (httpcore.ReadTimeout if reading else httpcore.WriteTimeout)(str(exc)) from exc
+    except PoolBrokerError as exc:
+        raise (httpcore.ReadError if reading else httpcore.WriteError)(str(exc)) from exc
+
+
+class LeaseStream(httpcore.NetworkStream):
+    """What httpcore takes for a TCP connection: a LeasedSocket (a lease per request)."""
+
+    def __init__(self, broker: Client, pool: str, tag: str | None) -> None:
+        self._socket = LeasedSocket(broker, pool, tag)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        with _as_httpcore_errors(reading=True):
+            self._socket.settimeout(timeout)
+            return self._socket.recv(max_bytes)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        with _as_httpcore_errors(reading=False):
+            self._socket.sendall(buffer)  # (held: it goes with the read of its response)
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        return self  # TLS is the broker pool's: the lease speaks plain HTTP
+
+    def get_extra_info(self, info: str) -> Any:
+        return False if info == "is_readable" else None  # (the broker hands out only open connections)
+
+
+class LeaseBackend(httpcore.NetworkBackend):
+    def __init__(self, broker: Client, pool: str, tag: str | None) -> None:
+        self.broker, self.pool, self.tag = broker, pool, tag
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> LeaseStream:
+        return LeaseStream(self.broker, self.pool, self.tag)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> LeaseStream:
+        return LeaseStream(self.broker, self.pool, self.tag)
+
+
+class AsyncLeaseStream(httpcore.AsyncNetworkStream):
+    """The async twin of LeaseStream: each request on an AsyncLease of its own."""
+
+    def __init__(self, broker: AsyncClient, pool: str, tag: str | None) -> None:
+        self._broker, self._pool, self._tag = broker, pool, tag
+        self._lease: AsyncLease | None = None
+
+    def _current(self) -> AsyncLease:
+        if self._lease is None or self._lease.released:
+            self._lease = self._broker.lease(self._pool, tag=self._tag, lazy=True, when_done=True)
+        return self._lease
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        with _as_httpcore_errors(reading=True):
+            lease = self._current()
+            lease.settimeout(timeout)
+            return await lease.recv(max_bytes)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        with _as_httpcore_errors(reading=False):
+            self._current().sendall(buffer)
+
+    async def aclose(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None and not lease.released:
+            await lease.release()
+
+    async def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Any:
+        return self  # TLS is the broker pool's
+
+    def get_extra_info(self, info: str) -> Any:
+        return False if info == "is_readable" else None
+
+
+class AsyncLeaseBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, broker: AsyncClient, pool: str, tag: str | None) -> None:
+        self.broker, self.pool, self.tag = broker, pool, tag
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> AsyncLeaseStream:
+        return AsyncLeaseStream(self.broker, self.pool, self.tag)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> AsyncLeaseStream:
+        return AsyncLeaseStream(self.broker, self.pool, self.tag)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _pool_options(limits: httpx.Limits, retries: int) -> dict[str, Any]:
+    return {
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "retries": retries,
+        "http1": True,
+        "http2": False,
+    }
+
+
+class PoolBrokerTransport(httpx.HTTPTransport):
+    """httpx's HTTPTransport, its connections leases of the broker's `pool`."""
+
+    def __init__(
+        self,
+        broker: Client,
+        pool: str,
+        *,
+        tag: str | None = None,
+        limits: httpx.Limits = httpx.Limits(),  # noqa: B008 (httpx's own default, immutable)
+        retries: int = 0,
+    ) -> None:
+        super().__init__(limits=limits, retries=retries)
+        self._pool = httpcore.ConnectionPool(
+            network_backend=LeaseBackend(broker, pool, tag), **_pool_options(limits, retries)
+        )
+
+
+class AsyncPoolBrokerTransport(httpx.AsyncHTTPTransport):
+    """httpx's AsyncHTTPTransport, its connections AsyncLeases of the broker's `pool`."""
+
+    def __init__(
+        self,
+        broker: AsyncClient,
+        pool: str,
+        *,
+        tag: str | None = None,
+        limits: httpx.Limits = httpx.Limits(),  # noqa: B008
+        retries: int = 0,
+    ) -> None:
+        super().__init__(limits=limits, retries=retries)
+        backend = AsyncLeaseBackend(broker, pool, tag)
+        self._pool = httpcore.AsyncConnectionPool(network_backend=backend, **_pool_options(limits, retries))
