@@ -76,6 +76,7 @@ class PoolCore(Generic[C, R]):
         self.requests_failed = 0
         self.requests_abandoned = 0
         self.connections_created = 0
+        self.peak = 0  # the most connections open at once
         self.connections_failed = 0
         self.connections_closed = dict.fromkeys(CLOSE_REASONS, 0)
         self.checks_run = 0
@@ -153,6 +154,7 @@ class PoolCore(Generic[C, R]):
             self.connect_time.record(now - opened_at)
         expires = now + self._max_lifetime * (1 - LIFETIME_JITTER * self._rng())
         self._times[conn] = _Times(now, expires)
+        self.peak = max(self.peak, self.size)
         if self.closing:
             return self._close(conn, "shutdown")
         if opened_at is not None and opened_at <= self.drained_at:  # begun before a drain: never serves
@@ -283,6 +285,7 @@ class PoolCore(Generic[C, R]):
         stats: dict[str, int | float] = {
             "pool_max": self.max_size,
             "pool_size": self.size,
+            "pool_peak": self.peak,
             "pool_idle": len(self.idle),
             "pool_checking": len(self.checking),
             "pool_connecting": self.connecting,

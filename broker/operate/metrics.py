@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 GAUGES = {
     "pool_max": "The pool's bound (max_size).",
     "pool_size": "Open connections: idle, being checked, or leased.",
+    "pool_peak": "The most connections open at once since the broker started.",
     "pool_idle": "Idle connections, ready to hand out.",
     "pool_checking": "Connections being probed.",
     "pool_connecting": "Connections being opened.",

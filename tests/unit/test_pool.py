@@ -28,6 +28,15 @@ def test_opens_on_demand_up_to_max_size_then_queues() -> None:
     assert pool.release("c1", 0.2) == [Grant("c", "c1")]
 
 
+def test_the_peak_is_the_most_connections_open_at_once() -> None:
+    pool = make(max_size=3)
+    assert pool.stats()["pool_peak"] == 0
+    pool.request("a", 0.0, 5.0), pool.request("b", 0.0, 5.0)
+    pool.connected("c1", 0.1), pool.connected("c2", 0.1)
+    pool.release("c1", 0.2), pool.lost("c1", 0.3, "broken")  # one open now, two at most
+    assert (pool.size, pool.stats()["pool_peak"]) == (1, 2)
+
+
 def test_does_not_open_more_than_the_waiters_need() -> None:
     pool = make(max_size=5)
     assert pool.request("a", 0.0, 5.0) == [OPEN]
