@@ -97,31 +97,36 @@ class LeaseConnection(Connection):
         return [("pool", self.pool_name), ("broker", self.broker.endpoint)]
 
 
+def lease_connection_options(kwargs: dict[str, Any], connection_class: Any, no_retry: Any) -> dict[str, Any]:
+    """redis-py's connection options for leased connections (sync or asyncio): refused where they
+    belong to the broker's pool, and set so that nothing is sent when a lease starts."""
+    # Session state belongs to the broker's pool, not to one lease: a password or db given here
+    # would have to be sent on every lease, and would change the connection for its next holder.
+    for key in ("username", "password", "db", "client_name", "credential_provider"):
+        if kwargs.get(key):
+            setting = {"credential_provider": "username and password"}.get(key, key)
+            raise ValueError(f'{key}: set {setting} in the broker\'s pool (protocol = "redis"), not per lease')
+    # Nothing to send when a lease starts: no CLIENT SETINFO (redis-py >= 8 reads driver_info,
+    # earlier versions lib_name and lib_version), no AUTH or SELECT (below), no HELLO (RESP2).
+    if "driver_info" in inspect.signature(connection_class.__init__).parameters:
+        kwargs.setdefault("driver_info", None)
+    else:
+        kwargs.setdefault("lib_name", None)
+        kwargs.setdefault("lib_version", None)
+    # RESP2, which needs no HELLO per lease (HELLO 3 would switch the connection for its next holder).
+    if kwargs.setdefault("protocol", 2) not in (2, "2"):
+        raise ValueError("leased connections speak RESP2 (protocol=2): HELLO 3 would change them for their next holder")
+    # A lease request already waits its acquire timeout, and the broker retries connects itself:
+    # redis-py's own retries would only multiply the wait.
+    kwargs.setdefault("retry", no_retry)
+    return kwargs
+
+
 class BrokerConnectionPool(redis.ConnectionPool):
     """A redis-py connection pool that leases from the broker's `pool` for every command or pipeline."""
 
     def __init__(self, broker: Client, pool: str = "redis", *, tag: str | None = None, **kwargs: Any) -> None:
-        # Session state belongs to the broker's pool, not to one lease: a password or db given here
-        # would have to be sent on every lease, and would change the connection for its next holder.
-        for key in ("username", "password", "db", "client_name", "credential_provider"):
-            if kwargs.get(key):
-                setting = {"credential_provider": "username and password"}.get(key, key)
-                raise ValueError(f'{key}: set {setting} in the broker\'s pool (protocol = "redis"), not per lease')
-        # Nothing to send when a lease starts: no CLIENT SETINFO (redis-py >= 8 reads driver_info,
-        # earlier versions lib_name and lib_version), no AUTH or SELECT (below), no HELLO (RESP2).
-        if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters:
-            kwargs.setdefault("driver_info", None)
-        else:
-            kwargs.setdefault("lib_name", None)
-            kwargs.setdefault("lib_version", None)
-        # RESP2, which needs no HELLO per lease (HELLO 3 would switch the connection for its next holder).
-        if kwargs.setdefault("protocol", 2) not in (2, "2"):
-            raise ValueError(
-                "leased connections speak RESP2 (protocol=2): HELLO 3 would change them for their next holder"
-            )
-        # A lease request already waits its acquire timeout, and the broker retries connects itself:
-        # redis-py's own retries would only multiply the wait.
-        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+        kwargs = lease_connection_options(kwargs, AbstractConnection, Retry(NoBackoff(), 0))
         super().__init__(connection_class=LeaseConnection, broker=broker, pool=pool, tag=tag, **kwargs)
 
     def release(self, connection: Any) -> None:

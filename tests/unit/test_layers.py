@@ -62,6 +62,7 @@ SHARED = {
 ADAPTERS = {
     "poolbroker",
     "poolbroker.redis",
+    "poolbroker.redis_asyncio",
     "poolbroker.http",
     "poolbroker.memcache",
 }  # the package's face: the client's users

@@ -1,0 +1,68 @@
+"""redis.asyncio over leases, against a real Redis: commands, pipelines and WATCH transactions from
+many tasks, each command one message and its answer, within the pool's bound."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import redis
+import redis.asyncio
+from helpers import Broker, RedisServer
+
+from poolbroker import AsyncClient
+from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+
+
+def test_redis_asyncio_runs_each_command_on_a_lease_within_the_bound(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "2")
+    other = own_redis.client()
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            assert await r.set("greeting", "hello") is True
+            assert await r.get("greeting") == b"hello"
+            async with r.pipeline(transaction=True) as pipe:
+                assert await pipe.set("x", 1).incr("x").get("x").execute() == [True, 2, b"2"]
+            with pytest.raises(redis.ResponseError):
+                await r.execute_command("NO-SUCH-COMMAND")
+            before = (await c.broker_stats())["requests_received"]
+            for n in range(1, 51):
+                assert await r.incr("counted") == n
+            assert (await c.broker_stats())["requests_received"] - before - 1 == 50  # one message each
+
+            async def task() -> None:
+                for _ in range(20):
+                    await r.incr("shared")
+
+            await asyncio.gather(*(task() for _ in range(20)))
+            assert await r.get("shared") == b"400"
+            # A WATCH holds its lease (and connection) to the EXEC: a change in between aborts it.
+            async with r.pipeline() as pipe:
+                await pipe.watch("balance")
+                await other_set("balance", b"100")
+                pipe.multi()
+                pipe.set("balance", 7)
+                with pytest.raises(redis.WatchError):
+                    await pipe.execute()
+            await r.aclose()
+            stats = (await c.stats("redis"))["redis"]
+            assert stats["leases_active"] == 0 and stats["pool_peak"] <= 2
+
+    async def other_set(key: str, value: bytes) -> None:
+        await asyncio.to_thread(other.set, key, value)
+
+    asyncio.run(main())
+    assert other.get("balance") == b"100"
+
+
+def test_redis_asyncio_refuses_what_belongs_to_the_pool() -> None:
+    c = AsyncClient("ipc:///nonexistent")
+    with pytest.raises(ValueError, match=r"password: set .* in the broker's pool"):
+        AsyncBrokerConnectionPool(c, "redis", password="pw")
+    with pytest.raises(ValueError, match="RESP2"):
+        AsyncBrokerConnectionPool(c, "redis", protocol=3)
