@@ -45,13 +45,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="a pool of the run's broker (repeatable)",
     )
     group.addoption("--poolbroker-max-size", type=int, default=None, metavar="N", help="each pool's max_size")
+    group.addoption(
+        "--poolbroker-protocol",
+        default=None,
+        metavar="PROTOCOL",
+        help="what the --poolbroker-upstream pools speak: redis, http, memcached or tcp (the default)",
+    )
     group.addoption("--poolbroker-config", default=None, metavar="FILE", help="a broker config file (TOML)")
 
 
 class RunBroker:
     """The run's broker: a `poolbroker serve` process on a private ipc endpoint."""
 
-    def __init__(self, upstreams: list[str], max_size: int | None, config_file: str | None) -> None:
+    def __init__(
+        self, upstreams: list[str], max_size: int | None, config_file: str | None, protocol: str | None = None
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="poolbroker-pytest-"))
         self.endpoint = f"ipc://{self.dir}/broker.sock"
         argv = [sys.executable, "-m", "poolbroker", "serve", "--bind", self.endpoint]
@@ -61,6 +69,8 @@ class RunBroker:
             argv += ["--upstream", upstream]
         if max_size is not None:
             argv += ["--max-size", str(max_size)]
+        if protocol is not None:
+            argv += ["--protocol", protocol]
         self.log = open(self.dir / "broker.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self._wait_until_it_answers()
@@ -130,7 +140,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config_file = config.getoption("poolbroker_config")
     if not upstreams and not config_file:
         return
-    broker = RunBroker(upstreams, config.getoption("poolbroker_max_size"), config_file)
+    max_size, protocol = config.getoption("poolbroker_max_size"), config.getoption("poolbroker_protocol")
+    broker = RunBroker(upstreams, max_size, config_file, protocol)
     config.stash[_BROKER] = broker
     config.add_cleanup(broker.stop)  # (at the end of the run, failed or interrupted too)
 

@@ -27,6 +27,9 @@ def test_counts_through_the_shared_broker(poolbroker_client, n):
     endpoint = poolbroker_client.endpoint.encode()
     poolbroker_client.request("redis", b"SADD plugin-endpoints " + endpoint + b"\\r\\n", until=b"\\r\\n")
 
+def test_the_pool_speaks_what_the_option_says(poolbroker_client):
+    assert poolbroker_client.ping()["protocols"]["redis"]["protocol"] == "redis"
+
 def test_an_async_client_too(poolbroker_async_client):
     async def main():
         return await poolbroker_async_client.request("redis", b"INCR plugin-async\\r\\n", until=b"\\r\\n")
@@ -45,7 +48,8 @@ def test_waits(poolbroker_client):
 
 def run_pytest(tests: Path, redis: RedisServer, *extra: str) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(tests), "-q"]
-    argv += ["--poolbroker-upstream", f"redis={redis.address}", "--poolbroker-max-size", "2", *extra]
+    argv += ["--poolbroker-upstream", f"redis={redis.address}", "--poolbroker-max-size", "2"]
+    argv += ["--poolbroker-protocol", "redis", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         argv, cwd=tests.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -88,7 +92,7 @@ def test_one_broker_for_an_xdist_run_of_8_workers_within_max_size(own_redis: Red
         done.set()
         sampling.join()
     assert run.returncode == 0, output
-    assert "25 passed" in output
+    assert "26 passed" in output
     assert int(r.get("plugin-hits")) == 24 * 20
     # Every worker used the one broker: one endpoint, several worker processes.
     endpoints = r.smembers("plugin-endpoints")
