@@ -15,7 +15,7 @@ import zmq.backend
 
 from poolbroker.client.errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
 from poolbroker.client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
-from poolbroker.client.protocol import VERSION, Template, release_request
+from poolbroker.client.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template, release_request
 
 CLOSE_LINGER_MS = 500
 # The broker's default max_message_size: it drops the connection of a client that sends more,
@@ -152,12 +152,14 @@ class Channel:
 
     def _drop_stray(self, reply: Any) -> None:
         """A reply nobody waits for: an earlier call here was interrupted (KeyboardInterrupt, say).
-        If it granted a lease, give the lease back now rather than hold a connection unused."""
+        If it granted a lease, give the lease back now rather than hold a connection unused: kept
+        if only granted, discarded if an exchange ran on it (its holder never saw the answer)."""
         if not (isinstance(reply, dict) and reply.get("ok") is True and not reply.get("released")):
             return
         token = reply.get("lease")
         if isinstance(token, bytes):
-            message = {**release_request(token), "v": VERSION, "id": self.next_id, "noreply": True}
+            mode = RELEASE_DISCARD if "data" in reply else RELEASE_KEEP
+            message = {**release_request(token, mode), "v": VERSION, "id": self.next_id, "noreply": True}
             self.next_id += 1
             try:
                 self.sock.send(self.packer.pack(message), zmq.NOBLOCK)
