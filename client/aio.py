@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, MAX_TEMPLATES, Curve, check_reply
 from poolbroker.client.endpoint import default_endpoint
-from poolbroker.client.errors import BrokerUnavailable, LimitExceeded, ProtocolError
+from poolbroker.client.errors import BrokerUnavailable, LimitExceeded
 from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, LeaseCore, first_exchange, release_template
 from poolbroker.client.protocol import (
     RELEASE_DISCARD,
@@ -113,13 +113,11 @@ class AsyncChannel:
             try:
                 reply = msgpack.unpackb(data)
             except Exception:  # msgpack raises several types for bad input
-                reply = None
+                continue  # (whoever waited for it is told by its deadline)
             rid = reply.get("id") if type(reply) is dict else None
             answer = self.waiting.pop(rid, None) if type(rid) is int else None
             if answer is None or answer.done():
                 self._unclaimed(reply)
-            elif type(reply) is not dict:
-                answer.set_exception(ProtocolError("undecodable reply from the broker"))
             else:
                 answer.set_result(reply)
 
