@@ -2,7 +2,8 @@
 
 A check is pure: `request` is the bytes to send, and `read(buf)` consumes the reply from the read
 buffer, returning False while more is needed and True once a good reply is complete, or raising
-ProbeFailed. The server loop does the sending, reading and timing.
+ProbeFailed. A check that is a dialogue (a database's login) queues what it answers in
+`outgoing`, sent before reading on. The server loop does the sending, reading and timing.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ class ProbeFailed(Exception):
 
 class Check(Protocol):
     request: bytes
+    outgoing: bytes  # an answer to send before reading on (a dialogue's); taken by the driver
 
     def read(self, buf: bytearray) -> bool: ...
 
 
 class LineCheck:
     """Send `request`; the answer is one line (up to b"\\n") that must start with `expect`."""
+
+    outgoing = b""  # (one request, one answer: nothing more to say)
 
     def __init__(self, request: bytes, expect: bytes) -> None:
         self.request = request
@@ -52,6 +56,8 @@ class HttpCheck:
     """One HTTP/1.1 request on the kept-alive connection; the whole response is read (h11 parses
     it: lengths, chunks, HEAD). Healthy: a status starting with `expect`, or below 500 if none, and
     a connection the server keeps open."""
+
+    outgoing = b""
 
     def __init__(self, method: str, target: str, host: str, expect: str) -> None:
         self._h11 = h11.Connection(h11.CLIENT)

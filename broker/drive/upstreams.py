@@ -230,6 +230,11 @@ class Upstreams:
                 if conn.eof:
                     raise ProbeFailed("closed by the upstream")
                 if not run.check.read(conn.rbuf):
+                    answer = run.check.outgoing  # a dialogue's next word (a password, a SCRAM step)
+                    if answer:
+                        run.check.outgoing = b""
+                        run.send = memoryview(answer)
+                        continue
                     break  # the answer is not all there: wait until it is readable
                 last = run.step + 1 == len(run.checks)
                 if conn.rbuf and (last or not run.pipelined):  # (pipelined: the next answers may be here)
