@@ -24,12 +24,14 @@ ensure_servers() {
     for tool in redis-server memcached openssl wrk nutcracker; do  # (each package has its command's name)
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
+    # PostgreSQL keeps its programs out of PATH (/usr/lib/postgresql/NN/bin).
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     [ ${#missing[@]} = 0 ] && return
     echo "setup: installing ${missing[*]} (Debian packages)" >&2
     as_root apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
     # The packages start system-wide instances on the default ports; ours start their own on free ports.
-    as_root systemctl disable --now redis-server memcached nutcracker >/dev/null 2>&1 || true
+    as_root systemctl disable --now redis-server memcached nutcracker postgresql >/dev/null 2>&1 || true
 }
 
 ensure_venv() {

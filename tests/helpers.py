@@ -532,3 +532,58 @@ class HttpUpstream:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def postgres_bin(program: str) -> str:
+    """A PostgreSQL program: Debian keeps them in /usr/lib/postgresql/NN/bin, out of PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{program}"))
+    if found:
+        return str(found[-1])
+    exe = shutil.which(program)
+    if exe is None:
+        raise RuntimeError("PostgreSQL is not installed (./scripts/test installs it)")
+    return exe
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free loopback port, in a temporary directory: initdb and
+    pg_ctl run as the `postgres` user when we are root (PostgreSQL refuses to run as root). Its
+    superuser is `user` with `password`; TCP connections authenticate with `auth` (pg_hba's
+    method: scram-sha-256, password, md5, trust)."""
+
+    def __init__(self, *, user: str = "app", password: str = "pool-pass", auth: str = "scram-sha-256") -> None:
+        self.port = free_port()
+        self.user, self.password = user, password
+        self.dir = Path(tempfile.mkdtemp(prefix="pb-pg-", dir="/tmp"))
+        self.data = self.dir / "data"
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            shutil.chown(pwfile, "postgres", "postgres")
+        self._run(
+            postgres_bin("initdb"),
+            *("-D", str(self.data), "-U", user, "--pwfile", str(pwfile), "-E", "UTF8", "--no-sync"),
+            *("--auth-local", "trust", "--auth-host", auth),
+        )
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start"
+        )
+
+    def _run(self, *argv: str) -> None:
+        if os.geteuid() == 0:
+            argv = ("runuser", "-u", "postgres", "--", *argv)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[-1]}: {result.stdout}{result.stderr}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        try:
+            self._run(postgres_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
