@@ -16,17 +16,21 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
-PROBES = ("tcp", "send", "redis", "memcached", "http")
-PROTOCOLS = ("tcp", "redis", "memcached", "http")
+PROBES = ("tcp", "send", "redis", "memcached", "http", "postgres")
+PROTOCOLS = ("tcp", "redis", "memcached", "http", "postgres")
 # A pool's probe unless it names one: its protocol's own round trip.
-PROTOCOL_PROBES = {"tcp": "tcp", "redis": "redis", "memcached": "memcached", "http": "http"}
+PROTOCOL_PROBES = {"tcp": "tcp", "redis": "redis", "memcached": "memcached", "http": "http", "postgres": "postgres"}
 # reset: "auto" runs the protocol's reset when the holder changed the session; "off" never resets;
 # "discard" closes every returned connection; a list of steps runs on every clean return.
 RESET_AUTO = "auto"
 RESET_OFF = "off"
 RESET_DISCARD = "discard"
 RESET_MODES = (RESET_AUTO, RESET_OFF, RESET_DISCARD)
-REDIS_SESSION_KEYS = ("username", "password", "db", "client_name")
+# The settings of a session the broker logs in to, by protocol (the password's sources included).
+SESSION_KEYS = {
+    "redis": ("username", "password", "password_file", "password_env", "db", "client_name"),
+    "postgres": ("username", "password", "password_file", "password_env", "database", "client_name"),
+}
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -76,12 +80,13 @@ class PoolConfig:
     tls_server_name: str = _setting("", "the name the upstream's certificate must carry (default: its host)")
     tls_cert_file: str = _setting("", "a client certificate (PEM) for upstreams that ask for one")
     tls_key_file: str = _setting("", "the client certificate's key (PEM), if not in tls_cert_file")
-    username: str = _setting("", "redis: the user to AUTH as on each new connection (with password)")
-    password: str = _file_setting("", "redis: the password to AUTH with (or password_file, password_env)")
-    password_file: str = _setting("", "redis: a file holding the password (read at start and reload)")
-    password_env: str = _setting("", "redis: an environment variable holding the password")
+    username: str = _setting("", "redis: the user to AUTH as; postgres: the user to log in as")
+    password: str = _file_setting("", "redis, postgres: the password (or password_file, password_env)")
+    password_file: str = _setting("", "redis, postgres: a file holding the password (read at start and reload)")
+    password_env: str = _setting("", "redis, postgres: an environment variable holding the password")
     db: int = _setting(0, "redis: the database to SELECT on each new connection")
-    client_name: str = _setting("", "redis: the CLIENT SETNAME of each connection")
+    database: str = _setting("", "postgres: the database to connect to (default: the user's name)")
+    client_name: str = _setting("", "redis: the CLIENT SETNAME of each connection; postgres: its application_name")
     on_connect: tuple[Step, ...] = _file_setting((), "steps run once on each new connection (AUTH, SELECT...)")
     reset: tuple[Step, ...] | str = _file_setting(
         RESET_AUTO, 'on return: "auto" (the protocol\'s, when needed), "off", "discard", or steps'
@@ -132,17 +137,21 @@ class PoolConfig:
         self._check_probe(where)
 
     def _check_session_settings(self, where: str) -> None:
-        given = [key for key in REDIS_SESSION_KEYS if getattr(self, key)]
-        given += [key for key in ("password_file", "password_env") if getattr(self, key)]
-        if given and self.protocol != "redis":
-            raise ConfigError(f'{where}: {", ".join(given)} need protocol = "redis"')
+        every = {key for keys in SESSION_KEYS.values() for key in keys}
+        given = [key for key in sorted(every) if getattr(self, key)]
+        allowed = SESSION_KEYS.get(self.protocol, ())
+        if wrong := [key for key in given if key not in allowed]:
+            which = " or ".join(f'"{name}"' for name, keys in SESSION_KEYS.items() if set(wrong) <= set(keys))
+            raise ConfigError(f"{where}: {', '.join(wrong)} need protocol = {which or 'redis or postgres'}")
         if given and self.on_connect:
             raise ConfigError(f"{where}: give on_connect steps or {', '.join(given)}, not both")
-        if self.username and not self.password:
+        if self.protocol == "postgres" and not self.username:
+            raise ConfigError(f'{where}: protocol = "postgres" needs a username to log in as')
+        if self.protocol == "redis" and self.username and not self.password:
             raise ConfigError(f"{where}: username needs a password (password, password_file or password_env)")
         if not 0 <= self.db <= 1_000_000:
             raise ConfigError(f"{where}: db must be a database number (0 or more)")
-        if any(c.isspace() for c in self.client_name):
+        if self.protocol == "redis" and any(c.isspace() for c in self.client_name):
             raise ConfigError(f"{where}: client_name must not contain spaces (Redis refuses them)")
 
     def _check_probe(self, where: str) -> None:
@@ -150,7 +159,7 @@ class PoolConfig:
             raise ConfigError(f"{where}: probe {self.probe!r} is not one of {', '.join(PROBES)}")
         if self.probe == "send" and not (self.probe_send and self.probe_expect):
             raise ConfigError(f'{where}: probe = "send" needs probe_send and probe_expect')
-        if self.probe in ("tcp", "redis", "memcached") and (self.probe_send or self.probe_expect):
+        if self.probe in ("tcp", "redis", "memcached", "postgres") and (self.probe_send or self.probe_expect):
             raise ConfigError(f'{where}: probe_send and probe_expect are for probe = "send" or "http"')
         if self.probe == "http":
             parts = self.probe_send.split()

@@ -1,55 +1,18 @@
-"""Health probes: what to send on an upstream connection, and how to judge the answer.
-
-A check is pure: `request` is the bytes to send, and `read(buf)` consumes the reply from the read
-buffer, returning False while more is needed and True once a good reply is complete, or raising
-ProbeFailed. A check that is a dialogue (a database's login) queues what it answers in
-`outgoing`, sent before reading on. The server loop does the sending, reading and timing.
-"""
+"""Health probes: what to send on an upstream connection, and how to judge the answer (pure; what
+a check is: checks.py). The server loop does the sending, reading and timing."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import h11
 
 from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.checks import MAX_REPLY, Check, LineCheck, ProbeFailed, line_checks
+from poolbroker.broker.decide.protocols.postgres import QueryCheck
 
-MAX_REPLY = 64 * 1024  # a health reply larger than this is not a health reply
-
-
-class ProbeFailed(Exception):
-    """The probe's answer says the connection is not fit to use; the message says why."""
-
-
-class Check(Protocol):
-    request: bytes
-    outgoing: bytes  # an answer to send before reading on (a dialogue's); taken by the driver
-
-    def read(self, buf: bytearray) -> bool: ...
-
-
-class LineCheck:
-    """Send `request`; the answer is one line (up to b"\\n") that must start with `expect`."""
-
-    outgoing = b""  # (one request, one answer: nothing more to say)
-
-    def __init__(self, request: bytes, expect: bytes) -> None:
-        self.request = request
-        self.expect = expect
-
-    def read(self, buf: bytearray) -> bool:
-        end = buf.find(b"\n")
-        if end < 0:
-            if len(buf) > MAX_REPLY:
-                raise ProbeFailed(f"no line end within {MAX_REPLY} bytes of the probe's answer")
-            return False
-        line = bytes(buf[: end + 1])
-        del buf[: end + 1]
-        if not line.startswith(self.expect):
-            raise ProbeFailed(f"expected {self.expect!r}, got {line[:100]!r}")
-        return True
+__all__ = ["MAX_REPLY", "Check", "HttpCheck", "LineCheck", "ProbeFailed", "ProbeSpec", "line_checks", "probe_spec"]
 
 
 class HttpCheck:
@@ -60,6 +23,7 @@ class HttpCheck:
     outgoing = b""
 
     def __init__(self, method: str, target: str, host: str, expect: str) -> None:
+        self._args = (method, target, host, expect)
         self._h11 = h11.Connection(h11.CLIENT)
         headers = [("Host", host), ("User-Agent", "poolbroker-probe")]
         self.request = self._h11.send(h11.Request(method=method, target=target, headers=headers)) or b""
@@ -94,16 +58,14 @@ class HttpCheck:
             raise ProbeFailed("bytes after the probe's HTTP response: out of sync")
         return True
 
+    def again(self) -> HttpCheck:
+        return HttpCheck(*self._args)
+
     def _judge(self, status: int) -> None:
         healthy = str(status).startswith(self._expect) if self._expect else status < 500
         if not healthy:
             wanted = f"a status starting with {self._expect}" if self._expect else "a status below 500"
             raise ProbeFailed(f"the probe got HTTP status {status}, expected {wanted}")
-
-
-def line_checks(steps: tuple[tuple[str, str], ...]) -> list[Check]:
-    """A pool's on_connect or reset steps as checks: send the text, one line must start with expect."""
-    return [LineCheck(send.encode(), expect.encode()) for send, expect in steps]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +85,8 @@ def probe_spec(config: PoolConfig) -> ProbeSpec | None:
         method, target, *_ = (config.probe_send or "HEAD / HTTP/1.1").split()
         host = config.host if config.port == 80 else config.address
         return ProbeSpec(f"http {method} {target}", lambda: HttpCheck(method, target, host, config.probe_expect))
+    if kind == "postgres":
+        return ProbeSpec("postgres", lambda: QueryCheck(""))  # an empty query, to its ReadyForQuery
     if kind == "redis":
         check = LineCheck(b"PING\r\n", b"+PONG")
     elif kind == "memcached":

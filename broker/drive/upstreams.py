@@ -33,7 +33,9 @@ class Upstreams:
     def run_reset(self, conn: UpstreamConn, now: float) -> None:
         """The pool's reset on a returned connection; it rejoins the pool only once that answered."""
         protocol = conn.pool.protocol
-        run = ProbeRun("reset", protocol.reset, self._reset_passed, self._reset_failed, pipelined=protocol.pipelined)
+        run = ProbeRun(
+            "reset", protocol.reset_run(), self._reset_passed, self._reset_failed, pipelined=protocol.pipelined
+        )
         self.run_checks(conn, State.RESETTING, run, "probe_timeout", now)
 
     def open(self, pool: PoolState, now: float) -> None:
@@ -102,9 +104,8 @@ class Upstreams:
         """Connected (over TLS if the pool says so): the on_connect steps, then into the pool."""
         protocol = conn.pool.protocol
         if protocol.handshake:  # it runs within connect_timeout: the connect's timer goes on
-            run = ProbeRun(
-                "on_connect", protocol.handshake, self._handshaken, self._handshake_failed, pipelined=protocol.pipelined
-            )
+            checks = protocol.handshake_run()
+            run = ProbeRun("on_connect", checks, self._handshaken, self._handshake_failed, pipelined=protocol.pipelined)
             self.run_checks(conn, State.HANDSHAKE, run, None, now)
         else:
             self._handshaken(conn, now)

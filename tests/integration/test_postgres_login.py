@@ -1,17 +1,22 @@
-"""The broker's PostgreSQL login (decide/protocols/postgres.py) against a real PostgreSQL cluster:
-SCRAM-SHA-256, cleartext and trust, what the server announces, a query to its end, and the wrong
-password refused with the server's own words. (The pool that uses it is issue 17's next step.)"""
+"""PostgreSQL, for real (a private cluster): the broker's login (decide/protocols/postgres.py) with
+SCRAM-SHA-256, cleartext and trust, what the server announces, a query to its end, the wrong
+password refused in the server's own words; and a `protocol = "postgres"` pool that logs in once
+per connection and hands each holder a session as new (a SET, a temporary table, an open
+transaction and its lock gone)."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
-from helpers import PostgresServer
+from helpers import Broker, PostgresServer
 
+from poolbroker import Client, Lease, UpstreamUnavailable
 from poolbroker.broker.decide.probes import Check, ProbeFailed
-from poolbroker.broker.decide.protocols.postgres import Login, QueryCheck
+from poolbroker.broker.decide.protocols.postgres import Login, QueryCheck, query, take_messages
 
 
 def converse(sock: socket.socket, check: Check) -> None:
@@ -54,5 +59,78 @@ def test_the_wrong_password_is_refused_in_the_servers_words() -> None:
             with pytest.raises(ProbeFailed, match="28P01") as failure:
                 converse(sock, Login(server.user, "postgres", "not-the-password"))
             assert "not-the-password" not in str(failure.value)
+    finally:
+        server.stop()
+
+
+# -- a postgres pool: the broker logs in, probes and resets --------------------------------------
+
+
+def pg_query(conn: Lease, sql: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Run `sql` on a lease in PostgreSQL's protocol: its messages, and ReadyForQuery's status."""
+    conn.sendall(query(sql))
+    buf, got = bytearray(), []
+    while True:
+        buf += conn.recv()
+        for kind, payload in take_messages(buf):
+            if kind == b"Z":
+                return got, payload
+            got.append((kind, payload))
+
+
+def value(messages: list[tuple[bytes, bytes]]) -> str:
+    """The first column of the first DataRow."""
+    [row] = [payload for kind, payload in messages if kind == b"D"]
+    (length,) = struct.unpack_from("!i", row, 2)
+    return row[6 : 6 + length].decode()
+
+
+def test_a_postgres_pool_logs_in_once_and_hands_on_a_clean_session(
+    start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    server = PostgresServer()
+    try:
+        config = tmp_path / "broker.toml"
+        config.write_text(
+            f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\nmax_size = 1\n'
+            f'username = "{server.user}"\npassword_env = "PG_PASSWORD"\ndatabase = "postgres"\n'
+            'client_name = "poolbroker-test"\n'
+        )
+        broker = start_broker("--config", str(config), env={"PG_PASSWORD": server.password})
+        c = make_client(broker.endpoint)
+        with c.lease("pg") as conn:
+            messages, status = pg_query(conn, "SELECT pg_backend_pid()")
+            backend = value(messages)
+            assert value(pg_query(conn, "SHOW application_name")[0]) == "poolbroker-test"
+            pg_query(conn, "SET statement_timeout = 1234")
+            pg_query(conn, "CREATE TEMP TABLE left_behind (x int)")
+            pg_query(conn, "BEGIN")
+            _, status = pg_query(conn, "SELECT pg_advisory_xact_lock(7)")
+            assert status == b"T"  # released in the middle of a transaction
+        with c.lease("pg") as conn:  # the same connection (a pool of 1), its session as new
+            assert value(pg_query(conn, "SELECT pg_backend_pid()")[0]) == backend
+            assert value(pg_query(conn, "SHOW statement_timeout")[0]) == "0"
+            messages, status = pg_query(conn, "SELECT count(*) FROM pg_tables WHERE tablename = 'left_behind'")
+            assert (value(messages), status) == ("0", b"I")
+        stats = c.stats("pg")["pg"]
+        assert (stats["connections_created"], stats["connections_closed"]) == (1, 0)  # logged in once
+    finally:
+        server.stop()
+
+
+def test_a_postgres_pool_with_the_wrong_password_fails_its_connect_clearly(
+    start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    server = PostgresServer()
+    try:
+        config = tmp_path / "broker.toml"
+        config.write_text(
+            f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\n'
+            f'username = "{server.user}"\npassword = "not-the-password"\n'
+        )
+        broker = start_broker("--config", str(config))
+        with pytest.raises(UpstreamUnavailable, match="28P01") as failure:
+            make_client(broker.endpoint).request("pg", query("SELECT 1"), max_bytes=1024)
+        assert "not-the-password" not in str(failure.value)  # the server's words, never the password
     finally:
         server.stop()

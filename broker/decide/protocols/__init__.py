@@ -7,6 +7,8 @@ leave on a connection. Pure: checks and verdicts, no sockets.
 |           | (from username, password, db...)    | closed if a command or reply was left half way     |
 | http      | none                                | closed if a request or response was left half way  |
 | memcached | none                                | as it is (memcached keeps no session)              |
+| postgres  | StartupMessage and login (trust,     | ROLLBACK, then DISCARD ALL, on every return        |
+|           | password, md5, SCRAM-SHA-256)       |                                                    |
 | tcp       | none                                | as it is: the broker can't see a session in bytes  |
 
 A pool's own `on_connect` steps replace the handshake; its `reset` setting chooses: "auto" (the
@@ -19,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from poolbroker.broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
-from poolbroker.broker.decide.probes import Check, line_checks
-from poolbroker.broker.decide.protocols import redis
+from poolbroker.broker.decide.checks import Check, line_checks
+from poolbroker.broker.decide.protocols import postgres, redis
 from poolbroker.broker.decide.protocols.http import HttpSession
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
 
@@ -49,13 +51,21 @@ class PoolProtocol:
 
     @property
     def pipelined(self) -> bool:
-        """The steps may all go at once: Redis answers in order (one round trip for all)."""
-        return self.name == "redis"
+        """The steps may all go at once: Redis and PostgreSQL answer in order (one round trip)."""
+        return self.name in ("redis", "postgres")
 
     @property
     def reset_always(self) -> bool:
-        """The pool's own reset steps run on every clean return."""
-        return self.reset_mode == "steps"
+        """The reset runs on every clean return: the pool's own steps, or PostgreSQL's (the broker
+        does not follow its stream yet, so it can't tell when a session needs none)."""
+        return self.reset_mode == "steps" or (self.name == "postgres" and self.reset_mode == RESET_AUTO)
+
+    def handshake_run(self) -> list[Check]:
+        """The handshake's checks for one new connection (a login keeps state: made anew)."""
+        return [check.again() for check in self.handshake]
+
+    def reset_run(self) -> list[Check]:
+        return [check.again() for check in self.reset]
 
     @property
     def protects(self) -> bool:
@@ -92,6 +102,8 @@ def pool_protocol(config: PoolConfig) -> PoolProtocol:
         handshake = line_checks(config.on_connect)
     elif config.protocol == "redis":
         handshake = redis.handshake(config)
+    elif config.protocol == "postgres":
+        handshake = [postgres.login(config)]
     else:
         handshake = []
     reset: list[Check] = []
@@ -101,6 +113,8 @@ def pool_protocol(config: PoolConfig) -> PoolProtocol:
         mode = config.reset
         if config.protocol == "redis" and mode == RESET_AUTO:
             reset = redis.reset(handshake)
+        elif config.protocol == "postgres" and mode == RESET_AUTO:
+            reset = postgres.reset()
     return PoolProtocol(
         name=config.protocol,
         handshake=tuple(handshake),

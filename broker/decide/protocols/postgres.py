@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 from scramp import ScramClient, ScramException
 
-from poolbroker.broker.decide.probes import ProbeFailed
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.checks import Check, ProbeFailed
 
 PROTOCOL_VERSION = 196608  # 3.0
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # answered by one byte: S (TLS follows) or N
@@ -75,6 +76,7 @@ class Login:
     (ParameterStatus) and `backend_key` (BackendKeyData: pid and secret, for CancelRequest)."""
 
     def __init__(self, user: str, database: str, password: str | None, parameters: dict[str, str] | None = None):
+        self._args = (user, database, password, parameters)
         self.request = startup_message(user, database, parameters)
         self.outgoing = b""  # an answer to send before reading on
         self.parameters: dict[str, str] = {}
@@ -82,6 +84,12 @@ class Login:
         self._user = user
         self._password = password
         self._scram: ScramClient | None = None
+
+    def again(self) -> Login:
+        return Login(*self._args)
+
+    def __repr__(self) -> str:
+        return f"<Login {self._user}>"  # (never the password)
 
     def read(self, buf: bytearray) -> bool:
         for kind, payload in take_messages(buf):
@@ -140,11 +148,15 @@ class QueryCheck:
     transaction open). `status` is ReadyForQuery's: I (idle), T (in a transaction), E (failed)."""
 
     def __init__(self, sql: str, *, idle: bool = True) -> None:
+        self._sql = sql
         self.request = query(sql)
         self.outgoing = b""
         self.status = b""
         self._idle = idle
         self._error = ""
+
+    def again(self) -> QueryCheck:
+        return QueryCheck(self._sql, idle=self._idle)
 
     def read(self, buf: bytearray) -> bool:
         for kind, payload in take_messages(buf):
@@ -158,3 +170,17 @@ class QueryCheck:
                     raise ProbeFailed(f"the connection is not idle after the query (status {self.status!r})")
                 return True
         return False
+
+
+def login(config: PoolConfig) -> Login:
+    """A pool's login: its user, its database (default: the user's name), its password, and its
+    client_name as application_name."""
+    parameters = {"application_name": config.client_name} if config.client_name else None
+    return Login(config.username, config.database or config.username, config.password or None, parameters)
+
+
+def reset() -> list[Check]:
+    """What a returned connection runs before the next holder gets it: ROLLBACK (a transaction
+    left open or failed is over; without one, only a warning) and DISCARD ALL (settings,
+    temporary tables, prepared statements, advisory locks, LISTEN...: the session as new)."""
+    return [QueryCheck("ROLLBACK"), QueryCheck("DISCARD ALL")]

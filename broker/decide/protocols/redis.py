@@ -9,7 +9,7 @@ sent, a reply not read: the stream is out of step, and no reset can be trusted o
 from __future__ import annotations
 
 from poolbroker.broker.config import PoolConfig
-from poolbroker.broker.decide.probes import Check, LineCheck
+from poolbroker.broker.decide.checks import Check, LineCheck
 from poolbroker.broker.decide.protocols.resp import RespReader, encode_command
 from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
 
