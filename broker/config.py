@@ -147,9 +147,6 @@ class PoolConfig:
             raise ConfigError(f"{where}: give on_connect steps or {', '.join(given)}, not both")
         if self.protocol == "postgres" and not self.username:
             raise ConfigError(f'{where}: protocol = "postgres" needs a username to log in as')
-        if self.protocol == "postgres" and self.tls:
-            # (PostgreSQL asks for its SSLRequest before the handshake: not spoken yet)
-            raise ConfigError(f'{where}: a protocol = "postgres" pool does not speak TLS yet')
         if self.protocol == "redis" and self.username and not self.password:
             raise ConfigError(f"{where}: username needs a password (password, password_file or password_env)")
         if not 0 <= self.db <= 1_000_000:

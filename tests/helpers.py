@@ -549,9 +549,17 @@ class PostgresServer:
     """A private PostgreSQL cluster on a free loopback port, in a temporary directory: initdb and
     pg_ctl run as the `postgres` user when we are root (PostgreSQL refuses to run as root). Its
     superuser is `user` with `password`; TCP connections authenticate with `auth` (pg_hba's
-    method: scram-sha-256, password, md5, trust)."""
+    method: scram-sha-256, password, md5, trust); with `tls`, it accepts TLS with those
+    certificates."""
 
-    def __init__(self, *, user: str = "app", password: str = "pool-pass", auth: str = "scram-sha-256") -> None:
+    def __init__(
+        self,
+        *,
+        user: str = "app",
+        password: str = "pool-pass",
+        auth: str = "scram-sha-256",
+        tls: TestCertificates | None = None,
+    ) -> None:
         self.port = free_port()
         self.user, self.password = user, password
         self.dir = Path(tempfile.mkdtemp(prefix="pb-pg-", dir="/tmp"))
@@ -567,6 +575,14 @@ class PostgresServer:
             *("--auth-local", "trust", "--auth-host", auth),
         )
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        if tls is not None:  # (its key must be the server's own, mode 0600)
+            for name, source in (("server.crt", tls.server_cert), ("server.key", tls.server_key)):
+                target = self.dir / name
+                shutil.copy(source, target)
+                target.chmod(0o600)
+                if os.geteuid() == 0:
+                    shutil.chown(target, "postgres", "postgres")
+            options += f" -c ssl=on -c ssl_cert_file={self.dir}/server.crt -c ssl_key_file={self.dir}/server.key"
         self._run(
             postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start"
         )

@@ -1,6 +1,6 @@
 """An upstream connection's life: its states, and the one table of moves between them (pure).
 
-    CONNECTING -> TLS -> HANDSHAKE -> IDLE <-> LEASED -> RESETTING -> IDLE
+    CONNECTING -> [HANDSHAKE ->] TLS -> HANDSHAKE -> IDLE <-> LEASED -> RESETTING -> IDLE
                                        IDLE <-> PROBING        (any) -> CLOSED
 
 A state is a name, not a combination of flags: the driver asks a connection's state what to wait
@@ -28,7 +28,7 @@ class State(Enum):
 MOVES: dict[State, frozenset[State]] = {
     State.CONNECTING: frozenset({State.TLS, State.HANDSHAKE, State.IDLE, State.CLOSED}),
     State.TLS: frozenset({State.HANDSHAKE, State.IDLE, State.CLOSED}),
-    State.HANDSHAKE: frozenset({State.IDLE, State.CLOSED}),
+    State.HANDSHAKE: frozenset({State.TLS, State.IDLE, State.CLOSED}),  # (TLS: after PostgreSQL's SSLRequest)
     State.IDLE: frozenset({State.LEASED, State.PROBING, State.CLOSED}),
     State.PROBING: frozenset({State.IDLE, State.CLOSED}),
     State.LEASED: frozenset({State.IDLE, State.RESETTING, State.CLOSED}),

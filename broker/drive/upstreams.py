@@ -77,17 +77,30 @@ class Upstreams:
         self.server.carry_out(pool, pool.core.connect_failed(now, message), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
-        context = conn.pool.tls
-        if context is not None:  # the TLS handshake, in this loop, within connect_timeout
-            conn.move(State.TLS)
-            try:
-                conn.start_tls(context, tls.server_name(conn.pool.config))
-            except OSError as exc:
-                self._connect_failed(conn, exc, now)
-                return
-            self._advance_tls(conn, now)
+        if conn.pool.tls is None:
+            self._transport_ready(conn, now)
             return
-        self._transport_ready(conn, now)
+        asks = conn.pool.protocol.before_tls()  # (PostgreSQL: its SSLRequest first)
+        if asks:
+            run = ProbeRun("TLS request", asks, self._start_tls, self._handshake_failed)
+            self.run_checks(conn, State.HANDSHAKE, run, None, now)
+        else:
+            self._start_tls(conn, now)
+
+    def _start_tls(self, conn: UpstreamConn, now: float) -> None:
+        """The TLS handshake, in this loop, within connect_timeout (counted from the connect)."""
+        if conn.timer is None:  # (a run of checks before it ended the connect's timer: a new one)
+            deadline = conn.opened_at + conn.pool.config.connect_timeout
+            conn.timer = self.server.timers.call_at(deadline, lambda t: self._connect_timed_out(conn, t))
+        context = conn.pool.tls
+        assert context is not None
+        conn.move(State.TLS)
+        try:
+            conn.start_tls(context, tls.server_name(conn.pool.config))
+        except OSError as exc:
+            self._connect_failed(conn, exc, now)
+            return
+        self._advance_tls(conn, now)
 
     def _advance_tls(self, conn: UpstreamConn, now: float) -> None:
         try:

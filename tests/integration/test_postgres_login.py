@@ -2,7 +2,7 @@
 SCRAM-SHA-256, cleartext and trust, what the server announces, a query to its end, the wrong
 password refused in the server's own words; and a `protocol = "postgres"` pool that logs in once
 per connection and hands each holder a session as new (a SET, a temporary table, an open
-transaction and its lock gone)."""
+transaction and its lock gone), over TLS too (after PostgreSQL's SSLRequest)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Broker, PostgresServer
+from helpers import Broker, PostgresServer, TestCertificates
 
 from poolbroker import Client, Lease, UpstreamUnavailable
 from poolbroker.broker.decide.probes import Check, ProbeFailed
@@ -132,5 +132,26 @@ def test_a_postgres_pool_with_the_wrong_password_fails_its_connect_clearly(
         with pytest.raises(UpstreamUnavailable, match="28P01") as failure:
             make_client(broker.endpoint).request("pg", query("SELECT 1"), max_bytes=1024)
         assert "not-the-password" not in str(failure.value)  # the server's words, never the password
+    finally:
+        server.stop()
+
+
+def test_a_postgres_pool_speaks_tls_after_the_sslrequest(
+    start_broker: Callable[..., Broker], make_client: Callable[..., Client], tmp_path: Path
+) -> None:
+    certs = TestCertificates()
+    server = PostgresServer(tls=certs)
+    try:
+        config = tmp_path / "broker.toml"
+        config.write_text(
+            f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\nusername = "{server.user}"\n'
+            f'password = "{server.password}"\ndatabase = "postgres"\ntls = true\ntls_ca_file = "{certs.ca}"\n'
+            'tls_server_name = "localhost"\n'
+        )
+        broker = start_broker("--config", str(config))
+        with make_client(broker.endpoint).lease("pg") as conn:
+            # The server's own view: this session came over TLS.
+            messages, _ = pg_query(conn, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert value(messages) == "t"
     finally:
         server.stop()

@@ -19,6 +19,7 @@ from poolbroker.broker.decide.protocols.postgres import (
     AUTH_SASL_FINAL,
     Login,
     QueryCheck,
+    SslRequest,
     startup_message,
     take_messages,
 )
@@ -100,3 +101,13 @@ def test_a_query_runs_to_ready_for_query_and_must_leave_the_connection_idle() ->
         QueryCheck("BEGIN").read(bytearray(backend(b"C", b"BEGIN\0") + backend(b"Z", b"T")))
     with pytest.raises(ProbeFailed, match="42601"):
         QueryCheck("SELEC").read(bytearray(backend(b"E", b"SERROR\0C42601\0Msyntax error\0\0") + backend(b"Z", b"I")))
+
+
+def test_the_sslrequest_goes_on_only_on_s_and_alone() -> None:
+    assert SslRequest().request == struct.pack("!ii", 8, 80877103)
+    assert not SslRequest().read(bytearray())
+    assert SslRequest().read(bytearray(b"S"))
+    with pytest.raises(ProbeFailed, match="does not accept TLS"):
+        SslRequest().read(bytearray(b"N"))
+    with pytest.raises(ProbeFailed, match="before TLS: refused"):  # injected bytes (CVE-2021-23222)
+        SslRequest().read(bytearray(b"Sinjected"))

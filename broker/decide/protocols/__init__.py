@@ -60,6 +60,10 @@ class PoolProtocol:
         does not follow its stream yet, so it can't tell when a session needs none)."""
         return self.reset_mode == "steps" or (self.name == "postgres" and self.reset_mode == RESET_AUTO)
 
+    def before_tls(self) -> list[Check]:
+        """What goes on the plain connection before the TLS handshake: PostgreSQL's SSLRequest."""
+        return [postgres.SslRequest()] if self.name == "postgres" else []
+
     def handshake_run(self) -> list[Check]:
         """The handshake's checks for one new connection (a login keeps state: made anew)."""
         return [check.again() for check in self.handshake]

@@ -70,6 +70,30 @@ def error_text(payload: bytes) -> str:
     return f"{fields.get(b'S', 'ERROR')} {fields.get(b'C', '')}: {fields.get(b'M', '')}".strip()
 
 
+class SslRequest:
+    """PostgreSQL's request for TLS, on the plain connection before the TLS handshake: the server
+    answers one byte, S (go on with TLS) or N (it does not speak TLS)."""
+
+    request = SSL_REQUEST
+    outgoing = b""
+
+    def again(self) -> SslRequest:
+        return self  # (it keeps no state)
+
+    def read(self, buf: bytearray) -> bool:
+        if not buf:
+            return False
+        answer = bytes(buf[:1])
+        del buf[:1]
+        if answer == b"N":
+            raise ProbeFailed("the server does not accept TLS (it answered N to the SSLRequest)")
+        if answer != b"S":
+            raise ProbeFailed(f"not PostgreSQL's answer to an SSLRequest: {answer!r}")
+        if buf:  # bytes before the TLS handshake could be anyone's: refuse them (CVE-2021-23222)
+            raise ProbeFailed("bytes after the server's S, before TLS: refused")
+        return True
+
+
 class Login:
     """The StartupMessage and the server's authentication, to ReadyForQuery: trust, cleartext,
     md5 and SCRAM-SHA-256 (scramp's). What the server announces is kept: `parameters`
