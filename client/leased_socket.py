@@ -1,6 +1,7 @@
 """A socket for client libraries that keep their connections open between requests (redis-py,
-urllib3): each conversation on it runs on a lease of its own, so an idle library connection
-holds no upstream connection and the broker's pool stays shared."""
+urllib3, and for asyncio redis.asyncio and httpcore): each conversation on it runs on a lease of
+its own, so an idle library connection holds no upstream connection and the broker's pool stays
+shared."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from poolbroker.client.exchanges import DEFAULT_RECV
 from poolbroker.client.lease import Lease, LeaseIO
 
 if TYPE_CHECKING:
+    from poolbroker.client.aio import AsyncClient, AsyncLease
     from poolbroker.client.client import Client
 
 
@@ -86,3 +88,31 @@ class LeasedSocket:
     def close(self) -> None:
         """As a socket's: the lease in use goes back (discarded after shutdown())."""
         self.lease.close()
+
+
+class AsyncConversations:
+    """LeasedSocket's twin for asyncio: an AsyncLease per conversation (lazy, ended when done, or
+    by give_back()), made when the conversation's first bytes need one."""
+
+    def __init__(self, broker: AsyncClient, pool: str, tag: str | None = None, timeout: float | None = None) -> None:
+        self.broker, self.pool, self.tag, self.timeout = broker, pool, tag, timeout
+        self.lease: AsyncLease | None = None
+
+    def current(self) -> AsyncLease:
+        """The lease for what comes next: a new one once the last has ended (or was given back)."""
+        if self.lease is None or self.lease.released:
+            self.lease = self.broker.lease(self.pool, tag=self.tag, lazy=True, when_done=True)
+            self.lease.settimeout(self.timeout)
+        return self.lease
+
+    async def give_back(self) -> None:
+        """The conversation is over: its lease goes back (nothing is sent if it ended by itself)."""
+        lease, self.lease = self.lease, None
+        if lease is not None and not lease.released:
+            await lease.release()
+
+    def discard(self) -> None:
+        """The conversation was cut short: its connection's state is unknown."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.discard()

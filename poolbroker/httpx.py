@@ -29,10 +29,10 @@ from typing import Any
 import httpcore
 import httpx
 
-from poolbroker.client.aio import AsyncClient, AsyncLease
+from poolbroker.client.aio import AsyncClient
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError, PoolTimeout, UpstreamTimeout
-from poolbroker.client.leased_socket import LeasedSocket
+from poolbroker.client.leased_socket import AsyncConversations, LeasedSocket
 
 __all__ = ["AsyncPoolBrokerTransport", "PoolBrokerTransport"]
 
@@ -97,28 +97,20 @@ class AsyncLeaseStream(httpcore.AsyncNetworkStream):
     """The async twin of LeaseStream: each request on an AsyncLease of its own."""
 
     def __init__(self, broker: AsyncClient, pool: str, tag: str | None) -> None:
-        self._broker, self._pool, self._tag = broker, pool, tag
-        self._lease: AsyncLease | None = None
-
-    def _current(self) -> AsyncLease:
-        if self._lease is None or self._lease.released:
-            self._lease = self._broker.lease(self._pool, tag=self._tag, lazy=True, when_done=True)
-        return self._lease
+        self._conversations = AsyncConversations(broker, pool, tag)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         with _as_httpcore_errors(reading=True):
-            lease = self._current()
+            lease = self._conversations.current()
             lease.settimeout(timeout)
             return await lease.recv(max_bytes)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         with _as_httpcore_errors(reading=False):
-            self._current().sendall(buffer)
+            self._conversations.current().sendall(buffer)
 
     async def aclose(self) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None and not lease.released:
-            await lease.release()
+        await self._conversations.give_back()
 
     async def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None

@@ -20,41 +20,18 @@ from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from poolbroker.client.aio import AsyncClient, AsyncLease
+from poolbroker.client.aio import AsyncClient
+from poolbroker.client.leased_socket import AsyncConversations
 from poolbroker.redis import lease_connection_options
 
 __all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseStreamWriter"]
-
-
-class _Conversations:
-    """An AsyncLease per conversation (lazy, ended when done), as LeasedSocket does for threads."""
-
-    def __init__(self, broker: AsyncClient, pool: str, tag: str | None, timeout: float | None) -> None:
-        self.broker, self.pool, self.tag, self.timeout = broker, pool, tag, timeout
-        self.lease: AsyncLease | None = None
-
-    def current(self) -> AsyncLease:
-        if self.lease is None or self.lease.released:
-            self.lease = self.broker.lease(self.pool, tag=self.tag, lazy=True, when_done=True)
-            self.lease.settimeout(self.timeout)
-        return self.lease
-
-    async def give_back(self) -> None:
-        lease, self.lease = self.lease, None
-        if lease is not None and not lease.released:
-            await lease.release()
-
-    def discard(self) -> None:
-        lease, self.lease = self.lease, None
-        if lease is not None:
-            lease.discard()
 
 
 class LeaseStreamReader:
     """What redis.asyncio reads from in place of asyncio's StreamReader (`readline`,
     `readexactly`, `read`, `at_eof`, and the `_buffer` its parser looks into)."""
 
-    def __init__(self, conversations: _Conversations) -> None:
+    def __init__(self, conversations: AsyncConversations) -> None:
         self._conversations = conversations
         self._buffer = bytearray()
         self._eof = False
@@ -99,7 +76,7 @@ class LeaseStreamWriter:
     """What redis.asyncio writes to in place of asyncio's StreamWriter: writes are held by the
     conversation's lease and go with its next read."""
 
-    def __init__(self, conversations: _Conversations) -> None:
+    def __init__(self, conversations: AsyncConversations) -> None:
         self._conversations = conversations
 
     def write(self, data: bytes) -> None:
@@ -129,10 +106,10 @@ class LeaseConnection(Connection):
         self.broker = broker
         self.pool_name = pool
         self.tag = tag
-        self._conversations: _Conversations | None = None
+        self._conversations: AsyncConversations | None = None
 
     async def _connect(self) -> None:
-        self._conversations = _Conversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
+        self._conversations = AsyncConversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
         self._reader = LeaseStreamReader(self._conversations)  # type: ignore[assignment]
         self._writer = LeaseStreamWriter(self._conversations)  # type: ignore[assignment]
 
