@@ -23,59 +23,22 @@ from typing import Any
 from pymemcache.client.base import Client as PymemcacheClient
 
 from poolbroker.client.client import Client as BrokerClient
-from poolbroker.client.lease import Lease
+from poolbroker.client.leased_socket import LeasedSocket
 
 __all__ = ["Client", "LeaseSocket", "LeaseSocketModule"]
 
 
-class LeaseSocket:
-    """The socket pymemcache holds: each command runs on a lazy lease of its own."""
-
-    def __init__(self, broker: BrokerClient, pool: str, tag: str | None) -> None:
-        self._broker = broker
-        self._pool = pool
-        self._tag = tag
-        self._timeout: float | None = None
-        self.lease: Lease | None = None
-
-    def _current(self) -> Lease:
-        if self.lease is None or self.lease.released:
-            self.lease = self._broker.lease(self._pool, tag=self._tag, lazy=True)
-            if self._timeout is not None:
-                self.lease.settimeout(self._timeout)
-        return self.lease
-
-    def give_back(self) -> None:
-        """The command returned: its lease goes back (with a noreply command's bytes, if held)."""
-        lease, self.lease = self.lease, None
-        if lease is not None:
-            lease.release()
-
-    # -- what pymemcache calls -------------------------------------------------------------
+class LeaseSocket(LeasedSocket):
+    """The socket pymemcache holds: each command runs on a lazy lease of its own, given back when
+    the command returns (memcached's stream is not followed: the lease ends only then)."""
 
     def connect(self, address: Any) -> None:
         pass  # where to connect is the broker pool's business
 
-    def setsockopt(self, *args: Any) -> None:
-        pass  # (TCP_NODELAY, keepalive: the broker's own upstream sockets have theirs)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._timeout = timeout
-        if self.lease is not None:
-            self.lease.settimeout(timeout)
-
-    def sendall(self, data: bytes) -> None:
-        self._current().sendall(data)
-
-    def recv(self, size: int) -> bytes:
-        return self._current().recv(size)
-
     def close(self) -> None:
         """pymemcache closes its socket after a failed command (or on close()): a lease in use is
         discarded then, its connection's state being unknown."""
-        lease, self.lease = self.lease, None
-        if lease is not None:
-            lease.discard()
+        self.lease.discard()
 
 
 class LeaseSocketModule:
