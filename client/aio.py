@@ -20,7 +20,7 @@ import zmq.asyncio
 from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, MAX_TEMPLATES, Curve, check_reply
 from poolbroker.client.endpoint import default_endpoint
 from poolbroker.client.errors import BrokerUnavailable, LimitExceeded
-from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, LeaseCore, first_exchange, release_template
+from poolbroker.client.exchanges import DEFAULT_RECV, LeaseCore, first_exchange, release_template
 from poolbroker.client.protocol import (
     RELEASE_DISCARD,
     RELEASE_KEEP,
@@ -190,9 +190,15 @@ class AsyncLease(LeaseCore):
     async def flush(self) -> None:
         """Send the held writes now (a round trip per HOLD_WRITES_UP_TO bytes)."""
         if self._held:
-            chunks, _ = self._take_held(keep_tail=False)
-            for chunk in chunks:
-                await self._io(chunk)
+            await self._send_held(keep_tail=False)
+
+    async def _send_held(self, keep_tail: bool) -> None:
+        """As the sync Lease's: whole chunks at once, a round trip each; with `keep_tail`, what
+        is left under a chunk is held again, for the next read."""
+        chunks, tail = self._take_held(keep_tail)
+        for chunk in chunks:
+            await self._io(chunk)  # an error drops the rest: it can't follow
+        self._held += tail
 
     async def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         """At least 1 byte and at most `bufsize`; b"" once the upstream has closed. settimeout(0):
@@ -233,13 +239,9 @@ class AsyncLease(LeaseCore):
         poll: bool = False,
         io_timeout: float | None = None,
     ) -> bytes:
-        if len(self._held) + len(send or b"") > HOLD_WRITES_UP_TO:  # whole chunks go first, a round trip each
-            self._hold(send or b"")
-            send = None
-            chunks, tail = self._take_held(keep_tail=True)
-            for chunk in chunks:
-                await self._io(chunk)
-            self._held += tail
+        if self._hold(send or b""):  # (sendall only holds: past a chunk, the chunks go first)
+            await self._send_held(keep_tail=True)
+        send = None  # (held: it goes first, with this exchange)
         template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout)
         try:
             reply = await self._channel.call_packed(template, values, wait)
