@@ -6,59 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from helpers import ROOT, Broker, HttpUpstream, RedisServer, free_port, wait_for
+from helpers import Broker, HttpUpstream, RedisServer, get, gunicorn, status, wait_for
 
 from poolbroker import Client
 
-
-@contextmanager
-def served(endpoint: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
-    argv = [sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "2"]
-    proc = subprocess.Popen(
-        [*argv, "-b", f"127.0.0.1:{port}", "examples.asgi_app:app"],
-        cwd=ROOT,
-        env={**os.environ, "POOLBROKER_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: status(url + "/") == 404, timeout=30, what="gunicorn with uvicorn workers to answer")
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return str(response.read().decode())
+ASGI_APP = "examples.asgi_app:app"
+UVICORN_WORKERS = ("-k", "uvicorn.workers.UvicornWorker", "-w", "2")
 
 
 def test_an_asgi_worker_killed_while_holding_a_lease_takes_nothing_with_it(
@@ -70,7 +27,7 @@ def test_an_asgi_worker_killed_while_holding_a_lease_takes_nothing_with_it(
 ) -> None:
     broker = start_broker("--config", str(write_config(tmp_path, own_redis, http_upstream)), log_level="info")
     c = make_client(broker.endpoint)
-    with served(broker.endpoint, tmp_path) as (url, master):
+    with gunicorn(ASGI_APP, broker.endpoint, tmp_path, *UVICORN_WORKERS) as (url, master):
         hits = sorted(int(get(url + "/hit").split()[1]) for _ in range(10))
         assert hits == list(range(1, 11))
         assert get(url + "/api") == "200\n"  # httpx, through the "api" pool

@@ -7,61 +7,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, free_port, wait_for
+from helpers import Broker, RedisServer, get, gunicorn, status, wait_for
 
 from poolbroker import Client
 
 MAX_SIZE = 4
-
-
-@contextmanager
-def gunicorn(endpoint: str, tmp_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", *flags, "examples.gunicorn_app:app"],
-        cwd=ROOT,
-        env={**os.environ, "POOLBROKER_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: status(url + "/") == 404, timeout=30, what="gunicorn to answer")
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return str(response.read().decode())
+WSGI_APP = "examples.gunicorn_app:app"
 
 
 def workers(master: subprocess.Popen[bytes]) -> list[int]:
@@ -81,7 +38,7 @@ def test_gunicorn_workers_lease_per_request(
         "--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", str(MAX_SIZE)
     )
     flags = ("--preload",) if preload else ()
-    with gunicorn(broker.endpoint, tmp_path, *flags) as (url, _), ThreadPoolExecutor(16) as pool:
+    with gunicorn(WSGI_APP, broker.endpoint, tmp_path, "-w", "4", *flags) as (url, _), ThreadPoolExecutor(16) as pool:
         # Half through redis-py over leases, half on leases by hand.
         replies = list(pool.map(lambda i: get(url + ("/hit" if i % 2 else "/raw")), range(300)))
     pids = {reply.split()[0] for reply in replies}
@@ -99,7 +56,7 @@ def test_a_gunicorn_worker_killed_while_holding_a_lease_takes_nothing_with_it(
 ) -> None:
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "1")
     c = make_client(broker.endpoint)
-    with gunicorn(broker.endpoint, tmp_path, "--preload") as (url, master):
+    with gunicorn(WSGI_APP, broker.endpoint, tmp_path, "-w", "4", "--preload") as (url, master):
         holding = threading.Thread(target=status, args=(url + "/hold?seconds=60",))
         holding.start()
         wait_for(lambda: c.stats()["redis"]["leases_active"] == 1, what="a worker to hold the one connection")
@@ -117,7 +74,7 @@ def test_gunicorn_s_worker_timeout_gives_the_connection_back(
 ) -> None:
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "1")
     c = make_client(broker.endpoint)
-    with gunicorn(broker.endpoint, tmp_path, "--timeout", "1") as (url, _):
+    with gunicorn(WSGI_APP, broker.endpoint, tmp_path, "-w", "4", "--timeout", "1") as (url, _):
         assert status(url + "/hold?seconds=30") in (None, 500, 502)  # the worker is aborted mid-request
         final = wait_for(lambda: (s := c.stats()["redis"])["leases_active"] == 0 and s, what="the permit back")
         # Aborted (SIGABRT), the worker's `with` block discards the lease; killed outright, the

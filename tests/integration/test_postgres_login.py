@@ -6,6 +6,7 @@ transaction and its lock gone), over TLS too (after PostgreSQL's SSLRequest)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -66,6 +67,15 @@ def test_the_wrong_password_is_refused_in_the_servers_words() -> None:
 # -- a postgres pool: the broker logs in, probes and resets --------------------------------------
 
 
+def pg_pool(tmp_path: Path, server: PostgresServer, **settings: object) -> str:
+    """A broker config file with one pool, "pg", of `protocol = "postgres"` in front of `server`."""
+    lines = [f'upstream = "{server.address}"', 'protocol = "postgres"', f'username = "{server.user}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]  # (TOML takes these)
+    path = tmp_path / "broker.toml"
+    path.write_text("[pools.pg]\n" + "\n".join(lines) + "\n")
+    return str(path)
+
+
 def pg_query(conn: Lease, sql: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Run `sql` on a lease in PostgreSQL's protocol: its messages, and ReadyForQuery's status."""
     conn.sendall(query(sql))
@@ -90,13 +100,10 @@ def test_a_postgres_pool_logs_in_once_and_hands_on_a_clean_session(
 ) -> None:
     server = PostgresServer()
     try:
-        config = tmp_path / "broker.toml"
-        config.write_text(
-            f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\nmax_size = 1\n'
-            f'username = "{server.user}"\npassword_env = "PG_PASSWORD"\ndatabase = "postgres"\n'
-            'client_name = "poolbroker-test"\n'
+        config = pg_pool(
+            tmp_path, server, max_size=1, password_env="PG_PASSWORD", database="postgres", client_name="poolbroker-test"
         )
-        broker = start_broker("--config", str(config), env={"PG_PASSWORD": server.password})
+        broker = start_broker("--config", config, env={"PG_PASSWORD": server.password})
         c = make_client(broker.endpoint)
         with c.lease("pg") as conn:
             messages, status = pg_query(conn, "SELECT pg_backend_pid()")
@@ -123,12 +130,7 @@ def test_a_postgres_pool_with_the_wrong_password_fails_its_connect_clearly(
 ) -> None:
     server = PostgresServer()
     try:
-        config = tmp_path / "broker.toml"
-        config.write_text(
-            f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\n'
-            f'username = "{server.user}"\npassword = "not-the-password"\n'
-        )
-        broker = start_broker("--config", str(config))
+        broker = start_broker("--config", pg_pool(tmp_path, server, password="not-the-password"))
         with pytest.raises(UpstreamUnavailable, match="28P01") as failure:
             make_client(broker.endpoint).request("pg", query("SELECT 1"), max_bytes=1024)
         assert "not-the-password" not in str(failure.value)  # the server's words, never the password
@@ -142,13 +144,10 @@ def test_a_postgres_pool_speaks_tls_after_the_sslrequest(
     certs = TestCertificates()
     server = PostgresServer(tls=certs)
     try:
-        config = tmp_path / "broker.toml"
-        config.write_text(
-            f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\nusername = "{server.user}"\n'
-            f'password = "{server.password}"\ndatabase = "postgres"\ntls = true\ntls_ca_file = "{certs.ca}"\n'
-            'tls_server_name = "localhost"\n'
+        tls = {"tls": True, "tls_ca_file": str(certs.ca), "tls_server_name": "localhost"}
+        broker = start_broker(
+            "--config", pg_pool(tmp_path, server, password=server.password, database="postgres", **tls)
         )
-        broker = start_broker("--config", str(config))
         with make_client(broker.endpoint).lease("pg") as conn:
             # The server's own view: this session came over TLS.
             messages, _ = pg_query(conn, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
