@@ -26,10 +26,13 @@ RESET_AUTO = "auto"
 RESET_OFF = "off"
 RESET_DISCARD = "discard"
 RESET_MODES = (RESET_AUTO, RESET_OFF, RESET_DISCARD)
+# pool_mode (postgres): "session" resets every returned connection; "transaction" keeps one at rest
+# between transactions as it is, and resets only what the broker saw the holder leave.
+POOL_MODES = ("session", "transaction")
 # The settings of a session the broker logs in to, by protocol (the password's sources included).
 SESSION_KEYS = {
     "redis": ("username", "password", "password_file", "password_env", "db", "client_name"),
-    "postgres": ("username", "password", "password_file", "password_env", "database", "client_name"),
+    "postgres": ("username", "password", "password_file", "password_env", "database", "client_name", "pool_mode"),
 }
 
 
@@ -87,6 +90,7 @@ class PoolConfig:
     db: int = _setting(0, "redis: the database to SELECT on each new connection")
     database: str = _setting("", "postgres: the database to connect to (default: the user's name)")
     client_name: str = _setting("", "redis: the CLIENT SETNAME of each connection; postgres: its application_name")
+    pool_mode: str = _setting("session", 'postgres: "session" (reset on every return) or "transaction" (see README)')
     on_connect: tuple[Step, ...] = _file_setting((), "steps run once on each new connection (AUTH, SELECT...)")
     reset: tuple[Step, ...] | str = _file_setting(
         RESET_AUTO, 'on return: "auto" (the protocol\'s, when needed), "off", "discard", or steps'
@@ -129,6 +133,8 @@ class PoolConfig:
             raise ConfigError(f"{where}: tls_key_file needs tls_cert_file")
         if isinstance(self.reset, str) and self.reset not in RESET_MODES:
             raise ConfigError(f'{where}: reset is a list of steps, "auto", "off" or "discard", not {self.reset!r}')
+        if self.pool_mode not in POOL_MODES:
+            raise ConfigError(f'{where}: pool_mode is "session" or "transaction", not {self.pool_mode!r}')
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"{where}: protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         self._check_session_settings(where)
@@ -138,7 +144,8 @@ class PoolConfig:
 
     def _check_session_settings(self, where: str) -> None:
         every = {key for keys in SESSION_KEYS.values() for key in keys}
-        given = [key for key in sorted(every) if getattr(self, key)]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [key for key in sorted(every) if getattr(self, key) != defaults[key]]
         allowed = SESSION_KEYS.get(self.protocol, ())
         if wrong := [key for key in given if key not in allowed]:
             which = " or ".join(f'"{name}"' for name, keys in SESSION_KEYS.items() if set(wrong) <= set(keys))

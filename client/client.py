@@ -28,6 +28,7 @@ from poolbroker.client.protocol import (
     ADMIN_SHUTDOWN,
     RELEASE_KEEP,
     admin_request,
+    cancel_request,
     lease_request,
     leases_request,
     ping_request,
@@ -193,6 +194,16 @@ class Client:
             "pools": reply.get("pools", []),
             "protocols": reply.get("protocols", {}),
         }
+
+    def cancel(self, lease: Lease) -> bool:
+        """PostgreSQL: ask the server to cancel what `lease`'s backend is running now, as libpq's
+        cancel does (the query fails with 57014). Any thread may call it, while another waits on
+        the lease. False if the lease holds no connection (not granted yet, or over)."""
+        token = lease.token
+        if token is None:
+            return False
+        check_reply(self._channel().call(cancel_request(token), self.broker_timeout))
+        return True
 
     def leases(self, pool: str | None = None) -> list[dict[str, Any]]:
         """Who holds what: per active lease its pool, holder (pid, host, tag), seconds held, idle

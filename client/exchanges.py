@@ -119,6 +119,11 @@ class LeaseCore:
         return self._timeout
 
     @property
+    def token(self) -> bytes | None:
+        """The broker's token for this lease (None until a lazy lease is granted, and once over)."""
+        return None if self._done else self._token
+
+    @property
     def fresh(self) -> bool:
         """Nothing was sent or read yet: the connection is as the broker handed it out (clean, with
         nothing to read), which a caller may know without asking."""

@@ -24,7 +24,8 @@ OP_IO = "io"
 OP_RELEASE = "release"
 OP_LEASES = "leases"  # who holds what
 OP_ADMIN = "admin"  # administrators only
-OPS = frozenset({OP_PING, OP_STATS, OP_LEASES, OP_LEASE, OP_IO, OP_RELEASE, OP_ADMIN})
+OP_CANCEL = "cancel"  # PostgreSQL: cancel what a lease's backend is running
+OPS = frozenset({OP_PING, OP_STATS, OP_LEASES, OP_LEASE, OP_IO, OP_RELEASE, OP_ADMIN, OP_CANCEL})
 
 # What an administrator may ask.
 ADMIN_PAUSE = "pause"  # a pool hands nothing out: requests wait
@@ -178,14 +179,14 @@ def parse_request(frame: bytes) -> Request:
         req.pid = _field(body, "pid", int, rid)
         req.host = _short_str(body, "host", MAX_NAME, rid)
         _parse_exchange(body, req)
-    elif op in (OP_IO, OP_RELEASE):
+    elif op in (OP_IO, OP_RELEASE, OP_CANCEL):
         token = _field(body, "lease", bytes, rid)
         if token is None or len(token) != TOKEN_BYTES:
             raise BadRequest(ErrorCode.BAD_REQUEST, f"{op} needs a {TOKEN_BYTES}-byte 'lease'", rid)
         req.lease = token
         if op == OP_IO:
             _parse_exchange(body, req)
-        else:
+        elif op == OP_RELEASE:
             req.release = _release_mode(body, rid) or RELEASE_KEEP
     elif op in (OP_STATS, OP_LEASES):
         req.pool = _short_str(body, "pool", MAX_NAME, rid)
@@ -287,6 +288,10 @@ def lease_request(pool: str, timeout: float, pid: int, host: str, tag: str | Non
 
 def release_request(token: bytes, mode: str = RELEASE_KEEP) -> dict[str, Any]:
     return {"op": OP_RELEASE, "lease": token, "release": mode}
+
+
+def cancel_request(token: bytes) -> dict[str, Any]:
+    return {"op": OP_CANCEL, "lease": token}
 
 
 class Template:

@@ -103,6 +103,20 @@ class Leasing:
             self.server.reply(peer, ok_reply(req.id))
         self.end_lease(lease, now, keep=req.release == RELEASE_KEEP)
 
+    def on_cancel(self, peer: bytes, req: Request, now: float) -> None:
+        """PostgreSQL's cancel, for the lease the token names. Any socket may ask: the token is the
+        secret, as the backend's key is in PostgreSQL's CancelRequest (the worker's bridge asks
+        from the thread that hears libpq's cancel, not the one holding the lease)."""
+        assert req.lease is not None
+        lease = self.server.table.leases.get(req.lease)
+        if lease is None:
+            self.server.reply(peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (it may have ended)"))
+        elif not lease.conn.cancel(lease.pool.config.connect_timeout):
+            message = "nothing to cancel: only a postgres pool's connection has a backend to cancel"
+            self.server.reply(peer, error_reply(req.id, ErrorCode.BAD_REQUEST, message))
+        else:
+            self.server.reply(peer, ok_reply(req.id))
+
     def _lease_of(self, peer: bytes, req: Request) -> DriveLease | None:
         assert req.lease is not None
         lease = self.server.table.lease_of(peer, req.lease)

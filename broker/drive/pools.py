@@ -31,6 +31,7 @@ class PoolState:
         self.protocol = pool_protocol(config)  # its handshake, its reset, what a holder leaves
         self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
         self.tls: ssl.SSLContext | None = tls.client_context(config)  # raises ConfigError
+        self.server_parameters: dict[str, str] = {}  # postgres: what the last login's server announced
 
     def __repr__(self) -> str:
         return repr(self.core).replace("PoolCore", "Pool", 1)

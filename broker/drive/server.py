@@ -39,6 +39,7 @@ from poolbroker.broker.drive.upstream import UpstreamConn
 from poolbroker.broker.drive.upstreams import Upstreams
 from poolbroker.client.protocol import (
     OP_ADMIN,
+    OP_CANCEL,
     OP_IO,
     OP_LEASE,
     OP_RELEASE,
@@ -138,6 +139,7 @@ class Server:
             OP_LEASE: self.leasing.on_lease,
             OP_IO: self.leasing.on_io,
             OP_RELEASE: self.leasing.on_release,
+            OP_CANCEL: self.leasing.on_cancel,
         }
         self.upstreams = Upstreams(self)  # every upstream connection, through its life
         self.conns = self.upstreams.conns  # (by fd: its own dict)

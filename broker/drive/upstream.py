@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.broker.decide.connection import State, check_move
+from poolbroker.broker.drive.cancel import send_cancel
 
 if TYPE_CHECKING:
     from poolbroker.broker.decide.probes import Check
@@ -42,6 +43,7 @@ class UpstreamConn:
         "checks",
         "timer",
         "watching",
+        "backend_key",
         "_readable",
     )
 
@@ -60,6 +62,7 @@ class UpstreamConn:
         self.checks: ProbeRun | None = None  # HANDSHAKE, PROBING, RESETTING: the run of checks
         self.timer: Timer | None = None  # the connect's or the checks' deadline
         self.watching = 0  # poll flags currently registered
+        self.backend_key: tuple[int, int] | None = None  # postgres: its backend's pid and secret
         self._readable: select.poll | None = None  # this socket alone: is anything there, right now?
 
     def __repr__(self) -> str:
@@ -68,6 +71,18 @@ class UpstreamConn:
     def move(self, state: State) -> None:
         """Into `state`, along the table of moves (BadMove if it has none: a bug of ours)."""
         self.state = check_move(self.state, state)
+
+    def cancel(self, timeout: float) -> bool:
+        """PostgreSQL: ask the server, on a connection of its own, to cancel what this one's
+        backend is running. False when the connection has no backend to name."""
+        if self.backend_key is None or self.sock is None or self.eof:  # (eof: the backend is gone)
+            return False
+        try:
+            address = self.sock.getpeername()
+        except OSError:
+            return False
+        send_cancel(address, self.sock.family, self.backend_key, timeout)
+        return True
 
     def fail(self, error: str) -> None:
         """An I/O on it failed or was cut short: it must never be reused."""

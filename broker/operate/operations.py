@@ -190,14 +190,7 @@ class Operations:
 
     def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
         server = self.server
-        protocols = {
-            name: {
-                "protocol": pool.config.protocol,
-                "reset": pool.protocol.reset_mode,
-                "protects": pool.protocol.protects,
-            }
-            for name, pool in server.pools.items()
-        }
+        protocols = {name: describe_protocol(pool) for name, pool in server.pools.items()}
         server.reply(peer, ok_reply(req.id, version=__version__, pools=sorted(server.pools), protocols=protocols))
 
     def _on_stats(self, peer: bytes, req: Request, now: float) -> None:
@@ -213,3 +206,20 @@ class Operations:
             "leases_active": len(server.leases),
         }
         server.reply(peer, ok_reply(req.id, pools=pools, broker=broker))
+
+
+def describe_protocol(pool: PoolState) -> dict[str, Any]:
+    """What a pool speaks, for ping: and for a postgres pool what a driver's bridge needs to stand
+    in for the server (its user, database, mode, and what the server announced at login)."""
+    config = pool.config
+    info: dict[str, Any] = {
+        "protocol": config.protocol,
+        "reset": pool.protocol.reset_mode,
+        "protects": pool.protocol.protects,
+    }
+    if config.protocol == "postgres":
+        info["pool_mode"] = config.pool_mode
+        info["user"] = config.username
+        info["database"] = config.database or config.username
+        info["parameters"] = pool.server_parameters  # (empty until a connection has logged in)
+    return info

@@ -51,13 +51,15 @@ IMPORTS = {name: {i for i in imports_of(path) if i in MODULES and i != name} for
 TYPE_IMPORTS = {
     name: {i for i in imports_of(path, types_too=True) if i in MODULES and i != name} for name, path in MODULES.items()
 }
-# The settings, and what both sides of the wire share: its types, endpoints and key files.
+# The settings, and what both sides of the wire share: its types, endpoints and key files, and
+# PostgreSQL's framing (the broker's session tracker and the worker's bridge both follow it).
 SHARED = {
     "poolbroker.broker",
     "poolbroker.broker.config",
     "poolbroker.client.protocol",
     "poolbroker.client.endpoint",
     "poolbroker.client.keys",
+    "poolbroker.client.pgwire",
 }
 ADAPTERS = {
     "poolbroker",

@@ -7,8 +7,10 @@ leave on a connection. Pure: checks and verdicts, no sockets.
 |           | (from username, password, db...)    | closed if a command or reply was left half way     |
 | http      | none                                | closed if a request or response was left half way  |
 | memcached | none                                | as it is (memcached keeps no session)              |
-| postgres  | StartupMessage and login (trust,     | ROLLBACK, then DISCARD ALL, on every return        |
-|           | password, md5, SCRAM-SHA-256)       |                                                    |
+| postgres  | StartupMessage and login (trust,     | session mode: ROLLBACK, then DISCARD ALL, always;  |
+|           | password, md5, SCRAM-SHA-256)       | transaction mode: only if a transaction was left   |
+|           |                                     | open or the session changed; closed if a message   |
+|           |                                     | was left half way or answers are owed              |
 | tcp       | none                                | as it is: the broker can't see a session in bytes  |
 
 A pool's own `on_connect` steps replace the handshake; its `reset` setting chooses: "auto" (the
@@ -24,6 +26,7 @@ from poolbroker.broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolC
 from poolbroker.broker.decide.checks import Check, line_checks
 from poolbroker.broker.decide.protocols import postgres, redis
 from poolbroker.broker.decide.protocols.http import HttpSession
+from poolbroker.broker.decide.protocols.postgres_session import PostgresSession
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
 
 # What to do with a connection whose lease ended cleanly as far as its socket can tell.
@@ -48,6 +51,7 @@ class PoolProtocol:
     reset: tuple[Check, ...]  # run when a lease ends and the session needs it
     reset_mode: str  # auto, off, discard or steps
     new_session: Callable[[], Session] | None  # None: nothing to follow in the stream
+    transaction_mode: bool = False  # postgres: a connection at rest between transactions needs no reset
 
     @property
     def pipelined(self) -> bool:
@@ -56,9 +60,11 @@ class PoolProtocol:
 
     @property
     def reset_always(self) -> bool:
-        """The reset runs on every clean return: the pool's own steps, or PostgreSQL's (the broker
-        does not follow its stream yet, so it can't tell when a session needs none)."""
-        return self.reset_mode == "steps" or (self.name == "postgres" and self.reset_mode == RESET_AUTO)
+        """The reset runs on every clean return: the pool's own steps, or PostgreSQL's in session
+        mode (a SET inside a function is invisible in the stream: only a reset is sure)."""
+        return self.reset_mode == "steps" or (
+            self.name == "postgres" and self.reset_mode == RESET_AUTO and not self.transaction_mode
+        )
 
     def before_tls(self) -> list[Check]:
         """What goes on the plain connection before the TLS handshake: PostgreSQL's SSLRequest."""
@@ -78,9 +84,11 @@ class PoolProtocol:
         return self.reset_mode in (RESET_DISCARD, "steps") or (self.name != "tcp" and self.reset_mode != RESET_OFF)
 
     def conversation_over(self, session: Session | None) -> bool:
-        """Every command has its answer and the session is as it was handed out: a lease asked to
-        end "when done" ends now. A pool that follows no stream (tcp, memcached) can't tell, and
-        never ends one early."""
+        """Every command has its answer and the session is as it was handed out (PostgreSQL:
+        between transactions, whatever the reset must undo): a lease asked to end "when done" ends
+        now. A pool that follows no stream (tcp, memcached) can't tell, and never ends one early."""
+        if isinstance(session, PostgresSession):
+            return session.at_rest()
         return session is not None and session.verdict()[0] is CLEAN
 
     def on_return(self, session: Session | None) -> Return:
@@ -96,7 +104,11 @@ class PoolProtocol:
 
 
 # The protocols whose stream the broker follows, and how it follows each.
-SESSIONS: dict[str, Callable[[], Session]] = {"redis": redis.RedisSession, "http": HttpSession}
+SESSIONS: dict[str, Callable[[], Session]] = {
+    "redis": redis.RedisSession,
+    "http": HttpSession,
+    "postgres": PostgresSession,
+}
 
 
 def pool_protocol(config: PoolConfig) -> PoolProtocol:
@@ -125,6 +137,7 @@ def pool_protocol(config: PoolConfig) -> PoolProtocol:
         reset=tuple(reset),
         reset_mode=mode,
         new_session=SESSIONS.get(config.protocol),
+        transaction_mode=config.protocol == "postgres" and config.pool_mode == "transaction",
     )
 
 

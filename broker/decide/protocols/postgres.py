@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from scramp import ScramClient, ScramException
 
 from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.checks import Check, ProbeFailed
+from poolbroker.client.pgwire import PROTOCOL_VERSION, SSL_REQUEST_CODE, message, query
 
-PROTOCOL_VERSION = 196608  # 3.0
-SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # answered by one byte: S (TLS follows) or N
+SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)  # answered by one byte: S (TLS follows) or N
 MAX_MESSAGE = 1 << 20  # a login or probe message larger than this is not one
 
 # Authentication request codes (the 'R' message's first int).
@@ -37,15 +37,6 @@ def startup_message(user: str, database: str, parameters: dict[str, str] | None 
         body += key.encode() + b"\0" + value.encode() + b"\0"
     body += b"\0"
     return struct.pack("!i", len(body) + 4) + body
-
-
-def message(kind: bytes, payload: bytes) -> bytes:
-    """A frontend message: its type byte, its length (itself included), its payload."""
-    return kind + struct.pack("!i", len(payload) + 4) + payload
-
-
-def query(sql: str) -> bytes:
-    return message(b"Q", sql.encode() + b"\0")
 
 
 def take_messages(buf: bytearray) -> Iterator[tuple[bytes, bytes]]:
@@ -194,6 +185,11 @@ class QueryCheck:
                     raise ProbeFailed(f"the connection is not idle after the query (status {self.status!r})")
                 return True
         return False
+
+
+def announced(checks: Sequence[Check]) -> Login | None:
+    """The login among a handshake's checks (which keeps what the server announced), if any."""
+    return next((check for check in checks if isinstance(check, Login)), None)
 
 
 def login(config: PoolConfig) -> Login:

@@ -1,0 +1,98 @@
+"""PostgreSQL's wire protocol (3.0) as both sides of poolbroker follow it: the broker's session
+tracker and the worker's bridge split a stream into messages with `Frames`. Pure: bytes in,
+messages out, no sockets.
+
+Every message after the startup is a type byte, a 4-byte length (itself included), a body.
+"""
+
+from __future__ import annotations
+
+import struct
+
+PROTOCOL_VERSION = 196608  # 3.0
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+# Frontend messages that the server answers with a ReadyForQuery: a simple Query, a Sync that ends
+# an extended-protocol batch, a FunctionCall.
+ANSWERED_BY_READY = frozenset(b"QSF")
+
+
+def message(kind: bytes, payload: bytes) -> bytes:
+    """A message: its type byte, its length (itself included), its payload."""
+    return kind + struct.pack("!i", len(payload) + 4) + payload
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", sql.encode() + b"\0")
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    """The CancelRequest a new connection sends instead of a StartupMessage, then closes."""
+    return struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, pid, secret)
+
+
+class Frames:
+    """One direction of a stream, split into messages as its bytes arrive, in pieces of any size.
+    `feed` returns each completed message's type (an int) and, for the types in `keep`, its body
+    (up to `limit` bytes: `cut` turns true when one was longer); other bodies are skipped, never
+    buffered. `partial` is true in the middle of a message; `error` says why the bytes are not
+    PostgreSQL's (and nothing more is taken)."""
+
+    __slots__ = ("keep", "limit", "cut", "error", "_head", "_kind", "_left", "_body")
+
+    def __init__(self, keep: bytes = b"", limit: int = 1 << 16) -> None:
+        self.keep = frozenset(keep)
+        self.limit = limit
+        self.cut = False
+        self.error = ""
+        self._head = bytearray()  # a header that arrived in pieces
+        self._kind = 0
+        self._left = 0  # body bytes still to come
+        self._body: bytearray | None = None
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._head) or self._left > 0
+
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
+        done: list[tuple[int, bytes]] = []
+        if self.error:
+            return done
+        view = memoryview(data)
+        at, end = 0, len(view)
+        while at < end:
+            if self._left:
+                take = min(self._left, end - at)
+                body = self._body
+                if body is not None:
+                    room = self.limit - len(body)
+                    body += view[at : at + min(take, room)]
+                    self.cut = self.cut or take > room
+                at += take
+                self._left -= take
+                if not self._left:
+                    done.append((self._kind, bytes(body) if body is not None else b""))
+                    self._body = None
+                continue
+            if not self._head and end - at >= 5:  # (the common case: a whole header at hand)
+                kind, length = view[at], int.from_bytes(view[at + 1 : at + 5], "big")
+                at += 5
+            else:
+                take = min(5 - len(self._head), end - at)
+                self._head += view[at : at + take]
+                at += take
+                if len(self._head) < 5:
+                    break
+                kind, length = self._head[0], int.from_bytes(self._head[1:5], "big")
+                self._head.clear()
+            if length < 4:
+                self.error = f"a message of length {length}"
+                break
+            self._kind, self._left = kind, length - 4
+            self._body = bytearray() if kind in self.keep else None
+            if not self._left:
+                done.append((kind, b""))
+                self._body = None
+        return done

@@ -1,0 +1,125 @@
+"""What a holder leaves on a PostgreSQL connection, as the broker's tracker judges it (pure):
+messages split at any byte, transactions left open, statements that outlive their transaction,
+and streams left half way."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
+from poolbroker.broker.decide.protocols.postgres_session import PostgresSession, session_change
+from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
+from poolbroker.client.pgwire import Frames, message, query
+
+
+def parse(sql: str, name: str = "") -> bytes:
+    return message(b"P", name.encode() + b"\0" + sql.encode() + b"\0\0\0")
+
+
+SYNC = message(b"S", b"")
+ANSWER = message(b"T", b"\0\0") + message(b"D", b"\0\1\0\0\0\1x") + message(b"C", b"SELECT 1\0")
+
+
+def ready(status: bytes) -> bytes:
+    return message(b"Z", status)
+
+
+def session(sent: bytes, received: bytes) -> PostgresSession:
+    tracker = PostgresSession()
+    tracker.sent(sent)
+    tracker.received(received)
+    return tracker
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=30))
+def test_frames_come_out_the_same_however_the_bytes_are_split(cuts: list[int]) -> None:
+    stream = query("SELECT 1") + parse("SELECT $1") + SYNC + message(b"X", b"")
+    frames, found, at = Frames(keep=b"Q"), [], 0
+    for cut in cuts:
+        found += frames.feed(stream[at : at + cut])
+        at += cut
+    found += frames.feed(stream[at:])
+    assert found == [(ord("Q"), b"SELECT 1\0"), (ord("P"), b""), (ord("S"), b""), (ord("X"), b"")]
+    assert not frames.partial and not frames.error
+
+
+def test_a_length_that_is_no_length_is_an_error_not_a_hang() -> None:
+    frames = Frames()
+    frames.feed(b"Q\x00\x00\x00\x02")
+    assert frames.error
+
+
+def test_answered_queries_between_transactions_are_clean() -> None:
+    tracker = session(query("SELECT 1") + parse("SELECT $1") + SYNC, ANSWER + ready(b"I") + ready(b"I"))
+    assert tracker.verdict()[0] is CLEAN
+    assert tracker.at_rest()
+
+
+def test_a_transaction_left_open_or_failed_needs_the_reset() -> None:
+    assert session(query("BEGIN"), ready(b"T")).verdict() == (RESET, "a transaction left open")
+    assert session(query("BEGIN; SELECT 1/0"), ready(b"E")).verdict()[0] is RESET
+    assert not session(query("BEGIN"), ready(b"T")).at_rest()
+
+
+def test_answers_owed_or_a_message_half_way_close_the_connection() -> None:
+    assert session(query("SELECT pg_sleep(30)"), b"").verdict()[0] is OUT_OF_SYNC
+    assert session(query("SELECT 1")[:-3], b"").verdict()[0] is OUT_OF_SYNC
+    assert session(query("SELECT 1"), (ANSWER + ready(b"I"))[:-2]).verdict()[0] is OUT_OF_SYNC
+    assert session(message(b"X", b""), b"").verdict() == (OUT_OF_SYNC, "the holder sent Terminate")
+
+
+def test_statements_that_outlive_their_transaction_are_seen() -> None:
+    for sql in (
+        "SET search_path TO x",
+        "set session statement_timeout = 5",
+        "SELECT 1; SET application_name = 'x'",
+        "/* hint */ RESET ALL",
+        "-- note\nPREPARE p AS SELECT 1",
+        "LISTEN jobs",
+        "CREATE TEMP TABLE t (x int)",
+        "create local temporary table t (x int)",
+        "SELECT pg_advisory_lock(42)",
+        "select pg_try_advisory_lock_shared(1)",
+        "SELECT set_config('a.b', 'c', false)",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+    ):
+        assert session_change(sql.encode()), sql
+    for sql in (
+        "SELECT 1",
+        "UPDATE t SET x = 1",
+        "SET LOCAL statement_timeout = 5",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SELECT pg_advisory_xact_lock(42)",
+        "SELECT 'SET x'",  # (inside a string, after no semicolon)
+    ):
+        assert not session_change(sql.encode()), sql
+
+
+def test_a_named_prepared_statement_changes_the_session_and_an_unnamed_one_does_not() -> None:
+    assert session(parse("SELECT 1", "_pg3_0") + SYNC, ready(b"I")).verdict() == (
+        RESET,
+        "it ran a named prepared statement",
+    )
+    assert session(parse("SELECT 1") + SYNC, ready(b"I")).verdict()[0] is CLEAN
+
+
+def postgres_pool(**settings: object) -> PoolConfig:
+    return PoolConfig("pg", "127.0.0.1", 5432, protocol="postgres", username="app", **settings)  # type: ignore[arg-type]
+
+
+def test_session_mode_resets_every_return_and_transaction_mode_only_what_it_must() -> None:
+    session_mode = pool_protocol(postgres_pool())
+    transaction_mode = pool_protocol(postgres_pool(pool_mode="transaction"))
+    clean = session(query("SELECT 1"), ANSWER + ready(b"I"))
+    changed = session(query("SET x.y = 1"), ready(b"I"))
+    open_tx = session(query("BEGIN"), ready(b"T"))
+    owed = session(query("SELECT 1"), b"")
+    assert session_mode.on_return(clean).action == RUN_RESET
+    assert transaction_mode.on_return(clean).action == KEEP
+    assert transaction_mode.on_return(changed).action == RUN_RESET
+    assert transaction_mode.on_return(open_tx).action == RUN_RESET
+    assert session_mode.on_return(owed).action == transaction_mode.on_return(owed).action == CLOSE
+    # "when done" ends a lease between transactions, whatever the reset must then undo
+    assert transaction_mode.conversation_over(changed) and not transaction_mode.conversation_over(open_tx)
