@@ -58,6 +58,10 @@ class LeasedSocket:
         self._current().sendall(data)
         return len(data)
 
+    def flush(self) -> None:
+        """Send held writes now (they go with the next read otherwise)."""
+        self.lease.flush()
+
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         return self._current().recv(bufsize)
 

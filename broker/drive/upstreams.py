@@ -25,7 +25,7 @@ log = logging.getLogger("broker.server")  # (the operator's log lines keep the n
 
 # Closes of a connection whose holder's work may still run on it: a PostgreSQL backend is asked to
 # cancel first, so that its query (and the locks it holds) end now, not when it next writes.
-CUT_SHORT = frozenset({"broken", "discarded", "out_of_sync"})
+CUT_SHORT = frozenset({"broken", "discarded", "out_of_sync", "reclaimed"})
 
 
 class Upstreams:

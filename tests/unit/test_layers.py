@@ -67,6 +67,11 @@ ADAPTERS = {
     "poolbroker.redis_asyncio",
     "poolbroker.http",
     "poolbroker.memcache",
+    "poolbroker.requests",
+    "poolbroker.httpx",
+    "poolbroker.postgres",
+    "poolbroker.pg_link",
+    "poolbroker.pytest_plugin",
 }  # the package's face: the client's users
 
 

@@ -1,0 +1,257 @@
+"""One PostgreSQL driver connection carried over the broker's leases (`PgLink`), and the pg8000
+socket built on it. The driver speaks to a link as to a server: the link answers its startup as the
+pool's server would (the pool's connections are logged in already), then carries every message to
+a pooled connection and every answer back.
+
+    session mode:      one lease, from the driver's first message until it closes
+    transaction mode:  a lease per transaction, from its first message to the ReadyForQuery that
+                       ends it (status I: the broker ends the lease then, "when done")
+
+The link follows both streams (ReadyForQuery owed, COPY IN) to tell its relay when the server has
+more to say, and takes the driver's Terminate for itself: the pooled connection stays open.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from poolbroker.client.client import Client
+from poolbroker.client.errors import PoolBrokerError
+from poolbroker.client.exchanges import DEFAULT_RECV
+from poolbroker.client.lease import Lease
+from poolbroker.client.leased_socket import LeasedSocket
+from poolbroker.client.pgwire import (
+    ANSWERED_BY_READY,
+    CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
+    PROTOCOL_VERSION,
+    SSL_REQUEST_CODE,
+    Frames,
+    message,
+)
+
+READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE = (ord(c) for c in "ZGcfHX")
+MAX_STARTUP = 10_000  # libpq's own limit for a startup packet
+
+
+class PgLinkError(Exception):
+    """The driver asked for something the pool can't give (another database, another user)."""
+
+    def __init__(self, sqlstate: str, text: str) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+
+
+def error_response(sqlstate: str, text: str, severity: str = "FATAL") -> bytes:
+    """A backend ErrorResponse: how the driver learns why (libpq shows its message)."""
+    fields = b"".join(k + v.encode() + b"\0" for k, v in ((b"S", severity), (b"V", severity), (b"C", sqlstate)))
+    return message(b"E", fields + b"M" + text.encode(errors="replace") + b"\0\0")
+
+
+def pool_info(broker: Client, pool: str) -> dict[str, Any]:
+    """What the broker says of a postgres pool: its user, database, pool_mode and the parameters
+    its server announced. Before any connection has logged in there are none: one lease is taken
+    and given back to open one."""
+    info = broker.ping()["protocols"].get(pool)
+    if info is None:
+        raise PgLinkError("3D000", f"the broker has no pool named {pool!r}")
+    if info.get("protocol") != "postgres":
+        raise PgLinkError("08004", f"pool {pool!r} speaks {info.get('protocol')}, not postgres")
+    if not info.get("parameters"):
+        broker.lease(pool).release()  # (its grant waits for the login: the next ping has them)
+        info = broker.ping()["protocols"][pool]
+    return info  # type: ignore[no-any-return]
+
+
+def startup_parameters(packet: bytes) -> dict[str, str]:
+    """A StartupMessage's name/value pairs (after its length and protocol version)."""
+    parts = packet[8:].split(b"\0")
+    pairs = {}
+    for name, value in zip(parts[::2], parts[1::2], strict=False):
+        if name:
+            pairs[name.decode(errors="replace")] = value.decode(errors="replace")
+    return pairs
+
+
+class PgLink:
+    """One driver connection over leases (see the module's docstring). `write` takes what the
+    driver sends; `read` returns what it is to read next; `awaiting()` says whether the server
+    owes it more (so a relay knows when to read); `close` gives the lease back."""
+
+    def __init__(
+        self, broker: Client, pool: str, info: dict[str, Any], *, transaction_mode: bool, tag: str | None = None
+    ) -> None:
+        self.broker = broker
+        self.pool = pool
+        self.info = info
+        self.transaction_mode = transaction_mode
+        self.upstream: Lease | LeasedSocket
+        if transaction_mode:  # each transaction on a lazy lease of its own, ended when done
+            self.upstream = LeasedSocket(broker, pool, tag=tag, timeout=None)
+        else:  # one lazy lease for the whole connection
+            self.upstream = broker.lease(pool, tag=tag, lazy=True)
+            self.upstream.settimeout(None)  # (a long query is the server's to bound, not io_timeout's)
+        self.key = (os.getpid() & 0x7FFFFFFF, int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF)
+        self.cancel_key: tuple[int, int] | None = None  # this connection was a CancelRequest for it
+        self.closed = False  # the driver sent Terminate (or a CancelRequest): nothing more follows
+        self._startup = bytearray()  # the startup packet, until it is whole
+        self._started = False
+        self._answer = bytearray()  # what the link itself answers (the startup's replies)
+        self._sent, self._received = Frames(), Frames()
+        self.owed = 0  # ReadyForQuery the server owes
+        self.copy_in = False  # the server waits for the driver's COPY data
+        self._flushed = False  # the driver sent Flush: it waits for what the server has so far
+
+    # -- what the driver sends -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self._started:
+            self._take_startup(data)
+            return
+        terminate = False
+        for kind, _ in self._sent.feed(data):
+            if kind in ANSWERED_BY_READY:
+                self.owed += 1
+            elif kind in (COPY_DONE, COPY_FAIL):
+                self.copy_in = False
+            elif kind == FLUSH:
+                self._flushed = True
+            elif kind == TERMINATE:
+                terminate = True
+        if terminate:  # (always the driver's last message: the pooled connection stays open)
+            data = data[:-5]
+            self.closed = True
+        if data:
+            self.upstream.sendall(data)
+
+    def _take_startup(self, data: bytes) -> None:
+        self._startup += data
+        if len(self._startup) < 8:
+            return
+        (length,) = struct.unpack_from("!i", self._startup)
+        if not 8 <= length <= MAX_STARTUP:
+            raise PgLinkError("08P01", f"invalid startup packet length {length}")
+        if len(self._startup) < length:
+            return
+        packet, rest = bytes(self._startup[:length]), bytes(self._startup[length:])
+        self._startup.clear()
+        (code,) = struct.unpack_from("!i", packet, 4)
+        if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+            self._answer += b"N"  # (the link is in the driver's own process: nothing to encrypt)
+        elif code == CANCEL_REQUEST_CODE and length == 16:
+            self.cancel_key = struct.unpack_from("!ii", packet, 8)
+            self.closed = True
+        elif code >> 16 == PROTOCOL_VERSION >> 16:
+            self._hello(startup_parameters(packet))
+        else:
+            raise PgLinkError("08P01", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+        if rest:
+            self.write(rest)
+
+    def _hello(self, asked: dict[str, str]) -> None:
+        """Answer a StartupMessage as the pool's server would: AuthenticationOk, its parameters,
+        this link's own BackendKeyData (a CancelRequest for it reaches the real backend through
+        the broker), ReadyForQuery."""
+        for name, ours in (("user", self.info["user"]), ("database", self.info["database"])):
+            theirs = asked.get(name) or (asked.get("user") if name == "database" else None)
+            if theirs is not None and theirs != ours:
+                code = "28000" if name == "user" else "3D000"
+                raise PgLinkError(code, f"pool {self.pool!r} logs in to {name} {ours!r}, not {theirs!r}")
+        answer = message(b"R", struct.pack("!i", 0))
+        for name, value in self.info["parameters"].items():
+            answer += message(b"S", name.encode() + b"\0" + value.encode() + b"\0")
+        answer += message(b"K", struct.pack("!ii", *self.key)) + message(b"Z", b"I")
+        self._answer += answer
+        self._started = True
+
+    # -- what the driver reads -----------------------------------------------------------------
+
+    def awaiting(self) -> bool:
+        """The server (or the link) owes the driver an answer: read before waiting on the driver."""
+        return bool(self._answer) or self._flushed or (self.owed > 0 and not self.copy_in)
+
+    def read(self, size: int = DEFAULT_RECV) -> bytes:
+        """What the driver reads next: the link's own answers first, else the server's (b"" once
+        the pooled connection has closed)."""
+        if self._answer:
+            data = bytes(self._answer[:size])
+            del self._answer[:size]
+            return data
+        self._flushed = False
+        data = self.upstream.recv(size)
+        for kind, _ in self._received.feed(data):
+            if kind == READY:
+                self.owed -= 1
+            elif kind == COPY_IN:
+                self.copy_in = True
+        return data
+
+    def flush(self) -> None:
+        """Send what the driver wrote that waits for no answer yet (COPY data, a pipeline)."""
+        self.upstream.flush()
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Cancel what this connection's backend runs now (from another thread: libpq's cancel
+        arrives on a connection of its own). False when it holds no lease."""
+        upstream = self.upstream
+        lease = upstream.lease if isinstance(upstream, LeasedSocket) else upstream
+        return self.broker.cancel(lease)
+
+    def close(self) -> None:
+        """Give the lease back (the broker judges what was left: the reset, or a close)."""
+        self.closed = True
+        try:
+            self.upstream.close()
+        except PoolBrokerError:
+            pass  # (the lease is over anyway: the broker reclaims what it can't hear about)
+
+
+class Pg8000Socket:
+    """What pg8000's `sock=` takes: a socket whose file is a PgLink, in the caller's thread (no
+    bridge, no thread). Give it `ssl_context=False`, or its SSLRequest is answered N."""
+
+    def __init__(self, link: PgLink) -> None:
+        self.link = link
+
+    def sendall(self, data: bytes) -> None:
+        self.link.write(bytes(data))
+
+    def recv(self, size: int) -> bytes:
+        return self.link.read(size)
+
+    def makefile(self, mode: str = "rwb", *_: Any, **__: Any) -> Pg8000File:
+        return Pg8000File(self.link)
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass  # (the link's reads wait for the server; a statement_timeout bounds a query)
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class Pg8000File:
+    """The binary file pg8000 reads and writes: writes go with the next read, as on a socket."""
+
+    def __init__(self, link: PgLink) -> None:
+        self.link = link
+
+    def write(self, data: bytes) -> int:
+        self.link.write(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.link.awaiting():
+            self.link.flush()  # (else what is held goes with the read that follows)
+
+    def read(self, size: int) -> bytes:
+        return self.link.read(size)
+
+    def close(self) -> None:
+        pass  # (the socket's close gives the lease back)

@@ -1,0 +1,215 @@
+"""PostgreSQL drivers, unmodified, on the broker's pooled and already-authenticated connections.
+
+    from poolbroker import Client, postgres
+
+    broker = Client()
+    with postgres.connect(broker, "pg") as conn:          # a psycopg Connection
+        conn.execute("SELECT 1").fetchone()
+
+    conn = postgres.pg8000_connect(broker, "pg")           # a pg8000.native Connection
+
+psycopg's libpq opens its own socket, so its socket ends at a private bridge in this process: a
+Unix socket in a 0700 directory, served by a thread per connection that answers libpq's startup
+as the pool's server would (AuthenticationOk, the server's parameters, a BackendKeyData of its
+own, ReadyForQuery) and then relays each message over a lease (pg_link.PgLink). Closing the
+connection gives the lease back; `conn.cancel()` reaches the real backend through the broker.
+pg8000 takes a socket object (`sock=`), so it needs no bridge and no thread.
+
+A pool with `pool_mode = "transaction"` makes each connection hold a lease only from the first
+message of a transaction to its end; psycopg's prepared statements are turned off there (each
+transaction may run on another backend). See the README for what transaction mode can't do.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import queue
+import select
+import shutil
+import socket
+import tempfile
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from poolbroker.client.client import Client
+from poolbroker.client.errors import PoolBrokerError
+from poolbroker.pg_link import Pg8000Socket, PgLink, PgLinkError, error_response, pool_info
+
+if TYPE_CHECKING:
+    import pg8000.native
+    import psycopg
+
+__all__ = ["Bridge", "PgLink", "connect", "pg8000_connect", "pg8000_socket"]
+
+RELAY_CHUNK = 256 * 1024
+
+
+def _transaction_mode(info: dict[str, Any], transaction_mode: bool | None) -> bool:
+    return info.get("pool_mode") == "transaction" if transaction_mode is None else transaction_mode
+
+
+def connect(
+    broker: Client,
+    pool: str,
+    *,
+    transaction_mode: bool | None = None,
+    tag: str | None = None,
+    **kwargs: Any,
+) -> psycopg.Connection[Any]:
+    """A psycopg connection on the pool `pool` (its user and database are the pool's). Keyword
+    arguments go to psycopg.Connection.connect (autocommit, row_factory...). `transaction_mode`
+    defaults to the pool's pool_mode; in it, prepare_threshold defaults to None."""
+    import psycopg
+
+    info = pool_info(broker, pool)
+    transactions = _transaction_mode(info, transaction_mode)
+    if transactions:
+        kwargs.setdefault("prepare_threshold", None)
+    directory, port = bridge().route(broker, pool, transactions, tag)
+    return psycopg.Connection.connect(
+        host=directory,
+        port=port,
+        user=info["user"],
+        dbname=info["database"],
+        sslmode="disable",
+        gssencmode="disable",
+        **kwargs,
+    )
+
+
+def conninfo(broker: Client, pool: str, *, transaction_mode: bool | None = None, tag: str | None = None) -> str:
+    """A libpq connection string that reaches `pool` through this process's bridge: for code that
+    builds its own connections from one (it holds only in this process)."""
+    info = pool_info(broker, pool)
+    directory, port = bridge().route(broker, pool, _transaction_mode(info, transaction_mode), tag)
+    return f"host={directory} port={port} user={info['user']} dbname={info['database']} sslmode=disable"
+
+
+def pg8000_socket(
+    broker: Client, pool: str, *, transaction_mode: bool | None = None, tag: str | None = None
+) -> Pg8000Socket:
+    """What pg8000's `sock=` takes: give it with ssl_context=False."""
+    info = pool_info(broker, pool)
+    return Pg8000Socket(PgLink(broker, pool, info, transaction_mode=_transaction_mode(info, transaction_mode), tag=tag))
+
+
+def pg8000_connect(
+    broker: Client, pool: str, *, transaction_mode: bool | None = None, tag: str | None = None, **kwargs: Any
+) -> pg8000.native.Connection:
+    """A pg8000.native Connection on the pool `pool`, through `sock=` (no thread)."""
+    import pg8000.native
+
+    sock = pg8000_socket(broker, pool, transaction_mode=transaction_mode, tag=tag)
+    user, database = sock.link.info["user"], sock.link.info["database"]
+    return pg8000.native.Connection(user, database=database, sock=sock, ssl_context=False, **kwargs)
+
+
+class Bridge:
+    """This process's private Unix sockets for libpq: one per (client, pool, mode), each a
+    `.s.PGSQL.<port>` in one 0700 directory, accepted by a thread. Each accepted connection is
+    relayed by a relay thread until it closes; relay threads are kept for the next connection (a
+    thread's broker socket lives as long as the thread: one per thread, not one per connection).
+    Made anew in a forked child (threads don't survive a fork)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.directory = tempfile.mkdtemp(prefix="poolbroker-pg-")  # (mkdtemp makes it 0700)
+        self._routes: dict[tuple[int, str, bool, str | None], int] = {}
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._idle = 0  # relay threads waiting for a connection
+        self.links: weakref.WeakValueDictionary[tuple[int, int], PgLink] = weakref.WeakValueDictionary()
+        atexit.register(shutil.rmtree, self.directory, True)
+
+    def route(self, broker: Client, pool: str, transaction_mode: bool, tag: str | None) -> tuple[str, int]:
+        """The directory and port (libpq's host and port) that reach `pool` through `broker`."""
+        key = (id(broker), pool, transaction_mode, tag)
+        with self._lock:
+            port = self._routes.get(key)
+            if port is None:
+                port = self._routes[key] = len(self._routes) + 1
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(os.path.join(self.directory, f".s.PGSQL.{port}"))
+                listener.listen(128)
+                route = (broker, pool, transaction_mode, tag)
+                threading.Thread(target=self._accept, args=(listener, route), name="poolbroker-pg", daemon=True).start()
+        return self.directory, port
+
+    def _accept(self, listener: socket.socket, route: tuple[Any, ...]) -> None:
+        while True:
+            sock, _ = listener.accept()
+            with self._lock:
+                if self._idle:
+                    self._idle -= 1
+                else:
+                    threading.Thread(target=self._work, name="poolbroker-pg-relay", daemon=True).start()
+            self._jobs.put((sock, *route))
+
+    def _work(self) -> None:
+        while True:
+            self._serve(*self._jobs.get())
+            with self._lock:
+                self._idle += 1
+
+    def _serve(self, sock: socket.socket, broker: Client, pool: str, transaction_mode: bool, tag: str | None) -> None:
+        """Carry one libpq connection over its link until either side ends it."""
+        link: PgLink | None = None
+        with sock:
+            try:
+                link = PgLink(broker, pool, pool_info(broker, pool), transaction_mode=transaction_mode, tag=tag)
+                self.links[link.key] = link
+                relay(sock, link)
+                if link.cancel_key is not None:
+                    target = self.links.get(link.cancel_key)
+                    if target is not None:
+                        target.cancel()
+            except PgLinkError as exc:
+                _tell(sock, error_response(exc.sqlstate, str(exc)))
+            except PoolBrokerError as exc:
+                _tell(sock, error_response("08006", f"poolbroker: {exc}"))
+            except OSError:
+                pass  # libpq went away: the link's close below gives the lease back
+            finally:
+                if link is not None:
+                    link.close()
+
+
+def relay(sock: socket.socket, link: PgLink) -> None:
+    """libpq's bytes to the link; the link's answers back, read whenever the server owes some, and
+    before that whatever more libpq has to send (a pipeline) goes first."""
+    while not link.closed:
+        data = sock.recv(RELAY_CHUNK)
+        if not data:
+            return
+        link.write(data)
+        while link.awaiting():
+            if select.select([sock], [], [], 0)[0]:
+                break  # libpq has more to send first
+            answer = link.read(RELAY_CHUNK)
+            if not answer:
+                return  # the pooled connection closed: so does libpq's
+            sock.sendall(answer)
+        else:
+            if not link.closed:
+                link.flush()  # (COPY data, a pipeline's messages: nothing to wait for)
+
+
+def _tell(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+_bridge: Bridge | None = None
+_bridge_lock = threading.Lock()
+
+
+def bridge() -> Bridge:
+    """This process's bridge (a forked child makes its own)."""
+    global _bridge
+    with _bridge_lock:
+        if _bridge is None or _bridge.pid != os.getpid():
+            _bridge = Bridge()
+        return _bridge
