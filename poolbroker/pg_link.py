@@ -93,7 +93,8 @@ class PgLink:
         else:  # one lazy lease for the whole connection
             self.upstream = broker.lease(pool, tag=tag, lazy=True)
             self.upstream.settimeout(None)  # (a long query is the server's to bound, not io_timeout's)
-        self.key = (os.getpid() & 0x7FFFFFFF, int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF)
+        pid, secret = struct.unpack("!ii", os.urandom(8))
+        self.key = (abs(pid) or 1, secret)  # (the pid names the link in its process, the secret proves it)
         self.cancel_key: tuple[int, int] | None = None  # this connection was a CancelRequest for it
         self.closed = False  # the driver sent Terminate (or a CancelRequest): nothing more follows
         self._startup = bytearray()  # the startup packet, until it is whole
@@ -175,6 +176,8 @@ class PgLink:
     def read(self, size: int = DEFAULT_RECV) -> bytes:
         """What the driver reads next: the link's own answers first, else the server's (b"" once
         the pooled connection has closed)."""
+        if size <= 0:
+            return b""  # (pg8000 reads a message's empty body so)
         if self._answer:
             data = bytes(self._answer[:size])
             del self._answer[:size]

@@ -62,14 +62,13 @@ def connect(
     """A psycopg connection on the pool `pool` (its user and database are the pool's). Keyword
     arguments go to psycopg.Connection.connect (autocommit, row_factory...). `transaction_mode`
     defaults to the pool's pool_mode; in it, prepare_threshold defaults to None."""
-    import psycopg
 
     info = pool_info(broker, pool)
     transactions = _transaction_mode(info, transaction_mode)
     if transactions:
         kwargs.setdefault("prepare_threshold", None)
     directory, port = bridge().route(broker, pool, transactions, tag)
-    return psycopg.Connection.connect(
+    return _connection_class().connect(
         host=directory,
         port=port,
         user=info["user"],
@@ -78,6 +77,27 @@ def connect(
         gssencmode="disable",
         **kwargs,
     )
+
+
+def _connection_class() -> type[psycopg.Connection[Any]]:
+    """psycopg's Connection, but for cancel(): libpq's blocking PQcancel holds the GIL while it
+    waits for the bridge to answer, and the bridge is this process's threads. The link is here:
+    it is asked directly (cancel_safe() goes through the bridge's socket as libpq 17 does it)."""
+    global _BridgedConnection
+    if _BridgedConnection is None:
+        import psycopg
+
+        class BridgedConnection(psycopg.Connection[Any]):
+            def cancel(self) -> None:
+                link = bridge().links.get(self.info.backend_pid)
+                if link is not None:
+                    link.cancel()
+
+        _BridgedConnection = BridgedConnection
+    return _BridgedConnection
+
+
+_BridgedConnection: type[psycopg.Connection[Any]] | None = None
 
 
 def conninfo(broker: Client, pool: str, *, transaction_mode: bool | None = None, tag: str | None = None) -> str:
@@ -121,7 +141,7 @@ class Bridge:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._idle = 0  # relay threads waiting for a connection
-        self.links: weakref.WeakValueDictionary[tuple[int, int], PgLink] = weakref.WeakValueDictionary()
+        self.links: weakref.WeakValueDictionary[int, PgLink] = weakref.WeakValueDictionary()  # by their pid
         atexit.register(shutil.rmtree, self.directory, True)
 
     def route(self, broker: Client, pool: str, transaction_mode: bool, tag: str | None) -> tuple[str, int]:
@@ -160,11 +180,11 @@ class Bridge:
         with sock:
             try:
                 link = PgLink(broker, pool, pool_info(broker, pool), transaction_mode=transaction_mode, tag=tag)
-                self.links[link.key] = link
+                self.links[link.key[0]] = link
                 relay(sock, link)
-                if link.cancel_key is not None:
-                    target = self.links.get(link.cancel_key)
-                    if target is not None:
+                if link.cancel_key is not None:  # (a CancelRequest: libpq 17's cancel_safe, or a tool's)
+                    target = self.links.get(link.cancel_key[0])
+                    if target is not None and target.key == link.cancel_key:
                         target.cancel()
             except PgLinkError as exc:
                 _tell(sock, error_response(exc.sqlstate, str(exc)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -601,6 +602,19 @@ class PostgresServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def connect(self, **kwargs: Any) -> Any:
+        """A psycopg connection straight to the server (no broker): the tests' observer."""
+        import psycopg
+
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname="postgres", **kwargs
+        )
+
+    def restart(self) -> None:
+        """Stop the server (fast: sessions are cut) and start it again on the same port."""
+        log = str(self.dir / "log")
+        self._run(postgres_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-l", log, "-w", "restart")
+
     def stop(self) -> None:
         try:
             self._run(postgres_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
@@ -649,3 +663,12 @@ def status(url: str) -> int | None:
 def get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as response:
         return str(response.read().decode())
+
+
+def pg_pool(tmp_path: Path, server: PostgresServer, **settings: object) -> str:
+    """A broker config file with one pool, "pg", of `protocol = "postgres"` in front of `server`."""
+    lines = [f'upstream = "{server.address}"', 'protocol = "postgres"', f'username = "{server.user}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]  # (TOML takes these)
+    path = tmp_path / "broker.toml"
+    path.write_text("[pools.pg]\n" + "\n".join(lines) + "\n")
+    return str(path)

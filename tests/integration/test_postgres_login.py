@@ -6,14 +6,13 @@ transaction and its lock gone), over TLS too (after PostgreSQL's SSLRequest)."""
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Broker, PostgresServer, TestCertificates
+from helpers import Broker, PostgresServer, TestCertificates, pg_pool
 
 from poolbroker import Client, Lease, UpstreamUnavailable
 from poolbroker.broker.decide.probes import Check, ProbeFailed
@@ -65,15 +64,6 @@ def test_the_wrong_password_is_refused_in_the_servers_words() -> None:
 
 
 # -- a postgres pool: the broker logs in, probes and resets --------------------------------------
-
-
-def pg_pool(tmp_path: Path, server: PostgresServer, **settings: object) -> str:
-    """A broker config file with one pool, "pg", of `protocol = "postgres"` in front of `server`."""
-    lines = [f'upstream = "{server.address}"', 'protocol = "postgres"', f'username = "{server.user}"']
-    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]  # (TOML takes these)
-    path = tmp_path / "broker.toml"
-    path.write_text("[pools.pg]\n" + "\n".join(lines) + "\n")
-    return str(path)
 
 
 def pg_query(conn: Lease, sql: str) -> tuple[list[tuple[bytes, bytes]], bytes]:

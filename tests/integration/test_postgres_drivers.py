@@ -1,0 +1,278 @@
+"""psycopg, pg8000 and SQLAlchemy, unmodified, on a postgres pool, against a real PostgreSQL (a
+private cluster with SCRAM passwords): the bridge, what a holder leaves (never the next holder's),
+session and transaction mode, cancel, a holder killed mid-transaction, the bound as the server
+counts its backends, and the server restarted under load."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pg8000.native
+import psycopg
+import pytest
+from helpers import Broker, PostgresServer, pg_pool, wait_for
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from poolbroker import Client, postgres
+
+WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
+POOL_NAME = "pool-under-test"  # the pool's application_name: how the server's view finds its backends
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg(
+    start_broker: Callable[..., Broker], server: PostgresServer, tmp_path: Path
+) -> Callable[..., tuple[Broker, Client]]:
+    """A broker with a postgres pool "pg" on the module's server (settings as given), and a client."""
+
+    def start(**settings: object) -> tuple[Broker, Client]:
+        settings = {"max_size": 2, "database": "postgres", "client_name": POOL_NAME, **settings}
+        config = pg_pool(tmp_path, server, password_env="PG_PASSWORD", **settings)
+        broker = start_broker("--config", config, env={"PG_PASSWORD": server.password})
+        return broker, Client(broker.endpoint, timeout=30)
+
+    return start
+
+
+def pool_backends(server: PostgresServer) -> int:
+    """The pool's backends, as the server counts them."""
+    with server.connect(autocommit=True) as observer:
+        row = observer.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [POOL_NAME])
+        return int(row.fetchone()[0])
+
+
+def session_left(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What a new holder finds of a session: settings, temporary tables, prepared statements,
+    advisory locks and the transaction status."""
+    return {
+        "statement_timeout": conn.execute("SHOW statement_timeout").fetchone()[0],
+        "temp_table": conn.execute("SELECT to_regclass('pg_temp.left_behind') IS NOT NULL").fetchone()[0],
+        "prepared": conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0],
+        "advisory_locks": conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        ).fetchone()[0],
+    }
+
+
+AS_NEW = {"statement_timeout": "0", "temp_table": False, "prepared": 0, "advisory_locks": 0}
+
+
+def leave_everything(conn: psycopg.Connection[Any]) -> int:
+    """A holder that leaves all it can on its session, with a transaction open; its backend pid."""
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    conn.execute("SET statement_timeout = 1234")
+    conn.execute("CREATE TEMP TABLE left_behind (x int)")
+    conn.execute("PREPARE left_behind_too AS SELECT 1")
+    conn.execute("SELECT pg_advisory_lock(42)")  # (a session lock: it outlives the transaction)
+    conn.execute("BEGIN")
+    conn.execute("SELECT pg_advisory_xact_lock(43)")
+    return int(pid)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_nothing_a_holder_leaves_reaches_the_next_holder(pg: Callable[..., tuple[Broker, Client]], mode: str) -> None:
+    _, client = pg(max_size=1, pool_mode=mode)
+    with postgres.connect(client, "pg", autocommit=True) as conn:
+        pid = leave_everything(conn)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    with postgres.connect(client, "pg", autocommit=True) as conn:  # the same backend: a pool of 1
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        assert session_left(conn) == AS_NEW
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    stats = client.stats("pg")["pg"]
+    assert (stats["connections_created"], stats["connections_closed"]) == (1, 0)
+
+
+def test_psycopg_in_session_mode_holds_one_backend_for_the_connection(
+    pg: Callable[..., tuple[Broker, Client]],
+) -> None:
+    _, client = pg()
+    with postgres.connect(client, "pg") as conn:
+        assert conn.info.parameter_status("server_encoding") == "UTF8"
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("app", "postgres")
+        conn.execute("SET application_name = 'mine'")  # (session state lasts as long as the connection)
+        conn.commit()
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE numbers (n int)")
+            cur.executemany("INSERT INTO numbers VALUES (%s)", [(i,) for i in range(100)])  # (a pipeline)
+            with cur.copy("COPY numbers FROM STDIN") as copy:
+                for i in range(100, 200):
+                    copy.write_row((i,))
+            assert cur.execute("SELECT count(*), sum(n) FROM numbers").fetchone() == (200, sum(range(200)))
+        assert conn.execute("SHOW application_name").fetchone()[0] == "mine"
+        assert client.stats("pg")["pg"]["leases_active"] == 1
+    stats = wait_for(lambda: (s := client.stats("pg")["pg"])["leases_active"] == 0 and s, what="the lease back")
+    assert stats["connections_closed"] == 0  # Terminate stayed with the bridge: the backend stays pooled
+
+
+def test_transaction_mode_holds_a_backend_only_during_a_transaction(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    _, client = pg(max_size=1, pool_mode="transaction")
+    first = postgres.connect(client, "pg")
+    second = postgres.connect(client, "pg")  # two connections, one backend: they take turns
+    try:
+        for _ in range(5):
+            for conn in (first, second):
+                with conn.transaction():
+                    conn.execute("SELECT 1").fetchone()
+                    assert client.stats("pg")["pg"]["leases_active"] == 1
+                assert wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the transaction's end")
+        for _ in range(10):  # autocommit: each statement is a transaction, with psycopg's parameters
+            first.execute("SELECT %s::int + 1", [41]).fetchone()
+        with first.transaction():
+            first.execute("SET LOCAL statement_timeout = 5000")
+            assert first.execute("SHOW statement_timeout").fetchone()[0] == "5s"
+    finally:
+        first.close()
+        second.close()
+    stats = client.stats("pg")["pg"]
+    assert stats["connections_created"] == 1 and stats["connections_closed_reset"] == 0
+
+
+def test_pg8000_through_its_sock_hook(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    _, client = pg(max_size=1)
+    threads = threading.active_count()
+    conn = postgres.pg8000_connect(client, "pg")
+    assert threading.active_count() == threads  # (no bridge: pg8000 takes the link as its socket)
+    assert conn.run("SELECT :x::int * 2, current_user", x=21) == [[42, "app"]]
+    conn.run("START TRANSACTION")
+    conn.run("CREATE TEMP TABLE left_behind (x int)")
+    conn.run("COMMIT")
+    conn.close()
+    sock = postgres.pg8000_socket(client, "pg")
+    again = pg8000.native.Connection("app", database="postgres", sock=sock, ssl_context=False)
+    assert again.run("SELECT to_regclass('pg_temp.left_behind') IS NULL") == [[True]]
+    again.close()
+    stats = wait_for(lambda: (s := client.stats("pg")["pg"])["leases_active"] == 0 and s, what="the lease back")
+    assert (stats["connections_created"], stats["connections_closed"]) == (1, 0)
+
+
+def test_sqlalchemy_through_a_creator_with_nullpool(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    _, client = pg(max_size=1)
+    engine = create_engine("postgresql+psycopg://", creator=lambda: postgres.connect(client, "pg"), poolclass=NullPool)
+    for i in range(5):
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT :x + 1"), {"x": i}).scalar() == i + 1
+    # (each closed connection's lease goes back from the bridge's thread, once libpq has hung up)
+    stats = wait_for(lambda: (s := client.stats("pg")["pg"])["leases_active"] == 0 and s, what="the lease back")
+    assert stats["connections_created"] == 1
+
+
+def test_a_wrong_database_is_refused_in_libpq_s_terms(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    _, client = pg()
+    directory, port = postgres.bridge().route(client, "pg", False, None)
+    with pytest.raises(psycopg.OperationalError, match="logs in to database 'postgres', not 'other'"):
+        psycopg.connect(host=directory, port=port, user="app", dbname="other")
+
+
+@pytest.mark.parametrize("how", ["cancel", "cancel_safe"])
+def test_cancel_reaches_the_real_backend(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, how: str
+) -> None:
+    _, client = pg()
+    with postgres.connect(client, "pg", autocommit=True) as conn:
+        cancel = getattr(conn, how)  # (cancel_safe: a CancelRequest through the bridge's socket)
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        failure: list[BaseException] = []
+
+        def sleep() -> None:
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+            except psycopg.Error as exc:
+                failure.append(exc)
+
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+
+        def sleeping() -> bool:
+            with server.connect(autocommit=True) as observer:
+                row = observer.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+                return row is not None and "pg_sleep" in row[0]
+
+        wait_for(sleeping, what="pg_sleep running")
+        cancelled_at = time.monotonic()
+        cancel()
+        sleeper.join(timeout=20)
+        took = time.monotonic() - cancelled_at
+        assert failure and isinstance(failure[0], psycopg.errors.QueryCanceled), failure
+        assert took < 10, took  # (30 without the cancel; the figure is the benchmark's)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection goes on
+
+
+def run_worker(endpoint: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, WORKER, endpoint, *args], stdout=subprocess.PIPE, text=True)
+
+
+def advisory_locks(server: PostgresServer) -> int:
+    with server.connect(autocommit=True) as observer:
+        return int(observer.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0])
+
+
+@pytest.mark.parametrize("action", ["hold-lock", "sleep-with-lock"])
+def test_a_holder_killed_mid_transaction_leaves_no_transaction_and_no_lock(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, action: str
+) -> None:
+    broker, client = pg(max_size=1)
+    worker = run_worker(broker.endpoint, action)
+    assert worker.stdout is not None and worker.stdout.readline().strip() in ("holding", "running")
+    assert advisory_locks(server) == 1
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    # The broker sees the holder gone, cancels what its backend runs and closes the connection.
+    wait_for(lambda: advisory_locks(server) == 0, timeout=10, what="the dead holder's lock released")
+    with postgres.connect(client, "pg") as conn:
+        assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0
+        assert session_left(conn) == AS_NEW
+    assert client.stats("pg")["pg"]["leases_reclaimed"] == 1
+
+
+def test_the_bound_holds_as_the_server_counts_backends(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+) -> None:
+    broker, client = pg(max_size=4, pool_mode="transaction")
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], pool_backends(server))
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    workers = [run_worker(broker.endpoint, "transactions", "200") for _ in range(16)]
+    try:
+        outputs = [worker.communicate(timeout=120)[0] for worker in workers]
+    finally:
+        stop.set()
+        sampler.join()
+    assert outputs == ["done 200\n"] * 16
+    assert 1 <= peak[0] <= 4
+    stats = client.stats("pg")["pg"]
+    assert stats["pool_peak"] <= 4 and stats["requests_num"] >= 16 * 200
+
+
+def test_the_server_restarted_under_load(pg: Callable[..., tuple[Broker, Client]], server: PostgresServer) -> None:
+    broker, client = pg(max_size=2, pool_mode="transaction", connect_backoff_max=0.5)
+    workers = [run_worker(broker.endpoint, "through-restart", "400") for _ in range(4)]
+    wait_for(lambda: client.stats("pg")["pg"]["requests_num"] > 100, what="load on the pool")
+    server.restart()
+    results = [worker.communicate(timeout=90)[0].split() for worker in workers]
+    assert all(result[:2] == ["done", "400"] for result in results), results
+    stats = client.stats("pg")["pg"]
+    assert stats["connections_created"] >= 2  # (the old ones died with the server)
+    with postgres.connect(client, "pg") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
