@@ -352,7 +352,7 @@ class AsyncClient:
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
         channel = self._channel()
         template = first_exchange(
-            channel, pool, timeout, None, (io_timeout, until, exactly, max_bytes, RELEASE_KEEP, False), bool(data)
+            channel, pool, timeout, None, (io_timeout, until, exactly, max_bytes, RELEASE_KEEP, False, None), bool(data)
         )
         wait = timeout + io_timeout + self.broker_timeout
         reply = check_reply(await channel.call_packed(template, (data,) if data else (), wait))

@@ -167,7 +167,7 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
         channel = self._channel()
-        exchange = (io_timeout, until, exactly, max_bytes, RELEASE_KEEP, False)
+        exchange = (io_timeout, until, exactly, max_bytes, RELEASE_KEEP, False, None)
         template = first_exchange(channel, pool, timeout, None, exchange, bool(data))
         wait = timeout + io_timeout + self.broker_timeout
         reply = check_reply(channel.call_packed(template, (data,) if data else (), wait))

@@ -25,8 +25,8 @@ DEFAULT_RECV = 65536
 # until this many bytes are held: then they go at once, in a round trip of their own.
 HOLD_WRITES_UP_TO = 256 * 1024
 
-# (io_timeout, until, exactly, max_bytes, release, poll)
-ExchangeSpec = tuple[float, bytes | None, int | None, int | None, str | None, bool]
+# (io_timeout, until, exactly, max_bytes, release, poll, ready)
+ExchangeSpec = tuple[float, bytes | None, int | None, int | None, str | None, bool, int | None]
 
 
 class TemplateCache(Protocol):
@@ -157,6 +157,7 @@ class LeaseCore:
         release: str | None,
         poll: bool,
         io_timeout: float | None,
+        ready: int | None = None,
     ) -> tuple[Template, tuple[bytes, ...], float, bytes | None]:
         """The request for one exchange (held writes first): its template, the values of its
         varying fields, how long to wait for its answer, and the token it was made with."""
@@ -168,9 +169,10 @@ class LeaseCore:
             self._held.clear()
         self._used = True
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        if release is None and self._when_done and (until is not None or exactly is not None or max_bytes):
+        reads = until is not None or exactly is not None or bool(max_bytes) or ready is not None
+        if release is None and self._when_done and reads:
             release = RELEASE_WHEN_DONE
-        exchange = (io_timeout, until, exactly, max_bytes, release, poll)
+        exchange = (io_timeout, until, exactly, max_bytes, release, poll, ready)
         channel = self._channel
         token = self._token
         wait = io_timeout + self._broker_timeout

@@ -180,6 +180,18 @@ class Lease(LeaseCore):
                     return data
         return self._io(max_bytes=bufsize)
 
+    def recv_ready(self, count: int) -> bytes:
+        """PostgreSQL: the server's messages up to and including the `count`-th ReadyForQuery, in
+        one round trip; less when a COPY starts (the server then waits for the driver) or once
+        256 KiB have come (a large result arrives in pieces). Blocking as recv() is under
+        settimeout(None): in io_timeout rounds, so the broker still sees a live holder."""
+        if self._timeout is None:
+            while True:
+                data = self._io(poll=True, ready=count)
+                if data or self.eof:
+                    return data
+        return self._io(ready=count)
+
     def recv_exactly(self, n: int) -> bytes:
         """Exactly `n` bytes (UpstreamError if the upstream closes first)."""
         return self._io(exactly=n)
@@ -204,8 +216,9 @@ class Lease(LeaseCore):
         release: str | None = None,
         poll: bool = False,
         io_timeout: float | None = None,
+        ready: int | None = None,
     ) -> bytes:
-        template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout)
+        template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout, ready)
         try:
             reply = self._channel.call_packed(template, values, wait)
         except BrokerUnavailable:

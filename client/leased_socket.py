@@ -68,6 +68,9 @@ class LeasedSocket:
     def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
         return self._current().recv_into(buffer, nbytes)
 
+    def recv_ready(self, count: int) -> bytes:
+        return self._current().recv_ready(count)
+
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
         """A binary file over this socket (over whichever lease each read or write runs on)."""
         if mode not in ("rb", "wb"):

@@ -42,7 +42,8 @@ MAX_POOL_SIZE = 100_000
 READ_ANY = "any"  # whatever is available, at least 1 byte and at most n (b"" at end of stream)
 READ_EXACTLY = "exactly"  # exactly n bytes
 READ_UNTIL = "until"  # up to and including delim, scanning at most n bytes
-READ_MODES = frozenset({READ_ANY, READ_EXACTLY, READ_UNTIL})
+READ_READY = "ready"  # PostgreSQL: up to and including the n-th ReadyForQuery (or a COPY's start)
+READ_MODES = frozenset({READ_ANY, READ_EXACTLY, READ_UNTIL, READ_READY})
 
 # What happens to the lease after an operation.
 RELEASE_KEEP = "keep"  # back to the pool if the connection is clean
@@ -231,8 +232,8 @@ def _parse_exchange(body: dict[str, Any], req: Request) -> None:
     else:
         req.io_timeout = _positive_seconds(body, "io_timeout", rid)
     req.release = _release_mode(body, rid, EXCHANGE_RELEASE_MODES)
-    if req.poll and req.read != READ_ANY:
-        raise BadRequest(ErrorCode.BAD_REQUEST, "'poll' is for read 'any'", rid)
+    if req.poll and req.read not in (READ_ANY, READ_READY):
+        raise BadRequest(ErrorCode.BAD_REQUEST, "'poll' is for read 'any' or 'ready'", rid)
     if req.read is None:
         if req.n is not None or req.delim is not None:
             raise BadRequest(ErrorCode.BAD_REQUEST, "'n' and 'delim' need a 'read' mode", rid)
@@ -243,6 +244,8 @@ def _parse_exchange(body: dict[str, Any], req: Request) -> None:
         raise BadRequest(ErrorCode.BAD_REQUEST, "'n' must not be negative", rid)
     if req.read == READ_ANY and not req.n:
         raise BadRequest(ErrorCode.BAD_REQUEST, "read 'any' needs 'n' >= 1 (the most bytes to return)", rid)
+    if req.read == READ_READY and not req.n:
+        raise BadRequest(ErrorCode.BAD_REQUEST, "read 'ready' needs 'n' >= 1 (ReadyForQuery messages to wait for)", rid)
     if req.read == READ_EXACTLY and req.n is None:
         raise BadRequest(ErrorCode.BAD_REQUEST, "read 'exactly' needs 'n'", rid)
     if req.read == READ_UNTIL and not req.delim:
@@ -331,11 +334,13 @@ def add_exchange(
     max_bytes: int | None = None,
     release: str | None = None,
     poll: bool = False,
+    ready: int | None = None,
 ) -> dict[str, Any]:
     """Add an exchange to a lease or io request: send `send`, then read up to and including
-    `until`, or `exactly` bytes, or whatever arrives first (at most `max_bytes`); none of the three:
-    no read. `release` ends the lease after it. `poll`: nothing read within io_timeout (which may
-    then be 0) is an empty answer rather than upstream_timeout."""
+    `until`, or `exactly` bytes, or up to the `ready`-th PostgreSQL ReadyForQuery, or whatever
+    arrives first (at most `max_bytes`); none of them: no read. `release` ends the lease after it.
+    `poll`: nothing read within io_timeout (which may then be 0) is an empty answer rather than
+    upstream_timeout."""
     if send:
         message["send"] = send
     if until is not None:
@@ -346,6 +351,9 @@ def add_exchange(
     elif exactly is not None:
         message["read"] = READ_EXACTLY
         message["n"] = exactly
+    elif ready is not None:
+        message["read"] = READ_READY
+        message["n"] = ready
     elif max_bytes is not None:
         message["read"] = READ_ANY
         message["n"] = max_bytes

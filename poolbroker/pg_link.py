@@ -7,13 +7,20 @@ a pooled connection and every answer back.
     transaction mode:  a lease per transaction, from its first message to the ReadyForQuery that
                        ends it (status I: the broker ends the lease then, "when done")
 
-The link follows both streams (ReadyForQuery owed, COPY IN) to tell its relay when the server has
-more to say, and takes the driver's Terminate for itself: the pooled connection stays open.
+The link follows both streams (ReadyForQuery owed, COPY IN, the transaction status) to tell its
+relay when the server has more to say, and takes the driver's Terminate for itself: the pooled
+connection stays open.
+
+A lone BEGIN between transactions is answered at once and goes with the transaction's first
+statement: one round trip less per transaction (psycopg and pg8000 send BEGIN on its own and wait
+for it). The server's own answer to it is checked and taken out of the stream. So now() and
+transaction_timestamp() are those of the first statement, not of the BEGIN.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Any
 
@@ -34,6 +41,13 @@ from poolbroker.client.pgwire import (
 
 READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE = (ord(c) for c in "ZGcfHX")
 MAX_STARTUP = 10_000  # libpq's own limit for a startup packet
+# A BEGIN with nothing else in its Query, and the server's answer to it.
+LONE_BEGIN = re.compile(
+    rb"\s*BEGIN(?:\s+(?:TRANSACTION|WORK))?(?:\s*,?\s*(?:ISOLATION\s+LEVEL\s+(?:SERIALIZABLE|REPEATABLE\s+READ"
+    rb"|READ\s+COMMITTED|READ\s+UNCOMMITTED)|READ\s+(?:ONLY|WRITE)|(?:NOT\s+)?DEFERRABLE))*\s*;?\s*\0",
+    re.IGNORECASE,
+)
+BEGIN_ANSWER = message(b"C", b"BEGIN\0") + message(b"Z", b"T")
 
 
 class PgLinkError(Exception):
@@ -99,8 +113,11 @@ class PgLink:
         self.closed = False  # the driver sent Terminate (or a CancelRequest): nothing more follows
         self._startup = bytearray()  # the startup packet, until it is whole
         self._started = False
-        self._answer = bytearray()  # what the link itself answers (the startup's replies)
-        self._sent, self._received = Frames(), Frames()
+        self._answer = bytearray()  # what the driver is to read: the link's own answers, the server's
+        self._sent, self._received = Frames(), Frames(keep=b"Z")
+        self.status = b"I"  # the transaction status, as the last ReadyForQuery (ours or the server's) said
+        self._begin = b""  # a lone BEGIN answered here, to go with the next message
+        self._unseen = b""  # what is left of the server's answer to it, to take out of the stream
         self.owed = 0  # ReadyForQuery the server owes
         self.copy_in = False  # the server waits for the driver's COPY data
         self._flushed = False  # the driver sent Flush: it waits for what the server has so far
@@ -111,6 +128,15 @@ class PgLink:
         if not self._started:
             self._take_startup(data)
             return
+        if self._lone_begin(data):
+            self._begin = data
+            self._answer += BEGIN_ANSWER
+            self.status = b"T"
+            return
+        if self._begin and data != message(b"X", b""):  # (a BEGIN and then nothing but goodbye: dropped)
+            data = self._begin + data
+            self._unseen += BEGIN_ANSWER
+        self._begin = b""
         terminate = False
         for kind, _ in self._sent.feed(data):
             if kind in ANSWERED_BY_READY:
@@ -126,6 +152,12 @@ class PgLink:
             self.closed = True
         if data:
             self.upstream.sendall(data)
+
+    def _lone_begin(self, data: bytes) -> bool:
+        """The driver's whole message is a BEGIN, between transactions, with nothing owed."""
+        if self.status != b"I" or self.owed or self._begin or data[:1] != b"Q" or len(data) > 200:
+            return False
+        return int.from_bytes(data[1:5], "big") + 1 == len(data) and LONE_BEGIN.fullmatch(data, 5) is not None
 
     def _take_startup(self, data: bytes) -> None:
         self._startup += data
@@ -174,22 +206,36 @@ class PgLink:
         return bool(self._answer) or self._flushed or (self.owed > 0 and not self.copy_in)
 
     def read(self, size: int = DEFAULT_RECV) -> bytes:
-        """What the driver reads next: the link's own answers first, else the server's (b"" once
-        the pooled connection has closed)."""
+        """At most `size` bytes of what the driver reads next: the link's own answers, else the
+        server's (b"" once the pooled connection has closed)."""
         if size <= 0:
             return b""  # (pg8000 reads a message's empty body so)
-        if self._answer:
-            data = bytes(self._answer[:size])
-            del self._answer[:size]
-            return data
-        self._flushed = False
-        data = self.upstream.recv(size)
-        for kind, _ in self._received.feed(data):
-            if kind == READY:
-                self.owed -= 1
-            elif kind == COPY_IN:
-                self.copy_in = True
+        if not self._answer:
+            self._fetch()
+        data = bytes(self._answer[:size])
+        del self._answer[:size]
         return data
+
+    def _fetch(self) -> None:
+        """The server's next answers: all it owes in one round trip when they are there at once."""
+        self._flushed = False
+        while not self._answer:
+            upstream = self.upstream
+            data = upstream.recv_ready(self.owed) if self.owed > 0 and not self.copy_in else upstream.recv()
+            if not data:
+                return  # (the pooled connection closed)
+            for kind, body in self._received.feed(data):
+                if kind == READY:
+                    self.owed -= 1
+                    self.status = body[:1]
+                elif kind == COPY_IN:
+                    self.copy_in = True
+            if self._unseen:  # (the server's answer to a BEGIN answered here already)
+                seen = min(len(self._unseen), len(data))
+                if data[:seen] != self._unseen[:seen]:
+                    raise PgLinkError("08P01", f"the server did not answer BEGIN as expected: {data[:40]!r}")
+                self._unseen, data = self._unseen[seen:], data[seen:]
+            self._answer += data
 
     def flush(self) -> None:
         """Send what the driver wrote that waits for no answer yet (COPY data, a pipeline)."""

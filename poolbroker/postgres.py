@@ -26,7 +26,6 @@ import atexit
 import contextlib
 import os
 import queue
-import select
 import shutil
 import socket
 import tempfile
@@ -198,23 +197,21 @@ class Bridge:
 
 
 def relay(sock: socket.socket, link: PgLink) -> None:
-    """libpq's bytes to the link; the link's answers back, read whenever the server owes some, and
-    before that whatever more libpq has to send (a pipeline) goes first."""
+    """libpq's bytes to the link; the link's answers back, read whenever the server owes some.
+    (What libpq sends meanwhile waits in the socket: the server owes those answers for what it
+    has already, so they come without it.)"""
     while not link.closed:
         data = sock.recv(RELAY_CHUNK)
         if not data:
             return
         link.write(data)
         while link.awaiting():
-            if select.select([sock], [], [], 0)[0]:
-                break  # libpq has more to send first
             answer = link.read(RELAY_CHUNK)
             if not answer:
                 return  # the pooled connection closed: so does libpq's
             sock.sendall(answer)
-        else:
-            if not link.closed:
-                link.flush()  # (COPY data, a pipeline's messages: nothing to wait for)
+        if not link.closed:
+            link.flush()  # (COPY data, a pipeline's messages: nothing to wait for)
 
 
 def _tell(sock: socket.socket, data: bytes) -> None:

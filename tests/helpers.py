@@ -563,6 +563,7 @@ class PostgresServer:
         password: str = "pool-pass",
         auth: str = "scram-sha-256",
         tls: TestCertificates | None = None,
+        max_connections: int = 100,
     ) -> None:
         self.port = free_port()
         self.user, self.password = user, password
@@ -579,6 +580,7 @@ class PostgresServer:
             *("--auth-local", "trust", "--auth-host", auth),
         )
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += f" -c max_connections={max_connections}"
         if tls is not None:  # (its key must be the server's own, mode 0600)
             for name, source in (("server.crt", tls.server_cert), ("server.key", tls.server_key)):
                 target = self.dir / name

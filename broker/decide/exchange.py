@@ -10,7 +10,12 @@ from __future__ import annotations
 from typing import Generic
 
 from poolbroker.broker.decide.leases import C, Lease, P, T
-from poolbroker.client.protocol import READ_ANY, READ_EXACTLY, ErrorCode, Request
+from poolbroker.client.protocol import READ_ANY, READ_EXACTLY, READ_READY, ErrorCode, Request
+
+# A `ready` read answers with what has come once this much has, whole messages or not: a large
+# result goes to the client in pieces rather than all buffered here.
+READY_CHUNK = 256 * 1024
+READY, COPY_IN, COPY_BOTH = ord("Z"), ord("G"), ord("W")
 
 
 class ReadFailed(Exception):
@@ -45,6 +50,7 @@ class Exchange(Generic[P, C, T]):
         "n",
         "delim",
         "scanned",
+        "found",
         "release",
         "first",
         "poll",
@@ -64,7 +70,8 @@ class Exchange(Generic[P, C, T]):
         # Reads are bounded by max_payload: `any` and `until` are clamped to it.
         self.n = min(req.n, max_payload) if req.n is not None else max_payload
         self.delim = req.delim
-        self.scanned = 0  # how far an `until` read has searched the buffer for its delimiter
+        self.scanned = 0  # how far an `until` read has searched the buffer for its delimiter (`ready`: walked)
+        self.found = 0  # `ready`: the ReadyForQuery messages walked past
         self.release = req.release
         self.first = first  # the exchange carried by a lease request: its reply carries the token
         # A poll: nothing read within io_timeout is an empty answer, not an error (pub/sub waits).
@@ -82,8 +89,38 @@ class Exchange(Generic[P, C, T]):
     def take(self, buf: bytearray, eof: bool) -> bytes | None:
         """The read's answer taken from the front of `buf`, or None while more must arrive. Raises
         ReadFailed when the read can never be satisfied."""
+        if self.read == READ_READY:
+            data, self.scanned, self.found = take_ready(buf, eof, self.n, self.scanned, self.found)
+            return data
         data, self.scanned = take(buf, eof, self.read or READ_ANY, self.n, self.delim, self.scanned)
         return data
+
+
+def take_ready(buf: bytearray, eof: bool, wanted: int, walked: int, found: int) -> tuple[bytes | None, int, int]:
+    """PostgreSQL's messages from the front of `buf` up to and including the `wanted`-th
+    ReadyForQuery, or a CopyInResponse or CopyBothResponse (the server then waits for the
+    client); or what has come once READY_CHUNK bytes have; or (None, how far the walk got, the
+    ReadyForQuery passed) while more must arrive."""
+    end = len(buf)
+    while walked + 5 <= end:
+        length = int.from_bytes(buf[walked + 1 : walked + 5], "big")
+        if length < 4:
+            raise ReadFailed(ErrorCode.UPSTREAM_ERROR, f"not PostgreSQL's protocol: a message of length {length}")
+        if walked + 1 + length > end:
+            break
+        kind = buf[walked]
+        walked += 1 + length
+        if kind == READY:
+            found += 1
+        if (kind == READY and found >= wanted) or kind in (COPY_IN, COPY_BOTH):
+            data = bytes(buf[:walked])
+            del buf[:walked]
+            return data, 0, 0
+    if end >= READY_CHUNK or (eof and buf):
+        data = bytes(buf)
+        buf.clear()
+        return data, 0, 0
+    return (b"", 0, 0) if eof else (None, walked, found)
 
 
 def take(buf: bytearray, eof: bool, mode: str, n: int, delim: bytes | None, scanned: int) -> tuple[bytes | None, int]:

@@ -19,6 +19,7 @@ from poolbroker.broker.drive.pools import unknown_pool
 from poolbroker.broker.drive.upstream import UpstreamConn
 from poolbroker.client.protocol import (
     READ_ANY,
+    READ_READY,
     RELEASE_DISCARD,
     RELEASE_KEEP,
     RELEASE_MODES,
@@ -295,7 +296,7 @@ class Leasing:
             reply["lease"] = lease.token
         if data is not None:
             reply["data"] = data
-            if not data and exchange.read == READ_ANY and lease.conn.eof:
+            if not data and exchange.read in (READ_ANY, READ_READY) and lease.conn.eof:
                 reply["eof"] = True
         if releasing:
             reply["released"] = True

@@ -143,6 +143,29 @@ def test_transaction_mode_holds_a_backend_only_during_a_transaction(pg: Callable
     assert stats["connections_created"] == 1 and stats["connections_closed_reset"] == 0
 
 
+def test_a_transaction_costs_two_messages_and_keeps_its_begin(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    """BEGIN is answered by the bridge and goes with the first statement; each read takes all the
+    server owes at once; the lease ends with COMMIT's answer. So BEGIN; SELECT; COMMIT is two
+    messages to the broker, and BEGIN's options still hold."""
+    _, client = pg(pool_mode="transaction")
+    with postgres.connect(client, "pg", autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        before = client.broker_stats()["requests_received"]
+        for i in range(20):
+            with conn.transaction():
+                assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
+        assert client.broker_stats()["requests_received"] - before <= 20 * 2 + 1  # (+1: the stats request)
+        conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        assert conn.execute("SHOW transaction_isolation").fetchone() == ("serializable",)
+        conn.execute("COMMIT")
+        conn.execute("BEGIN")
+        conn.execute("ROLLBACK")  # (a transaction with nothing in it)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
+            conn.execute("SELECT 1 / 0")
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
 def test_pg8000_through_its_sock_hook(pg: Callable[..., tuple[Broker, Client]]) -> None:
     _, client = pg(max_size=1)
     threads = threading.active_count()

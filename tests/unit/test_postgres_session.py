@@ -1,13 +1,15 @@
 """What a holder leaves on a PostgreSQL connection, as the broker's tracker judges it (pure):
 messages split at any byte, transactions left open, statements that outlive their transaction,
-and streams left half way."""
+and streams left half way; and the `ready` read that takes a whole answer."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.exchange import READY_CHUNK, ReadFailed, take_ready
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
 from poolbroker.broker.decide.protocols.postgres_session import PostgresSession, session_change
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
@@ -123,3 +125,33 @@ def test_session_mode_resets_every_return_and_transaction_mode_only_what_it_must
     assert session_mode.on_return(owed).action == transaction_mode.on_return(owed).action == CLOSE
     # "when done" ends a lease between transactions, whatever the reset must then undo
     assert transaction_mode.conversation_over(changed) and not transaction_mode.conversation_over(open_tx)
+
+
+# -- the `ready` read: a PostgreSQL answer whole, in one round trip ------------------------------
+
+
+def test_a_ready_read_takes_up_to_the_nth_ready_for_query_however_the_bytes_come() -> None:
+    stream = ANSWER + ready(b"T") + ANSWER + ready(b"I") + b"next"
+    buf, walked, found = bytearray(), 0, 0
+    for at in range(len(stream)):  # a byte at a time: never an answer cut short
+        buf.append(stream[at])
+        data, walked, found = take_ready(buf, False, 2, walked, found)
+        if data is not None:
+            break
+    assert data == ANSWER + ready(b"T") + ANSWER + ready(b"I")
+    whole = bytearray(stream)
+    assert take_ready(whole, False, 2, 0, 0)[0] == data and whole == b"next"  # (what follows stays)
+
+
+def test_a_ready_read_stops_where_the_server_waits_for_copy_data_and_at_the_chunk() -> None:
+    copy_in = message(b"G", b"\0\0\0")
+    assert take_ready(bytearray(copy_in + b"x"), False, 1, 0, 0)[0] == copy_in
+    big = bytearray(message(b"D", b"\0" * (READY_CHUNK + 10)))
+    assert take_ready(big, False, 1, 0, 0)[0] is not None and not big  # (a large result goes in pieces)
+    assert take_ready(bytearray(ANSWER), False, 1, 0, 0)[0] is None  # (not all there yet)
+    assert take_ready(bytearray(ANSWER), True, 1, 0, 0)[0] == ANSWER  # (the server closed: what came)
+
+
+def test_a_ready_read_of_bytes_that_are_not_postgresql_fails() -> None:
+    with pytest.raises(ReadFailed, match="not PostgreSQL"):
+        take_ready(bytearray(b"Z\0\0\0\1" + b"\0" * 10), False, 1, 0, 0)
