@@ -66,7 +66,7 @@ def connect(
     transactions = _transaction_mode(info, transaction_mode)
     if transactions:
         kwargs.setdefault("prepare_threshold", None)
-    directory, port = bridge().route(broker, pool, transactions, tag)
+    directory, port = bridge().route(broker, pool, transactions, tag, info)
     return _connection_class().connect(
         host=directory,
         port=port,
@@ -103,7 +103,7 @@ def conninfo(broker: Client, pool: str, *, transaction_mode: bool | None = None,
     """A libpq connection string that reaches `pool` through this process's bridge: for code that
     builds its own connections from one (it holds only in this process)."""
     info = pool_info(broker, pool)
-    directory, port = bridge().route(broker, pool, _transaction_mode(info, transaction_mode), tag)
+    directory, port = bridge().route(broker, pool, _transaction_mode(info, transaction_mode), tag, info)
     return f"host={directory} port={port} user={info['user']} dbname={info['database']} sslmode=disable"
 
 
@@ -137,14 +137,18 @@ class Bridge:
         self.pid = os.getpid()
         self.directory = tempfile.mkdtemp(prefix="poolbroker-pg-")  # (mkdtemp makes it 0700)
         self._routes: dict[tuple[int, str, bool, str | None], int] = {}
+        self._infos: dict[int, dict[str, Any]] = {}  # by port: what the broker last said of its pool
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._idle = 0  # relay threads waiting for a connection
         self.links: weakref.WeakValueDictionary[int, PgLink] = weakref.WeakValueDictionary()  # by their pid
         atexit.register(shutil.rmtree, self.directory, True)
 
-    def route(self, broker: Client, pool: str, transaction_mode: bool, tag: str | None) -> tuple[str, int]:
-        """The directory and port (libpq's host and port) that reach `pool` through `broker`."""
+    def route(
+        self, broker: Client, pool: str, transaction_mode: bool, tag: str | None, info: dict[str, Any]
+    ) -> tuple[str, int]:
+        """The directory and port (libpq's host and port) that reach `pool` through `broker`;
+        `info` (pool_info's) is what the connections made there answer their driver's startup with."""
         key = (id(broker), pool, transaction_mode, tag)
         with self._lock:
             port = self._routes.get(key)
@@ -153,8 +157,9 @@ class Bridge:
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 listener.bind(os.path.join(self.directory, f".s.PGSQL.{port}"))
                 listener.listen(128)
-                route = (broker, pool, transaction_mode, tag)
+                route = (port, broker, pool, transaction_mode, tag)
                 threading.Thread(target=self._accept, args=(listener, route), name="poolbroker-pg", daemon=True).start()
+            self._infos[port] = info
         return self.directory, port
 
     def _accept(self, listener: socket.socket, route: tuple[Any, ...]) -> None:
@@ -173,12 +178,14 @@ class Bridge:
             with self._lock:
                 self._idle += 1
 
-    def _serve(self, sock: socket.socket, broker: Client, pool: str, transaction_mode: bool, tag: str | None) -> None:
+    def _serve(
+        self, sock: socket.socket, port: int, broker: Client, pool: str, transaction_mode: bool, tag: str | None
+    ) -> None:
         """Carry one libpq connection over its link until either side ends it."""
         link: PgLink | None = None
         with sock:
             try:
-                link = PgLink(broker, pool, pool_info(broker, pool), transaction_mode=transaction_mode, tag=tag)
+                link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag)
                 self.links[link.key[0]] = link
                 relay(sock, link)
                 if link.cancel_key is not None:  # (a CancelRequest: libpq 17's cancel_safe, or a tool's)

@@ -256,6 +256,39 @@ def measure(scenario: str, procs: int, seconds: float, server: PostgresServer, p
     }
 
 
+def measure_cancel(server: PostgresServer) -> float:
+    """Seconds from psycopg's conn.cancel() to its pg_sleep(30) failing, through poolbroker."""
+    config = Path(tempfile.mkdtemp(prefix="pb-bench-")) / "broker.toml"
+    config.write_text(
+        f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\nusername = "{server.user}"\n'
+        f'password = "{server.password}"\ndatabase = "postgres"\n'
+    )
+    broker = Broker("--config", str(config)).start()
+    try:
+        conn = postgres.connect(Client(broker.endpoint), "pg", autocommit=True)
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        ended: list[float] = []
+
+        def sleep() -> None:
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+            except psycopg.errors.QueryCanceled:
+                ended.append(time.monotonic())
+
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        with server.connect(autocommit=True) as observer:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE '%%pg_sleep%%'"
+            wait_for(lambda: observer.execute(query, [pid]).fetchone()[0] == 1, what="pg_sleep running")  # type: ignore[index]
+        cancelled = time.monotonic()
+        conn.cancel()
+        sleeper.join(timeout=60)
+        conn.close()
+        return ended[0] - cancelled if ended else float("nan")
+    finally:
+        broker.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -280,6 +313,7 @@ def main() -> None:
                     f"{row['cpu_workers_us']:>10.0f}{row['cpu_middle_us']:>10.0f}{row['cpu_postgres_us']:>10.0f}",
                     flush=True,
                 )
+        cancel = measure_cancel(server)
     finally:
         server.stop()
     print("\nratios (targets: at least 5x new-connection at 100 processes, at least 0.5x PgBouncer, at most")
@@ -295,6 +329,7 @@ def main() -> None:
                     parts.append(f"{row['tps'] / rows[other, procs]['tps']:.2f}x {other}")
             parts.append(f"peak {row['backends']} backends")
             print(f"  {ours} at {procs}: " + ", ".join(parts))
+    print(f"cancel: a pg_sleep(30) ended {cancel * 1000:.1f} ms after psycopg's conn.cancel() (target: within 1 s)")
 
 
 if __name__ == "__main__":

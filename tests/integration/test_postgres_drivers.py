@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from poolbroker import Client, postgres
+from poolbroker.pg_link import pool_info
 
 WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
 POOL_NAME = "pool-under-test"  # the pool's application_name: how the server's view finds its backends
@@ -197,7 +198,7 @@ def test_sqlalchemy_through_a_creator_with_nullpool(pg: Callable[..., tuple[Brok
 
 def test_a_wrong_database_is_refused_in_libpq_s_terms(pg: Callable[..., tuple[Broker, Client]]) -> None:
     _, client = pg()
-    directory, port = postgres.bridge().route(client, "pg", False, None)
+    directory, port = postgres.bridge().route(client, "pg", False, None, pool_info(client, "pg"))
     with pytest.raises(psycopg.OperationalError, match="logs in to database 'postgres', not 'other'"):
         psycopg.connect(host=directory, port=port, user="app", dbname="other")
 
