@@ -104,8 +104,14 @@ class Client:
 
     def _channel(self) -> Channel:
         channel: Channel | None = getattr(self._local, "channel", None)
-        if channel is not None:
-            return channel
+        if channel is None:
+            channel = self._local.channel = self.own_channel()
+        return channel
+
+    def own_channel(self) -> Channel:
+        """A broker socket of its own, not this thread's: for leases that one connection of a
+        client library uses from whichever thread uses it, one at a time (the channel's lock keeps
+        them in turn). It closes with the Client."""
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("this Client is closed")
@@ -117,7 +123,6 @@ class Client:
                 self._finalizer.atexit = False  # at exit another thread may still be in a call
             channel = Channel(self._ctx, self.endpoint, self._curve, self.max_message_size)
             self._channels.append(channel)
-        self._local.channel = channel
         return channel
 
     def lease(
@@ -129,6 +134,7 @@ class Client:
         io_timeout: float | None = None,
         lazy: bool = False,
         when_done: bool = False,
+        channel: Channel | None = None,
     ) -> Lease:
         """Lease a connection from `pool`, waiting up to `timeout` seconds for one.
 
@@ -137,10 +143,11 @@ class Client:
         first exchange, one round trip fewer, and the pool's errors come from that exchange.
         `when_done=True` ends the lease after the read that finishes the conversation, as the
         broker's redis or http pool sees it (see Lease): no release message of its own.
+        `channel` (from own_channel()) carries it instead of this thread's broker socket.
         """
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        channel = self._channel()
+        channel = channel or self._channel()
         generation = channel.generation
         token = None
         if not lazy:

@@ -14,6 +14,7 @@ from poolbroker.client.lease import Lease, LeaseIO
 
 if TYPE_CHECKING:
     from poolbroker.client.aio import AsyncClient, AsyncLease
+    from poolbroker.client.channel import Channel
     from poolbroker.client.client import Client
 
 
@@ -26,15 +27,23 @@ class LeasedSocket:
     connection between conversations. What keeps a session (a MULTI, a WATCH, a subscription)
     keeps its lease until give_back()."""
 
-    def __init__(self, broker: Client, pool: str, tag: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        broker: Client,
+        pool: str,
+        tag: str | None = None,
+        timeout: float | None = None,
+        channel: Channel | None = None,
+    ) -> None:
         self._broker = broker
         self._pool = pool
         self._tag = tag
         self._timeout = timeout
+        self._channel = channel  # None: each lease on the broker socket of the thread that makes it
         self.lease = self._next_lease()
 
     def _next_lease(self) -> Lease:
-        lease = self._broker.lease(self._pool, tag=self._tag, lazy=True, when_done=True)
+        lease = self._broker.lease(self._pool, tag=self._tag, lazy=True, when_done=True, channel=self._channel)
         lease.settimeout(self._timeout)
         return lease
 

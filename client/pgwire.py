@@ -14,6 +14,11 @@ SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 
+# A `ready` read (the broker's, for PostgreSQL pools) answers with what has come once this much
+# has, whole messages or not: a large result goes to the client in pieces rather than all buffered.
+READY_CHUNK = 256 * 1024
+READY_HEAD = b"Z\0\0\0\x05"  # a ReadyForQuery's type and length: its status byte follows
+
 # Frontend messages that the server answers with a ReadyForQuery: a simple Query, a Sync that ends
 # an extended-protocol batch, a FunctionCall.
 ANSWERED_BY_READY = frozenset(b"QSF")
@@ -62,12 +67,32 @@ class Frames:
             return done
         view = memoryview(data)
         at, end = 0, len(view)
+        keep, limit = self.keep, self.limit
         while at < end:
+            if not self._left and not self._head and end - at >= 5:
+                # A whole header at hand (the common case): whole messages go by without copies.
+                kind, length = view[at], int.from_bytes(view[at + 1 : at + 5], "big")
+                if length < 4:
+                    self.error = f"a message of length {length}"
+                    break
+                stop = at + 1 + length
+                if stop <= end:
+                    if kind in keep:
+                        self.cut = self.cut or length - 4 > limit
+                        done.append((kind, bytes(view[at + 5 : min(stop, at + 5 + limit)])))
+                    else:
+                        done.append((kind, b""))
+                    at = stop
+                    continue
+                self._kind, self._left = kind, length - 4
+                self._body = bytearray() if kind in keep else None
+                at += 5
+                continue
             if self._left:
                 take = min(self._left, end - at)
                 body = self._body
                 if body is not None:
-                    room = self.limit - len(body)
+                    room = limit - len(body)
                     body += view[at : at + min(take, room)]
                     self.cut = self.cut or take > room
                 at += take
@@ -76,22 +101,18 @@ class Frames:
                     done.append((self._kind, bytes(body) if body is not None else b""))
                     self._body = None
                 continue
-            if not self._head and end - at >= 5:  # (the common case: a whole header at hand)
-                kind, length = view[at], int.from_bytes(view[at + 1 : at + 5], "big")
-                at += 5
-            else:
-                take = min(5 - len(self._head), end - at)
-                self._head += view[at : at + take]
-                at += take
-                if len(self._head) < 5:
-                    break
-                kind, length = self._head[0], int.from_bytes(self._head[1:5], "big")
-                self._head.clear()
+            take = min(5 - len(self._head), end - at)
+            self._head += view[at : at + take]
+            at += take
+            if len(self._head) < 5:
+                break
+            kind, length = self._head[0], int.from_bytes(self._head[1:5], "big")
+            self._head.clear()
             if length < 4:
                 self.error = f"a message of length {length}"
                 break
             self._kind, self._left = kind, length - 4
-            self._body = bytearray() if kind in self.keep else None
+            self._body = bytearray() if kind in keep else None
             if not self._left:
                 done.append((kind, b""))
                 self._body = None

@@ -24,6 +24,7 @@ import re
 import struct
 from typing import Any
 
+from poolbroker.client.channel import Channel
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError
 from poolbroker.client.exchanges import DEFAULT_RECV
@@ -34,6 +35,8 @@ from poolbroker.client.pgwire import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
     PROTOCOL_VERSION,
+    READY_CHUNK,
+    READY_HEAD,
     SSL_REQUEST_CODE,
     Frames,
     message,
@@ -95,17 +98,25 @@ class PgLink:
     owes it more (so a relay knows when to read); `close` gives the lease back."""
 
     def __init__(
-        self, broker: Client, pool: str, info: dict[str, Any], *, transaction_mode: bool, tag: str | None = None
+        self,
+        broker: Client,
+        pool: str,
+        info: dict[str, Any],
+        *,
+        transaction_mode: bool,
+        tag: str | None = None,
+        channel: Channel | None = None,
     ) -> None:
         self.broker = broker
         self.pool = pool
         self.info = info
         self.transaction_mode = transaction_mode
+        self.channel = channel  # a broker socket for this link alone (any thread may drive it), or None
         self.upstream: Lease | LeasedSocket
         if transaction_mode:  # each transaction on a lazy lease of its own, ended when done
-            self.upstream = LeasedSocket(broker, pool, tag=tag, timeout=None)
+            self.upstream = LeasedSocket(broker, pool, tag=tag, timeout=None, channel=channel)
         else:  # one lazy lease for the whole connection
-            self.upstream = broker.lease(pool, tag=tag, lazy=True)
+            self.upstream = broker.lease(pool, tag=tag, lazy=True, channel=channel)
             self.upstream.settimeout(None)  # (a long query is the server's to bound, not io_timeout's)
         pid, secret = struct.unpack("!ii", os.urandom(8))
         self.key = (abs(pid) or 1, secret)  # (the pid names the link in its process, the secret proves it)
@@ -199,6 +210,11 @@ class PgLink:
         self._answer += answer
         self._started = True
 
+    @property
+    def started(self) -> bool:
+        """The driver's startup is answered (or queued to be): from here on, it speaks to the server."""
+        return self._started
+
     # -- what the driver reads -----------------------------------------------------------------
 
     def awaiting(self) -> bool:
@@ -221,21 +237,31 @@ class PgLink:
         self._flushed = False
         while not self._answer:
             upstream = self.upstream
-            data = upstream.recv_ready(self.owed) if self.owed > 0 and not self.copy_in else upstream.recv()
+            whole = self.owed > 0 and not self.copy_in  # (a ready read: all that is owed, at once)
+            data = upstream.recv_ready(self.owed) if whole else upstream.recv()
             if not data:
                 return  # (the pooled connection closed)
-            for kind, body in self._received.feed(data):
-                if kind == READY:
-                    self.owed -= 1
-                    self.status = body[:1]
-                elif kind == COPY_IN:
-                    self.copy_in = True
+            if whole and len(data) < READY_CHUNK and data[-6:-1] == READY_HEAD and not self._received.partial:
+                # It stopped at the last ReadyForQuery owed (a COPY's start or the chunk would have
+                # stopped it first): nothing in between needs walking.
+                self.owed, self.status = 0, data[-1:]
+            else:
+                self._follow(data)
             if self._unseen:  # (the server's answer to a BEGIN answered here already)
                 seen = min(len(self._unseen), len(data))
                 if data[:seen] != self._unseen[:seen]:
                     raise PgLinkError("08P01", f"the server did not answer BEGIN as expected: {data[:40]!r}")
                 self._unseen, data = self._unseen[seen:], data[seen:]
             self._answer += data
+
+    def _follow(self, data: bytes) -> None:
+        """The server's messages, as they bear on what is owed and what the server waits for."""
+        for kind, body in self._received.feed(data):
+            if kind == READY:
+                self.owed -= 1
+                self.status = body[:1]
+            elif kind == COPY_IN:
+                self.copy_in = True
 
     def flush(self) -> None:
         """Send what the driver wrote that waits for no answer yet (COPY data, a pipeline)."""

@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Generic
 
 from poolbroker.broker.decide.leases import C, Lease, P, T
+from poolbroker.client.pgwire import READY_CHUNK
 from poolbroker.client.protocol import READ_ANY, READ_EXACTLY, READ_READY, ErrorCode, Request
 
-# A `ready` read answers with what has come once this much has, whole messages or not: a large
-# result goes to the client in pieces rather than all buffered here.
-READY_CHUNK = 256 * 1024
 READY, COPY_IN, COPY_BOTH = ord("Z"), ord("G"), ord("W")
 
 
