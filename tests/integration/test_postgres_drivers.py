@@ -5,6 +5,8 @@ counts its backends, and the server restarted under load."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import signal
 import subprocess
 import sys
@@ -165,6 +167,58 @@ def test_a_transaction_costs_two_messages_and_keeps_its_begin(pg: Callable[..., 
         with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
             conn.execute("SELECT 1 / 0")
         assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_connection_goes_from_thread_to_thread(pg: Callable[..., tuple[Broker, Client]], mode: str) -> None:
+    """psycopg lets threads take turns on a connection; its leases go through a broker socket of
+    the connection's own, so they may."""
+    _, client = pg(pool_mode=mode)
+    with postgres.connect(client, "pg", autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")  # (a transaction, and its lease, open in this thread)
+        done: list[object] = []
+
+        def go_on() -> None:
+            done.append(conn.execute("SELECT 2").fetchone())
+            conn.execute("COMMIT")
+
+        other = threading.Thread(target=go_on)
+        other.start()
+        other.join(timeout=30)
+        assert done == [(2,)]
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_a_connection_dropped_without_close_gives_its_lease_back(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    _, client = pg(max_size=1)
+    conn = postgres.connect(client, "pg")
+    conn.execute("SELECT 1")
+    assert client.stats("pg")["pg"]["leases_active"] == 1
+    del conn
+    gc.collect()
+    wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the dropped connection's lease back")
+    with postgres.connect(client, "pg") as again:  # (the pool of 1 serves again)
+        assert again.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_psycopg_async_through_a_conninfo(pg: Callable[..., tuple[Broker, Client]]) -> None:
+    """Code that makes its own connections from a libpq string reaches the pool through the bridge's
+    relay threads: asyncio's psycopg here."""
+    _, client = pg(max_size=1, pool_mode="transaction")
+    conninfo = postgres.conninfo(client, "pg")
+
+    async def run() -> list[Any]:
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None) as conn:
+            rows = []
+            for i in range(5):
+                async with conn.transaction():
+                    rows.append(await (await conn.execute("SELECT %s::int", [i])).fetchone())
+            return rows
+
+    assert asyncio.run(run()) == [(i,) for i in range(5)]
+    stats = wait_for(lambda: (s := client.stats("pg")["pg"])["leases_active"] == 0 and s, what="the leases back")
+    assert stats["connections_created"] == 1
 
 
 def test_pg8000_through_its_sock_hook(pg: Callable[..., tuple[Broker, Client]]) -> None:
