@@ -119,7 +119,7 @@ class PgLink:
             self.upstream = broker.lease(pool, tag=tag, lazy=True, channel=channel)
             self.upstream.settimeout(None)  # (a long query is the server's to bound, not io_timeout's)
         pid, secret = struct.unpack("!ii", os.urandom(8))
-        self.key = (abs(pid) or 1, secret)  # (the pid names the link in its process, the secret proves it)
+        self.key = (pid & 0x7FFFFFFF or 1, secret)  # (the pid names the link in its process, the secret proves it)
         self.cancel_key: tuple[int, int] | None = None  # this connection was a CancelRequest for it
         self.closed = False  # the driver sent Terminate (or a CancelRequest): nothing more follows
         self._startup = bytearray()  # the startup packet, until it is whole
@@ -167,6 +167,8 @@ class PgLink:
     def _lone_begin(self, data: bytes) -> bool:
         """The driver's whole message is a BEGIN, between transactions, with nothing owed."""
         if self.status != b"I" or self.owed or self._begin or data[:1] != b"Q" or len(data) > 200:
+            return False
+        if self._sent.partial:  # (then these bytes are the rest of a message, not one of their own)
             return False
         return int.from_bytes(data[1:5], "big") + 1 == len(data) and LONE_BEGIN.fullmatch(data, 5) is not None
 

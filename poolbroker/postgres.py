@@ -9,11 +9,13 @@
     conn = postgres.pg8000_connect(broker, "pg")           # a pg8000.native Connection
 
 psycopg's libpq opens its own socket, so its socket ends at a private bridge in this process: a
-Unix socket in a 0700 directory, served by a thread per connection that answers libpq's startup
-as the pool's server would (AuthenticationOk, the server's parameters, a BackendKeyData of its
-own, ReadyForQuery) and then relays each message over a lease (pg_link.PgLink). Closing the
-connection gives the lease back; `conn.cancel()` reaches the real backend through the broker.
-pg8000 takes a socket object (`sock=`), so it needs no bridge and no thread.
+Unix socket in a 0700 directory. A bridge thread answers libpq's startup as the pool's server would
+(AuthenticationOk, the server's parameters, a BackendKeyData of its own, ReadyForQuery); then the
+connection is driven in psycopg's own thread (Inline): while psycopg waits on its socket, what
+libpq wrote goes over a lease (pg_link.PgLink) and the answer back into the socket. Connections
+made from conninfo() by other code are relayed by bridge threads instead. Closing the connection
+gives the lease back; `conn.cancel()` reaches the real backend through the broker. pg8000 takes a
+socket object (`sock=`), so it needs no bridge and no thread.
 
 A pool with `pool_mode = "transaction"` makes each connection hold a lease only from the first
 message of a transaction to its end; psycopg's prepared statements are turned off there (each
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["Bridge", "PgLink", "connect", "pg8000_connect", "pg8000_socket"]
 
 RELAY_CHUNK = 256 * 1024
+# psycopg's Wait and Ready flags (psycopg/_enums.py), which its waiting generators yield and take.
+WAIT_R, WAIT_W, READY_R, READY_W = 1, 2, 1, 2
 
 
 def _transaction_mode(info: dict[str, Any], transaction_mode: bool | None) -> bool:
@@ -134,15 +138,15 @@ class Inline:
         self.link = link
         self._pending = b""  # the link's answer not yet in libpq's socket (it was full)
         self._dead = False  # the upstream is gone: libpq has been told, and sees the end
+        self._nonblocking = False
         self._lock = threading.Lock()
 
     def drive(self, gen: Any, fileno: int, interval: float, timeout: float | None) -> Any:
         """psycopg's waiting loop (its generator's waits met as above)."""
-        from psycopg import errors
-        from psycopg.waiting import READY_R, READY_W, WAIT_R, WAIT_W
-
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.sock.setblocking(False)
+        if not self._nonblocking:
+            self.sock.setblocking(False)
+            self._nonblocking = True
         try:
             wait = next(gen)
             while True:
@@ -155,6 +159,8 @@ class Inline:
                     if self._answer() or select.select([fileno], [], [], pause)[0]:
                         ready |= READY_R
                     elif deadline is not None and time.monotonic() > deadline:
+                        from psycopg import errors
+
                         raise errors._WaitTimeout(f"no answer within {timeout} s")
                 wait = gen.send(ready)
         except StopIteration as done:
@@ -172,6 +178,8 @@ class Inline:
                 self.link.write(data)
             except (PgLinkError, PoolBrokerError) as exc:
                 self._fail(exc)
+            if len(data) < RELAY_CHUNK:
+                return  # (libpq writes all it has before it waits: no need to ask again)
 
     def _answer(self) -> bool:
         """Put the link's next answer into libpq's socket: False if none is owed."""

@@ -221,6 +221,13 @@ def test_psycopg_async_through_a_conninfo(pg: Callable[..., tuple[Broker, Client
     assert stats["connections_created"] == 1
 
 
+def test_psycopg_wait_flags_are_the_bridge_s() -> None:
+    """The bridge answers psycopg's waiting generators with their own flags, as plain numbers."""
+    from psycopg._enums import Ready, Wait
+
+    assert (Wait.R, Wait.W, Ready.R, Ready.W) == (postgres.WAIT_R, postgres.WAIT_W, postgres.READY_R, postgres.READY_W)
+
+
 def test_pg8000_through_its_sock_hook(pg: Callable[..., tuple[Broker, Client]]) -> None:
     _, client = pg(max_size=1)
     threads = threading.active_count()
