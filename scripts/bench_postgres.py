@@ -66,7 +66,7 @@ class PgBouncer:
             f"auth_type = trust\nauth_file = {self.dir}/userlist.txt\npool_mode = transaction\n"
             f"default_pool_size = {pool_size}\nmax_client_conn = 2000\nlogfile = {self.dir}/pgbouncer.log\n"
         )
-        argv = ["pgbouncer", str(self.dir / "pgbouncer.ini")]
+        argv = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", str(self.dir / "pgbouncer.ini")]
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
             for name in ("userlist.txt", "pgbouncer.ini"):

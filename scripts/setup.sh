@@ -19,19 +19,20 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 ensure_servers() {
     # Real upstreams for the tests and the demo: Debian's redis-server (built with TLS) and
     # memcached; openssl makes the test certificates; the benchmarks' load generator (wrk) and
-    # peer (twemproxy, packaged as nutcracker).
+    # peers (twemproxy, packaged as nutcracker; PgBouncer).
     local missing=()
     for tool in redis-server memcached openssl wrk nutcracker; do  # (each package has its command's name)
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     # PostgreSQL keeps its programs out of PATH (/usr/lib/postgresql/NN/bin).
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || missing+=(pgbouncer)
     [ ${#missing[@]} = 0 ] && return
     echo "setup: installing ${missing[*]} (Debian packages)" >&2
     as_root apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
     # The packages start system-wide instances on the default ports; ours start their own on free ports.
-    as_root systemctl disable --now redis-server memcached nutcracker postgresql >/dev/null 2>&1 || true
+    as_root systemctl disable --now redis-server memcached nutcracker postgresql pgbouncer >/dev/null 2>&1 || true
 }
 
 ensure_venv() {
