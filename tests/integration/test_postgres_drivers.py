@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -262,6 +263,24 @@ def test_a_wrong_database_is_refused_in_libpq_s_terms(pg: Callable[..., tuple[Br
     directory, port = postgres.bridge().route(client, "pg", False, None, pool_info(client, "pg"))
     with pytest.raises(psycopg.OperationalError, match="logs in to database 'postgres', not 'other'"):
         psycopg.connect(host=directory, port=port, user="app", dbname="other")
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_garbage_at_the_bridge_gets_an_error_and_the_bridge_goes_on(
+    pg: Callable[..., tuple[Broker, Client]], inline: bool
+) -> None:
+    _, client = pg()
+    directory, port = postgres.bridge().route(client, "pg", False, None, pool_info(client, "pg"), inline=inline)
+    for garbage in (b"\x00\x00\x00\x02junk", b"\x00\x00\x00\x08\x00\x09\x00\x00"):  # (a bad length; protocol 9.0)
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(10)
+            raw.connect(f"{directory}/.s.PGSQL.{port}")
+            raw.sendall(garbage)
+            answer = raw.recv(1000)
+            assert answer[:1] == b"E" and b"08P01" in answer  # an ErrorResponse, then the end
+            assert raw.recv(1000) == b""
+    with postgres.connect(client, "pg") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 @pytest.mark.parametrize("how", ["cancel", "cancel_safe"])

@@ -49,6 +49,7 @@ def req(**fields: Any) -> bytes:
         ((req(op="lease", pool="nope"),), "unknown_pool", 9),
         ((req(op="io", lease=b"0" * 16, send=b"x"),), "lease_lost", 9),
         ((req(op="release", lease=b"0" * 16),), "lease_lost", 9),
+        ((req(op="cancel", lease=b"0" * 16),), "lease_lost", 9),
         ((b"", req(op="ping")), "bad_request", None),  # a REQ-style envelope: two frames
         ((b"\xc6\x7f\xff\xff\xff",), "bad_request", None),  # a bin header claiming 2 GiB
         ((req(op="lease", pool="redis", read="exactly", n=2**40),), "limit_exceeded", 9),
@@ -83,6 +84,14 @@ def test_another_clients_token_is_lost_and_their_lease_untouched(
     reply = ask(sock, req(op="io", lease=token, send=b"PING\r\n", read="until", delim=b"\r\n"))
     assert reply["data"] == b"+PONG\r\n"
     assert ask(sock, req(op="release", lease=token))["ok"] is True
+
+
+def test_a_cancel_where_there_is_no_backend_says_so(raw: tuple[zmq.Socket[Any], Broker]) -> None:
+    sock, _ = raw
+    token = ask(sock, req(op="lease", pool="redis"))["lease"]
+    reply = ask(sock, req(op="cancel", lease=token))
+    assert (reply["ok"], reply["error"]) == (False, "bad_request") and "postgres" in reply["message"]
+    assert ask(sock, req(op="io", lease=token, send=b"PING\r\n", read="until", delim=b"\r\n"))["data"] == b"+PONG\r\n"
 
 
 def test_a_second_io_while_one_runs_is_refused(raw: tuple[zmq.Socket[Any], Broker]) -> None:

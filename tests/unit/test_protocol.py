@@ -54,6 +54,9 @@ def test_io_and_release_parse() -> None:
     when_done = parse_request(pack(op="io", lease=TOKEN, read="any", n=9, release="when_done"))
     assert (when_done.release, when_done.ends_lease) == ("when_done", False)
     assert parse_request(pack(op="io", lease=TOKEN, read="any", n=9, release="discard")).ends_lease
+    ready = parse_request(pack(op="io", lease=TOKEN, read="ready", n=2, poll=True))
+    assert (ready.read, ready.n, ready.poll) == ("ready", 2, True)
+    assert parse_request(pack(op="cancel", lease=TOKEN)).lease == TOKEN
 
 
 @pytest.mark.parametrize(
@@ -83,6 +86,10 @@ def test_io_and_release_parse() -> None:
         (pack(op="release", lease=TOKEN, release="when_done"), "bad_request", "'release' must be"),
         (pack(op="io", lease=TOKEN, read="any", n=1, release="soon"), "bad_request", "'release' must be"),
         (pack(op="ping", noreply=True), "bad_request", "only release may be one-way"),
+        (pack(op="io", lease=TOKEN, read="ready"), "bad_request", "read 'ready' needs 'n' >= 1"),
+        (pack(op="io", lease=TOKEN, read="exactly", n=3, poll=True), "bad_request", "'poll' is for read"),
+        (pack(op="cancel"), "bad_request", "16-byte 'lease'"),
+        (pack(op="cancel", lease=TOKEN, noreply=True), "bad_request", "only release may be one-way"),
     ],
 )
 def test_malformed_requests_get_a_code_and_a_reason(body: bytes, code: str, words: str) -> None:
