@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import socket
 import subprocess
@@ -261,6 +262,7 @@ def test_sqlalchemy_through_a_creator_with_nullpool(pg: Callable[..., tuple[Brok
 def test_a_wrong_database_is_refused_in_libpq_s_terms(pg: Callable[..., tuple[Broker, Client]]) -> None:
     _, client = pg()
     directory, port = postgres.bridge().route(client, "pg", False, None, pool_info(client, "pg"))
+    assert os.stat(directory).st_mode & 0o777 == 0o700  # (the bridge is this user's alone)
     with pytest.raises(psycopg.OperationalError, match="logs in to database 'postgres', not 'other'"):
         psycopg.connect(host=directory, port=port, user="app", dbname="other")
 
