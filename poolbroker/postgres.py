@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 __all__ = ["Bridge", "PgLink", "connect", "pg8000_connect", "pg8000_socket"]
 
 RELAY_CHUNK = 256 * 1024
+# How long what the broker said of a pool (its mode, user, database, server parameters) serves
+# new connections before it is asked again: a connection per request (SQLAlchemy's NullPool)
+# should not cost a round trip more each.
+POOL_INFO_TTL = 10.0
 # psycopg's Wait and Ready flags (psycopg/_enums.py), which its waiting generators yield and take.
 WAIT_R, WAIT_W, READY_R, READY_W = 1, 2, 1, 2
 
@@ -69,11 +73,11 @@ def connect(
     arguments go to psycopg.Connection.connect (autocommit, row_factory...). `transaction_mode`
     defaults to the pool's pool_mode; in it, prepare_threshold defaults to None."""
 
-    info = pool_info(broker, pool)
+    here = bridge()
+    info = here.pool_info(broker, pool)
     transactions = _transaction_mode(info, transaction_mode)
     if transactions:
         kwargs.setdefault("prepare_threshold", None)
-    here = bridge()
     directory, port = here.route(broker, pool, transactions, tag, info, inline=True)
     conn = _connection_class().connect(
         host=directory,
@@ -269,6 +273,7 @@ class Bridge:
         # Broker sockets of closed inline connections, for the next (by client): a socket closed
         # right after a one-way release could reach the broker as a holder gone before its release.
         self._channels: dict[int, list[Channel]] = {}
+        self._pool_infos: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}  # (when asked, what)
         self._infos: dict[int, dict[str, Any]] = {}  # by port: what the broker last said of its pool
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -360,6 +365,19 @@ class Bridge:
                     if link.channel is not None:
                         self.give_channel(broker, link.channel)
                 sock.close()
+
+    def pool_info(self, broker: Client, pool: str) -> dict[str, Any]:
+        """pool_info(), asked again once POOL_INFO_TTL has passed."""
+        key = (id(broker), pool)
+        now = time.monotonic()
+        with self._lock:
+            known = self._pool_infos.get(key)
+        if known is not None and now - known[0] < POOL_INFO_TTL:
+            return known[1]
+        info = pool_info(broker, pool)
+        with self._lock:
+            self._pool_infos[key] = (now, info)
+        return info
 
     def take_channel(self, broker: Client) -> Channel:
         with self._lock:
