@@ -70,6 +70,8 @@ def test_answers_owed_or_a_message_half_way_close_the_connection() -> None:
     assert session(query("SELECT 1")[:-3], b"").verdict()[0] is OUT_OF_SYNC
     assert session(query("SELECT 1"), (ANSWER + ready(b"I"))[:-2]).verdict()[0] is OUT_OF_SYNC
     assert session(message(b"X", b""), b"").verdict() == (OUT_OF_SYNC, "the holder sent Terminate")
+    after_a_change = session(query("SET x.y = 1") + message(b"X", b""), ready(b"I"))
+    assert after_a_change.verdict() == (OUT_OF_SYNC, "the holder sent Terminate")
 
 
 def test_statements_that_outlive_their_transaction_are_seen() -> None:

@@ -61,15 +61,15 @@ class PostgresSession:
         for kind, body in self._sent.feed(data):
             if kind in ANSWERED_BY_READY:
                 self.owed += 1
+            elif kind == TERMINATE:
+                self.terminated = True
             if self.changed:
-                continue
+                continue  # (the first is enough: the reset undoes them all)
             if kind == QUERY:
                 self.changed = session_change(body)
             elif kind == PARSE:
                 name, _, sql = body.partition(b"\0")
                 self.changed = "a named prepared statement" if name else session_change(sql)
-            elif kind == TERMINATE:
-                self.terminated = True
             if self._sent.cut and not self.changed:
                 self.changed = "a statement too long to read"
 
