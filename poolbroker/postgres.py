@@ -400,7 +400,11 @@ class Bridge:
             link.write(data)
             if link.started:  # handed over before libpq can see ReadyForQuery (and look for it)
                 self.handed[link.key[0]] = Inline(sock, link)
-                sock.sendall(link.read(RELAY_CHUNK))
+                try:
+                    sock.sendall(link.read(RELAY_CHUNK))
+                except OSError:
+                    del self.handed[link.key[0]]  # (libpq went away: nobody will adopt it)
+                    raise
                 return True
             while link.awaiting():
                 sock.sendall(link.read(RELAY_CHUNK))
