@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
-from poolbroker import Client, postgres
+from poolbroker import Client, PoolBrokerError, postgres
 
 SHORT_TRANSACTION = "SELECT count(*) FROM pg_class WHERE relkind = 'r'"
 
@@ -44,7 +44,7 @@ def through_restart(client: Client, n: int) -> None:
                 conn = postgres.connect(client, "pg", autocommit=True)
             conn.execute(SHORT_TRANSACTION).fetchone()
             done += 1
-        except (psycopg.Error, OSError, Exception):  # (the server is away: its error, then retry)
+        except (psycopg.Error, PoolBrokerError):  # (the server is away: its error, then retry)
             failures += 1
             if conn is not None:
                 conn.close()
