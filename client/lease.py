@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_RECV", "HOLD_WRITES_UP_TO", "Lease", "LeaseIO"]
 
+# A blocking PostgreSQL read's first round on a lazy lease: its reply brings the lease's token.
+FIRST_POLL = 0.05  # (a query longer than this costs one round trip more: a small price beside its own time)
+
 
 class _Stream(Protocol):
     def recv_into(self, buffer: Any, nbytes: int = 0) -> int: ...
@@ -184,10 +187,13 @@ class Lease(LeaseCore):
         """PostgreSQL: the server's messages up to and including the `count`-th ReadyForQuery, in
         one round trip; less when a COPY starts (the server then waits for the driver) or once
         256 KiB have come (a large result arrives in pieces). Blocking as recv() is under
-        settimeout(None): in io_timeout rounds, so the broker still sees a live holder."""
+        settimeout(None): in io_timeout rounds, so the broker still sees a live holder; a lazy
+        lease's first round is short, so that its token (which Client.cancel needs) comes soon even
+        when the answer takes long."""
         if self._timeout is None:
             while True:
-                data = self._io(poll=True, ready=count)
+                first_wait = FIRST_POLL if self._token is None else None
+                data = self._io(poll=True, ready=count, io_timeout=first_wait)
                 if data or self.eof:
                     return data
         return self._io(ready=count)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import os
 import re
 import struct
+import time
 from typing import Any
 
 from poolbroker.client.channel import Channel
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError
 from poolbroker.client.exchanges import DEFAULT_RECV
-from poolbroker.client.lease import Lease
+from poolbroker.client.lease import FIRST_POLL, Lease
 from poolbroker.client.leased_socket import LeasedSocket
 from poolbroker.client.pgwire import (
     ANSWERED_BY_READY,
@@ -273,10 +274,18 @@ class PgLink:
 
     def cancel(self) -> bool:
         """Cancel what this connection's backend runs now (from another thread: libpq's cancel
-        arrives on a connection of its own). False when it holds no lease."""
-        upstream = self.upstream
-        lease = upstream.lease if isinstance(upstream, LeasedSocket) else upstream
-        return self.broker.cancel(lease)
+        arrives on a connection of its own). A lazy lease's first exchange has no token until its
+        first reply, which comes within FIRST_POLL: wait for it that long. False when it holds no
+        lease, or nothing is running."""
+        deadline = time.monotonic() + 2 * FIRST_POLL + self.broker.broker_timeout
+        while True:
+            upstream = self.upstream
+            lease = upstream.lease if isinstance(upstream, LeasedSocket) else upstream
+            if lease.token is not None:
+                return self.broker.cancel(lease)
+            if lease.fresh or lease.released or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
 
     def close(self) -> None:
         """Give the lease back (the broker judges what was left: the reset, or a close)."""

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import pg8000.native
     import psycopg
 
-__all__ = ["Bridge", "PgLink", "connect", "pg8000_connect", "pg8000_socket"]
+__all__ = ["Bridge", "PgLink", "async_connect", "connect", "conninfo", "pg8000_connect", "pg8000_socket"]
 
 RELAY_CHUNK = 256 * 1024
 # How long what the broker said of a pool (its mode, user, database, server parameters) serves
@@ -90,6 +90,56 @@ def connect(
     )
     conn.adopt(here.handed.pop(conn.info.backend_pid))  # type: ignore[attr-defined]
     return conn
+
+
+async def async_connect(
+    broker: Client,
+    pool: str,
+    *,
+    transaction_mode: bool | None = None,
+    tag: str | None = None,
+    **kwargs: Any,
+) -> psycopg.AsyncConnection[Any]:
+    """A psycopg AsyncConnection on the pool `pool`, as connect() makes a Connection. asyncio
+    waits on libpq's socket, and a bridge thread carries the connection over its lease. What the
+    broker says of the pool is asked off the event loop."""
+    import asyncio
+
+    here = bridge()
+    info = await asyncio.to_thread(here.pool_info, broker, pool)
+    transactions = _transaction_mode(info, transaction_mode)
+    if transactions:
+        kwargs.setdefault("prepare_threshold", None)
+    directory, port = here.route(broker, pool, transactions, tag, info)
+    return await _async_connection_class().connect(
+        host=directory,
+        port=port,
+        user=info["user"],
+        dbname=info["database"],
+        sslmode="disable",
+        gssencmode="disable",
+        **kwargs,
+    )
+
+
+def _async_connection_class() -> type[psycopg.AsyncConnection[Any]]:
+    """psycopg's AsyncConnection, but for cancel(): libpq's PQcancel would wait, holding the GIL,
+    for the bridge thread that must answer it; the link is asked directly instead."""
+    global _AsyncBridgedConnection
+    if _AsyncBridgedConnection is None:
+        import psycopg
+
+        class AsyncBridgedConnection(psycopg.AsyncConnection[Any]):
+            def cancel(self) -> None:
+                link = bridge().links.get(self.info.backend_pid)
+                if link is not None:
+                    link.cancel()
+
+        _AsyncBridgedConnection = AsyncBridgedConnection
+    return _AsyncBridgedConnection
+
+
+_AsyncBridgedConnection: type[psycopg.AsyncConnection[Any]] | None = None
 
 
 def _connection_class() -> type[psycopg.Connection[Any]]:

@@ -204,23 +204,37 @@ def test_a_connection_dropped_without_close_gives_its_lease_back(pg: Callable[..
         assert again.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_psycopg_async_through_a_conninfo(pg: Callable[..., tuple[Broker, Client]]) -> None:
-    """Code that makes its own connections from a libpq string reaches the pool through the bridge's
-    relay threads: asyncio's psycopg here."""
+def test_psycopg_async_through_the_bridge(pg: Callable[..., tuple[Broker, Client]], server: PostgresServer) -> None:
+    """asyncio's psycopg: async_connect(), and code that makes its own connections from conninfo(),
+    both through the bridge's threads; cancel() reaches the backend from the event loop too."""
     _, client = pg(max_size=1, pool_mode="transaction")
     conninfo = postgres.conninfo(client, "pg")
 
     async def run() -> list[Any]:
+        rows = []
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None) as conn:
-            rows = []
-            for i in range(5):
+            for i in range(3):
                 async with conn.transaction():
                     rows.append(await (await conn.execute("SELECT %s::int", [i])).fetchone())
-            return rows
+        async with await postgres.async_connect(client, "pg", autocommit=True) as conn:
+            rows.append(await (await conn.execute("SELECT 3")).fetchone())
+            sleep = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+            while not await asyncio.to_thread(sleeping_backends, server):
+                await asyncio.sleep(0.02)
+            conn.cancel()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await asyncio.wait_for(sleep, timeout=20)
+        return rows
 
-    assert asyncio.run(run()) == [(i,) for i in range(5)]
+    assert asyncio.run(run()) == [(i,) for i in range(4)]
     stats = wait_for(lambda: (s := client.stats("pg")["pg"])["leases_active"] == 0 and s, what="the leases back")
     assert stats["connections_created"] == 1
+
+
+def sleeping_backends(server: PostgresServer) -> int:
+    with server.connect(autocommit=True) as observer:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' AND state = 'active'"
+        return int(observer.execute(query).fetchone()[0])
 
 
 def test_psycopg_wait_flags_are_the_bridge_s() -> None:
@@ -285,11 +299,12 @@ def test_garbage_at_the_bridge_gets_an_error_and_the_bridge_goes_on(
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 @pytest.mark.parametrize("how", ["cancel", "cancel_safe"])
 def test_cancel_reaches_the_real_backend(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, how: str
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, how: str, mode: str
 ) -> None:
-    _, client = pg()
+    _, client = pg(max_size=1, pool_mode=mode)  # (one backend: the pid asked for is the sleeper's)
     with postgres.connect(client, "pg", autocommit=True) as conn:
         cancel = getattr(conn, how)  # (cancel_safe: a CancelRequest through the bridge's socket)
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
