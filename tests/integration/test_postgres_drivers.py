@@ -25,7 +25,7 @@ from helpers import Broker, PostgresServer, pg_pool, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from poolbroker import Client, postgres
+from poolbroker import Client, pg_inline, postgres
 from poolbroker.pg_link import pool_info
 
 WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
@@ -241,7 +241,8 @@ def test_psycopg_wait_flags_are_the_bridge_s() -> None:
     """The bridge answers psycopg's waiting generators with their own flags, as plain numbers."""
     from psycopg._enums import Ready, Wait
 
-    assert (Wait.R, Wait.W, Ready.R, Ready.W) == (postgres.WAIT_R, postgres.WAIT_W, postgres.READY_R, postgres.READY_W)
+    ours = (pg_inline.WAIT_R, pg_inline.WAIT_W, pg_inline.READY_R, pg_inline.READY_W)
+    assert ours == (Wait.R, Wait.W, Ready.R, Ready.W)
 
 
 def test_pg8000_through_its_sock_hook(pg: Callable[..., tuple[Broker, Client]]) -> None:

@@ -71,6 +71,8 @@ ADAPTERS = {
     "poolbroker.httpx",
     "poolbroker.postgres",
     "poolbroker.pg_link",
+    "poolbroker.pg_inline",
+    "poolbroker.pg_bridge",
     "poolbroker.pytest_plugin",
 }  # the package's face: the client's users
 
