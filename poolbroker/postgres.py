@@ -52,7 +52,8 @@ def connect(
 ) -> psycopg.Connection[Any]:
     """A psycopg connection on the pool `pool` (its user and database are the pool's). Keyword
     arguments go to psycopg.Connection.connect (autocommit, row_factory...). `transaction_mode`
-    defaults to the pool's pool_mode; in it, prepare_threshold defaults to None."""
+    defaults to the pool's pool_mode; in it, prepare_threshold defaults to None. (Transaction mode
+    on a session-mode pool works, with the pool's reset after every transaction.)"""
 
     here = bridge()
     info = here.pool_info(broker, pool)
