@@ -36,11 +36,12 @@ POOL_INFO_TTL = 10.0
 
 
 class Bridge:
-    """This process's private Unix sockets for libpq: one per (client, pool, mode), each a
-    `.s.PGSQL.<port>` in one 0700 directory, accepted by a thread. Each accepted connection is
-    relayed by a relay thread until it closes; relay threads are kept for the next connection (a
-    thread's broker socket lives as long as the thread: one per thread, not one per connection).
-    Made anew in a forked child (threads don't survive a fork)."""
+    """This process's private Unix sockets for libpq: one per (client, pool, mode, inline or not),
+    each a `.s.PGSQL.<port>` in one 0700 directory, accepted by a thread. Each accepted connection
+    is served by a relay thread: up to its startup's answer on an inline route (then psycopg's own
+    thread drives it), else until it closes. Relay threads are kept for the next connection (a
+    thread's broker socket lives as long as the thread), and so are inline connections' own broker
+    sockets. Made anew in a forked child (threads don't survive a fork)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
