@@ -125,7 +125,16 @@ def test_psycopg_in_session_mode_holds_one_backend_for_the_connection(
     assert stats["connections_closed"] == 0  # Terminate stayed with the bridge: the backend stays pooled
 
 
-def test_transaction_mode_holds_a_backend_only_during_a_transaction(pg: Callable[..., tuple[Broker, Client]]) -> None:
+def last_statement(server: PostgresServer) -> str:
+    """What the pool's one backend ran last, as the server saw it."""
+    with server.connect(autocommit=True) as observer:
+        row = observer.execute("SELECT query FROM pg_stat_activity WHERE application_name = %s", [POOL_NAME])
+        return str(row.fetchone()[0])
+
+
+def test_transaction_mode_holds_a_backend_only_during_a_transaction(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+) -> None:
     _, client = pg(max_size=1, pool_mode="transaction")
     first = postgres.connect(client, "pg")
     second = postgres.connect(client, "pg")  # two connections, one backend: they take turns
@@ -136,16 +145,19 @@ def test_transaction_mode_holds_a_backend_only_during_a_transaction(pg: Callable
                     conn.execute("SELECT 1").fetchone()
                     assert client.stats("pg")["pg"]["leases_active"] == 1
                 assert wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the transaction's end")
+        assert last_statement(server) == "COMMIT"  # (a clean transaction: no reset after it)
+        first.autocommit = True
         for _ in range(10):  # autocommit: each statement is a transaction, with psycopg's parameters
             first.execute("SELECT %s::int + 1", [41]).fetchone()
         with first.transaction():
             first.execute("SET LOCAL statement_timeout = 5000")
             assert first.execute("SHOW statement_timeout").fetchone()[0] == "5s"
+        first.execute("SET statement_timeout = 1234")  # (it outlives its transaction: the reset runs)
+        wait_for(lambda: last_statement(server) == "DISCARD ALL", what="the reset after a SET")
     finally:
         first.close()
         second.close()
-    stats = client.stats("pg")["pg"]
-    assert stats["connections_created"] == 1 and stats["connections_closed_reset"] == 0
+    assert client.stats("pg")["pg"]["connections_created"] == 1
 
 
 def test_a_transaction_costs_two_messages_and_keeps_its_begin(pg: Callable[..., tuple[Broker, Client]]) -> None:
