@@ -42,6 +42,43 @@ def _transaction_mode(info: dict[str, Any], transaction_mode: bool | None) -> bo
     return info.get("pool_mode") == "transaction" if transaction_mode is None else transaction_mode
 
 
+def _bridge_target(
+    broker: Client, pool: str, info: dict[str, Any], transactions: bool, tag: str | None, inline: bool
+) -> dict[str, Any]:
+    """libpq's parameters that reach `pool` through this process's bridge: its socket (host and
+    port), the pool's user and database, and neither TLS nor GSS (the bridge, in this process,
+    refuses both)."""
+    directory, port = bridge().route(broker, pool, transactions, tag, info, inline=inline)
+    return {
+        "host": directory,
+        "port": port,
+        "user": info["user"],
+        "dbname": info["database"],
+        "sslmode": "disable",
+        "gssencmode": "disable",
+    }
+
+
+def _psycopg_arguments(
+    broker: Client,
+    pool: str,
+    info: dict[str, Any],
+    transaction_mode: bool | None,
+    tag: str | None,
+    kwargs: dict[str, Any],
+    inline: bool,
+) -> dict[str, Any]:
+    """psycopg's connect() arguments: the bridge's target and the caller's own, with prepared
+    statements off by default in transaction mode (a transaction's backend is not the next's)."""
+    transactions = _transaction_mode(info, transaction_mode)
+    if transactions:
+        kwargs.setdefault("prepare_threshold", None)
+    target = _bridge_target(broker, pool, info, transactions, tag, inline)
+    if clash := sorted(target.keys() & kwargs.keys()):  # (as a repeated keyword argument would be)
+        raise TypeError(f"{', '.join(clash)}: the bridge's to set, not the caller's")
+    return {**target, **kwargs}
+
+
 def connect(
     broker: Client,
     pool: str,
@@ -57,19 +94,7 @@ def connect(
 
     here = bridge()
     info = here.pool_info(broker, pool)
-    transactions = _transaction_mode(info, transaction_mode)
-    if transactions:
-        kwargs.setdefault("prepare_threshold", None)
-    directory, port = here.route(broker, pool, transactions, tag, info, inline=True)
-    conn = connection_class().connect(
-        host=directory,
-        port=port,
-        user=info["user"],
-        dbname=info["database"],
-        sslmode="disable",
-        gssencmode="disable",
-        **kwargs,
-    )
+    conn = connection_class().connect(**_psycopg_arguments(broker, pool, info, transaction_mode, tag, kwargs, True))
     conn.adopt(here.handed.pop(conn.info.backend_pid))  # type: ignore[attr-defined]
     return conn
 
@@ -87,21 +112,9 @@ async def async_connect(
     broker says of the pool is asked off the event loop."""
     import asyncio
 
-    here = bridge()
-    info = await asyncio.to_thread(here.pool_info, broker, pool)
-    transactions = _transaction_mode(info, transaction_mode)
-    if transactions:
-        kwargs.setdefault("prepare_threshold", None)
-    directory, port = here.route(broker, pool, transactions, tag, info)
-    return await _async_connection_class().connect(
-        host=directory,
-        port=port,
-        user=info["user"],
-        dbname=info["database"],
-        sslmode="disable",
-        gssencmode="disable",
-        **kwargs,
-    )
+    info = await asyncio.to_thread(bridge().pool_info, broker, pool)
+    arguments = _psycopg_arguments(broker, pool, info, transaction_mode, tag, kwargs, False)
+    return await _async_connection_class().connect(**arguments)
 
 
 def _async_connection_class() -> type[psycopg.AsyncConnection[Any]]:
@@ -127,9 +140,9 @@ _AsyncBridgedConnection: type[psycopg.AsyncConnection[Any]] | None = None
 def conninfo(broker: Client, pool: str, *, transaction_mode: bool | None = None, tag: str | None = None) -> str:
     """A libpq connection string that reaches `pool` through this process's bridge: for code that
     builds its own connections from one (it holds only in this process)."""
-    info = pool_info(broker, pool)
-    directory, port = bridge().route(broker, pool, _transaction_mode(info, transaction_mode), tag, info)
-    return f"host={directory} port={port} user={info['user']} dbname={info['database']} sslmode=disable"
+    info = bridge().pool_info(broker, pool)
+    target = _bridge_target(broker, pool, info, _transaction_mode(info, transaction_mode), tag, False)
+    return " ".join(f"{name}={value}" for name, value in target.items())
 
 
 def pg8000_socket(
