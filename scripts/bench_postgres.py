@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import psycopg  # noqa: E402
-from helpers import Broker, PostgresServer, free_port, wait_for  # noqa: E402
+from helpers import Broker, PostgresServer, free_port, pg_pool, wait_for  # noqa: E402
 
 from poolbroker import Client, postgres  # noqa: E402
 
@@ -259,12 +259,9 @@ def measure(scenario: str, procs: int, seconds: float, server: PostgresServer, p
 def measure_cancel(server: PostgresServer, mode: str) -> float:
     """Seconds from psycopg's conn.cancel() to its pg_sleep(30) failing, through poolbroker (in
     transaction mode the sleep is its transaction's first statement: a lazy lease's)."""
-    config = Path(tempfile.mkdtemp(prefix="pb-bench-")) / "broker.toml"
-    config.write_text(
-        f'[pools.pg]\nupstream = "{server.address}"\nprotocol = "postgres"\nusername = "{server.user}"\n'
-        f'password = "{server.password}"\ndatabase = "postgres"\nmax_size = 1\npool_mode = "{mode}"\n'
-    )
-    broker = Broker("--config", str(config)).start()
+    directory = Path(tempfile.mkdtemp(prefix="pb-bench-"))
+    config = pg_pool(directory, server, password=server.password, database="postgres", max_size=1, pool_mode=mode)
+    broker = Broker("--config", config).start()
     try:
         conn = postgres.connect(Client(broker.endpoint), "pg", autocommit=True)
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]

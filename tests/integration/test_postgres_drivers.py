@@ -317,10 +317,10 @@ def test_garbage_at_the_bridge_gets_an_error_and_the_bridge_goes_on(
 def test_cancel_reaches_the_real_backend(
     pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, how: str, mode: str
 ) -> None:
-    _, client = pg(max_size=1, pool_mode=mode)  # (one backend: the pid asked for is the sleeper's)
+    _, client = pg(max_size=1, pool_mode=mode)  # (one backend: the one sleeping is this connection's)
     with postgres.connect(client, "pg", autocommit=True) as conn:
         cancel = getattr(conn, how)  # (cancel_safe: a CancelRequest through the bridge's socket)
-        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.execute("SELECT 1")  # (in session mode its lease is held from here on)
         failure: list[BaseException] = []
 
         def sleep() -> None:
@@ -332,12 +332,7 @@ def test_cancel_reaches_the_real_backend(
         sleeper = threading.Thread(target=sleep)
         sleeper.start()
 
-        def sleeping() -> bool:
-            with server.connect(autocommit=True) as observer:
-                row = observer.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
-                return row is not None and "pg_sleep" in row[0]
-
-        wait_for(sleeping, what="pg_sleep running")
+        wait_for(lambda: sleeping_backends(server) == 1, what="pg_sleep running")
         cancelled_at = time.monotonic()
         cancel()
         sleeper.join(timeout=20)
