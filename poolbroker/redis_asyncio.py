@@ -5,9 +5,9 @@ Each command, and each pipeline (MULTI/EXEC included), runs on a lease of its ow
 the command (lazy) and ended by the reply that finishes it (when_done, in a `protocol = "redis"`
 pool), or when redis.asyncio gives the connection back: one message and its answer per command.
 redis.asyncio's connections stay "connected" (no connect, handshake or teardown per command); what
-they read and write goes through a stream reader and writer over the lease, in place of
-asyncio.open_connection's. The options, and what cannot be set here (a password, a db, RESP3), are
-those of poolbroker.redis.
+they read and write goes through asyncio's own StreamReader and StreamWriter over a transport of
+leases (open_lease_streams), in place of asyncio.open_connection's. The options, and what cannot
+be set here (a password, a db, RESP3), are those of poolbroker.redis.
 """
 
 from __future__ import annotations
@@ -21,81 +21,115 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from poolbroker.client.aio import AsyncClient
+from poolbroker.client.errors import UpstreamError
 from poolbroker.client.leased_socket import AsyncConversations
 from poolbroker.redis import lease_connection_options
 
-__all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseStreamWriter"]
+__all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseTransport", "open_lease_streams"]
 
 
-class LeaseStreamReader:
-    """What redis.asyncio reads from in place of asyncio's StreamReader (`readline`,
-    `readexactly`, `read`, `at_eof`, and the `_buffer` its parser looks into)."""
+class LeaseStreamReader(asyncio.StreamReader):
+    """asyncio's own StreamReader, so redis.asyncio has every method and attribute it may use
+    (readline, readuntil, readexactly, read, at_eof, exception, iteration, the `_buffer` its parser
+    looks into), fed from the conversation's lease instead of a socket's transport."""
 
     def __init__(self, conversations: AsyncConversations) -> None:
+        super().__init__()
         self._conversations = conversations
-        self._buffer = bytearray()
-        self._eof = False
+        self._filling = False
 
-    async def _fill(self) -> None:
-        lease = self._conversations.current()
-        data = await lease.recv()
+    def unread(self) -> int:
+        """How many bytes the stream holds that nobody has read yet."""
+        return len(self._buffer)  # type: ignore[attr-defined]  # (asyncio's, not in typeshed)
+
+    async def _wait_for_data(self, func_name: str) -> None:
+        # Every read of asyncio's StreamReader comes here when its buffer holds too little: where
+        # a transport would feed it, a round trip on the lease does (sending the held writes).
+        if self._filling:  # (as asyncio's own guard: two readers would interleave their bytes)
+            raise RuntimeError(f"{func_name}() called while another coroutine is already waiting for incoming data")
+        self._filling = True
+        try:
+            lease = self._conversations.current()
+            data = await lease.recv()
+        except UpstreamError as exc:
+            if not isinstance(exc, TimeoutError):  # (a timeout leaves a socket's stream as it was)
+                self.set_exception(ConnectionResetError(str(exc)))  # what a lost transport reports
+            raise
+        finally:
+            self._filling = False
         if data:
-            self._buffer += data
+            self.feed_data(data)
         elif lease.eof:
-            self._eof = True
-
-    def at_eof(self) -> bool:
-        return self._eof and not self._buffer
-
-    async def readline(self) -> bytes:
-        while (end := self._buffer.find(b"\n")) < 0:
-            if self._eof:
-                return self._take(len(self._buffer))
-            await self._fill()
-        return self._take(end + 1)
-
-    async def readexactly(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            if self._eof:
-                raise asyncio.IncompleteReadError(self._take(len(self._buffer)), n)
-            await self._fill()
-        return self._take(n)
-
-    async def read(self, n: int = -1) -> bytes:
-        if not self._buffer and not self._eof:
-            await self._fill()
-        return self._take(len(self._buffer) if n < 0 else min(n, len(self._buffer)))
-
-    def _take(self, n: int) -> bytes:
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
+            self.feed_eof()
 
 
-class LeaseStreamWriter:
-    """What redis.asyncio writes to in place of asyncio's StreamWriter: writes are held by the
-    conversation's lease and go with its next read."""
+class LeaseTransport(asyncio.Transport):
+    """The transport under a lease stream: writes are held by the conversation's lease and go
+    with its next read; closing discards the lease (redis.asyncio closes after an error, when the
+    state is unknown). There is no socket to tune: get_extra_info("socket") is None."""
 
-    def __init__(self, conversations: AsyncConversations) -> None:
+    def __init__(self, conversations: AsyncConversations, protocol: asyncio.StreamReaderProtocol) -> None:
+        super().__init__()
         self._conversations = conversations
+        self._protocol = protocol
+        self._closing = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
+            raise ConnectionResetError("the lease stream is closed")
         self._conversations.current().sendall(bytes(data))
 
-    def writelines(self, chunks: Any) -> None:
-        self.write(b"".join(chunks))
-
-    async def drain(self) -> None:
-        pass  # (held until the read of the answer: one round trip for both)
+    def is_closing(self) -> bool:
+        return self._closing
 
     def close(self) -> None:
-        self._conversations.discard()  # redis.asyncio closes after an error: the state is unknown
+        if self._closing:
+            return
+        self._closing = True
+        self._conversations.discard()
+        # As a socket's transport: the protocol hears of it on the next turn of the loop.
+        asyncio.get_running_loop().call_soon(self._protocol.connection_lost, None)
 
-    async def wait_closed(self) -> None:
+    def abort(self) -> None:
+        self.close()
+
+    def can_write_eof(self) -> bool:
+        return False  # (a half-closed lease would be a connection no next holder could use)
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # (held writes are the lease's; drain() never has to wait for them)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+    def is_reading(self) -> bool:
+        return not self._closing
+
+    def pause_reading(self) -> None:
+        pass  # (nothing is read until the reader asks for it)
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise NotImplementedError("a lease stream keeps its protocol")
+
+
+def open_lease_streams(conversations: AsyncConversations) -> tuple[LeaseStreamReader, asyncio.StreamWriter]:
+    """What asyncio.open_connection returns, over leases: asyncio's own StreamWriter and
+    StreamReaderProtocol on a LeaseTransport, and a LeaseStreamReader."""
+    loop = asyncio.get_running_loop()
+    reader = LeaseStreamReader(conversations)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = LeaseTransport(conversations, protocol)
+    protocol.connection_made(transport)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 class LeaseConnection(Connection):
@@ -110,8 +144,7 @@ class LeaseConnection(Connection):
 
     async def _connect(self) -> None:
         self._conversations = AsyncConversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
-        self._reader = LeaseStreamReader(self._conversations)  # type: ignore[assignment]
-        self._writer = LeaseStreamWriter(self._conversations)  # type: ignore[assignment]
+        self._reader, self._writer = open_lease_streams(self._conversations)
 
     async def give_back(self) -> None:
         """The command or pipeline is done: its lease goes back (nothing is sent if its reply
@@ -121,7 +154,7 @@ class LeaseConnection(Connection):
         if conversations is None:
             return
         reader = self._reader
-        if isinstance(reader, LeaseStreamReader) and reader._buffer:
+        if isinstance(reader, LeaseStreamReader) and reader.unread():
             conversations.discard()
             await self.disconnect()
         else:

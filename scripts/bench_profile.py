@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     spy_exe = shutil.which("py-spy", path=f"{ROOT / '.venv' / 'bin'}:{Path(sys.executable).parent}")
     if args.py_spy and spy_exe is None:
-        parser.error("py-spy is not installed (.venv/bin/pip install py-spy)")
+        parser.error("py-spy is not installed (.tools/uv-*/bin/uv pip install --python .venv py-spy)")
     redis = RedisServer().start()
     broker = start_broker(redis, "--acquire-timeout", "60")
     try:
