@@ -70,6 +70,12 @@ class BrokerUnavailable(PoolBrokerError):
     code = "broker_unavailable"
 
 
+class PoolMismatch(PoolBrokerError, ValueError):
+    """The broker's pool does not speak what an adapter needs: the message names the setting."""
+
+    code = "pool_mismatch"  # (the client's own: found in the pool's description, not on the wire)
+
+
 class ProtocolError(PoolBrokerError):
     """A request or reply broke the wire protocol (malformed, unknown pool or operation, misuse)."""
 

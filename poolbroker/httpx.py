@@ -13,8 +13,9 @@ The transports are httpx's own (HTTPTransport, AsyncHTTPTransport: its limits, r
 mapping), over a network backend whose "TCP connections" are streams of leases of the broker's
 `pool`: every request goes to the pool's upstream, whatever the URL's host (which still goes in
 the Host header). Each request runs on a lease of its own, asked for with the request's bytes and
-ended by the end of its response, which the broker sees in an `http` pool: use one (in another
-kind of pool a connection httpx keeps alive keeps its lease until httpx closes it). TLS is the
+ended by the end of its response, which the broker sees in an `http` pool. It must be one: on
+another pool the first request raises PoolMismatch (a connection httpx keeps alive would keep its
+lease, and a crowd larger than the pool would wait for it until a pool timeout). TLS is the
 pool's (`tls = true`): an `https://` URL is spoken in plain HTTP to the lease, so `verify` and
 `cert` do not apply. HTTP/1.1 only.
 """
@@ -33,8 +34,16 @@ from poolbroker.client.aio import AsyncClient
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError, PoolTimeout, UpstreamTimeout
 from poolbroker.client.leased_socket import AsyncConversations, LeasedSocket
+from poolbroker.client.pool_protocols import described, described_async, require
 
 __all__ = ["AsyncPoolBrokerTransport", "PoolBrokerTransport"]
+
+# Why a pool must speak http: the broker then ends each lease at its response's end.
+NEEDS_HTTP = "so that each response's end ends its lease: a connection httpx keeps alive would hold one"
+
+
+def _require_http(description: dict[str, Any] | None, pool: str) -> None:
+    require(description, pool, "http", "poolbroker.httpx", NEEDS_HTTP)
 
 
 @contextlib.contextmanager
@@ -87,10 +96,11 @@ class LeaseBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> LeaseStream:
+        _require_http(described(self.broker, self.pool), self.pool)
         return LeaseStream(self.broker, self.pool, self.tag)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> LeaseStream:
-        return LeaseStream(self.broker, self.pool, self.tag)
+        return self.connect_tcp(path, 0)
 
 
 class AsyncLeaseStream(httpcore.AsyncNetworkStream):
@@ -133,12 +143,13 @@ class AsyncLeaseBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> AsyncLeaseStream:
+        _require_http(await described_async(self.broker, self.pool), self.pool)
         return AsyncLeaseStream(self.broker, self.pool, self.tag)
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None
     ) -> AsyncLeaseStream:
-        return AsyncLeaseStream(self.broker, self.pool, self.tag)
+        return await self.connect_tcp(path, 0)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -76,7 +76,9 @@ def pool_info(broker: Client, pool: str) -> dict[str, Any]:
     if info is None:
         raise PgLinkError("3D000", f"the broker has no pool named {pool!r}")
     if info.get("protocol") != "postgres":
-        raise PgLinkError("08004", f"pool {pool!r} speaks {info.get('protocol')}, not postgres")
+        raise PgLinkError(
+            "08004", f'pool {pool!r} speaks {info.get("protocol")}: set protocol = "postgres" in the pool\'s settings'
+        )
     if not info.get("parameters"):
         broker.lease(pool).release()  # (its grant waits for the login: the next ping has them)
         info = broker.ping()["protocols"][pool]

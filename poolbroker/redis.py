@@ -26,8 +26,9 @@ from redis.retry import Retry
 
 from poolbroker.client.client import Client
 from poolbroker.client.leased_socket import LeasedSocket
+from poolbroker.client.pool_protocols import described
 
-_checked: set[tuple[str, str]] = set()  # (endpoint, pool) whose protocol was looked at in this process
+_warned: set[tuple[str, str]] = set()  # (endpoint, pool) this process has warned about
 
 
 class SessionLeakWarning(UserWarning):
@@ -37,12 +38,12 @@ class SessionLeakWarning(UserWarning):
 def _warn_unless_protected(broker: Client, pool: str) -> None:
     """Once per process and pool: warn if the pool would hand a holder's session to the next one."""
     key = (broker.endpoint, pool)
-    if key in _checked:
+    if key in _warned:
         return
-    info = broker.ping()["protocols"].get(pool)  # (a broker that does not answer: asked again next time)
-    _checked.add(key)
+    info = described(broker, pool)
     if info is None or info.get("protects"):
         return  # (an unknown pool: the lease itself says so)
+    _warned.add(key)
     why = f"it speaks {info.get('protocol')}" if info.get("protocol") != "redis" else "its reset is off"
     warnings.warn(
         f"poolbroker pool {pool!r} does not reset Redis sessions ({why}): a holder's SELECT, AUTH,"

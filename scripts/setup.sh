@@ -76,9 +76,10 @@ ensure_moved_venv() {
     local venv="$ROOT/.venv-$1" python; python="$(find_python)"
     [ -x "$venv/bin/python" ] || "$UV" venv --quiet --python "$python" "$venv"
     "$UV" export --quiet --locked --only-group tools --no-hashes --no-emit-project -o "$venv/tools.txt"
-    "$python" scripts/library_versions.py "--$1" >"$venv/libraries.txt"
-    "$UV" pip compile --quiet --upgrade --python "$venv/bin/python" "$venv/libraries.txt" "$venv/tools.txt" \
-        -o "$venv/resolved.txt"
+    "$python" scripts/library_versions.py >"$venv/libraries.txt"
+    local resolution=highest; [ "$1" = oldest ] && resolution=lowest-direct  # (the libraries are direct)
+    "$UV" pip compile --quiet --upgrade --resolution "$resolution" --python "$venv/bin/python" \
+        "$venv/libraries.txt" "$venv/tools.txt" -o "$venv/resolved.txt"
     "$UV" pip sync --quiet --python "$venv/bin/python" "$venv/resolved.txt"
     "$UV" pip install --quiet --python "$venv/bin/python" --no-deps -e .
 }

@@ -53,9 +53,29 @@ def test_a_length_that_is_no_length_is_an_error_not_a_hang() -> None:
     assert frames.error
 
 
+BIND_EXECUTE = message(b"B", b"\0\0\0\0\0\0\0\0") + message(b"E", b"\0\0\0\0\0")
+
+
 def test_answered_queries_between_transactions_are_clean() -> None:
-    tracker = session(query("SELECT 1") + parse("SELECT $1") + SYNC, ANSWER + ready(b"I") + ready(b"I"))
+    tracker = session(
+        query("SELECT 1") + parse("SELECT $1") + BIND_EXECUTE + SYNC, ANSWER + ready(b"I") + ANSWER + ready(b"I")
+    )
     assert tracker.verdict()[0] is CLEAN
+    assert tracker.at_rest()
+
+
+def test_an_unnamed_statement_keeps_the_lease_from_its_parse_to_its_execute() -> None:
+    # pg8000: Parse, Sync; Describe, Sync, Bind, Flush; Execute, Sync, each after the last answer.
+    # The unnamed statement and portal live on this backend only: a lease that ended between them
+    # would Bind or Execute on another.
+    tracker = session(parse("SELECT $1") + SYNC, ready(b"I"))
+    assert not tracker.at_rest()
+    assert tracker.verdict()[0] is CLEAN  # (given back here, nothing outlives it: the next Parse replaces it)
+    tracker.sent(message(b"D", b"S\0") + SYNC + message(b"B", b"\0\0\0\0\0\0\0\0") + message(b"H", b""))
+    tracker.received(message(b"t", b"\0\0") + ready(b"I") + message(b"2", b""))
+    assert not tracker.at_rest()
+    tracker.sent(message(b"E", b"\0\0\0\0\0") + SYNC)
+    tracker.received(ANSWER + ready(b"I"))
     assert tracker.at_rest()
 
 

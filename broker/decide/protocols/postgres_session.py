@@ -19,7 +19,7 @@ import re
 from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
 from poolbroker.client.pgwire import ANSWERED_BY_READY, Frames
 
-QUERY, PARSE, TERMINATE, READY = ord("Q"), ord("P"), ord("X"), ord("Z")
+QUERY, PARSE, BIND, EXECUTE, TERMINATE, READY = (ord(kind) for kind in "QPBEXZ")
 
 # Statements whose effect outlives their transaction. Statement-initial keywords are looked for
 # after a start or a semicolon (and comments); SET LOCAL, SET TRANSACTION and SET CONSTRAINTS last
@@ -47,7 +47,7 @@ def session_change(sql: bytes) -> str:
 class PostgresSession:
     """What one lease's messages did to its connection's session (see the module's docstring)."""
 
-    __slots__ = ("_sent", "_received", "owed", "status", "changed", "terminated")
+    __slots__ = ("_sent", "_received", "owed", "status", "changed", "terminated", "unfinished")
 
     def __init__(self) -> None:
         self._sent = Frames(keep=b"QP")
@@ -56,6 +56,10 @@ class PostgresSession:
         self.status = b"I"  # the last ReadyForQuery's: I idle, T in a transaction, E failed one
         self.changed = ""  # the first statement seen that outlives its transaction
         self.terminated = False  # the holder sent Terminate: the server closes the session
+        # An unnamed statement parsed and not yet bound, or a portal bound and not yet executed:
+        # pg8000 sends Parse, Sync; Describe, Sync, Bind, Flush; then Execute, Sync, each after
+        # the last one's answer. They live on this backend only: the lease must not end between.
+        self.unfinished = False
 
     def sent(self, data: bytes | memoryview) -> None:
         for kind, body in self._sent.feed(data):
@@ -63,6 +67,12 @@ class PostgresSession:
                 self.owed += 1
             elif kind == TERMINATE:
                 self.terminated = True
+            elif kind == BIND:
+                self.unfinished = True  # (until its Execute)
+            elif kind == EXECUTE:
+                self.unfinished = False
+            if kind == PARSE:
+                self.unfinished = body[:1] == b"\0"  # (a named one outlives the lease: a change, below)
             if self.changed:
                 continue  # (the first is enough: the reset undoes them all)
             if kind == QUERY:
@@ -80,9 +90,9 @@ class PostgresSession:
                 self.status = body[:1]
 
     def at_rest(self) -> bool:
-        """Between transactions, in step: a lease asked to end "when done" may end here (the reset,
-        if the session changed, runs on return)."""
-        return self.status == b"I" and self._in_step() == ""
+        """Between transactions, in step, no statement waiting for its Bind or Execute: a lease asked
+        to end "when done" may end here (the reset, if the session changed, runs on return)."""
+        return self.status == b"I" and not self.unfinished and self._in_step() == ""
 
     def _in_step(self) -> str:
         """Why the stream can't be trusted, or ""."""
