@@ -158,8 +158,10 @@ class RedisServer:
         password: str | None = None,
         tls: TestCertificates | None = None,
         tls_clients: str = "no",
+        options: tuple[str, ...] = ("--save", "", "--appendonly", "no"),
     ) -> None:
         self.port = port or free_port()
+        self.options = options  # (by default nothing is kept on disk)
         self.maxclients = maxclients
         self.password = password
         self.tls = tls  # TLS only, on `port`, with these certificates
@@ -167,7 +169,8 @@ class RedisServer:
         self.dir = short_tempdir()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RedisServer:
+    def start(self, wait: bool = True) -> RedisServer:
+        """Start it; unless told not to wait, until it answers PING (after loading what it keeps)."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (./scripts/test installs it)")
@@ -178,10 +181,7 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *self.options,
                 "--dir",
                 str(self.dir),
                 "--maxclients",
@@ -192,7 +192,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(self._answers, what=f"redis on port {self.port}")
+        if wait:
+            wait_for(self._answers, what=f"redis on port {self.port}")
         return self
 
     def _tls_args(self) -> list[str]:

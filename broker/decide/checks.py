@@ -17,6 +17,11 @@ class ProbeFailed(Exception):
     """The check's answer says the connection is not fit to use; the message says why."""
 
 
+class NotReady(ProbeFailed):
+    """The server answered, but can't serve yet (Redis loading its data, PostgreSQL starting up):
+    a connect that fails so is retried, and the requests waiting for it wait on."""
+
+
 class Check(Protocol):
     request: bytes
     outgoing: bytes  # an answer to send before reading on (a dialogue's); taken by the driver
@@ -27,13 +32,16 @@ class Check(Protocol):
 
 
 class LineCheck:
-    """Send `request`; the answer is one line (up to b"\\n") that must start with `expect`."""
+    """Send `request`; the answer is one line (up to b"\\n") that must start with `expect`. An
+    answer starting with one of `not_ready` is NotReady; `hint` follows any other wrong answer."""
 
     outgoing = b""  # (one request, one answer: nothing more to say)
 
-    def __init__(self, request: bytes, expect: bytes) -> None:
+    def __init__(self, request: bytes, expect: bytes, not_ready: tuple[bytes, ...] = (), hint: str = "") -> None:
         self.request = request
         self.expect = expect
+        self.not_ready = not_ready
+        self.hint = hint
 
     def again(self) -> LineCheck:
         return self  # (it keeps no state between runs)
@@ -47,7 +55,9 @@ class LineCheck:
         line = bytes(buf[: end + 1])
         del buf[: end + 1]
         if not line.startswith(self.expect):
-            raise ProbeFailed(f"expected {self.expect!r}, got {line[:100]!r}")
+            if self.not_ready and line.startswith(self.not_ready):
+                raise NotReady(f"not ready: {line.strip()[:100].decode(errors='replace').lstrip('-')}")
+            raise ProbeFailed(f"expected {self.expect!r}, got {line[:100]!r}{self.hint}")
         return True
 
 

@@ -68,6 +68,7 @@ class PoolCore(Generic[C, R]):
         self.failures = 0
         self.last_error = ""
         self.retry_at = 0.0
+        self.not_ready = False  # the last failure was a server that answered "not yet" (loading)
         # Counters (what happened); gauges are read from the state in stats().
         self.requests_num = 0
         self.requests_queued = 0
@@ -150,6 +151,7 @@ class PoolCore(Generic[C, R]):
         self.connections_created += 1
         self.failures = 0
         self.last_error = ""
+        self.not_ready = False
         if opened_at is not None:
             self.connect_time.record(now - opened_at)
         expires = now + self._max_lifetime * (1 - LIFETIME_JITTER * self._rng())
@@ -164,17 +166,20 @@ class PoolCore(Generic[C, R]):
         # After an outage only one connect was tried: open the rest the waiters need now.
         return self._hand_over(conn, now) + self._serve_waiters(now)
 
-    def connect_failed(self, now: float, error: str) -> list[Action[C, R]]:
+    def connect_failed(self, now: float, error: str, not_ready: bool = False) -> list[Action[C, R]]:
         """An Open failed: back off before the next, check the idle connections (the upstream may
-        have failed over), and fail the waiters that nothing can serve."""
+        have failed over), and fail the waiters that nothing can serve. A server `not_ready` (Redis
+        loading its data, PostgreSQL starting up) is up: its waiters wait on, up to their acquire
+        timeout, while connects retry with the same backoff."""
         self.connecting -= 1
         self.connections_failed += 1
         self.failures += 1
         self.last_error = error
+        self.not_ready = not_ready
         backoff = min(self.config.connect_backoff_max, self.config.connect_backoff * 2 ** min(self.failures - 1, 30))
         self.retry_at = now + backoff * (0.5 + 0.5 * self._rng())  # jitter: retries don't march in step
         actions = self._check_all_idle()
-        if not self._times and not self.connecting:
+        if not self._times and not self.connecting and not not_ready:
             actions += self._fail_waiters(ErrorCode.UPSTREAM_UNAVAILABLE, self._unavailable_message(now))
         return actions
 
@@ -363,7 +368,8 @@ class PoolCore(Generic[C, R]):
         return max(0, min(needed, self.max_size - self.size - self.connecting))
 
     def _unreachable(self, now: float) -> bool:
-        return bool(self.failures) and not self._times and not self.connecting and now < self.retry_at
+        down = self.failures and not self.not_ready  # (a server not ready yet is worth waiting for)
+        return bool(down) and not self._times and not self.connecting and now < self.retry_at
 
     def _unavailable_message(self, now: float) -> str:
         retry = max(0.0, self.retry_at - now)
@@ -457,13 +463,8 @@ class PoolCore(Generic[C, R]):
             if self.failures:  # the upstream is why: say so, with its error
                 actions.append(Reject(waiter.request, ErrorCode.UPSTREAM_UNAVAILABLE, f"{waited}: {self.last_error}"))
                 continue
-            actions.append(
-                Reject(
-                    waiter.request,
-                    ErrorCode.POOL_TIMEOUT,
-                    f"{waited} ({len(self.leased)} leased of max_size {self.max_size}, {self.waiting} still waiting)",
-                )
-            )
+            why = f"({len(self.leased)} leased of max_size {self.max_size}, {self.waiting} still waiting)"
+            actions.append(Reject(waiter.request, ErrorCode.POOL_TIMEOUT, f"{waited} {why}"))
         return actions
 
     def _close(self, conn: C, reason: str) -> list[Action[C, R]]:

@@ -14,7 +14,7 @@ from poolbroker.broker.decide.connection import State, check_move
 from poolbroker.broker.drive.cancel import send_cancel
 
 if TYPE_CHECKING:
-    from poolbroker.broker.decide.probes import Check
+    from poolbroker.broker.decide.probes import Check, ProbeFailed
     from poolbroker.broker.drive.pools import PoolState
     from poolbroker.broker.drive.tables import DriveLease
     from poolbroker.broker.drive.timers import Timer
@@ -213,7 +213,7 @@ class ProbeRun:
         name: str,
         checks: Sequence[Check],
         on_pass: Callable[[UpstreamConn, float], None],
-        on_fail: Callable[[UpstreamConn, str, float], None],
+        on_fail: Callable[[UpstreamConn, ProbeFailed, float], None],
         *,
         pipelined: bool = False,
     ) -> None:
@@ -241,5 +241,15 @@ class ProbeRun:
         return True
 
     def describe(self) -> str:
-        """The run's name, and which step when it has several: for error messages."""
-        return self.name if len(self.checks) == 1 else f"{self.name} step {self.step + 1}"
+        """The run's name, and which step when it has several (with the step's command, never
+        its arguments: they may hold a password): for error messages."""
+        if len(self.checks) == 1:
+            return self.name
+        return f"{self.name} step {self.step + 1} ({command_word(self.check.request)})"
+
+
+def command_word(request: bytes) -> str:
+    """A request's command, for a message: a RESP array's first string, or a line's first word."""
+    lines = request.split(b"\r\n")
+    word = lines[2] if request.startswith(b"*") and len(lines) > 2 else request.split(None, 1)[0] if request else b""
+    return word[:20].decode(errors="replace")

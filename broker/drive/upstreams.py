@@ -9,8 +9,8 @@ import logging
 import select
 from typing import TYPE_CHECKING
 
+from poolbroker.broker.decide.checks import NotReady, ProbeFailed
 from poolbroker.broker.decide.connection import CHECKING, POLL, State
-from poolbroker.broker.decide.probes import ProbeFailed
 from poolbroker.broker.decide.protocols import postgres
 from poolbroker.broker.drive import tls
 from poolbroker.broker.drive.pools import PoolState
@@ -79,7 +79,8 @@ class Upstreams:
         message = f"can't connect to {pool.config.address} for pool {pool.config.name!r}: {exc}"
         # Log the first failure of a run loudly; repeats would flood the log during an outage.
         log.log(logging.DEBUG if pool.core.failures else logging.WARNING, "%s", message)
-        self.server.carry_out(pool, pool.core.connect_failed(now, message), now)
+        not_ready = isinstance(exc, NotReady)
+        self.server.carry_out(pool, pool.core.connect_failed(now, message, not_ready), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
         if conn.pool.tls is None:
@@ -224,7 +225,7 @@ class Upstreams:
                 self.server.carry_out(pool, pool.core.probe_ok(conn, now), now)
             else:
                 why = "closed by the upstream" if unfit == "broken" else "unread bytes"
-                self._probe_failed(conn, f"tcp probe: {why}", now)
+                self._probe_failed(conn, ProbeFailed(f"tcp probe: {why}"), now)
             return
         self.run_checks(
             conn,
@@ -242,7 +243,9 @@ class Upstreams:
         if limit is not None:
             timeout = getattr(conn.pool.config, limit)
             error = f"no answer within {limit}={timeout}s"
-            conn.timer = self.server.timers.call_at(now + timeout, lambda t: self._checks_failed(conn, error, t))
+            conn.timer = self.server.timers.call_at(
+                now + timeout, lambda t: self._checks_failed(conn, ProbeFailed(error), t)
+            )
         self._advance_probe(conn, now)
 
     def _advance_probe(self, conn: UpstreamConn, now: float) -> None:
@@ -273,17 +276,20 @@ class Upstreams:
                     run.on_pass(conn, now)
                     return
                 run.next_step()
-        except (OSError, ProbeFailed) as exc:
-            self._checks_failed(conn, str(exc), now)
+        except ProbeFailed as exc:
+            self._checks_failed(conn, exc, now)
+            return
+        except OSError as exc:
+            self._checks_failed(conn, ProbeFailed(str(exc)), now)
             return
         self.watch(conn)
 
-    def _checks_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
+    def _checks_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
         run = conn.checks
         if run is None:
             return  # (already ended)
         self._end_probe(conn)
-        run.on_fail(conn, f"{run.describe()}: {error}", now)
+        run.on_fail(conn, type(failure)(f"{run.describe()}: {failure}"), now)  # (NotReady stays NotReady)
 
     def _end_probe(self, conn: UpstreamConn) -> None:
         conn.checks = None
@@ -295,11 +301,11 @@ class Upstreams:
         conn.move(State.IDLE)  # (the core then hands it to a waiter, or keeps it idle)
         self.server.carry_out(conn.pool, conn.pool.core.probe_ok(conn, now), now)
 
-    def _probe_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
+    def _probe_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
         pool = conn.pool
         self._end_probe(conn)
-        conn.error = error
-        log.warning("pool %r: %s; checking its other idle connections", pool.config.name, error)
+        conn.error = str(failure)
+        log.warning("pool %r: %s; checking its other idle connections", pool.config.name, failure)
         self.server.carry_out(pool, pool.core.probe_failed(conn, now), now)
 
     # -- handshake and reset: the pool's on_connect and reset steps ----------------------------
@@ -315,15 +321,15 @@ class Upstreams:
         self.server.carry_out(pool, pool.core.connected(conn, now, conn.opened_at), now)
         self.watch(conn)
 
-    def _handshake_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
-        self._connect_failed(conn, ProbeFailed(error), now)
+    def _handshake_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
+        self._connect_failed(conn, failure, now)
 
     def _reset_passed(self, conn: UpstreamConn, now: float) -> None:
         conn.move(State.IDLE)
         self.server.carry_out(conn.pool, conn.pool.core.release(conn, now), now)
         self.watch(conn)
 
-    def _reset_failed(self, conn: UpstreamConn, error: str, now: float) -> None:
-        conn.fail(error)
+    def _reset_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
+        conn.fail(str(failure))
         self.server.carry_out(conn.pool, conn.pool.core.release(conn, now, "broken"), now)
         self.watch(conn)

@@ -65,7 +65,9 @@ def test_a_failed_handshake_is_a_failed_connect_that_says_why(
         start_broker, tmp_path, locked_redis, 'on_connect = [{send = "AUTH wrong\\r\\n", expect = "+OK"}]'
     )
     with Client(broker.endpoint) as c:
-        with pytest.raises(UpstreamUnavailable, match=r"on_connect: expected b'\+OK', got b'-WRONGPASS"):
+        with pytest.raises(
+            UpstreamUnavailable, match=r"on_connect step 2 \(AUTH\): expected b'\+OK', got b'-WRONGPASS"
+        ):
             c.request("redis", b"PING\r\n", until=b"\r\n")
         stats = c.stats("redis")["redis"]
         assert (stats["connections_failed"], stats["pool_size"]) == (1, 0)

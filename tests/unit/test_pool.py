@@ -213,3 +213,36 @@ def test_a_cancelled_waiter_is_never_granted_and_counts_as_abandoned() -> None:
     pool.cancel("gone")
     assert pool.release("c1", 1.0) == [Grant("next", "c1")]
     assert pool.stats()["requests_abandoned"] == 1 and pool.waiting == 0
+
+
+def test_a_server_not_ready_yet_keeps_its_waiters_waiting_while_connects_retry_with_backoff() -> None:
+    pool = make(max_size=1, connect_backoff=0.1, connect_backoff_max=1.0)
+    assert pool.request("a", 0.0, 5.0) == [OPEN]
+    # Redis loading its data: the waiter is not failed, and a newcomer is queued, not refused.
+    assert pool.connect_failed(0.1, "not ready: LOADING", not_ready=True) == []
+    assert pool.request("b", 0.1, 5.0) == []
+    assert pool.waiting == 2 and pool.next_deadline() == pytest.approx(0.2)  # the retry, after the backoff
+    assert pool.tick(0.2) == [OPEN]
+    assert pool.connect_failed(0.3, "not ready: LOADING", not_ready=True) == []
+    assert pool.next_deadline() == pytest.approx(0.5)  # the backoff doubled
+    assert pool.tick(0.5) == [OPEN]
+    assert pool.connected("c1", 0.6) == [Grant("a", "c1")]  # ready now: served in order
+    assert pool.release("c1", 0.7) == [Grant("b", "c1")]
+
+
+def test_waiters_for_a_server_that_stays_not_ready_time_out_saying_why() -> None:
+    pool = make(max_size=1)
+    pool.request("a", 0.0, 1.0)
+    pool.connect_failed(0.1, "not ready: LOADING Redis is loading the dataset in memory", not_ready=True)
+    [reject] = pool.tick(1.0)
+    assert reject == Reject("a", "upstream_unavailable", reject.message)  # type: ignore[union-attr]
+    assert "LOADING" in reject.message  # type: ignore[union-attr]
+
+
+def test_a_refused_connect_after_not_ready_fails_the_waiters_again() -> None:
+    pool = make(max_size=1)
+    pool.request("a", 0.0, 5.0)
+    pool.connect_failed(0.1, "not ready", not_ready=True)
+    pool.tick(0.2)
+    [reject] = pool.connect_failed(0.3, "refused")  # down, not starting: say so now
+    assert (reject.request, reject.code) == ("a", "upstream_unavailable")  # type: ignore[union-attr]

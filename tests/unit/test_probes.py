@@ -7,7 +7,11 @@ from typing import Any
 import pytest
 
 from poolbroker.broker.config import PoolConfig
+from poolbroker.broker.decide.checks import NotReady
 from poolbroker.broker.decide.probes import MAX_REPLY, ProbeFailed, probe_spec
+from poolbroker.broker.decide.protocols import pool_protocol
+from poolbroker.broker.decide.protocols.postgres import Login
+from poolbroker.client.pgwire import message
 
 
 def check_for(**settings: Any) -> Any:
@@ -93,3 +97,25 @@ def test_an_oversize_http_response_fails() -> None:
     check.read(bytearray(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"))
     with pytest.raises(ProbeFailed, match="over 65536 bytes"):
         check.read(bytearray(b"x" * MAX_REPLY))
+
+
+def test_a_redis_still_loading_is_not_ready_and_one_without_reset_says_which_version_it_needs() -> None:
+    reset_check, ping = pool_protocol(PoolConfig("p", "h", 1, protocol="redis")).handshake_run()
+    with pytest.raises(NotReady, match="LOADING"):
+        ping.read(bytearray(b"-LOADING Redis is loading the dataset in memory\r\n"))
+    with pytest.raises(ProbeFailed, match=r"needs Redis 6\.2 or later") as refused:
+        reset_check.read(bytearray(b"-ERR unknown command 'RESET', with args beginning with: \r\n"))
+    assert not isinstance(refused.value, NotReady)
+    # A pool whose reset is not RESET does not ask for it.
+    [ping_only] = pool_protocol(PoolConfig("p", "h", 1, protocol="redis", reset="discard")).handshake_run()
+    assert ping_only.request == b"*1\r\n$4\r\nPING\r\n"
+
+
+def test_a_postgresql_starting_up_is_not_ready() -> None:
+    refusal = message(b"E", b"SFATAL\0C57P03\0Mthe database system is starting up\0\0")
+    with pytest.raises(NotReady, match="starting up"):
+        Login("app", "db", "pw").read(bytearray(refusal))
+    wrong = message(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed\0\0")
+    with pytest.raises(ProbeFailed) as failed:
+        Login("app", "db", "pw").read(bytearray(wrong))
+    assert not isinstance(failed.value, NotReady)

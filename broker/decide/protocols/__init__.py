@@ -3,13 +3,15 @@ leave on a connection. Pure: checks and verdicts, no sockets.
 
 | protocol  | handshake (on each new connection)  | when a lease ends                                  |
 |-----------|-------------------------------------|----------------------------------------------------|
-| redis     | AUTH, SELECT, CLIENT SETNAME        | RESET + handshake if a command changed the session |
-|           | (from username, password, db...)    | closed if a command or reply was left half way     |
+| redis     | RESET (when the reset uses it),     | RESET + handshake if a command changed the session |
+|           | AUTH, SELECT, CLIENT SETNAME (from  | closed if a command or reply was left half way     |
+|           | username, password, db...), PING    |                                                    |
+|           | (-LOADING or -BUSY: not ready yet)  |                                                    |
 | http      | none                                | closed if a request or response was left half way  |
 | memcached | none                                | as it is (memcached keeps no session)              |
 | postgres  | StartupMessage and login (trust,     | session mode: ROLLBACK, then DISCARD ALL, always;  |
-|           | password, md5, SCRAM-SHA-256)       | transaction mode: only if a transaction was left   |
-|           |                                     | open or the session changed; closed if a message   |
+|           | password, md5, SCRAM-SHA-256;       | transaction mode: only if a transaction was left   |
+|           | 57P03 starting up: not ready yet)   | open or the session changed; closed if a message   |
 |           |                                     | was left half way or answers are owed              |
 | tcp       | none                                | as it is: the broker can't see a session in bytes  |
 
@@ -131,6 +133,8 @@ def pool_protocol(config: PoolConfig) -> PoolProtocol:
             reset = redis.reset(handshake)
         elif config.protocol == "postgres" and mode == RESET_AUTO:
             reset = postgres.reset()
+    if config.protocol == "redis":
+        handshake = redis.on_connect(handshake, resets=mode == RESET_AUTO)
     return PoolProtocol(
         name=config.protocol,
         handshake=tuple(handshake),

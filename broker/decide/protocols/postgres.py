@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from scramp import ScramClient, ScramException
 
 from poolbroker.broker.config import PoolConfig
-from poolbroker.broker.decide.checks import Check, ProbeFailed
+from poolbroker.broker.decide.checks import Check, NotReady, ProbeFailed
 from poolbroker.client.pgwire import PROTOCOL_VERSION, SSL_REQUEST_CODE, message, query
 
 SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)  # answered by one byte: S (TLS follows) or N
@@ -52,12 +52,19 @@ def take_messages(buf: bytearray) -> Iterator[tuple[bytes, bytes]]:
         yield kind, payload
 
 
+# SQLSTATEs of a server that is up but can't take sessions yet: starting up, or (a hot standby)
+# not yet accepting connections. A login refused so is retried; waiters wait on.
+NOT_READY = frozenset({"57P03"})
+
+
+def error_fields(payload: bytes) -> dict[bytes, str]:
+    """An ErrorResponse's fields by their one-byte code (S severity, C SQLSTATE, M message...)."""
+    return {field[:1]: field[1:].decode(errors="replace") for field in payload.split(b"\0") if field}
+
+
 def error_text(payload: bytes) -> str:
     """An ErrorResponse's severity, code and message: what an operator needs to read."""
-    fields = {}
-    for field in payload.split(b"\0"):
-        if field:
-            fields[field[:1]] = field[1:].decode(errors="replace")
+    fields = error_fields(payload)
     return f"{fields.get(b'S', 'ERROR')} {fields.get(b'C', '')}: {fields.get(b'M', '')}".strip()
 
 
@@ -116,6 +123,8 @@ class Login:
             elif kind == b"K":
                 self.backend_key = struct.unpack("!ii", payload[:8])
             elif kind == b"E":
+                if error_fields(payload).get(b"C") in NOT_READY:
+                    raise NotReady(f"not ready: {error_text(payload)}")
                 raise ProbeFailed(f"login refused: {error_text(payload)}")
             elif kind == b"Z":
                 return True

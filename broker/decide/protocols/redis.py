@@ -116,6 +116,22 @@ def handshake(config: PoolConfig) -> list[Check]:
     return checks
 
 
+# RESET arrived in Redis 6.2: an older server answers "-ERR unknown command".
+NEEDS_RESET = (
+    " (a redis pool resets sessions with RESET, which needs Redis 6.2 or later: upgrade the server,"
+    ' or set the pool\'s reset = "discard", or reset steps of its own)'
+)
+
+
+def on_connect(handshake: list[Check], resets: bool) -> list[Check]:
+    """What a new connection runs, pipelined in one round trip: RESET first when the pool's reset
+    will use it (so a server without it fails at its first connection, saying so; on a new
+    connection it changes nothing), the handshake, then PING: a Redis still loading its data
+    answers -LOADING, and the connection is not handed out until it answers +PONG."""
+    first = [LineCheck(encode_command("RESET"), b"+RESET", hint=NEEDS_RESET)] if resets else []
+    return [*first, *handshake, LineCheck(encode_command("PING"), b"+PONG", not_ready=(b"-LOADING", b"-BUSY"))]
+
+
 def reset(handshake: list[Check]) -> list[Check]:
     """RESET (out of MULTI, WATCH, pub/sub, tracking; back to db 0, the default user, no name),
     then the pool's handshake again."""

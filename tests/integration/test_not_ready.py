@@ -1,0 +1,105 @@
+"""Not ready is not up, and too old says so: a pool does not hand out a connection to a server that
+answers but can't serve yet. A Redis restarting from a large AOF answers -LOADING for a few
+seconds: requests made meanwhile wait (the broker retries its connect with backoff) and are
+answered once it has loaded, never with -LOADING. A Redis without RESET (before 6.2) fails the
+first connect with a message that says what to do."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import Broker, RedisServer, wait_for
+
+from poolbroker import Client, UpstreamUnavailable
+from poolbroker.broker.decide.protocols.resp import encode_command
+
+KEYS = 2_000_000  # (about two seconds of loading here)
+
+
+def loading(server: RedisServer) -> bool:
+    """Does it answer PING with -LOADING? (A plain socket: redis-py would retry, and hide it.)"""
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"PING\r\n")
+            answer = sock.recv(100)
+    except OSError:
+        return False  # (not listening yet)
+    assert answer.startswith(b"-LOADING"), f"{answer!r} before it was seen loading: make its data set larger"
+    return True
+
+
+def test_a_redis_loading_its_data_is_not_handed_out_and_its_waiters_wait(
+    start_broker: Callable[..., Broker],
+) -> None:
+    server = RedisServer(options=("--save", "", "--appendonly", "yes", "--enable-debug-command", "yes")).start()
+    try:
+        direct = server.client()
+        direct.execute_command("DEBUG", "POPULATE", KEYS, "filler", 50)
+        direct.bgrewriteaof()
+        wait_for(lambda: direct.info("persistence")["aof_rewrite_in_progress"] == 0, 60, "the AOF rewrite")
+        broker = start_broker("--upstream", f"redis={server.address}", "--protocol", "redis", "--max-size", "2")
+        c = Client(broker.endpoint, timeout=60)
+        assert c.request("redis", encode_command("INCR", "counter"), until=b"\r\n") == b":1\r\n"
+
+        server.stop()
+        server.start(wait=False)
+        wait_for(lambda: loading(server), 20, "redis to be loading its AOF")
+        # Asked while Redis loads: the broker's connects are answered -LOADING, and retried.
+        assert c.request("redis", encode_command("INCR", "counter"), until=b"\r\n") == b":2\r\n"
+        assert server.client().dbsize() == KEYS + 1  # (it was served once all was loaded)
+        stats = c.stats("redis")["redis"]
+        assert stats["connections_failed"] >= 1 and stats["leases_active"] == 0
+        assert "not ready: LOADING" in broker.log()
+        c.close()
+    finally:
+        server.stop()
+
+
+class OldRedis(socketserver.ThreadingTCPServer):
+    """Answers as Redis 6.0 does: RESET is an unknown command; PING is +PONG. (Debian has no Redis
+    that old: this stands in for one.)"""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while line := self.rfile.readline():
+                    if line.startswith(b"*"):  # a RESP array: its command is the second line after
+                        self.rfile.readline()
+                        name = self.rfile.readline().strip().upper()
+                        for _ in range(int(line[1:]) - 1):
+                            self.rfile.readline(), self.rfile.readline()
+                    else:
+                        name = line.split()[0].upper()
+                    answer = b"+PONG\r\n" if name == b"PING" else b"-ERR unknown command '%s'\r\n" % name
+                    self.wfile.write(answer)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_redis_without_reset_fails_the_first_connect_saying_what_to_do(
+    start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    old = OldRedis()
+    try:
+        address = f"127.0.0.1:{old.server_address[1]}"
+        broker = start_broker("--upstream", f"redis={address}", "--protocol", "redis")
+        with Client(broker.endpoint) as c, pytest.raises(UpstreamUnavailable, match=r"needs Redis 6\.2 or later"):
+            c.request("redis", encode_command("PING"), until=b"\r\n")
+        # The documented fallback: a pool that closes instead of resetting needs no RESET.
+        config = tmp_path / "broker.toml"
+        config.write_text(f'[pools.redis]\nupstream = "{address}"\nprotocol = "redis"\nreset = "discard"\n')
+        fallback = start_broker("--config", str(config))
+        with Client(fallback.endpoint) as c:
+            assert c.request("redis", encode_command("PING"), until=b"\r\n") == b"+PONG\r\n"
+    finally:
+        old.shutdown()
+        old.server_close()
