@@ -82,16 +82,24 @@ class AsyncChannel:
             raise LimitExceeded(f"a request of {len(body)} bytes is over the limit of {limit} (max_message_size)")
         answer: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.waiting[rid] = answer
+        taken = False
         try:
             async with asyncio.timeout(wait):
                 await self.sock.send(body)
-                return await answer
+                reply = await answer
+                taken = True
+                return reply
         except TimeoutError:
             raise BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s") from None
         finally:
             # Given up (answered, timed out or cancelled): a late answer finds nobody, and a grant
             # in it is given back (_unclaimed).
             self.waiting.pop(rid, None)
+            if not taken and answer.done() and not answer.cancelled():
+                # The answer came, but the task was cancelled (or timed out) before it took it: no
+                # one ever will. Without this, a grant in it would hold its connection until the
+                # broker's lease_idle_timeout.
+                self._unclaimed(answer.result())
 
     def send_oneway(self, template: Template, values: tuple[Any, ...]) -> None:
         """A request that wants no answer, sent now (from a task being cancelled, too)."""

@@ -1,0 +1,178 @@
+"""Each adapter under its library's own connection-health paths, against real servers: the checks a
+library makes before reusing a connection (can_read, at_eof and exception), its timeouts, and a
+connection closed under a read. After each, the next call works and the pool is at rest: a
+library's error handling never leaks a lease or hands on a connection left mid-answer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import redis
+import redis.asyncio
+import requests
+from helpers import Broker, HttpUpstream, RedisServer, wait_for
+
+from poolbroker import AsyncClient, Client
+from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
+from poolbroker.redis import BrokerConnectionPool
+from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+from poolbroker.requests import PoolBrokerAdapter
+
+
+def rests(client: Client, pool: str) -> dict[str, int]:
+    """The pool's stats once nothing is leased and nobody waits (one-way releases land later)."""
+
+    def rested() -> dict[str, int] | None:
+        stats = client.stats(pool)[pool]
+        return stats if (stats["leases_active"], stats["requests_waiting"]) == (0, 0) else None
+
+    return wait_for(rested, what=f"pool {pool} at rest")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def redis_broker(own_redis: RedisServer, start_broker: Callable[..., Broker]) -> Iterator[tuple[Client, RedisServer]]:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "2")
+    client = Client(broker.endpoint, timeout=30)
+    yield client, own_redis
+    client.close()
+
+
+def kill_broker_connections(server: RedisServer) -> int:
+    """CLIENT KILL every connection but the asker's: the broker's, as the server sees them."""
+    return int(server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
+
+
+# -- redis-py --------------------------------------------------------------------------------------
+
+
+def test_redis_py_can_read_timeouts_and_a_kill_under_a_read(redis_broker: tuple[Client, RedisServer]) -> None:
+    client, server = redis_broker
+    pool = BrokerConnectionPool(client, "redis", socket_timeout=0.3)
+    r = redis.Redis(connection_pool=pool)
+    assert r.set("k", "v") is True
+    # can_read, as redis-py asks it of a checked-out connection: nothing pending on a clean one.
+    conn = pool.get_connection()
+    conn.connect()
+    assert conn.can_read() is False
+    pool.release(conn)
+    # A read that runs out of time: redis-py's TimeoutError; the lease is discarded, not handed on.
+    with pytest.raises(redis.TimeoutError):
+        r.blpop(["empty"], timeout=0)
+    assert r.get("k") == b"v"
+    # The upstream connection closed under a blocked read: redis-py's ConnectionError, then a new one.
+    blocker = redis.Redis(connection_pool=BrokerConnectionPool(client, "redis", socket_timeout=None))
+    failure: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            blocker.blpop(["never"], timeout=0)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    wait_for(lambda: client.stats("redis")["redis"]["leases_active"] == 1, what="the BLPOP under way")
+    wait_for(lambda: kill_broker_connections(server) >= 1, what="the broker's connection killed")
+    thread.join(10)
+    assert len(failure) == 1 and isinstance(failure[0], redis.ConnectionError)
+    assert blocker.get("k") == b"v" and r.get("k") == b"v"
+    rests(client, "redis")
+
+
+# -- redis.asyncio ---------------------------------------------------------------------------------
+
+
+def test_redis_asyncio_at_eof_exception_timeouts_and_a_kill_under_a_read(
+    redis_broker: tuple[Client, RedisServer],
+) -> None:
+    client, server = redis_broker
+
+    async def main() -> None:
+        async with AsyncClient(client.endpoint, timeout=30) as c:
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", socket_timeout=0.3))
+            assert await r.set("k", "v") is True
+            conn = await r.connection_pool.get_connection()
+            reader = conn._reader  # (what redis.asyncio's parser asks before reusing a connection)
+            assert (reader.at_eof(), reader.exception()) == (False, None)
+            assert conn._writer.transport.is_closing() is False
+            can_read = getattr(conn, "can_read", None) or conn.can_read_destructive  # (renamed in redis-py 8)
+            assert await can_read() is False
+            await r.connection_pool.release(conn)
+            with pytest.raises(redis.TimeoutError):
+                await r.blpop(["empty"], timeout=0)
+            assert await r.get("k") == b"v"
+            # The upstream connection closed under a blocked read.
+            blocker = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            blocked = asyncio.ensure_future(blocker.blpop(["never"], timeout=0))
+            while (await c.stats("redis"))["redis"]["leases_active"] != 1:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(wait_for, lambda: kill_broker_connections(server) >= 1)
+            with pytest.raises(redis.ConnectionError):
+                await asyncio.wait_for(blocked, 10)
+            assert await blocker.get("k") == b"v"
+            # A close while a read waits: the reader's task ends, nothing is handed on.
+            waiting = asyncio.ensure_future(blocker.blpop(["never"], timeout=0))
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await blocker.aclose()
+            await r.aclose()
+
+    asyncio.run(main())
+    stats = rests(client, "redis")
+    assert stats["pool_size"] <= 2
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_broker(http_upstream: HttpUpstream, start_broker: Callable[..., Broker]) -> Iterator[Client]:
+    broker = start_broker("--upstream", f"api={http_upstream.address}", "--protocol", "http", "--max-size", "2")
+    client = Client(broker.endpoint, timeout=30)
+    yield client
+    client.close()
+
+
+def test_requests_timeouts_and_a_response_closed_half_read(http_broker: Client) -> None:
+    session = requests.Session()
+    session.mount("http://api.internal/", PoolBrokerAdapter(http_broker, "api"))
+    started = time.monotonic()
+    # /stall sends its headers, then waits: requests says ConnectionError for a body read timed out
+    with pytest.raises(requests.exceptions.ConnectionError, match="Read timed out"):
+        _ = session.get("http://api.internal/stall", timeout=0.3).content
+    assert time.monotonic() - started < 5
+    # Closed with its body half read: the connection can't be handed on, and is not.
+    response = session.get("http://api.internal/stall", timeout=5, stream=True)
+    response.close()
+    assert session.get("http://api.internal/health", timeout=5).text == "ok\n"
+    stats = rests(http_broker, "api")
+    assert stats["connections_closed"] >= 1  # (the cut-short ones: closed, never reused)
+
+
+def test_httpx_timeouts_and_a_response_closed_half_read(http_broker: Client) -> None:
+    with httpx.Client(transport=PoolBrokerTransport(http_broker, "api"), base_url="http://api.internal") as api:
+        with pytest.raises(httpx.ReadTimeout):
+            api.get("/stall", timeout=0.3)
+        with api.stream("GET", "/stall", timeout=5) as response:
+            assert response.status_code == 200  # (closed before its body)
+        assert api.get("/health").text == "ok\n"
+
+    async def main() -> None:
+        async with AsyncClient(http_broker.endpoint, timeout=30) as c:
+            transport = AsyncPoolBrokerTransport(c, "api")
+            async with httpx.AsyncClient(transport=transport, base_url="http://api.internal") as api:
+                with pytest.raises(httpx.ReadTimeout):
+                    await api.get("/stall", timeout=0.3)
+                async with api.stream("GET", "/stall", timeout=5) as response:
+                    assert response.status_code == 200
+                assert (await api.get("/health")).text == "ok\n"
+
+    asyncio.run(main())
+    rests(http_broker, "api")
