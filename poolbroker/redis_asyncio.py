@@ -36,31 +36,57 @@ class LeaseStreamReader(asyncio.StreamReader):
     def __init__(self, conversations: AsyncConversations) -> None:
         super().__init__()
         self._conversations = conversations
-        self._filling = False
+        self._waiting = False  # a read is waiting for data
+        self._filling: asyncio.Future[None] | None = None  # the round trip bringing it
 
     def unread(self) -> int:
-        """How many bytes the stream holds that nobody has read yet."""
-        return len(self._buffer)  # type: ignore[attr-defined]  # (asyncio's, not in typeshed)
+        """How many bytes the stream holds that nobody has read yet, or may soon hold: 1 while a
+        round trip a reader gave up on is still under way."""
+        pending = 1 if self._filling is not None else 0
+        return len(self._buffer) or pending  # type: ignore[attr-defined]  # (asyncio's, not in typeshed)
 
     async def _wait_for_data(self, func_name: str) -> None:
         # Every read of asyncio's StreamReader comes here when its buffer holds too little: where
-        # a transport would feed it, a round trip on the lease does (sending the held writes).
-        if self._filling:  # (as asyncio's own guard: two readers would interleave their bytes)
+        # a transport would feed it, a round trip on the lease does (sending the held writes). A
+        # read that gives up (a timeout, get_message(timeout=0), a cancelled task) leaves that
+        # round trip running, as a socket goes on receiving: what it brings waits in the buffer
+        # for the next read, and the lease is not cut mid-exchange.
+        if self._waiting:  # (as asyncio's own guard: two readers would interleave their bytes)
             raise RuntimeError(f"{func_name}() called while another coroutine is already waiting for incoming data")
-        self._filling = True
+        if self._filling is None:
+            self._filling = asyncio.ensure_future(self._fill())
+            self._filling.add_done_callback(_retrieve)
+        self._waiting = True
+        try:
+            await asyncio.shield(self._filling)
+        finally:
+            self._waiting = False
+
+    async def _fill(self) -> None:
         try:
             lease = self._conversations.current()
-            data = await lease.recv()
-        except UpstreamError as exc:
-            if not isinstance(exc, TimeoutError):  # (a timeout leaves a socket's stream as it was)
-                self.set_exception(ConnectionResetError(str(exc)))  # what a lost transport reports
-            raise
+            try:
+                data = await lease.recv()
+            except UpstreamError as exc:
+                if not isinstance(exc, TimeoutError):  # (a timeout leaves a socket's stream as it was)
+                    self.set_exception(ConnectionResetError(str(exc)))  # what a lost transport reports
+                raise
+            if data:
+                self.feed_data(data)
+            elif lease.eof:
+                self.feed_eof()
         finally:
-            self._filling = False
-        if data:
-            self.feed_data(data)
-        elif lease.eof:
-            self.feed_eof()
+            self._filling = None
+
+    def stop(self) -> None:
+        """The stream is closed: a round trip under way is cut (its lease is discarded)."""
+        if self._filling is not None:
+            self._filling.cancel()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # (its reader was told, or had gone: nothing more to report)
 
 
 class LeaseTransport(asyncio.Transport):
@@ -68,9 +94,12 @@ class LeaseTransport(asyncio.Transport):
     with its next read; closing discards the lease (redis.asyncio closes after an error, when the
     state is unknown). There is no socket to tune: get_extra_info("socket") is None."""
 
-    def __init__(self, conversations: AsyncConversations, protocol: asyncio.StreamReaderProtocol) -> None:
+    def __init__(
+        self, conversations: AsyncConversations, protocol: asyncio.StreamReaderProtocol, reader: LeaseStreamReader
+    ) -> None:
         super().__init__()
         self._conversations = conversations
+        self._reader = reader
         self._protocol = protocol
         self._closing = False
 
@@ -86,6 +115,7 @@ class LeaseTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
+        self._reader.stop()
         self._conversations.discard()
         # As a socket's transport: the protocol hears of it on the next turn of the loop.
         asyncio.get_running_loop().call_soon(self._protocol.connection_lost, None)
@@ -127,7 +157,7 @@ def open_lease_streams(conversations: AsyncConversations) -> tuple[LeaseStreamRe
     loop = asyncio.get_running_loop()
     reader = LeaseStreamReader(conversations)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = LeaseTransport(conversations, protocol)
+    transport = LeaseTransport(conversations, protocol, reader)
     protocol.connection_made(transport)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 

@@ -66,3 +66,43 @@ def test_redis_asyncio_refuses_what_belongs_to_the_pool() -> None:
         AsyncBrokerConnectionPool(c, "redis", password="pw")
     with pytest.raises(ValueError, match="RESP2"):
         AsyncBrokerConnectionPool(c, "redis", protocol=3)
+
+
+def test_pubsub_polls_with_no_wait_deliver_and_hold_one_lease(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    # get_message() with its default timeout of 0 returns at once; the round trip it started goes
+    # on, as a socket goes on receiving, so a later poll finds what was published meanwhile.
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "2")
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            pubsub = r.pubsub()
+            await pubsub.subscribe("news")
+            messages = []
+            for _ in range(50):
+                message = await pubsub.get_message(ignore_subscribe_messages=True)
+                if message is None:
+                    await asyncio.sleep(0.005)
+                else:
+                    messages.append(message)
+            assert (await c.stats("redis"))["redis"]["leases_active"] == 1  # the subscription's, no more
+            assert await r.publish("news", "hello") == 1
+            for _ in range(400):
+                message = await pubsub.get_message(ignore_subscribe_messages=True)
+                if message is not None:
+                    messages.append(message)
+                    break
+                await asyncio.sleep(0.005)
+            assert [m["data"] for m in messages] == [b"hello"]
+            await pubsub.aclose()
+            await r.aclose()
+            for _ in range(200):
+                stats = (await c.stats("redis"))["redis"]
+                if stats["leases_active"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert stats["leases_active"] == stats["requests_waiting"] == 0
+
+    asyncio.run(main())
