@@ -102,6 +102,10 @@ class Client:
         self._channels = []
         self._local = threading.local()
 
+    def own_thread(self) -> Channel | None:
+        """This thread's broker socket, if it has one yet."""
+        return getattr(self._local, "channel", None)
+
     def _channel(self) -> Channel:
         channel: Channel | None = getattr(self._local, "channel", None)
         if channel is None:

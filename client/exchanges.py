@@ -133,6 +133,11 @@ class LeaseCore:
     def released(self) -> bool:
         return self._done
 
+    @property
+    def channel(self) -> Any:
+        """The broker socket that carries this lease's exchanges."""
+        return self._channel
+
     def _hold(self, data: bytes) -> bool:
         """Hold `data` for the next exchange; True when so much is held that it should go now."""
         self._check_usable()

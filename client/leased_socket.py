@@ -48,10 +48,15 @@ class LeasedSocket:
         return lease
 
     def _current(self) -> Lease:
-        """The lease for what comes next: a new one once the last has ended by itself."""
-        if self.lease.released:
-            self.lease = self._next_lease()
-        return self.lease
+        """The lease for what comes next: a new one once the last has ended by itself, or when it
+        has not started yet and this is another thread than the one that made it."""
+        lease = self.lease
+        if lease.released or (lease.fresh and self._channel is None and lease.channel is not self._broker.own_thread()):
+            # (A library's connection passes from thread to thread. A fresh lease made by the last
+            # thread would queue this one behind that thread's broker socket, whose lock a long
+            # blocking read there holds: a pub/sub wait would stop the publish it waits for.)
+            lease = self.lease = self._next_lease()
+        return lease
 
     def give_back(self) -> None:
         """The conversation is over: release its lease (nothing is sent if it ended by itself, or

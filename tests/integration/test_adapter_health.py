@@ -176,3 +176,38 @@ def test_httpx_timeouts_and_a_response_closed_half_read(http_broker: Client) -> 
 
     asyncio.run(main())
     rests(http_broker, "api")
+
+
+def test_a_thread_blocked_reading_never_stops_another_thread_s_calls(
+    redis_broker: tuple[Client, RedisServer],
+) -> None:
+    client, _ = redis_broker
+    pool = BrokerConnectionPool(client, "redis")
+    r = redis.Redis(connection_pool=pool)
+    received: list[object] = []
+
+    def subscriber(subscribed: threading.Event) -> None:
+        # Two of redis-py's connections, given back by this thread: the next command on either
+        # (from any thread) finds a lease this thread made.
+        first, second = pool.get_connection(), pool.get_connection()
+        pool.release(first)
+        pool.release(second)
+        pubsub = r.pubsub()
+        pubsub.subscribe("news")
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+        subscribed.set()
+        received.append(pubsub.get_message(timeout=None))  # blocks, in rounds of io_timeout (30 s)
+        pubsub.close()
+
+    subscribed = threading.Event()
+    thread = threading.Thread(target=subscriber, args=(subscribed,))
+    thread.start()
+    assert subscribed.wait(10)
+    in_read = lambda: any(lease["busy_s"] > 0 for lease in client.leases("redis"))  # noqa: E731
+    wait_for(in_read, what="the subscriber in its blocking read")
+    started = time.monotonic()
+    assert r.publish("news", "hello") == 1  # on the connection the subscriber's thread gave back
+    assert time.monotonic() - started < 5  # (not after the subscriber's 30-second round)
+    thread.join(10)
+    assert [m["data"] for m in received] == [b"hello"]  # type: ignore[index]
+    rests(client, "redis")
