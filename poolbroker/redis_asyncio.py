@@ -98,6 +98,7 @@ class LeaseTransport(asyncio.Transport):
         self, conversations: AsyncConversations, protocol: asyncio.StreamReaderProtocol, reader: LeaseStreamReader
     ) -> None:
         super().__init__()
+        self._loop = asyncio.get_running_loop()
         self._conversations = conversations
         self._reader = reader
         self._protocol = protocol
@@ -115,10 +116,12 @@ class LeaseTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
+        if self._loop.is_closed():
+            return  # (collected after its loop ended: the broker reclaims what the closed socket held)
         self._reader.stop()
         self._conversations.discard()
         # As a socket's transport: the protocol hears of it on the next turn of the loop.
-        asyncio.get_running_loop().call_soon(self._protocol.connection_lost, None)
+        self._loop.call_soon(self._protocol.connection_lost, None)
 
     def abort(self) -> None:
         self.close()

@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -47,6 +48,21 @@ def kill_broker_connections(server: RedisServer) -> int:
     return int(server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
 
 
+def checkout(pool: redis.ConnectionPool) -> Any:
+    """pool.get_connection(), as redis-py before 5.3 too had it (with a command name)."""
+    try:
+        return pool.get_connection()
+    except TypeError:
+        return pool.get_connection("PING")  # type: ignore[call-arg]
+
+
+async def checkout_async(pool: redis.asyncio.ConnectionPool) -> Any:
+    try:
+        return await pool.get_connection()
+    except TypeError:
+        return await pool.get_connection("PING")  # type: ignore[call-arg]
+
+
 # -- redis-py --------------------------------------------------------------------------------------
 
 
@@ -56,7 +72,7 @@ def test_redis_py_can_read_timeouts_and_a_kill_under_a_read(redis_broker: tuple[
     r = redis.Redis(connection_pool=pool)
     assert r.set("k", "v") is True
     # can_read, as redis-py asks it of a checked-out connection: nothing pending on a clean one.
-    conn = pool.get_connection()
+    conn = checkout(pool)
     conn.connect()
     assert conn.can_read() is False
     pool.release(conn)
@@ -96,7 +112,7 @@ def test_redis_asyncio_at_eof_exception_timeouts_and_a_kill_under_a_read(
         async with AsyncClient(client.endpoint, timeout=30) as c:
             r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", socket_timeout=0.3))
             assert await r.set("k", "v") is True
-            conn = await r.connection_pool.get_connection()
+            conn = await checkout_async(r.connection_pool)
             reader = conn._reader  # (what redis.asyncio's parser asks before reusing a connection)
             assert (reader.at_eof(), reader.exception()) == (False, None)
             assert conn._writer.transport.is_closing() is False
@@ -189,7 +205,7 @@ def test_a_thread_blocked_reading_never_stops_another_thread_s_calls(
     def subscriber(subscribed: threading.Event) -> None:
         # Two of redis-py's connections, given back by this thread: the next command on either
         # (from any thread) finds a lease this thread made.
-        first, second = pool.get_connection(), pool.get_connection()
+        first, second = checkout(pool), checkout(pool)
         pool.release(first)
         pool.release(second)
         pubsub = r.pubsub()
