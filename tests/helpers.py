@@ -78,20 +78,19 @@ def upstream_connections(port: int, pid: int) -> int:
     return len(connections)
 
 
-class BoundSampler:
-    """Samples, every few milliseconds until stopped, the sockets the broker process `pid` holds to
-    `port` (upstream_connections): `peak` is the most seen, `samples` how many were taken."""
+class PeakSampler:
+    """Samples `count()` every few milliseconds until stopped: `peak` is the most seen, `samples`
+    how many were taken."""
 
-    def __init__(self, port: int, pid: int, every: float = 0.003) -> None:
-        self.port = port
-        self.pid = pid
+    def __init__(self, count: Callable[[], int], every: float = 0.003) -> None:
+        self.count = count
         self.peak = 0
         self.samples = 0
         self._every = every
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> BoundSampler:
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -106,8 +105,17 @@ class BoundSampler:
             self._done.wait(self._every)
 
     def _sample(self) -> None:
-        self.peak = max(self.peak, upstream_connections(self.port, self.pid))
+        self.peak = max(self.peak, self.count())
         self.samples += 1
+
+
+class BoundSampler(PeakSampler):
+    """Samples the sockets the broker process `pid` holds to `port` (upstream_connections)."""
+
+    def __init__(self, port: int, pid: int, every: float = 0.003) -> None:
+        super().__init__(lambda: upstream_connections(port, pid), every)
+        self.port = port
+        self.pid = pid
 
 
 def free_port() -> int:

@@ -20,7 +20,17 @@ import pytest
 import redis
 import redis.asyncio
 import requests
-from helpers import BoundSampler, Broker, HttpUpstream, MemcachedServer, PostgresServer, RedisServer, pg_pool, wait_for
+from helpers import (
+    BoundSampler,
+    Broker,
+    HttpUpstream,
+    MemcachedServer,
+    PeakSampler,
+    PostgresServer,
+    RedisServer,
+    pg_pool,
+    wait_for,
+)
 
 from poolbroker import AsyncClient, Client, postgres
 from poolbroker.client.errors import PoolMismatch
@@ -242,29 +252,10 @@ def pg_server() -> Iterator[PostgresServer]:
 POOL_NAME = "crowd-pool"  # the pool's application_name: how the server's view finds its backends
 
 
-class BackendSampler:
-    """Counts, every few milliseconds until stopped, the pool's backends in the server's own view
-    (pg_stat_activity): `peak` is the most seen."""
-
-    def __init__(self, server: PostgresServer) -> None:
-        self.observer = server.connect(autocommit=True)
-        self.peak = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> BackendSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self.observer.close()
-
-    def _run(self) -> None:
-        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-        while not self._done.wait(0.005):
-            self.peak = max(self.peak, self.observer.execute(query, [POOL_NAME]).fetchone()[0])
+def pool_backends(observer: Any) -> int:
+    """The pool's backends in the server's own view (pg_stat_activity)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+    return int(observer.execute(query, [POOL_NAME]).fetchone()[0])
 
 
 @pytest.fixture(params=["session", "transaction"])
@@ -277,8 +268,11 @@ def pg_crowd_pool(
     config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", **settings)
     broker = start_broker("--config", config, env={"PG_PASSWORD": pg_server.password})
     client = Client(broker.endpoint, timeout=60)
-    with BoundSampler(pg_server.port, broker.pid) as sockets, BackendSampler(pg_server) as backends:
+    observer = pg_server.connect(autocommit=True)
+    backends = PeakSampler(lambda: pool_backends(observer), every=0.005)
+    with BoundSampler(pg_server.port, broker.pid) as sockets, backends:
         yield client
+    observer.close()
     stats = at_rest(client, "pg")
     assert sockets.peak <= MAX_SIZE and 1 <= backends.peak <= MAX_SIZE
     assert stats["connections_created"] <= MAX_SIZE  # (none was lost and replaced on the way)
