@@ -31,7 +31,7 @@ RESET_MODES = (RESET_AUTO, RESET_OFF, RESET_DISCARD)
 POOL_MODES = ("session", "transaction")
 # The settings of a session the broker logs in to, by protocol (the password's sources included).
 SESSION_KEYS = {
-    "redis": ("username", "password", "password_file", "password_env", "db", "client_name"),
+    "redis": ("username", "password", "password_file", "password_env", "db", "client_name", "resp"),
     "postgres": ("username", "password", "password_file", "password_env", "database", "client_name", "pool_mode"),
 }
 
@@ -88,6 +88,7 @@ class PoolConfig:
     password_file: str = _setting("", "redis, postgres: a file holding the password (read at start and reload)")
     password_env: str = _setting("", "redis, postgres: an environment variable holding the password")
     db: int = _setting(0, "redis: the database to SELECT on each new connection")
+    resp: int = _setting(2, "redis: the protocol its connections speak, 2 or 3 (HELLO 3 in the handshake)")
     database: str = _setting("", "postgres: the database to connect to (default: the user's name)")
     client_name: str = _setting("", "redis: the CLIENT SETNAME of each connection; postgres: its application_name")
     pool_mode: str = _setting("session", 'postgres: "session" (reset on every return) or "transaction" (see README)')
@@ -156,6 +157,8 @@ class PoolConfig:
             raise ConfigError(f'{where}: protocol = "postgres" needs a username to log in as')
         if self.protocol == "redis" and self.username and not self.password:
             raise ConfigError(f"{where}: username needs a password (password, password_file or password_env)")
+        if self.resp not in (2, 3):
+            raise ConfigError(f"{where}: resp must be 2 or 3")
         if not 0 <= self.db <= 1_000_000:
             raise ConfigError(f"{where}: db must be a database number (0 or more)")
         if self.protocol == "redis" and any(c.isspace() for c in self.client_name):

@@ -25,6 +25,7 @@ from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
 from poolbroker.client.client import Client
+from poolbroker.client.errors import PoolMismatch
 from poolbroker.client.leased_socket import LeasedSocket
 from poolbroker.client.pool_protocols import described
 
@@ -33,6 +34,17 @@ _warned: set[tuple[str, str]] = set()  # (endpoint, pool) this process has warne
 
 class SessionLeakWarning(UserWarning):
     """The broker's pool does not reset what a holder leaves on a Redis connection."""
+
+
+def require_resp(description: dict[str, Any] | None, pool: str, protocol: int | str) -> None:
+    """PoolMismatch unless the pool's connections speak the RESP version redis-py will parse
+    (a RESP3 pool's `resp = 3`: HELLO 3 in its handshake, and again after each RESET)."""
+    wanted = int(protocol)
+    if description is not None and description.get("resp", 2) != wanted:
+        raise PoolMismatch(
+            f"pool {pool!r} speaks RESP{description.get('resp', 2)} and redis-py was given protocol={wanted}:"
+            f" set resp = {wanted} in the pool's settings, or protocol={description.get('resp', 2)} here"
+        )
 
 
 def _warn_unless_protected(broker: Client, pool: str) -> None:
@@ -66,6 +78,7 @@ class LeaseConnection(Connection):
 
     def _connect(self) -> LeasedSocket:
         _warn_unless_protected(self.broker, self.pool_name)
+        require_resp(described(self.broker, self.pool_name), self.pool_name, self.protocol)
         # redis-py's socket_timeout, as a socket's: None waits as long as a command takes (BLPOP 0).
         return LeasedSocket(self.broker, self.pool_name, self.tag, self.socket_timeout)
 
@@ -108,15 +121,15 @@ def lease_connection_options(kwargs: dict[str, Any], connection_class: Any, no_r
             setting = {"credential_provider": "username and password"}.get(key, key)
             raise ValueError(f'{key}: set {setting} in the broker\'s pool (protocol = "redis"), not per lease')
     # Nothing to send when a lease starts: no CLIENT SETINFO (redis-py >= 8 reads driver_info,
-    # earlier versions lib_name and lib_version), no AUTH or SELECT (below), no HELLO (RESP2).
+    # earlier versions lib_name and lib_version), no AUTH or SELECT (below). (With protocol=3, redis-py
+    # sends HELLO 3 once per connection of its own: that lease is then reset, as after any HELLO.)
     if "driver_info" in inspect.signature(connection_class.__init__).parameters:
         kwargs.setdefault("driver_info", None)
     else:
         kwargs.setdefault("lib_name", None)
         kwargs.setdefault("lib_version", None)
-    # RESP2, which needs no HELLO per lease (HELLO 3 would switch the connection for its next holder).
-    if kwargs.setdefault("protocol", 2) not in (2, "2"):
-        raise ValueError("leased connections speak RESP2 (protocol=2): HELLO 3 would change them for their next holder")
+    # RESP2 unless asked: the pool's connections must speak what redis-py's parser reads (resp below).
+    kwargs.setdefault("protocol", 2)
     # A lease request already waits its acquire timeout, and the broker retries connects itself:
     # redis-py's own retries would only multiply the wait.
     kwargs.setdefault("retry", no_retry)

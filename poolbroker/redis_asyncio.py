@@ -7,7 +7,7 @@ pool), or when redis.asyncio gives the connection back: one message and its answ
 redis.asyncio's connections stay "connected" (no connect, handshake or teardown per command); what
 they read and write goes through asyncio's own StreamReader and StreamWriter over a transport of
 leases (open_lease_streams), in place of asyncio.open_connection's. The options, and what cannot
-be set here (a password, a db, RESP3), are those of poolbroker.redis.
+be set here (a password, a db), and RESP3 (a pool with resp = 3), are those of poolbroker.redis.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from redis.backoff import NoBackoff
 from poolbroker.client.aio import AsyncClient
 from poolbroker.client.errors import UpstreamError
 from poolbroker.client.leased_socket import AsyncConversations
-from poolbroker.redis import lease_connection_options
+from poolbroker.client.pool_protocols import described_async
+from poolbroker.redis import lease_connection_options, require_resp
 
 __all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseTransport", "open_lease_streams"]
 
@@ -176,6 +177,7 @@ class LeaseConnection(Connection):
         self._conversations: AsyncConversations | None = None
 
     async def _connect(self) -> None:
+        require_resp(await described_async(self.broker, self.pool_name), self.pool_name, self.protocol)
         self._conversations = AsyncConversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
         self._reader, self._writer = open_lease_streams(self._conversations)
 

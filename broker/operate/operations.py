@@ -217,6 +217,8 @@ def describe_protocol(pool: PoolState) -> dict[str, Any]:
         "reset": pool.protocol.reset_mode,
         "protects": pool.protocol.protects,
     }
+    if config.protocol == "redis":
+        info["resp"] = config.resp
     if config.protocol == "postgres":
         info["pool_mode"] = config.pool_mode
         info["user"] = config.username

@@ -11,7 +11,7 @@ import pytest
 import redis
 from helpers import Broker, HttpUpstream, RedisServer
 
-from poolbroker import Client, PoolTimeout
+from poolbroker import Client, PoolMismatch, PoolTimeout
 from poolbroker.http import HTTPConnection
 from poolbroker.redis import BrokerConnectionPool
 
@@ -192,9 +192,33 @@ def test_redis_py_from_many_threads_stays_within_the_bound(
     c.close()
 
 
-def test_redis_py_refuses_resp3_over_leases() -> None:
-    with pytest.raises(ValueError, match="RESP2"):
-        BrokerConnectionPool(Client("ipc:///nonexistent"), "redis", protocol=3)
+def test_redis_py_speaks_resp3_on_a_resp3_pool_and_names_the_setting_on_another(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    resp3 = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--resp", "3")
+    c = Client(resp3.endpoint)
+    r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis", protocol=3))
+    assert r.hset("h", mapping={"a": "1", "b": "2"}) == 2
+    assert r.hgetall("h") == {b"a": b"1", b"b": b"2"}  # (a RESP3 map)
+    with r.pipeline(transaction=True) as pipe:
+        assert pipe.incr("n").sismember("none", "x").execute() == [1, False]
+    pubsub = r.pubsub()
+    pubsub.subscribe("news")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    assert r.publish("news", "hello") == 1
+    assert pubsub.get_message(timeout=5)["data"] == b"hello"  # type: ignore[index]  # (a RESP3 push)
+    pubsub.close()
+    for _ in range(20):  # each command on a lease of its own, ended by its answer
+        assert r.incr("counted")
+    stats = c.stats("redis")["redis"]
+    assert stats["leases_active"] == 0 and stats["connections_closed_out_of_sync"] == 0
+    # Every connection speaks RESP3 from its handshake: a RESP2 client is told, not misread.
+    with pytest.raises(PoolMismatch, match="protocol=3 here"):
+        redis.Redis(connection_pool=BrokerConnectionPool(c, "redis")).get("h")
+    resp2 = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis")
+    with Client(resp2.endpoint) as c2, pytest.raises(PoolMismatch, match="set resp = 3"):
+        redis.Redis(connection_pool=BrokerConnectionPool(c2, "redis", protocol=3)).get("h")
+    c.close()
 
 
 @pytest.mark.parametrize(

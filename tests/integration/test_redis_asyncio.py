@@ -11,7 +11,7 @@ import redis
 import redis.asyncio
 from helpers import Broker, RedisServer
 
-from poolbroker import AsyncClient
+from poolbroker import AsyncClient, PoolMismatch
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
 
 
@@ -64,8 +64,30 @@ def test_redis_asyncio_refuses_what_belongs_to_the_pool() -> None:
     c = AsyncClient("ipc:///nonexistent")
     with pytest.raises(ValueError, match=r"password: set .* in the broker's pool"):
         AsyncBrokerConnectionPool(c, "redis", password="pw")
-    with pytest.raises(ValueError, match="RESP2"):
-        AsyncBrokerConnectionPool(c, "redis", protocol=3)
+
+
+def test_redis_asyncio_speaks_resp3_on_a_resp3_pool(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--resp", "3")
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", protocol=3))
+            assert await r.hset("h", mapping={"a": "1"}) == 1
+            assert await r.hgetall("h") == {b"a": b"1"}
+            pubsub = r.pubsub()
+            await pubsub.subscribe("news")
+            assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+            assert await r.publish("news", "hello") == 1
+            assert (await pubsub.get_message(timeout=5))["data"] == b"hello"  # type: ignore[index]
+            await pubsub.aclose()
+            await r.aclose()
+            # (redis.asyncio reports what its connect raised as its own ConnectionError)
+            with pytest.raises((PoolMismatch, redis.ConnectionError), match="protocol=3 here"):
+                await redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis")).get("h")
+
+    asyncio.run(main())
 
 
 def test_pubsub_polls_with_no_wait_deliver_and_hold_one_lease(

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolbroker.broker.config import PoolConfig
-from poolbroker.broker.decide.probes import LineCheck
+from poolbroker.broker.config import ConfigError, PoolConfig
+from poolbroker.broker.decide.probes import LineCheck, ProbeFailed
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
 from poolbroker.broker.decide.protocols.http import HttpSession
 from poolbroker.broker.decide.protocols.redis import RedisSession
@@ -275,3 +275,34 @@ def test_a_conversation_is_over_when_every_command_is_answered_and_nothing_is_le
     assert http.conversation_over(exchange)
     # A pool that follows no stream can't tell: its leases never end early.
     assert not pool_protocol(pool(protocol="tcp")).conversation_over(None)
+
+
+def test_resp3_pushes_are_not_answers_and_attributes_precede_theirs() -> None:
+    # A GET answered after a tracking invalidation (a push) and with an attribute before its reply:
+    # one answer for one command, so the conversation is over.
+    session = session_after(
+        [encode_command("GET", "k")],
+        [b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n", b"|1\r\n+ttl\r\n:3\r\n", b"$1\r\nv\r\n"],
+    )
+    assert session.verdict() == (CLEAN, "")
+    assert pool_protocol(pool(protocol="redis")).conversation_over(session)
+    unanswered = session_after([encode_command("GET", "k")], [b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"])
+    assert unanswered.verdict()[0] is OUT_OF_SYNC  # (the push is no answer to the GET)
+
+
+def test_a_resp3_pool_says_hello_3_after_auth_and_reads_its_map_whole() -> None:
+    protocol = pool_protocol(pool(protocol="redis", password="pw", resp=3))
+    steps = [check.request for check in protocol.handshake]  # type: ignore[attr-defined]
+    assert steps[1:3] == [encode_command("AUTH", "pw"), encode_command("HELLO", "3")]
+    hello = protocol.handshake_run()[2]
+    answer = b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n+PONG\r\n"
+    buf = bytearray(answer[:20])
+    assert hello.read(buf) is False  # (not all there yet)
+    buf += answer[20:]
+    assert hello.read(buf) is True and buf == b"+PONG\r\n"  # (the next step's answer is left)
+    with pytest.raises(ProbeFailed, match="set resp = 2"):
+        hello.read(bytearray(b"-ERR unknown command 'HELLO'\r\n"))
+    with pytest.raises(ConfigError, match="resp must be 2 or 3"):
+        pool(protocol="redis", resp=4)
+    with pytest.raises(ConfigError, match='resp need protocol = "redis"'):
+        pool(resp=3)

@@ -9,8 +9,8 @@ sent, a reply not read: the stream is out of step, and no reset can be trusted o
 from __future__ import annotations
 
 from poolbroker.broker.config import PoolConfig
-from poolbroker.broker.decide.checks import Check, LineCheck
-from poolbroker.broker.decide.protocols.resp import RespReader, encode_command
+from poolbroker.broker.decide.checks import MAX_REPLY, Check, LineCheck, ProbeFailed
+from poolbroker.broker.decide.protocols.resp import RespError, RespReader, encode_command, value_end
 from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
 
 # Commands after which the connection's session is no longer the pool's: the reset must run.
@@ -103,12 +103,43 @@ class RedisSession:
         return CLEAN, ""
 
 
+class Hello3:
+    """HELLO 3: the connection speaks RESP3 from here on. Its answer, a map (server, version,
+    proto...), is read whole; an error fails the connect (Redis before 6.0 has no HELLO)."""
+
+    outgoing = b""
+    request = encode_command("HELLO", "3")
+
+    def again(self) -> Hello3:
+        return self  # (it keeps no state between runs)
+
+    def read(self, buf: bytearray) -> bool:
+        if bytes(buf[:1]) in (b"-", b"!"):
+            line = bytes(buf[: buf.find(b"\n") + 1 or 100])
+            raise ProbeFailed(f"HELLO 3 refused ({line.strip()[:100]!r}): the server speaks RESP2 only: set resp = 2")
+        try:
+            end = value_end(buf)
+        except (RespError, ValueError) as exc:
+            raise ProbeFailed(f"HELLO 3: not RESP: {exc}") from None
+        if end is None:
+            if len(buf) > MAX_REPLY:
+                raise ProbeFailed(f"HELLO 3: no whole answer within {MAX_REPLY} bytes")
+            return False
+        if bytes(buf[:1]) != b"%":
+            raise ProbeFailed(f"HELLO 3: expected a map, got {bytes(buf[:40])!r}")
+        del buf[:end]
+        return True
+
+
 def handshake(config: PoolConfig) -> list[Check]:
-    """AUTH, SELECT and CLIENT SETNAME from the pool's settings, as the pool asks for them."""
+    """AUTH, HELLO 3 (a RESP3 pool), SELECT and CLIENT SETNAME from the pool's settings, as the
+    pool asks for them."""
     checks: list[Check] = []
     if config.password:
         user = (config.username,) if config.username else ()
         checks.append(LineCheck(encode_command("AUTH", *user, config.password), b"+OK"))
+    if config.resp == 3:  # (after AUTH: a server with a password refuses HELLO before it)
+        checks.append(Hello3())
     if config.db:
         checks.append(LineCheck(encode_command("SELECT", str(config.db)), b"+OK"))
     if config.client_name:

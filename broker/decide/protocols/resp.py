@@ -15,6 +15,7 @@ _AGGREGATES = frozenset(b"*~>")  # array, set, push: n values follow
 _PAIRS = frozenset(b"%|")  # map, attribute: n pairs follow
 _BLOBS = frozenset(b"$=!")  # bulk string, verbatim string, blob error: n bytes follow
 _LINES = frozenset(b"+-:_,#(")  # simple string, error, integer, null, double, boolean, big number
+_OUT_OF_BAND = frozenset(b">|")  # push, attribute: values no command asked for
 _CRLF = b"\r\n"
 
 
@@ -31,19 +32,47 @@ def encode_command(*args: str | bytes) -> bytes:
     return b"".join(parts)
 
 
+def value_end(buf: bytes | bytearray, at: int = 0, depth: int = 0) -> int | None:
+    """Where the RESP value that starts at `at` ends, or None while it has not all arrived (for
+    small answers read whole: a handshake's)."""
+    end = buf.find(_CRLF, at)
+    if end < 0:
+        return None
+    kind = buf[at]
+    if kind in _LINES:
+        return end + 2
+    if kind in _BLOBS:
+        length = int(buf[at + 1 : end])
+        stop = end + 2 + (length + 2 if length >= 0 else 0)
+        return stop if stop <= len(buf) else None
+    if kind in _AGGREGATES or kind in _PAIRS:
+        if depth >= 64:
+            raise RespError("values nested over 64 deep")
+        next_at: int | None = end + 2
+        for _ in range(int(buf[at + 1 : end]) * (2 if kind in _PAIRS else 1)):
+            next_at = value_end(buf, next_at, depth + 1)  # type: ignore[arg-type]
+            if next_at is None:
+                return None
+        return next_at
+    raise RespError(f"{chr(kind)!r} does not start a RESP value")
+
+
 class RespReader:
     """Counts whole RESP values in a stream fed in pieces.
 
-    `values` is how many have ended. On a request stream (`commands=True`), `heads` gets, for each
+    `values` is how many have ended, RESP3's out-of-band values apart: a push (`>`: a pub/sub
+    message, a tracking invalidation) or an attribute (`|`, which only precedes a reply) counts in
+    `pushes` instead, since no command asked for it. On a request stream (`commands=True`), `heads` gets, for each
     command that ended, its name and first argument as sent (missing ones are b""); the caller
     takes them. `partial` says the stream stopped in the middle of a value. After a RespError the
     reader stays failed (`error` says why) and counts nothing more.
     """
 
-    __slots__ = ("values", "heads", "error", "_commands", "_pending", "_skip", "_stack", "_head")
+    __slots__ = ("values", "pushes", "heads", "error", "_commands", "_pending", "_skip", "_stack", "_head", "_top")
 
     def __init__(self, *, commands: bool) -> None:
         self.values = 0
+        self.pushes = 0
         self.heads: list[tuple[bytes, bytes]] = []
         self.error = ""
         self._commands = commands
@@ -51,6 +80,7 @@ class RespReader:
         self._skip = 0  # bytes of a bulk string (and its CRLF) still to come
         self._stack: list[int] = []  # values still owed by each open aggregate, innermost last
         self._head: list[bytes] = []  # the current command's name and first argument so far
+        self._top = 0  # the kind of the top-level value under way
 
     @property
     def partial(self) -> bool:
@@ -95,6 +125,8 @@ class RespReader:
             if end < 0:
                 self._keep(buf, at)
                 return
+            if not self._stack:
+                self._top = kind
             if kind in _BLOBS:
                 length = int(buf[at + 1 : end])
                 start, at = at, end + 2
@@ -144,6 +176,9 @@ class RespReader:
             if stack[-1]:
                 return
             stack.pop()
+        if not self._commands and self._top in _OUT_OF_BAND:
+            self.pushes += 1
+            return
         self.values += 1
         if self._commands:
             head = self._head
