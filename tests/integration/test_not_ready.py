@@ -1,8 +1,9 @@
 """Not ready is not up, and too old says so: a pool does not hand out a connection to a server that
 answers but can't serve yet. A Redis restarting from a large AOF answers -LOADING for a few
 seconds: requests made meanwhile wait (the broker retries its connect with backoff) and are
-answered once it has loaded, never with -LOADING. A Redis without RESET (before 6.2) fails the
-first connect with a message that says what to do."""
+answered once it has loaded, never with -LOADING. A PostgreSQL standby that refuses sessions
+(57P03) is waited for until it is promoted. A Redis without RESET (before 6.2) fails the first
+connect with a message that says what to do."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Broker, RedisServer, wait_for
+from helpers import Broker, PostgresServer, RedisServer, free_port, pg_pool, postgres_bin, wait_for
 
 from poolbroker import Client, UpstreamUnavailable
 from poolbroker.broker.decide.protocols.resp import encode_command
@@ -103,3 +104,50 @@ def test_a_redis_without_reset_fails_the_first_connect_saying_what_to_do(
     finally:
         old.shutdown()
         old.server_close()
+
+
+def test_a_postgresql_standby_refusing_sessions_is_waited_for_until_promoted(
+    start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    # A standby without hot standby refuses every login with 57P03 ("not accepting connections"):
+    # a server that is up but not ready, for as long as we like. Promoted, it takes sessions.
+    primary = PostgresServer()
+    standby_data = primary.dir / "standby"
+    port = free_port()
+    try:
+        primary._run(
+            postgres_bin("pg_basebackup"),
+            *("-h", str(primary.dir), "-p", str(primary.port), "-U", primary.user, "-D", str(standby_data), "-R"),
+        )
+        options = f"-p {port} -k {primary.dir} -c listen_addresses=127.0.0.1 -c hot_standby=off -c fsync=off"
+        log = str(primary.dir / "standby.log")
+        primary._run(postgres_bin("pg_ctl"), "-D", str(standby_data), "-o", options, "-l", log, "-w", "start")
+        config = pg_pool(tmp_path, primary, password_env="PG_PASSWORD", database="postgres")
+        config_text = Path(config).read_text().replace(f":{primary.port}", f":{port}")
+        Path(config).write_text(config_text)
+        broker = start_broker("--config", config, env={"PG_PASSWORD": primary.password})
+        with Client(broker.endpoint, timeout=60) as c:
+            granted: list[bool] = []
+
+            def lease_once() -> None:
+                with c.lease("pg"):
+                    granted.append(True)
+
+            waiter = threading.Thread(target=lease_once)
+            waiter.start()
+            # Not ready: its login is retried, and the request waits on rather than failing at once.
+            with Client(broker.endpoint) as observer:
+
+                def retried() -> bool:
+                    stats = observer.stats("pg")["pg"]
+                    return stats["connections_failed"] >= 2 and stats["requests_waiting"] == 1
+
+                wait_for(retried, 20, "logins refused as not ready, the request still waiting")
+            assert "not ready: FATAL 57P03" in broker.log()
+            primary._run(postgres_bin("pg_ctl"), "-D", str(standby_data), "-w", "promote")
+            waiter.join(30)
+            assert granted == [True]
+    finally:
+        if (standby_data / "postmaster.pid").exists():
+            primary._run(postgres_bin("pg_ctl"), "-D", str(standby_data), "-m", "immediate", "-w", "stop")
+        primary.stop()
