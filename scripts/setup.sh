@@ -54,7 +54,7 @@ export UV_PYTHON_DOWNLOADS=never  # this machine's Python (find_python's), never
 ensure_uv() {
     [ -x "$UV" ] && return
     echo "setup: installing uv $UV_VERSION into .tools/" >&2
-    "$(find_python)" -m pip install -q --disable-pip-version-check --target "$ROOT/.tools/uv-$UV_VERSION" "uv==$UV_VERSION"
+    "$(find_python)" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$ROOT/.tools/uv-$UV_VERSION" "uv==$UV_VERSION"
 }
 
 ensure_venv() {
