@@ -1,25 +1,32 @@
-"""Each adapter under its library's own connection-health paths, against real servers: the checks a
-library makes before reusing a connection (can_read, at_eof and exception), its timeouts, and a
-connection closed under a read. After each, the next call works and the pool is at rest: a
+"""Each adapter under its library's own connection-health paths, against real servers (for
+memcached, a stand-in that stalls or closes, which a real one won't): the checks a library makes
+before reusing a connection (can_read, at_eof and exception), its timeouts, and a connection
+closed under a read. After each, the next call works and the pool is at rest: a
 library's error handling never leaks a lease or hands on a connection left mid-answer."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pg8000.exceptions
+import psycopg
 import pytest
 import redis
 import redis.asyncio
 import requests
-from helpers import Broker, HttpUpstream, RedisServer, wait_for
+from helpers import Broker, HttpUpstream, PostgresServer, RedisServer, TestUpstream, pg_pool, wait_for
+from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
-from poolbroker import AsyncClient, Client
+from poolbroker import AsyncClient, Client, PoolBrokerError, postgres
 from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
+from poolbroker.memcache import Client as MemcacheClient
 from poolbroker.redis import BrokerConnectionPool
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
 from poolbroker.requests import PoolBrokerAdapter
@@ -227,3 +234,61 @@ def test_a_thread_blocked_reading_never_stops_another_thread_s_calls(
     thread.join(10)
     assert [m["data"] for m in received] == [b"hello"]  # type: ignore[index]
     rests(client, "redis")
+
+
+# -- pymemcache ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["stall", "close"])
+def test_pymemcache_timeouts_and_a_connection_closed_under_a_read(
+    mode: str, upstream: Callable[[str], TestUpstream], start_broker: Callable[..., Broker]
+) -> None:
+    # A stand-in memcached that never answers, or closes each connection as it comes.
+    server = upstream(mode)
+    broker = start_broker("--upstream", f"cache={server.address}", "--protocol", "memcached", "--probe", "tcp")
+    with Client(broker.endpoint, timeout=30) as client:
+        cache = MemcacheClient(client, "cache", timeout=0.3)
+        error = TimeoutError if mode == "stall" else (MemcacheUnexpectedCloseError, PoolBrokerError)
+        for _ in range(3):  # (each fails as pymemcache says, and nothing is left held)
+            with pytest.raises(error):
+                cache.get("k")
+        stats = rests(client, "cache")
+        assert stats["connections_closed"] >= 1 and stats["pool_idle"] == 0  # (none kept: each was cut short)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+def test_psycopg_and_pg8000_see_their_backend_killed_under_a_query(
+    pg_server: PostgresServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", database="postgres", max_size=2)
+    broker = start_broker("--config", config, env={"PG_PASSWORD": pg_server.password})
+    observer = pg_server.connect(autocommit=True)
+    kill = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(%'"
+    with Client(broker.endpoint, timeout=30) as client:
+        conn = postgres.connect(client, "pg", autocommit=True)
+        pg8000_conn = postgres.pg8000_connect(client, "pg")
+        killed = threading.Timer(0.5, lambda: observer.execute(kill))
+        killed.start()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT pg_sleep(30)")
+        assert conn.broken or conn.closed  # (psycopg's own health flags)
+        conn.close()
+        killed = threading.Timer(0.5, lambda: observer.execute(kill))
+        killed.start()
+        with pytest.raises((pg8000.exceptions.InterfaceError, pg8000.exceptions.DatabaseError)):
+            pg8000_conn.run("SELECT pg_sleep(30)")
+        with contextlib.suppress(pg8000.exceptions.InterfaceError):  # (its backend is gone: close says so)
+            pg8000_conn.close()
+        with postgres.connect(client, "pg") as again:  # the pool serves on, with a new backend
+            assert again.execute("SELECT 1").fetchone() == (1,)
+        rests(client, "pg")
+    observer.close()

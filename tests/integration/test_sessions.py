@@ -291,7 +291,7 @@ def test_the_redis_adapter_warns_once_over_a_pool_that_does_not_reset(
     with Client(safe.endpoint) as c, warnings.catch_warnings():
         warnings.simplefilter("error")
         assert redis.Redis(connection_pool=BrokerConnectionPool(c, "redis")).ping()
-        assert c.ping()["protocols"]["redis"] == {"protocol": "redis", "reset": "auto", "protects": True}
+        assert c.ping()["protocols"]["redis"] == {"protocol": "redis", "reset": "auto", "protects": True, "resp": 2}
 
 
 def test_an_http_connection_left_in_the_middle_of_a_response_is_closed(
