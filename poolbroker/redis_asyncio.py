@@ -41,10 +41,13 @@ class LeaseStreamReader(asyncio.StreamReader):
         self._filling: asyncio.Future[None] | None = None  # the round trip bringing it
 
     def unread(self) -> int:
-        """How many bytes the stream holds that nobody has read yet, or may soon hold: 1 while a
-        round trip a reader gave up on is still under way."""
-        pending = 1 if self._filling is not None else 0
-        return len(self._buffer) or pending  # type: ignore[attr-defined]  # (asyncio's, not in typeshed)
+        """How many bytes the stream holds that nobody has read yet."""
+        return len(self._buffer)  # type: ignore[attr-defined]  # (asyncio's, not in typeshed)
+
+    @property
+    def filling(self) -> bool:
+        """A round trip a reader gave up on is still under way: more bytes may come."""
+        return self._filling is not None
 
     async def _wait_for_data(self, func_name: str) -> None:
         # Every read of asyncio's StreamReader comes here when its buffer holds too little: where
@@ -183,13 +186,14 @@ class LeaseConnection(Connection):
 
     async def give_back(self) -> None:
         """The command or pipeline is done: its lease goes back (nothing is sent if its reply
-        ended it). Bytes of it still unread in a buffer: disconnected instead, as redis.asyncio
-        does with a connection returned before its reply was read."""
+        ended it). Bytes of it still unread in a buffer, or a round trip still bringing some:
+        disconnected instead, as redis.asyncio does with a connection returned before its reply
+        was read."""
         conversations = self._conversations
         if conversations is None:
             return
         reader = self._reader
-        if isinstance(reader, LeaseStreamReader) and reader.unread():
+        if isinstance(reader, LeaseStreamReader) and (reader.unread() or reader.filling):
             conversations.discard()
             await self.disconnect()
         else:
