@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -278,6 +279,19 @@ class AsyncLease(LeaseCore):
             self._channel.send_oneway(*ending)
 
 
+# Contexts and sockets a forked child inherited: never used, closed or collected there.
+_inherited: list[Any] = []
+
+
+def _close_collected(ctx: zmq.asyncio.Context, channels: dict[asyncio.AbstractEventLoop, AsyncChannel]) -> None:
+    """An AsyncClient collected unclosed: its sockets before its context, as Client does (pyzmq's
+    own collection may term the context first, and term waits forever). Its loops may be closed or
+    busy: nothing here touches them."""
+    for channel in channels.values():
+        channel.sock.close(linger=0)
+    ctx.term()
+
+
 class AsyncClient:
     """A handle on the broker for asyncio code, shared by the tasks of a process: as Client, with
     every call awaited. `async with AsyncClient() as c:` closes it at the end (else `await
@@ -304,6 +318,7 @@ class AsyncClient:
         self._pid = os.getpid()
         self._channels: dict[asyncio.AbstractEventLoop, AsyncChannel] = {}
         self._closed = False
+        self._finalizer: weakref.finalize[Any, Any] | None = None  # closes the sockets and context
 
     def __repr__(self) -> str:
         return f"<AsyncClient {self.endpoint}>"
@@ -311,15 +326,26 @@ class AsyncClient:
     def _channel(self) -> AsyncChannel:
         if self._closed:
             raise BrokerUnavailable("this AsyncClient is closed")
-        if self._pid != os.getpid():  # forked: the parent's sockets are the parent's
-            self._ctx, self._channels, self._pid = None, {}, os.getpid()
+        if self._pid != os.getpid():
+            self._forget_parent()
         loop = asyncio.get_running_loop()
         channel = self._channels.get(loop)
         if channel is None:
             if self._ctx is None:
                 self._ctx = zmq.asyncio.Context()
+                self._finalizer = weakref.finalize(self, _close_collected, self._ctx, self._channels)
+                self._finalizer.atexit = False  # at exit a loop may still be in a call
             channel = self._channels[loop] = AsyncChannel(self._ctx, self.endpoint, self._curve, self.max_message_size)
         return channel
+
+    def _forget_parent(self) -> None:
+        """Forked: the parent's sockets are the parent's (closing them here could disturb its
+        connections)."""
+        _inherited.extend([self._ctx, self._channels])
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._ctx, self._channels, self._pid = None, {}, os.getpid()
 
     def lease(
         self,
@@ -385,6 +411,9 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Close this process's sockets (a last one-way release gets a moment to leave)."""
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             channel.close()

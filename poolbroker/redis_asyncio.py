@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from poolbroker.client.aio import AsyncClient
-from poolbroker.client.errors import UpstreamError
+from poolbroker.client.errors import UpstreamError, UpstreamTimeout
 from poolbroker.client.leased_socket import AsyncConversations
 from poolbroker.client.pool_protocols import described_async
 from poolbroker.redis import lease_connection_options, require_resp
@@ -69,12 +69,19 @@ class LeaseStreamReader(asyncio.StreamReader):
     async def _fill(self) -> None:
         try:
             lease = self._conversations.current()
-            try:
-                data = await lease.recv()
-            except UpstreamError as exc:
-                if not isinstance(exc, TimeoutError):  # (a timeout leaves a socket's stream as it was)
+            while True:
+                try:
+                    data = await lease.recv()
+                    break
+                except UpstreamTimeout:
+                    # A socket's stream has no deadline of its own: its readers bring theirs
+                    # (redis.asyncio's socket_timeout, or none for a blocking pub/sub read). A
+                    # round trip that ends empty while a reader still waits is followed by another.
+                    if not self._waiting:
+                        raise  # (nobody waits: the next read starts the next round trip)
+                except UpstreamError as exc:
                     self.set_exception(ConnectionResetError(str(exc)))  # what a lost transport reports
-                raise
+                    raise
             if data:
                 self.feed_data(data)
             elif lease.eof:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
-from helpers import Broker, RedisServer, TestUpstream, wait_for
+from helpers import ROOT, Broker, RedisServer, TestUpstream, wait_for
 
 from poolbroker import AsyncClient, BrokerUnavailable, Client, LeaseLost, PoolTimeout
 
@@ -191,3 +193,35 @@ def test_an_async_lease_is_the_parents_after_fork(
             await c.request("redis", b"PING\r\n", until=b"\r\n")
 
     asyncio.run(a_lease_taken_in_the_parent())
+
+
+COLLECT_CYCLES = """
+import asyncio, gc, sys
+from poolbroker import AsyncClient
+
+async def leave_a_cycle() -> None:
+    c = AsyncClient(sys.argv[1])
+    lease = c.lease("redis")
+    await lease.__aenter__()
+    c.cycle = [c, lease]  # as a test's fixture or traceback may hold them
+
+for _ in range(5):
+    asyncio.run(leave_a_cycle())  # (its loop closed, as pytest-asyncio closes each test's)
+    gc.collect()
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(leave_a_cycle())
+    gc.collect()  # (its loop still open)
+    loop.close()
+print("collected")
+"""
+
+
+def test_an_async_client_collected_in_a_reference_cycle_closes_without_hanging(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    # pyzmq may collect the context before its sockets, and term() then waits forever (redis-py's
+    # own asyncio suite hung so, on pools it never closed): the AsyncClient closes its sockets first.
+    broker = start_broker("--upstream", f"redis={redis_server.address}")
+    argv = [sys.executable, "-c", COLLECT_CYCLES, broker.endpoint]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.stdout.strip() == "collected", result.stderr

@@ -128,3 +128,32 @@ def test_pubsub_polls_with_no_wait_deliver_and_hold_one_lease(
             assert stats["leases_active"] == stats["requests_waiting"] == 0
 
     asyncio.run(main())
+
+
+def test_a_blocking_pubsub_read_waits_past_the_socket_timeout(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    # get_message(timeout=None) waits for as long as it takes, whatever socket_timeout says: each
+    # round trip that ends empty is followed by another while the reader still waits.
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "2")
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+            pool = AsyncBrokerConnectionPool(c, "redis", socket_timeout=0.2)
+            r = redis.asyncio.Redis(connection_pool=pool)
+            pubsub = r.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe("news")
+            assert (await pubsub.get_message(timeout=None)) is None  # (the subscribe reply, ignored)
+
+            async def publish_later() -> None:
+                await asyncio.sleep(1.0)  # five socket timeouts
+                assert await r.publish("news", "late") == 1
+
+            publisher = asyncio.create_task(publish_later())
+            message = await asyncio.wait_for(pubsub.get_message(timeout=None), 20)
+            await publisher
+            assert message is not None and message["data"] == b"late"
+            await pubsub.aclose()
+            await r.aclose()
+
+    asyncio.run(main())
