@@ -14,19 +14,23 @@ import weakref
 from types import TracebackType
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, MAX_TEMPLATES, Curve, check_reply
+from poolbroker.client.async_channel import AsyncChannel
+from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Curve, check_reply
 from poolbroker.client.endpoint import default_endpoint
-from poolbroker.client.errors import BrokerUnavailable, LimitExceeded
-from poolbroker.client.exchanges import DEFAULT_RECV, LeaseCore, first_exchange, release_template
+from poolbroker.client.errors import BrokerUnavailable
+from poolbroker.client.exchanges import (
+    DEFAULT_RECV,
+    HOLD_WRITES_UP_TO,
+    LeaseCore,
+    first_exchange,
+    next_exchange,
+)
 from poolbroker.client.protocol import (
     RELEASE_DISCARD,
     RELEASE_KEEP,
-    VERSION,
-    Template,
     lease_request,
     leases_request,
     ping_request,
@@ -36,128 +40,13 @@ from poolbroker.client.protocol import (
 __all__ = ["AsyncClient", "AsyncLease"]
 
 
-class AsyncChannel:
-    """One DEALER socket of one event loop, shared by its tasks: replies are matched to requests
-    by id."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, curve: Curve | None, max_message_size: int) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.get_running_loop()
-        self.endpoint = endpoint
-        self.max_message_size = max_message_size
-        self.generation = 0  # (never reset: a timed-out request's late reply is simply dropped)
-        self.templates: dict[tuple[Any, ...], Template] = {}
-        self.packer = msgpack.Packer(use_bin_type=True)
-        self.next_id = 1
-        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.sock: zmq.asyncio.Socket = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            self.sock.curve_serverkey = curve.server_key
-            self.sock.curve_publickey = curve.public
-            self.sock.curve_secretkey = curve.secret
-        self.sock.connect(endpoint)
-        self._reader = self.loop.create_task(self._read_replies(), name="poolbroker replies")
-
-    def remember(self, key: tuple[Any, ...], template: Template) -> Template:
-        if len(self.templates) >= MAX_TEMPLATES:
-            self.templates.clear()
-        self.templates[key] = template
-        return template
-
-    async def call(self, message: dict[str, Any], wait: float) -> dict[str, Any]:
-        rid = self.next_id
-        self.next_id = rid + 1
-        message["v"] = VERSION
-        message["id"] = rid
-        return await self._round_trip(self.packer.pack(message), rid, wait)
-
-    async def call_packed(self, template: Template, values: tuple[Any, ...], wait: float) -> dict[str, Any]:
-        rid = self.next_id
-        self.next_id = rid + 1
-        return await self._round_trip(template.pack(self.packer.pack, rid, values), rid, wait)
-
-    async def _round_trip(self, body: bytes, rid: int, wait: float) -> dict[str, Any]:
-        if len(body) > self.max_message_size:
-            limit = self.max_message_size
-            raise LimitExceeded(f"a request of {len(body)} bytes is over the limit of {limit} (max_message_size)")
-        answer: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self.waiting[rid] = answer
-        taken = False
-        try:
-            async with asyncio.timeout(wait):
-                await self.sock.send(body)
-                reply = await answer
-                taken = True
-                return reply
-        except TimeoutError:
-            raise BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {wait:.1f}s") from None
-        finally:
-            # Given up (answered, timed out or cancelled): a late answer finds nobody, and a grant
-            # in it is given back (_unclaimed).
-            self.waiting.pop(rid, None)
-            if not taken and answer.done() and not answer.cancelled():
-                # The answer came, but the task was cancelled (or timed out) before it took it: no
-                # one ever will. Without this, a grant in it would hold its connection until the
-                # broker's lease_idle_timeout.
-                self._unclaimed(answer.result())
-
-    def send_oneway(self, template: Template, values: tuple[Any, ...]) -> None:
-        """A request that wants no answer, sent now (from a task being cancelled, too)."""
-        rid = self.next_id
-        self.next_id = rid + 1
-        try:
-            # (an asyncio socket tries a send at once: a NOBLOCK one is done, or failed, on return)
-            sent = asyncio.ensure_future(self.sock.send(template.pack(self.packer.pack, rid, values), zmq.NOBLOCK))
-            sent.add_done_callback(_ignore)
-        except zmq.ZMQError:
-            pass  # the broker is unreachable; it will reclaim the lease itself
-
-    async def _read_replies(self) -> None:
-        while True:
-            try:
-                data = await self.sock.recv()
-            except zmq.ZMQError:
-                return  # the socket is closed
-            try:
-                reply = msgpack.unpackb(data)
-            except Exception:  # msgpack raises several types for bad input
-                continue  # (whoever waited for it is told by its deadline)
-            rid = reply.get("id") if type(reply) is dict else None
-            answer = self.waiting.pop(rid, None) if type(rid) is int else None
-            if answer is None or answer.done():
-                self._unclaimed(reply)
-            else:
-                answer.set_result(reply)
-
-    def _unclaimed(self, reply: Any) -> None:
-        """An answer nobody waits for any more. A lease granted in it goes back at once: kept if
-        only granted, discarded if an exchange ran on it (its holder never saw the answer)."""
-        if not (type(reply) is dict and reply.get("ok") is True and not reply.get("released")):
-            return
-        token = reply.get("lease")
-        if isinstance(token, bytes):
-            mode = RELEASE_DISCARD if "data" in reply else RELEASE_KEEP
-            self.send_oneway(release_template(self, mode), (token,))
-
-    def close(self) -> None:
-        self._reader.cancel()
-        for answer in self.waiting.values():
-            answer.cancel()
-        self.sock.close(linger=500)  # (a last one-way release may still be leaving)
-
-
-def _ignore(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # (retrieved: a failed one-way send has nobody to tell)
-
-
 class AsyncLease(LeaseCore):
     """A leased connection for asyncio: `await request(...)`, `await recv(...)`, `recv_exactly`,
-    `recv_until`, `flush`; `sendall` holds writes for the next read (as the sync Lease's do);
-    `settimeout` as a socket's. Use it in `async with`: leaving normally releases it, leaving by an
-    exception (cancellation included) discards it. A task cancelled in the middle of an exchange
-    discards the lease: its connection is closed, never handed on."""
+    `recv_until`, `flush`; `sendall` holds writes for the next read (as the sync Lease's do), or
+    sends them at once while another task's read is under way; `settimeout` as a socket's. Use
+    it in `async with`: leaving normally releases it, leaving by an exception (cancellation
+    included) discards it. A task cancelled in the middle of an exchange discards the lease: its
+    connection is closed, never handed on."""
 
     def __init__(
         self,
@@ -176,6 +65,10 @@ class AsyncLease(LeaseCore):
         )
         self.client = client
         self._lazy = lazy  # asked for with its first exchange, not on entering
+        self._reading = False  # a read's exchange is under way (everything written before it went with it)
+        self._beside: list[asyncio.Future[dict[str, Any]]] = []  # sends beside it, not yet answered
+        self._beside_data: dict[asyncio.Future[dict[str, Any]], bytes] = {}
+        self.crossed = b""  # sent beside the read whose answer ended the lease: the next lease's to send
 
     async def __aenter__(self) -> AsyncLease:
         if not self._lazy and self._token is None and not self._done:
@@ -193,8 +86,43 @@ class AsyncLease(LeaseCore):
             self.discard()
 
     def sendall(self, data: bytes) -> None:
-        """Hold `data`: it goes with the next read (or flush, or release)."""
-        self._hold(data)
+        """Hold `data`: it goes with the next read (or flush, or release). While another task's
+        read is under way it goes now, beside that read, as a socket is written while read."""
+        if self._reading and not self._held and not self._done and data:
+            self._send_beside(data)
+        else:
+            self._hold(data)
+
+    def _send_beside(self, data: bytes) -> None:
+        self._check_usable()
+        assert self._token is not None  # (a read under way on a lazy lease was granted already)
+        template = next_exchange(self._channel, (self.io_timeout, None, None, None, None, False, None), True)
+        for start in range(0, len(data), HOLD_WRITES_UP_TO):
+            chunk = data[start : start + HOLD_WRITES_UP_TO]
+            answer = self._channel.send_now(template, (self._token, chunk))
+            self._beside.append(answer)
+            self._beside_data[answer] = chunk
+            answer.add_done_callback(self._beside_answered)
+
+    def _beside_answered(self, answer: asyncio.Future[dict[str, Any]]) -> None:
+        if answer not in self._beside_data:
+            return  # (crossed, or the lease was ended: nothing more to do)
+        self._beside.remove(answer)
+        del self._beside_data[answer]
+        if answer.cancelled() or answer.result().get("ok") is True:
+            return
+        # Not sent, and the read under way waits for its answer: the stream is broken. Ending
+        # the lease ends that read too (its connection is closed).
+        self.discard()
+
+    async def _beside_settled(self) -> None:
+        """Every send beside the last read answered: the next exchange can't find one still running."""
+        wait = self.io_timeout + self._broker_timeout  # (a send beside a read is answered at once)
+        while self._beside:
+            done, _ = await asyncio.wait([self._beside[-1]], timeout=wait)
+            if not done:
+                self.discard()
+                raise BrokerUnavailable(f"no answer from the broker at {self._channel.endpoint} within {wait:.1f}s")
 
     async def flush(self) -> None:
         """Send the held writes now (a round trip per HOLD_WRITES_UP_TO bytes)."""
@@ -248,10 +176,14 @@ class AsyncLease(LeaseCore):
         poll: bool = False,
         io_timeout: float | None = None,
     ) -> bytes:
-        if self._hold(send or b""):  # (sendall only holds: past a chunk, the chunks go first)
+        if self._beside:
+            await self._beside_settled()
+        if self._hold(send or b""):  # (past a chunk, the chunks go first)
             await self._send_held(keep_tail=True)
         send = None  # (held: it goes first, with this exchange)
         template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout)
+        reads = until is not None or exactly is not None or bool(max_bytes)
+        self._reading = reads and token is not None
         try:
             reply = await self._channel.call_packed(template, values, wait)
         except (asyncio.CancelledError, BrokerUnavailable):
@@ -259,11 +191,21 @@ class AsyncLease(LeaseCore):
             # granted lease is discarded now; a lazy one's grant, if it comes, the channel discards.
             self.discard()
             raise
-        return self._conclude(reply, token)
+        finally:
+            self._reading = False
+        data = self._conclude(reply, token)
+        if self._done and self._beside:
+            # The answer ended the lease (when_done) while sends beside it were on their way: the
+            # broker refuses them (lease_lost), unsent. They open the next lease's conversation.
+            self.crossed = b"".join(self._beside_data[answer] for answer in self._beside)
+            self._forget_beside()
+        return data
 
     async def release(self) -> None:
         """Give the connection back (closed instead if not clean). Held writes go with it, in a
         round trip that raises if sending them fails; else it is one-way."""
+        if self._beside:
+            await self._beside_settled()
         if self._held and not self._done:
             await self._io(release=RELEASE_KEEP)
             return
@@ -273,7 +215,15 @@ class AsyncLease(LeaseCore):
         """End the lease and close the connection; held writes are dropped."""
         self._end(RELEASE_DISCARD)
 
+    def _forget_beside(self) -> None:
+        beside = self._beside[:]
+        self._beside.clear()
+        self._beside_data.clear()
+        for answer in beside:
+            answer.cancel()  # (its answer, if it comes, finds nobody)
+
     def _end(self, mode: str) -> None:
+        self._forget_beside()
         ending = self._ending(mode)
         if ending is not None:
             self._channel.send_oneway(*ending)

@@ -122,8 +122,10 @@ class AsyncConversations:
     def current(self) -> AsyncLease:
         """The lease for what comes next: a new one once the last has ended (or was given back)."""
         if self.lease is None or self.lease.released:
+            crossed = self.lease.crossed if self.lease is not None else b""
             self.lease = self.broker.lease(self.pool, tag=self.tag, lazy=True, when_done=True)
             self.lease.settimeout(self.timeout)
+            self.lease.sendall(crossed)  # (what was written as the last one ended comes first)
         return self.lease
 
     async def give_back(self) -> None:

@@ -84,6 +84,16 @@ class Exchange(Generic[P, C, T]):
         self.send = self.send[count:] if count < len(self.send) else None
         return self.send
 
+    def send_beside(self, data: bytes, max_payload: int) -> str | None:
+        """A write that came while this exchange runs (a socket written by one task while another
+        reads it): it goes after what this exchange still has to send. Why it can't (its sends
+        would then be over max_payload), or None."""
+        pending = len(self.send) if self.send is not None else 0
+        if pending + len(data) > max_payload:
+            return f"this lease's running exchange has {pending} bytes to send; {len(data)} more is over {max_payload}"
+        self.send = memoryview(bytes(self.send) + data) if self.send is not None else memoryview(data)
+        return None
+
     def take(self, buf: bytearray, eof: bool) -> bytes | None:
         """The read's answer taken from the front of `buf`, or None while more must arrive. Raises
         ReadFailed when the read can never be satisfied."""

@@ -89,12 +89,26 @@ class Leasing:
         if lease is None:
             return
         if lease.exchange is not None:
-            self.server.reply(
-                peer, error_reply(req.id, ErrorCode.LEASE_BUSY, "an I/O operation is already in progress on this lease")
-            )
+            if req.send is not None and req.read is None and req.release is None:
+                self._send_beside(lease.exchange, peer, req, now)
+            else:
+                message = "an I/O operation is already in progress on this lease (only a send may join it)"
+                self.server.reply(peer, error_reply(req.id, ErrorCode.LEASE_BUSY, message))
             return
         if self._exchange_fits(peer, req):
             self._start_exchange(lease, peer, req, now, first=False)
+
+    def _send_beside(self, exchange: DriveExchange, peer: bytes, req: Request, now: float) -> None:
+        """A send while an exchange runs joins its send, under its deadline, and is answered at
+        once: a failure to send it is that exchange's error (an asyncio task subscribes while
+        another waits in a pub/sub read)."""
+        assert req.send is not None
+        problem = exchange.send_beside(req.send, self.server.config.max_payload)
+        if problem is not None:
+            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
+            return
+        self.server.reply(peer, ok_reply(req.id))
+        self.advance(exchange, now)
 
     def on_release(self, peer: bytes, req: Request, now: float) -> None:
         lease = self._lease_of(peer, req)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 from helpers import ROOT, Broker, RedisServer, TestUpstream, wait_for
 
-from poolbroker import AsyncClient, BrokerUnavailable, Client, LeaseLost, PoolTimeout
+from poolbroker import AsyncClient, AsyncLease, BrokerUnavailable, Client, LeaseLost, PoolTimeout
+from poolbroker.client.leased_socket import AsyncConversations
 
 
 def test_many_tasks_share_one_client_within_the_bound(
@@ -225,3 +226,41 @@ def test_an_async_client_collected_in_a_reference_cycle_closes_without_hanging(
     argv = [sys.executable, "-c", COLLECT_CYCLES, broker.endpoint]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.stdout.strip() == "collected", result.stderr
+
+
+def test_a_send_while_another_task_reads_goes_at_once_and_is_never_lost(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--protocol", "redis")
+
+    async def reading(lease: AsyncLease) -> None:
+        async with asyncio.timeout(10):
+            while not lease._reading:  # (its exchange went out to the broker)
+                await asyncio.sleep(0.001)
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint) as c:
+            async with c.lease("redis") as conn:
+                reader = asyncio.ensure_future(conn.recv_until(b"\r\n"))  # nothing asked yet
+                await reading(conn)
+                conn.sendall(b"PING\r\n")  # goes now, beside the read: its answer ends the read
+                assert await asyncio.wait_for(reader, 5) == b"+PONG\r\n"
+                assert await conn.request(b"SET beside-key crossed\r\n", until=b"\r\n") == b"+OK\r\n"
+            # A write that crosses the answer ending a when_done lease opens the next lease.
+            conversation = AsyncConversations(c, "redis")
+            first = conversation.current()
+            first.sendall(b"BLPOP beside-list 10\r\n")
+            await first.flush()  # (granted, the BLPOP sent: the read below runs on a known lease)
+            reader = asyncio.ensure_future(first.recv())  # BLPOP's answer will end the conversation
+            await reading(first)
+            with Client(broker.endpoint) as sync:  # (blocking this loop: the answer waits unread)
+                assert sync.request("redis", b"RPUSH beside-list x\r\n", until=b"\r\n") == b":1\r\n"
+                wait_for(lambda: sync.stats("redis")["redis"]["leases_active"] == 0, what="the lease's end")
+            conversation.current().sendall(b"GET beside-key\r\n")  # sent on the lease that ended
+            assert await reader == b"*2\r\n$11\r\nbeside-list\r\n$1\r\nx\r\n" and first.released
+            assert first.crossed == b"GET beside-key\r\n"
+            second = conversation.current()
+            assert second is not first
+            assert await second.recv() == b"$7\r\ncrossed\r\n" and second.released
+
+    asyncio.run(main())

@@ -94,27 +94,22 @@ def test_a_cancel_where_there_is_no_backend_says_so(raw: tuple[zmq.Socket[Any], 
     assert ask(sock, req(op="io", lease=token, send=b"PING\r\n", read="until", delim=b"\r\n"))["data"] == b"+PONG\r\n"
 
 
-def test_a_second_io_while_one_runs_is_refused(raw: tuple[zmq.Socket[Any], Broker]) -> None:
+def io(rid: int, token: bytes, **exchange: Any) -> bytes:
+    return msgpack.packb({"v": 1, "id": rid, "op": "io", "lease": token, **exchange}, use_bin_type=True)
+
+
+def test_a_second_read_while_one_runs_is_refused_and_a_send_joins_it(raw: tuple[zmq.Socket[Any], Broker]) -> None:
     sock, _ = raw
     token = ask(sock, req(op="lease", pool="redis"))["lease"]
-    # BLPOP blocks for 1 s: the first io is in progress when the second arrives.
-    sock.send(
-        msgpack.packb(
-            {
-                "v": 1,
-                "id": 1,
-                "op": "io",
-                "lease": token,
-                "send": b"BLPOP nothing 1\r\n",
-                "read": "until",
-                "delim": b"*-1\r\n",
-            },
-            use_bin_type=True,
-        )
-    )
-    busy = ask(
-        sock, msgpack.packb({"v": 1, "id": 2, "op": "io", "lease": token, "send": b"PING\r\n"}, use_bin_type=True)
-    )
+    # BLPOP blocks for 1 s: the first io is in progress when the others arrive.
+    sock.send(io(1, token, send=b"BLPOP nothing 1\r\n", read="until", delim=b"*-1\r\n"))
+    busy = ask(sock, io(2, token, send=b"PING\r\n", read="any", n=100))
     assert (busy["id"], busy["error"]) == (2, "lease_busy")
+    over = ask(sock, io(3, token, send=b"x" * (8 * 1024 * 1024 + 1)))  # (its sends over max_payload)
+    assert (over["id"], over["error"]) == (3, "limit_exceeded")
+    joined = ask(sock, io(4, token, send=b"ECHO beside\r\n"))  # a send alone joins the running exchange
+    assert (joined["id"], joined["ok"], "data" in joined) == (4, True, False)
     first = msgpack.unpackb(sock.recv(), raw=False)
     assert (first["id"], first["data"]) == (1, b"*-1\r\n")
+    after = ask(sock, io(5, token, read="exactly", n=12))  # ECHO's answer, after BLPOP's
+    assert after["data"] == b"$6\r\nbeside\r\n"
