@@ -20,6 +20,7 @@ import warnings
 from typing import Any
 
 import redis
+from redis._parsers import _RESP2Parser, _RESP3Parser
 from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
@@ -45,6 +46,22 @@ def require_resp(description: dict[str, Any] | None, pool: str, protocol: int | 
             f"pool {pool!r} speaks RESP{description.get('resp', 2)} and redis-py was given protocol={wanted}:"
             f" set resp = {wanted} in the pool's settings, or protocol={description.get('resp', 2)} here"
         )
+
+
+def settle_resp(connection: Any, description: dict[str, Any] | None, pool: str, parsers: tuple[type, type]) -> None:
+    """The RESP version a connection speaks: the one redis-py was given, which the pool must speak
+    (else PoolMismatch); or, when none was given, the pool's, as redis-py >= 8 speaks RESP3 unless
+    the server can't. `parsers`: redis-py's RESP2 and RESP3 parser classes (sync or asyncio)."""
+    resp = int(description.get("resp", 2)) if description is not None else None
+    # (redis-py < 8 has no such flag: its default, RESP2, is then as good as asked for)
+    chosen = not getattr(connection, "_protocol_specified_explicitly", True)
+    if resp is not None and chosen and int(connection.protocol) != resp:
+        connection.protocol = resp
+        if type(connection._parser) in parsers:  # (hiredis parses both)
+            connection.set_parser(parsers[resp - 2])
+        if resp == 2:  # as redis-py's own fallback: its client then reads answers the RESP2 way
+            connection._resp2_fallback = True
+    require_resp(description, pool, connection.protocol)
 
 
 def _warn_unless_protected(broker: Client, pool: str) -> None:
@@ -78,7 +95,7 @@ class LeaseConnection(Connection):
 
     def _connect(self) -> LeasedSocket:
         _warn_unless_protected(self.broker, self.pool_name)
-        require_resp(described(self.broker, self.pool_name), self.pool_name, self.protocol)
+        settle_resp(self, described(self.broker, self.pool_name), self.pool_name, (_RESP2Parser, _RESP3Parser))
         # redis-py's socket_timeout, as a socket's: None waits as long as a command takes (BLPOP 0).
         return LeasedSocket(self.broker, self.pool_name, self.tag, self.socket_timeout)
 
@@ -128,8 +145,6 @@ def lease_connection_options(kwargs: dict[str, Any], connection_class: Any, no_r
     else:
         kwargs.setdefault("lib_name", None)
         kwargs.setdefault("lib_version", None)
-    # RESP2 unless asked: the pool's connections must speak what redis-py's parser reads (resp below).
-    kwargs.setdefault("protocol", 2)
     # A lease request already waits its acquire timeout, and the broker retries connects itself:
     # redis-py's own retries would only multiply the wait.
     kwargs.setdefault("retry", no_retry)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from redis._parsers import _AsyncRESP2Parser, _AsyncRESP3Parser
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
@@ -24,7 +25,7 @@ from poolbroker.client.aio import AsyncClient
 from poolbroker.client.errors import UpstreamError, UpstreamTimeout
 from poolbroker.client.leased_socket import AsyncConversations
 from poolbroker.client.pool_protocols import described_async
-from poolbroker.redis import lease_connection_options, require_resp
+from poolbroker.redis import lease_connection_options, settle_resp
 
 __all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseTransport", "open_lease_streams"]
 
@@ -187,7 +188,8 @@ class LeaseConnection(Connection):
         self._conversations: AsyncConversations | None = None
 
     async def _connect(self) -> None:
-        require_resp(await described_async(self.broker, self.pool_name), self.pool_name, self.protocol)
+        description = await described_async(self.broker, self.pool_name)
+        settle_resp(self, description, self.pool_name, (_AsyncRESP2Parser, _AsyncRESP3Parser))
         self._conversations = AsyncConversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
         self._reader, self._writer = open_lease_streams(self._conversations)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
+import redis.utils
 from helpers import Broker, HttpUpstream, RedisServer
 
 from poolbroker import Client, PoolMismatch, PoolTimeout
@@ -214,10 +215,19 @@ def test_redis_py_speaks_resp3_on_a_resp3_pool_and_names_the_setting_on_another(
     assert stats["leases_active"] == 0 and stats["connections_closed_out_of_sync"] == 0
     # Every connection speaks RESP3 from its handshake: a RESP2 client is told, not misread.
     with pytest.raises(PoolMismatch, match="protocol=3 here"):
-        redis.Redis(connection_pool=BrokerConnectionPool(c, "redis")).get("h")
+        redis.Redis(connection_pool=BrokerConnectionPool(c, "redis", protocol=2)).get("h")
     resp2 = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis")
-    with Client(resp2.endpoint) as c2, pytest.raises(PoolMismatch, match="set resp = 3"):
-        redis.Redis(connection_pool=BrokerConnectionPool(c2, "redis", protocol=3)).get("h")
+    with Client(resp2.endpoint) as c2:
+        with pytest.raises(PoolMismatch, match="set resp = 3"):
+            redis.Redis(connection_pool=BrokerConnectionPool(c2, "redis", protocol=3)).get("h")
+        # Asked for none, redis-py >= 8 speaks RESP3 where the server can, else RESP2: here, the
+        # pool's. (redis-py < 8 speaks RESP2 unless asked.)
+        assert redis.Redis(connection_pool=BrokerConnectionPool(c2, "redis")).hgetall("h") == {b"a": b"1", b"b": b"2"}
+    if getattr(redis.utils, "DEFAULT_RESP_VERSION", 2) == 3:
+        assert redis.Redis(connection_pool=BrokerConnectionPool(c, "redis")).hgetall("h") == {b"a": b"1", b"b": b"2"}
+    else:
+        with pytest.raises(PoolMismatch, match="protocol=3 here"):
+            redis.Redis(connection_pool=BrokerConnectionPool(c, "redis")).get("h")
     c.close()
 
 

@@ -4,11 +4,12 @@ many tasks, each command one message and its answer, within the pool's bound."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
 import redis.asyncio
+import redis.utils
 from helpers import Broker, RedisServer
 
 from poolbroker import AsyncClient, PoolMismatch
@@ -85,7 +86,15 @@ def test_redis_asyncio_speaks_resp3_on_a_resp3_pool(
             await r.aclose()
             # (redis.asyncio reports what its connect raised as its own ConnectionError)
             with pytest.raises((PoolMismatch, redis.ConnectionError), match="protocol=3 here"):
-                await redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis")).get("h")
+                await redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", protocol=2)).get("h")
+            # Asked for none: redis-py >= 8 speaks RESP3 where the server can (here, the pool's).
+            unasked = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            if getattr(redis.utils, "DEFAULT_RESP_VERSION", 2) == 3:
+                assert await unasked.hgetall("h") == {b"a": b"1"}
+            else:
+                with pytest.raises((PoolMismatch, redis.ConnectionError), match="protocol=3 here"):
+                    await unasked.get("h")
+            await unasked.aclose()
 
     asyncio.run(main())
 
@@ -153,6 +162,53 @@ def test_a_blocking_pubsub_read_waits_past_the_socket_timeout(
             message = await asyncio.wait_for(pubsub.get_message(timeout=None), 20)
             await publisher
             assert message is not None and message["data"] == b"late"
+            await pubsub.aclose()
+            await r.aclose()
+
+    asyncio.run(main())
+
+
+async def _equals(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
+
+
+def test_a_pubsub_write_goes_out_while_a_poll_waits(
+    own_redis: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    # get_message() gives up at once and the poll it started goes on; an unsubscribe written
+    # meanwhile goes beside it, as on a socket, not after the poll's io_timeout.
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "2")
+
+    async def poll_until(pubsub: redis.asyncio.client.PubSub, done: Callable[[], Awaitable[bool]]) -> None:
+        async with asyncio.timeout(20):
+            while not await done():
+                await pubsub.get_message(ignore_subscribe_messages=True)
+                await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=30) as c:
+            pool = AsyncBrokerConnectionPool(c, "redis", socket_timeout=120)  # (a poll lasts as long)
+            r = redis.asyncio.Redis(connection_pool=pool)
+            pubsub = r.pubsub()
+
+            async def subscribers() -> int:
+                return int((await r.pubsub_numsub("news"))[0][1]) + int(await r.pubsub_numpat())
+
+            async def unsubscribed() -> bool:
+                return not pubsub.subscribed  # (once the unsubscribe's answer is read)
+
+            for subscribe, unsubscribe, name in [
+                (pubsub.subscribe, pubsub.unsubscribe, "news"),
+                (pubsub.psubscribe, pubsub.punsubscribe, "n*"),
+                (pubsub.subscribe, pubsub.unsubscribe, "news"),
+            ]:
+                await subscribe(name)
+                await poll_until(pubsub, lambda: _equals(subscribers(), 1))
+                for _ in range(3):  # (the last starts a poll that nothing will answer)
+                    assert await pubsub.get_message(ignore_subscribe_messages=True) is None
+                await unsubscribe(name)
+                await poll_until(pubsub, unsubscribed)
+                assert await subscribers() == 0
             await pubsub.aclose()
             await r.aclose()
 
