@@ -54,8 +54,6 @@ EXPECTED = {
     " (refused per lease, with a message naming the pool's setting)",
     "test_failed_entry_releases_connection": "a client with its own username: as test_client_kill_filter_by_user",
     "test_copy_to_another_database": "a client on db 1: the database is the broker pool's (refused per lease)",
-    "test_reconnect_socket_error": "mocks the parser so that the reconnect's own handshake fails; a leased"
-    " connection has no handshake of its own (the broker's pool did it), so the reconnect succeeds at once",
     "test_channel_subscribe": "expects a connection error from a server that is down (port 6390); the plugin"
     " routes every pool, that one too, to the broker's pool of the live server",
 }
