@@ -138,6 +138,19 @@ def test_an_exchange_clamps_its_reads_and_counts_what_is_left_to_send() -> None:
     assert exchange.take(buf, False) == b"x" * 1000 and len(buf) == 500
 
 
+def test_a_send_beside_a_running_exchange_goes_after_what_it_still_has_to_send() -> None:
+    req = Request(op="io", id=3, send=b"SUBSCRIBE a\r\n", read="any", n=100)
+    exchange = Exchange(None, b"peer", req, first=False, max_payload=40, now=5.0)  # type: ignore[arg-type]
+    assert exchange.sent(4) is not None  # part of its own send still to go
+    assert exchange.send_beside(b"PING\r\n", 40) is None
+    assert bytes(exchange.send or b"") == b"CRIBE a\r\nPING\r\n"
+    assert exchange.sent(len(b"CRIBE a\r\nPING\r\n")) is None  # all sent: the read goes on
+    assert exchange.send_beside(b"UNSUBSCRIBE\r\n", 40) is None
+    assert bytes(exchange.send or b"") == b"UNSUBSCRIBE\r\n"
+    problem = exchange.send_beside(b"x" * 30, 40)  # 13 pending + 30 > 40: refused, nothing joins
+    assert problem is not None and "over 40" in problem and bytes(exchange.send or b"") == b"UNSUBSCRIBE\r\n"
+
+
 def test_over_limits_refuses_a_send_or_an_exact_read_larger_than_max_payload() -> None:
     assert over_limits(Request(op="io", id=1, send=b"x" * 10), 10) is None
     assert "sending 11 bytes" in (over_limits(Request(op="io", id=1, send=b"x" * 11), 10) or "")
