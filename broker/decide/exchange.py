@@ -75,6 +75,8 @@ class Exchange(Generic[P, C, T]):
         # A poll: nothing read within io_timeout is an empty answer, not an error (pub/sub waits).
         self.poll = req.poll
         self.poll_now = req.poll and req.io_timeout == 0.0  # take only what is there already
+        if req.read == READ_READY:  # (its walk starts past the rest of a message a last piece cut)
+            self.scanned = lease.ready_from
         self.started = now
         self.timer: T | None = None
 
@@ -97,10 +99,15 @@ class Exchange(Generic[P, C, T]):
     def take(self, buf: bytearray, eof: bool) -> bytes | None:
         """The read's answer taken from the front of `buf`, or None while more must arrive. Raises
         ReadFailed when the read can never be satisfied."""
+        lease = self.lease
         if self.read == READ_READY:
             data, self.scanned, self.found = take_ready(buf, eof, self.n, self.scanned, self.found)
+            if data is not None:
+                lease.ready_from = self.scanned  # (the rest of a message this piece cut)
             return data
         data, self.scanned = take(buf, eof, self.read or READ_ANY, self.n, self.delim, self.scanned)
+        if data and lease is not None and lease.ready_from:
+            lease.ready_from = max(0, lease.ready_from - len(data))
         return data
 
 
@@ -108,7 +115,9 @@ def take_ready(buf: bytearray, eof: bool, wanted: int, walked: int, found: int) 
     """PostgreSQL's messages from the front of `buf` up to and including the `wanted`-th
     ReadyForQuery, or a CopyInResponse or CopyBothResponse (the server then waits for the
     client); or what has come once READY_CHUNK bytes have; or (None, how far the walk got, the
-    ReadyForQuery passed) while more must arrive."""
+    ReadyForQuery passed) while more must arrive. `walked` starts where the messages start (past
+    what a last piece left of a message). With data, the second value is where the next walk
+    starts in what is left of `buf`."""
     end = len(buf)
     while walked + 5 <= end:
         length = int.from_bytes(buf[walked + 1 : walked + 5], "big")
@@ -125,9 +134,17 @@ def take_ready(buf: bytearray, eof: bool, wanted: int, walked: int, found: int) 
             del buf[:walked]
             return data, 0, 0
     if end >= READY_CHUNK or (eof and buf):
-        data = bytes(buf)
-        buf.clear()
-        return data, 0, 0
+        # A large result goes in pieces, each cut where the buffer ends (a message header split
+        # there waits for the next piece, whole): the next read's walk starts past the rest of the
+        # message in progress, which the walk can't take for a message's start.
+        cut = walked if walked < end < walked + 5 and not eof else end
+        if walked + 5 <= end:
+            rest = walked + 1 + int.from_bytes(buf[walked + 1 : walked + 5], "big") - cut
+        else:
+            rest = max(0, walked - cut)
+        data = bytes(buf[:cut])
+        del buf[:cut]
+        return data, rest, 0
     return (b"", 0, 0) if eof else (None, walked, found)
 
 

@@ -86,6 +86,7 @@ class Lease(Generic[P, C, T]):
         "timer",
         "warned",
         "session",
+        "ready_from",
     )
 
     def __init__(self, token: bytes, conn: C, waiter: Waiter[P, C, T], session: Session | None, now: float) -> None:
@@ -109,6 +110,9 @@ class Lease(Generic[P, C, T]):
         self.warned = False  # the leak warning was logged
         # What the holder sends and reads, followed by the pool's protocol: what it left behind.
         self.session = session
+        # PostgreSQL: where the next `ready` read starts walking the read buffer (past the rest of a
+        # message a large result's last piece cut; 0 at a message boundary).
+        self.ready_from = 0
 
     def __repr__(self) -> str:
         # Never the whole token: it is a capability.

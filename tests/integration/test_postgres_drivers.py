@@ -405,3 +405,27 @@ def test_the_server_restarted_under_load(pg: Callable[..., tuple[Broker, Client]
     assert stats["connections_created"] >= 2  # (the old ones died with the server)
     with postgres.connect(client, "pg") as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("route", ["connect", "conninfo"])
+def test_large_results_come_whole_through_every_route(
+    pg: Callable[..., tuple[Broker, Client]], mode: str, route: str
+) -> None:
+    # Past 256 KiB an answer comes in pieces; the piece after one that cut a message in two
+    # waited forever (a lease stuck, its connection never given back).
+    _, client = pg(max_size=1, pool_mode=mode)
+    if route == "connect":
+        conn = postgres.connect(client, "pg", autocommit=True, prepare_threshold=None)
+    else:
+        conn = psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True, prepare_threshold=None)
+    with conn:
+        for size in (300_000, 3_000_000, 20_000_000):  # one DataRow each, up to tens of MB
+            (value,) = conn.execute("SELECT repeat('x', %s)", [size]).fetchone()  # type: ignore[misc]
+            assert len(value) == size and value == "x" * size
+        rows = conn.execute("SELECT n, repeat('y', 50) FROM generate_series(1, 100000) n").fetchall()
+        assert [n for n, _ in rows] == list(range(1, 100_001))  # (many messages, pieces between them)
+        with conn.cursor().copy("COPY (SELECT n FROM generate_series(1, 200000) n) TO STDOUT") as copy:
+            copied = b"".join(bytes(chunk) for chunk in copy)
+        assert copied == b"".join(b"%d\n" % n for n in range(1, 200_001))
+    wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the lease back")

@@ -174,6 +174,34 @@ def test_a_ready_read_stops_where_the_server_waits_for_copy_data_and_at_the_chun
     assert take_ready(bytearray(ANSWER), True, 1, 0, 0)[0] == ANSWER  # (the server closed: what came)
 
 
+@pytest.mark.parametrize("row", [READY_CHUNK - 7, READY_CHUNK + 10, 3 * READY_CHUNK + 5, 40])
+@pytest.mark.parametrize("arrives_in", [4096, 65536, 10**9])
+def test_a_large_answer_comes_in_pieces_and_each_read_walks_past_what_the_last_one_cut(
+    row: int, arrives_in: int
+) -> None:
+    # One big DataRow (or many small ones): a piece ends mid-message, and the next read must not
+    # take the rest of that message for a message's start (it waited forever for a length of
+    # "xxxx" before).
+    rows = message(b"D", b"x" * row) * (1 if row > 100 else 20_000)
+    stream = message(b"T", b"\0\0") + rows + message(b"C", b"SELECT 1\0") + ready(b"I") + b"next"
+    buf, walked, found, pieces = bytearray(), 0, 0, []
+    for at in range(0, len(stream), arrives_in):  # as the socket delivers it
+        buf += stream[at : at + arrives_in]
+        while (taken := take_ready(buf, False, 1, walked, found))[0] is not None:
+            data, walked, found = taken
+            pieces.append(data)
+            if data.endswith(ready(b"I")):
+                break
+            # (a new read: the walk starts where the last piece said, the count afresh)
+            found = 0
+        else:
+            walked, found = taken[1], taken[2]
+        if pieces and pieces[-1].endswith(ready(b"I")):
+            break
+    assert b"".join(pieces) + bytes(buf) == stream  # every byte once, in order, and the answer whole
+    assert bytes(buf) == b"next" and walked == 0
+
+
 def test_a_ready_read_of_bytes_that_are_not_postgresql_fails() -> None:
     with pytest.raises(ReadFailed, match="not PostgreSQL"):
         take_ready(bytearray(b"Z\0\0\0\1" + b"\0" * 10), False, 1, 0, 0)
