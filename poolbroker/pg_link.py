@@ -44,6 +44,7 @@ from poolbroker.client.pgwire import (
 )
 
 READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE = (ord(c) for c in "ZGcfHX")
+ANSWERED_AT_FLUSH = frozenset(b"PBDEC")  # Parse, Bind, Describe, Execute, Close: answered before the Sync
 MAX_STARTUP = 10_000  # libpq's own limit for a startup packet
 # A BEGIN with nothing else in its Query, and the server's answer to it.
 LONE_BEGIN = re.compile(
@@ -135,6 +136,7 @@ class PgLink:
         self.owed = 0  # ReadyForQuery the server owes
         self.copy_in = False  # the server waits for the driver's COPY data
         self._flushed = False  # the driver sent Flush: it waits for what the server has so far
+        self._unsynced = False  # extended-query messages sent since the last Sync (or Flush)
 
     # -- what the driver sends -----------------------------------------------------------------
 
@@ -155,10 +157,16 @@ class PgLink:
         for kind, _ in self._sent.feed(data):
             if kind in ANSWERED_BY_READY:
                 self.owed += 1
+                self._unsynced = False
+            elif kind in ANSWERED_AT_FLUSH:
+                self._unsynced = True
             elif kind in (COPY_DONE, COPY_FAIL):
                 self.copy_in = False
             elif kind == FLUSH:
-                self._flushed = True
+                # The server answers a Flush with what it has for the messages sent since the last
+                # Sync; after a Sync (whose ReadyForQuery `owed` counts) it owes nothing more.
+                self._flushed = self._flushed or self._unsynced
+                self._unsynced = False
             elif kind == TERMINATE:
                 terminate = True
         if terminate:  # (always the driver's last message: the pooled connection stays open)

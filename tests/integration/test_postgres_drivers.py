@@ -429,3 +429,26 @@ def test_large_results_come_whole_through_every_route(
             copied = b"".join(bytes(chunk) for chunk in copy)
         assert copied == b"".join(b"%d\n" % n for n in range(1, 200_001))
     wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the lease back")
+
+
+@pytest.mark.parametrize("route", ["connect", "conninfo"])
+def test_pipelines_and_executemany_never_wait_for_an_answer_not_owed(
+    pg: Callable[..., tuple[Broker, Client]], route: str
+) -> None:
+    # psycopg's pipelines (executemany() too) send a Sync and then a Flush of their own: once the
+    # Sync's answer was read, the Flush owes nothing, and a read for it waited forever.
+    _, client = pg(max_size=1)
+    conninfo = postgres.conninfo(client, "pg")
+    connect = (lambda: postgres.connect(client, "pg")) if route == "connect" else (lambda: psycopg.connect(conninfo))
+    with connect() as conn:
+        conn.execute("CREATE TEMP TABLE piped (n int)")
+        for i in range(120):
+            with psycopg.ClientCursor(conn) as cur:
+                cur.executemany("INSERT INTO piped VALUES (%s)", [(i,), (i,)])
+            if i % 20 == 0:
+                with conn.pipeline():
+                    conn.execute("INSERT INTO piped VALUES (%s)", [-1])
+                    with conn.transaction():  # (a savepoint inside the pipeline)
+                        conn.execute("INSERT INTO piped VALUES (%s)", [-2])
+        assert conn.execute("SELECT count(*) FROM piped WHERE n >= 0").fetchone() == (240,)
+        assert conn.execute("SELECT count(*) FROM piped WHERE n < 0").fetchone() == (12,)
