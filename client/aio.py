@@ -27,6 +27,7 @@ from poolbroker.client.exchanges import (
     LeaseCore,
     first_exchange,
     next_exchange,
+    reads,
 )
 from poolbroker.client.protocol import (
     RELEASE_DISCARD,
@@ -66,8 +67,8 @@ class AsyncLease(LeaseCore):
         self.client = client
         self._lazy = lazy  # asked for with its first exchange, not on entering
         self._reading = False  # a read's exchange is under way (everything written before it went with it)
-        self._beside: list[asyncio.Future[dict[str, Any]]] = []  # sends beside it, not yet answered
-        self._beside_data: dict[asyncio.Future[dict[str, Any]], bytes] = {}
+        # Sends beside it not yet answered, in the order sent: each answer's future, and its bytes.
+        self._beside: dict[asyncio.Future[dict[str, Any]], bytes] = {}
         self.crossed = b""  # sent beside the read whose answer ended the lease: the next lease's to send
 
     async def __aenter__(self) -> AsyncLease:
@@ -100,15 +101,12 @@ class AsyncLease(LeaseCore):
         for start in range(0, len(data), HOLD_WRITES_UP_TO):
             chunk = data[start : start + HOLD_WRITES_UP_TO]
             answer = self._channel.send_now(template, (self._token, chunk))
-            self._beside.append(answer)
-            self._beside_data[answer] = chunk
+            self._beside[answer] = chunk
             answer.add_done_callback(self._beside_answered)
 
     def _beside_answered(self, answer: asyncio.Future[dict[str, Any]]) -> None:
-        if answer not in self._beside_data:
+        if self._beside.pop(answer, None) is None:
             return  # (crossed, or the lease was ended: nothing more to do)
-        self._beside.remove(answer)
-        del self._beside_data[answer]
         if answer.cancelled() or answer.result().get("ok") is True:
             return
         # Not sent, and the read under way waits for its answer: the stream is broken. Ending
@@ -119,7 +117,7 @@ class AsyncLease(LeaseCore):
         """Every send beside the last read answered: the next exchange can't find one still running."""
         wait = self.io_timeout + self._broker_timeout  # (a send beside a read is answered at once)
         while self._beside:
-            done, _ = await asyncio.wait([self._beside[-1]], timeout=wait)
+            done, _ = await asyncio.wait([next(reversed(self._beside))], timeout=wait)
             if not done:
                 self.discard()
                 raise BrokerUnavailable(f"no answer from the broker at {self._channel.endpoint} within {wait:.1f}s")
@@ -182,8 +180,7 @@ class AsyncLease(LeaseCore):
             await self._send_held(keep_tail=True)
         send = None  # (held: it goes first, with this exchange)
         template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout)
-        reads = until is not None or exactly is not None or bool(max_bytes)
-        self._reading = reads and token is not None
+        self._reading = reads(until, exactly, max_bytes) and token is not None
         try:
             reply = await self._channel.call_packed(template, values, wait)
         except (asyncio.CancelledError, BrokerUnavailable):
@@ -197,7 +194,7 @@ class AsyncLease(LeaseCore):
         if self._done and self._beside:
             # The answer ended the lease (when_done) while sends beside it were on their way: the
             # broker refuses them (lease_lost), unsent. They open the next lease's conversation.
-            self.crossed = b"".join(self._beside_data[answer] for answer in self._beside)
+            self.crossed = b"".join(self._beside.values())
             self._forget_beside()
         return data
 
@@ -216,9 +213,8 @@ class AsyncLease(LeaseCore):
         self._end(RELEASE_DISCARD)
 
     def _forget_beside(self) -> None:
-        beside = self._beside[:]
+        beside = list(self._beside)
         self._beside.clear()
-        self._beside_data.clear()
         for answer in beside:
             answer.cancel()  # (its answer, if it comes, finds nobody)
 

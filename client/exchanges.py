@@ -61,6 +61,11 @@ def next_exchange(channel: TemplateCache, exchange: ExchangeSpec, sending: bool)
     return template
 
 
+def reads(until: bytes | None, exactly: int | None, max_bytes: int | None, ready: int | None = None) -> bool:
+    """Whether an exchange with these read fields reads anything."""
+    return until is not None or exactly is not None or bool(max_bytes) or ready is not None
+
+
 def release_template(channel: TemplateCache, mode: str) -> Template:
     key = (OP_RELEASE, mode)
     template = channel.templates.get(key)
@@ -174,8 +179,7 @@ class LeaseCore:
             self._held.clear()
         self._used = True
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
-        reads = until is not None or exactly is not None or bool(max_bytes) or ready is not None
-        if release is None and self._when_done and reads:
+        if release is None and self._when_done and reads(until, exactly, max_bytes, ready):
             release = RELEASE_WHEN_DONE
         exchange = (io_timeout, until, exactly, max_bytes, release, poll, ready)
         channel = self._channel

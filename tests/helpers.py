@@ -38,6 +38,13 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(0.01)
 
 
+def run_python(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh interpreter (this one's), from the project's root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
 def broker_answers(client: Any) -> bool:
     """Does the broker answer this client's ping (within the client's broker_timeout)?"""
     from poolbroker import BrokerUnavailable

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, TestUpstream, wait_for
+from helpers import Broker, RedisServer, TestUpstream, run_python, wait_for
 
 from poolbroker import AsyncClient, AsyncLease, BrokerUnavailable, Client, LeaseLost, PoolTimeout
 from poolbroker.client.leased_socket import AsyncConversations
@@ -223,8 +221,7 @@ def test_an_async_client_collected_in_a_reference_cycle_closes_without_hanging(
     # pyzmq may collect the context before its sockets, and term() then waits forever (redis-py's
     # own asyncio suite hung so, on pools it never closed): the AsyncClient closes its sockets first.
     broker = start_broker("--upstream", f"redis={redis_server.address}")
-    argv = [sys.executable, "-c", COLLECT_CYCLES, broker.endpoint]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = run_python(COLLECT_CYCLES, broker.endpoint)
     assert result.stdout.strip() == "collected", result.stderr
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, broker_answers, short_tempdir, wait_for
+from helpers import Broker, RedisServer, broker_answers, run_python, short_tempdir, wait_for
 
 from poolbroker import BrokerUnavailable, Client, LeaseLost
 
@@ -177,6 +175,5 @@ def test_a_client_collected_in_a_reference_cycle_closes_without_hanging(
     # pyzmq may collect the context before its sockets, and term() then waits forever: the Client
     # closes its sockets first, whatever order the collector picks.
     broker = start_broker("--upstream", f"redis={redis_server.address}")
-    argv = [sys.executable, "-c", COLLECT_CYCLES, broker.endpoint]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = run_python(COLLECT_CYCLES, broker.endpoint)
     assert result.stdout.strip() == "collected", result.stderr
