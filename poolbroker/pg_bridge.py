@@ -1,45 +1,54 @@
-"""This process's bridge for libpq: private Unix sockets that psycopg connects to, and the threads
-that answer them.
+"""This process's bridge for libpq: private Unix sockets that psycopg connects to, the greeter
+process that answers their startup, and the threads that carry them on.
 
-A connection made by poolbroker.postgres.connect() is answered up to its startup and then handed
-over, to be driven in psycopg's own thread (pg_inline.Inline); one made by other code from
-conninfo() (asyncio's psycopg, for instance) is relayed by a bridge thread to its end. Either way
-its messages go over leases through a PgLink, and a CancelRequest that arrives here (libpq 17's
+A connection made by poolbroker.postgres.connect() is handed over once its startup is answered, to
+be driven in psycopg's own thread (pg_inline.Inline); one made by other code from conninfo()
+(asyncio's psycopg, for instance) is relayed by a bridge thread to its end. Either way its messages
+go over leases through a PgLink, and a CancelRequest that arrives here (libpq's cancel, or 17's
 cancel_safe) reaches the real backend through the broker.
 """
 
 from __future__ import annotations
 
+import array
 import atexit
 import contextlib
 import functools
+import json
 import os
 import queue
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import weakref
 from typing import Any
 
+from poolbroker import pg_greeter
 from poolbroker.client.channel import Channel
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError
+from poolbroker.pg_greeter import error_response
 from poolbroker.pg_inline import RELAY_CHUNK, Inline
-from poolbroker.pg_link import PgLink, PgLinkError, error_response, pool_info
+from poolbroker.pg_link import PgLink, PgLinkError, pool_info
 
 # How long what the broker said of a pool (its mode, user, database, server parameters) serves
 # new connections before it is asked again: a connection per request (SQLAlchemy's NullPool)
 # should not cost a round trip more each.
 POOL_INFO_TTL = 10.0
+RUN_FILE = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
 class Bridge:
     """This process's private Unix sockets for libpq: one per (client, pool, mode, inline or not),
-    each a `.s.PGSQL.<port>` in one 0700 directory, accepted by a thread. Each accepted connection
-    is served by a relay thread: up to its startup's answer on an inline route (then psycopg's own
-    thread drives it), else until it closes. Relay threads are kept for the next connection (a
+    each a `.s.PGSQL.<port>` in one 0700 directory. The greeter process accepts them and answers
+    their startup (pg_greeter: so that a libpq call holding this process's GIL still gets its
+    answer), then passes each connection back here. A connection on an inline route is then handed
+    over (`take_handed`) to be driven by its psycopg connection's own thread (Inline); any other is
+    relayed by a relay thread until it closes. Relay threads are kept for the next connection (a
     thread's broker socket lives as long as the thread), and so are inline connections' own broker
     sockets. Made anew in a forked child (threads don't survive a fork)."""
 
@@ -47,13 +56,18 @@ class Bridge:
         self.pid = os.getpid()
         self.directory = tempfile.mkdtemp(prefix="poolbroker-pg-")  # (mkdtemp makes it 0700)
         self._routes: dict[tuple[int, str, bool, str | None, bool], int] = {}
-        self.handed: dict[int, Inline] = {}  # inline connections whose startup is answered, by pid
+        self._route_of: dict[int, tuple[Client, str, bool, str | None, bool]] = {}  # by port
+        self._listeners: dict[int, socket.socket] = {}  # by port (the greeter accepts on its copies)
+        self._handed: dict[int, Inline] = {}  # inline connections whose startup is answered, by pid
+        self._handed_ready = threading.Condition()
         # Broker sockets of closed inline connections, for the next (by client): a socket closed
         # right after a one-way release could reach the broker as a holder gone before its release.
         self._channels: dict[int, list[Channel]] = {}
         self._pool_infos: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}  # (when asked, what)
         self._infos: dict[int, dict[str, Any]] = {}  # by port: what the broker last said of its pool
         self._lock = threading.Lock()
+        self._greeter: socket.socket | None = None  # this end of the socket pair with the greeter
+        self._given: set[int] = set()  # the ports whose listener the greeter has
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._idle = 0  # relay threads waiting for a connection
         self.links: weakref.WeakValueDictionary[int, PgLink] = weakref.WeakValueDictionary()  # by their pid
@@ -71,7 +85,7 @@ class Bridge:
     ) -> tuple[str, int]:
         """The directory and port (libpq's host and port) that reach `pool` through `broker`;
         `info` (pool_info's) is what the connections made there answer their driver's startup with.
-        `inline`: once a connection's startup is answered it is handed over (`handed`, by its
+        `inline`: once a connection's startup is answered it is handed over (`take_handed`, by its
         BackendKeyData pid) to be driven by its psycopg connection (Inline); else a relay thread
         carries it to its end."""
         key = (id(broker), pool, transaction_mode, tag, inline)
@@ -82,54 +96,118 @@ class Bridge:
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 listener.bind(os.path.join(self.directory, f".s.PGSQL.{port}"))
                 listener.listen(128)
-                route = (port, broker, pool, transaction_mode, tag, inline)
-                threading.Thread(target=self._accept, args=(listener, route), name="poolbroker-pg", daemon=True).start()
-            self._infos[port] = info
+                self._listeners[port] = listener
+                self._route_of[port] = (broker, pool, transaction_mode, tag, inline)
+            if self._infos.get(port) != info or self._greeter is None:
+                self._infos[port] = info
+                self._tell_greeter(port)
         return self.directory, port
 
-    def _accept(self, listener: socket.socket, route: tuple[Any, ...]) -> None:
-        while True:
-            sock, _ = listener.accept()
-            with self._lock:
-                if self._idle:
-                    self._idle -= 1
-                else:
-                    threading.Thread(target=self._work, name="poolbroker-pg-relay", daemon=True).start()
-            self._jobs.put((sock, *route))
+    # -- the greeter ---------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            self._serve(*self._jobs.get())
-            with self._lock:
-                self._idle += 1
+    def _tell_greeter(self, port: int) -> None:
+        """What the greeter answers on `port` (and, the first time, its listener). Under _lock."""
+        if self._greeter is None:
+            self._greeter = self._start_greeter()
+            self._given.clear()
+        _, pool, *_ = self._route_of[port]
+        info = self._infos[port]
+        route = {"route": port, "pool": pool, "user": info["user"], "database": info["database"]}
+        route["parameters"] = info["parameters"]
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self._listeners[port].fileno()]))]
+        self._greeter.sendmsg([json.dumps(route).encode()], [] if port in self._given else fds)
+        self._given.add(port)
 
-    def _serve(
-        self,
-        sock: socket.socket,
-        port: int,
-        broker: Client,
-        pool: str,
-        transaction_mode: bool,
-        tag: str | None,
-        inline: bool,
-    ) -> None:
-        """Carry one libpq connection over its link until either side ends it (inline: answer its
-        startup, then hand it over)."""
-        link: PgLink | None = None
-        handed_over = False
+    def _start_greeter(self) -> socket.socket:
+        """The greeter process, and the thread that takes the connections it passes back."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            # (-I: nothing of the caller's environment or directory; the file, not -m: nothing of
+            # poolbroker's package imported, so it starts in milliseconds)
+            argv = [sys.executable, "-I", "-c", RUN_FILE, pg_greeter.__file__, str(theirs.fileno())]
+            process = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        started = time.monotonic()
+        threading.Thread(target=self._receive, args=(ours, process, started), name="poolbroker-pg", daemon=True).start()
+        return ours
+
+    def _receive(self, greeter: socket.socket, process: subprocess.Popen[bytes], started: float) -> None:
+        """The greeter's connections (each with its BackendKeyData and descriptor) and cancels."""
+        while True:
+            try:
+                data, ancillary, _, _ = greeter.recvmsg(1 << 16, pg_greeter.FDS)
+            except OSError:
+                data, ancillary = b"", []
+            if not data:  # the greeter is gone (killed?): another takes over its routes
+                with self._lock:
+                    if self._greeter is greeter:
+                        self._greeter = None
+                        if time.monotonic() - started > 1.0:  # (else the next route() tries: no respawn loop)
+                            for port in self._route_of:
+                                self._tell_greeter(port)
+                greeter.close()
+                process.wait()
+                return
+            said = json.loads(data)
+            if "cancel" in said:
+                self._jobs.put((self._cancel, tuple(said["cancel"])))
+                self._spare_thread()
+                continue
+            fds = [fd for level, kind, raw in ancillary if kind == socket.SCM_RIGHTS for fd in array.array("i", raw)]
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(True)  # (the greeter's copy was not: the flag is the descriptor's)
+            self._greeted(sock, said["port"], tuple(said["key"]), bytes.fromhex(said["rest"]))
+
+    def _greeted(self, sock: socket.socket, port: int, key: tuple[int, int], rest: bytes) -> None:
+        """A connection whose startup the greeter answered: handed over, or relayed."""
+        broker, pool, transaction_mode, tag, inline = self._route_of[port]
         try:
             channel = self.take_channel(broker) if inline else None
             link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag, channel=channel)
-            self.links[link.key[0]] = link
-            if inline:
-                handed_over = self._answer_startup(sock, link)
-                if handed_over:
-                    return  # (the psycopg connection's now)
+            link.greeted(key)
+            if rest:  # (libpq sends nothing more before ReadyForQuery: never so far)
+                link.write(rest)
+        except (PoolBrokerError, PgLinkError) as exc:
+            _tell(sock, error_response("08006", f"poolbroker: {exc}"))
+            sock.close()
+            return
+        self.links[key[0]] = link
+        if channel is not None:  # (inline)
+            give_back = functools.partial(self.give_channel, broker, channel)
+            with self._handed_ready:
+                self._handed[key[0]] = Inline(sock, link, give_back)
+                self._handed_ready.notify_all()
+        else:
+            self._jobs.put((self._serve, sock, link))
+            self._spare_thread()
+
+    def take_handed(self, pid: int, timeout: float = 10.0) -> Inline:
+        """The inline connection whose BackendKeyData pid is `pid` (its driver's connect() has
+        returned: the greeter's hand-over is on its way, if not here yet)."""
+        with self._handed_ready:
+            if not self._handed_ready.wait_for(lambda: pid in self._handed, timeout):
+                raise PgLinkError("08006", f"poolbroker: the bridge never received connection {pid}")
+            return self._handed.pop(pid)
+
+    # -- relay threads -------------------------------------------------------------------------
+
+    def _spare_thread(self) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._work, name="poolbroker-pg-relay", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job, *args = self._jobs.get()
+            job(*args)
+            with self._lock:
+                self._idle += 1
+
+    def _serve(self, sock: socket.socket, link: PgLink) -> None:
+        """Carry one libpq connection over its link until either side ends it."""
+        try:
             relay(sock, link)
-            if link.cancel_key is not None:  # (a CancelRequest: libpq 17's cancel_safe, or a tool's)
-                target = self.links.get(link.cancel_key[0])
-                if target is not None and target.key == link.cancel_key:
-                    target.cancel()
         except PgLinkError as exc:
             _tell(sock, error_response(exc.sqlstate, str(exc)))
         except PoolBrokerError as exc:
@@ -137,12 +215,17 @@ class Bridge:
         except OSError:
             pass  # libpq went away: the link's close below gives the lease back
         finally:
-            if not handed_over:
-                if link is not None:
-                    link.close()
-                    if link.channel is not None:
-                        self.give_channel(broker, link.channel)
-                sock.close()
+            link.close()
+            sock.close()
+
+    def _cancel(self, key: tuple[int, int]) -> None:
+        """A CancelRequest (libpq's cancel, or cancel_safe, or a tool's): to the real backend."""
+        target = self.links.get(key[0])
+        if target is not None and target.key == key:
+            with contextlib.suppress(PoolBrokerError):
+                target.cancel()
+
+    # -- what routes share ---------------------------------------------------------------------
 
     def pool_info(self, broker: Client, pool: str) -> dict[str, Any]:
         """pool_info(), asked again once POOL_INFO_TTL has passed."""
@@ -167,28 +250,6 @@ class Bridge:
     def give_channel(self, broker: Client, channel: Channel) -> None:
         with self._lock:
             self._channels.setdefault(id(broker), []).append(channel)
-
-    def _answer_startup(self, sock: socket.socket, link: PgLink) -> bool:
-        """Answer libpq's startup (and an SSLRequest before it); True once the connection is
-        handed over, False for a CancelRequest (carried out by the caller)."""
-        while not link.closed:
-            data = sock.recv(RELAY_CHUNK)
-            if not data:
-                return False
-            link.write(data)
-            if link.started:  # handed over before libpq can see ReadyForQuery (and look for it)
-                assert link.channel is not None  # (an inline route's links have their own)
-                give_back = functools.partial(self.give_channel, link.broker, link.channel)
-                self.handed[link.key[0]] = Inline(sock, link, give_back)
-                try:
-                    sock.sendall(link.read(RELAY_CHUNK))
-                except OSError:
-                    del self.handed[link.key[0]]  # (libpq went away: nobody will adopt it)
-                    raise
-                return True
-            while link.awaiting():
-                sock.sendall(link.read(RELAY_CHUNK))
-        return False
 
 
 def relay(sock: socket.socket, link: PgLink) -> None:
@@ -216,6 +277,16 @@ def _tell(sock: socket.socket, data: bytes) -> None:
 
 _bridge: Bridge | None = None
 _bridge_lock = threading.Lock()
+
+
+def _forget_parent_s() -> None:
+    """In a forked child: the parent's bridge is not this process's (its greeter ends with its
+    parent's end of their socket pair, which the child must not hold)."""
+    if _bridge is not None and _bridge._greeter is not None:
+        _bridge._greeter.close()
+
+
+os.register_at_fork(after_in_child=_forget_parent_s)
 
 
 def bridge() -> Bridge:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client.errors import PoolBrokerError
-from poolbroker.pg_link import PgLink, PgLinkError, error_response
+from poolbroker.pg_greeter import error_response
+from poolbroker.pg_link import PgLink, PgLinkError
 
 if TYPE_CHECKING:
     import psycopg

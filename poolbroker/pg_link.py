@@ -19,7 +19,6 @@ transaction_timestamp() are those of the first statement, not of the BEGIN.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import time
@@ -42,10 +41,11 @@ from poolbroker.client.pgwire import (
     Frames,
     message,
 )
+from poolbroker.pg_greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
 
 READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE = (ord(c) for c in "ZGcfHX")
 ANSWERED_AT_FLUSH = frozenset(b"PBDEC")  # Parse, Bind, Describe, Execute, Close: answered before the Sync
-MAX_STARTUP = 10_000  # libpq's own limit for a startup packet
+
 # A BEGIN with nothing else in its Query, and the server's answer to it.
 LONE_BEGIN = re.compile(
     rb"\s*BEGIN(?:\s+(?:TRANSACTION|WORK))?(?:\s*,?\s*(?:ISOLATION\s+LEVEL\s+(?:SERIALIZABLE|REPEATABLE\s+READ"
@@ -55,18 +55,7 @@ LONE_BEGIN = re.compile(
 BEGIN_ANSWER = message(b"C", b"BEGIN\0") + message(b"Z", b"T")
 
 
-class PgLinkError(Exception):
-    """The driver asked for something the pool can't give (another database, another user)."""
-
-    def __init__(self, sqlstate: str, text: str) -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
-
-
-def error_response(sqlstate: str, text: str, severity: str = "FATAL") -> bytes:
-    """A backend ErrorResponse: how the driver learns why (libpq shows its message)."""
-    fields = b"".join(k + v.encode() + b"\0" for k, v in ((b"S", severity), (b"V", severity), (b"C", sqlstate)))
-    return message(b"E", fields + b"M" + text.encode(errors="replace") + b"\0\0")
+PgLinkError = StartupError  # the driver asked for something the pool can't give (another database...)
 
 
 def pool_info(broker: Client, pool: str) -> dict[str, Any]:
@@ -84,16 +73,6 @@ def pool_info(broker: Client, pool: str) -> dict[str, Any]:
         broker.lease(pool).release()  # (its grant waits for the login: the next ping has them)
         info = broker.ping()["protocols"][pool]
     return info  # type: ignore[no-any-return]
-
-
-def startup_parameters(packet: bytes) -> dict[str, str]:
-    """A StartupMessage's name/value pairs (after its length and protocol version)."""
-    parts = packet[8:].split(b"\0")
-    pairs = {}
-    for name, value in zip(parts[::2], parts[1::2], strict=False):
-        if name:
-            pairs[name.decode(errors="replace")] = value.decode(errors="replace")
-    return pairs
 
 
 class PgLink:
@@ -122,8 +101,7 @@ class PgLink:
         else:  # one lazy lease for the whole connection
             self.upstream = broker.lease(pool, tag=tag, lazy=True, channel=channel)
             self.upstream.settimeout(None)  # (a long query is the server's to bound, not io_timeout's)
-        pid, secret = struct.unpack("!ii", os.urandom(8))
-        self.key = (pid & 0x7FFFFFFF or 1, secret)  # (the pid names the link in its process, the secret proves it)
+        self.key = new_key()  # (its BackendKeyData, unless greeted: the pid names the link in its process)
         self.cancel_key: tuple[int, int] | None = None  # this connection was a CancelRequest for it
         self.closed = False  # the driver sent Terminate (or a CancelRequest): nothing more follows
         self._startup = bytearray()  # the startup packet, until it is whole
@@ -208,19 +186,14 @@ class PgLink:
             self.write(rest)
 
     def _hello(self, asked: dict[str, str]) -> None:
-        """Answer a StartupMessage as the pool's server would: AuthenticationOk, its parameters,
-        this link's own BackendKeyData (a CancelRequest for it reaches the real backend through
-        the broker), ReadyForQuery."""
-        for name, ours in (("user", self.info["user"]), ("database", self.info["database"])):
-            theirs = asked.get(name) or (asked.get("user") if name == "database" else None)
-            if theirs is not None and theirs != ours:
-                code = "28000" if name == "user" else "3D000"
-                raise PgLinkError(code, f"pool {self.pool!r} logs in to {name} {ours!r}, not {theirs!r}")
-        answer = message(b"R", struct.pack("!i", 0))
-        for name, value in self.info["parameters"].items():
-            answer += message(b"S", name.encode() + b"\0" + value.encode() + b"\0")
-        answer += message(b"K", struct.pack("!ii", *self.key)) + message(b"Z", b"I")
-        self._answer += answer
+        """Answer a StartupMessage as the pool's server would, with this link's own BackendKeyData
+        (a CancelRequest for it reaches the real backend through the broker)."""
+        self._answer += startup_answer({**self.info, "pool": self.pool}, asked, self.key)
+        self._started = True
+
+    def greeted(self, key: tuple[int, int]) -> None:
+        """The driver's startup was answered elsewhere (the bridge's greeter), with `key`."""
+        self.key = key
         self._started = True
 
     @property

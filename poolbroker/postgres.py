@@ -95,7 +95,7 @@ def connect(
     here = bridge()
     info = here.pool_info(broker, pool)
     conn = connection_class().connect(**_psycopg_arguments(broker, pool, info, transaction_mode, tag, kwargs, True))
-    conn.adopt(here.handed.pop(conn.info.backend_pid))  # type: ignore[attr-defined]
+    conn.adopt(here.take_handed(conn.info.backend_pid))  # type: ignore[attr-defined]
     return conn
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pg8000.native
 import psycopg
 import pytest
-from helpers import Broker, PostgresServer, pg_pool, wait_for
+from helpers import Broker, PostgresServer, pg_pool, run_python, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -452,3 +452,47 @@ def test_pipelines_and_executemany_never_wait_for_an_answer_not_owed(
                         conn.execute("INSERT INTO piped VALUES (%s)", [-2])
         assert conn.execute("SELECT count(*) FROM piped WHERE n >= 0").fetchone() == (240,)
         assert conn.execute("SELECT count(*) FROM piped WHERE n < 0").fetchone() == (12,)
+
+
+LIBPQ_BLOCKING_CALLS = """
+import os, sys, threading, time
+os.environ["PSYCOPG_IMPL"] = sys.argv[2]
+import psycopg
+from psycopg import pq
+from poolbroker import Client, postgres
+
+assert pq.__impl__ == sys.argv[2], pq.__impl__
+conninfo = postgres.conninfo(Client(sys.argv[1], timeout=30), "pg")
+pgconn = pq.PGconn.connect(conninfo.encode())  # PQconnectdb: in C, it waits holding the GIL
+assert pgconn.status == pq.ConnStatus.OK, pgconn.get_error_message()
+print("connectdb", pgconn.exec_(b"SELECT 41 + 1").get_value(0, 0).decode())
+pgconn.finish()
+print("ping", pq.PGconn.ping(conninfo.encode()))
+with psycopg.connect(conninfo, autocommit=True) as conn:
+    outcome = []
+    def sleep():
+        try:
+            conn.execute("SELECT pg_sleep(30)")
+        except psycopg.errors.QueryCanceled:
+            outcome.append("canceled")
+    sleeper = threading.Thread(target=sleep)
+    sleeper.start()
+    time.sleep(0.5)  # (a cancel that comes first cancels nothing: the loop below sends another)
+    while sleeper.is_alive():
+        conn.pgconn.get_cancel().cancel()  # PQcancel: it too waits holding the GIL
+        sleeper.join(1)
+    print("cancel", *outcome)
+"""
+
+
+@pytest.mark.parametrize("impl", ["binary", "python"])
+def test_libpq_s_blocking_calls_never_wait_on_a_thread_that_needs_their_gil(
+    pg: Callable[..., tuple[Broker, Client]], impl: str
+) -> None:
+    """libpq's blocking PQconnectdb, PQping and PQcancel, called through psycopg's C implementation,
+    hold the caller's GIL while they wait for the bridge's answer: the bridge's greeter, a process
+    of its own, gives it (in the python implementation, ctypes lets the GIL go)."""
+    broker, _ = pg(max_size=1)
+    result = run_python(LIBPQ_BLOCKING_CALLS, broker.endpoint, impl, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["connectdb 42", "ping 0", "cancel canceled"]

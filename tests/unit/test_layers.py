@@ -6,6 +6,7 @@ everything is `poolbroker.*`, the one package that is installed."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,7 @@ ADAPTERS = {
     "poolbroker.pg_link",
     "poolbroker.pg_inline",
     "poolbroker.pg_bridge",
+    "poolbroker.pg_greeter",
     "poolbroker.pytest_plugin",
 }  # the package's face: the client's users
 
@@ -148,3 +150,12 @@ NOT_YET_SPLIT: set[str] = set()
 def test_no_module_is_much_over_400_lines() -> None:
     long = {name for name, path in MODULES.items() if len(path.read_text().splitlines()) > 480}
     assert long <= NOT_YET_SPLIT, long - NOT_YET_SPLIT
+
+
+def test_the_greeter_needs_nothing_but_the_standard_library() -> None:
+    """pg_greeter runs from its file in a process of its own (python -I): it must start fast, and
+    can't count on the package being importable there."""
+    tree = ast.parse((ROOT / "poolbroker" / "pg_greeter.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - {"__future__"} <= sys.stdlib_module_names, imported - sys.stdlib_module_names
