@@ -66,6 +66,7 @@ class Channel:
         self._recv_timeout_ms = -1  # RCVTIMEO as last set
         self.generation = 0  # bumped on reset: leases taken on an older socket are lost
         self.templates: dict[tuple[Any, ...], Template] = {}  # request templates by kind (remember)
+        self.closing = False  # its Client is closing: the thread in a call closes the socket after it
 
     def _connect(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
@@ -92,14 +93,28 @@ class Channel:
             self.next_id = rid + 1
             message["v"] = VERSION
             message["id"] = rid
-            return self._round_trip(self.packer.pack(message), rid, wait)
+            return self._round_trip_open(self.packer.pack(message), rid, wait)
 
     def call_packed(self, template: Template, values: tuple[Any, ...], wait: float) -> dict[str, Any]:
         """As call(), for a request made from a template and the values of its varying fields."""
         with self.lock:
             rid = self.next_id
             self.next_id = rid + 1
-            return self._round_trip(template.pack(self.packer.pack, rid, values), rid, wait)
+            return self._round_trip_open(template.pack(self.packer.pack, rid, values), rid, wait)
+
+    def _round_trip_open(self, body: bytes, rid: int, wait: float) -> dict[str, Any]:
+        """A round trip on a socket its Client has not closed (under the lock). A close meanwhile
+        interrupts its wait (the context's term: ContextTerminated), and the socket closes here,
+        in the thread that used it, as ZeroMQ wants."""
+        if self.closing:
+            raise BrokerUnavailable("its Client is closed")
+        try:
+            return self._round_trip(body, rid, wait)
+        except zmq.ContextTerminated:
+            raise BrokerUnavailable("its Client was closed during the call") from None
+        finally:
+            if self.closing:
+                self.sock.close(linger=0)
 
     def remember(self, key: tuple[Any, ...], template: Template) -> Template:
         """Keep `template` for `key` in `templates` (a few kinds of request serve a process: the
@@ -169,6 +184,8 @@ class Channel:
     def send_oneway(self, template: Template, values: tuple[Any, ...]) -> None:
         """A request that wants no answer (its template says "noreply")."""
         with self.lock:
+            if self.closing:
+                return  # (the broker reclaims the lease when the socket's connection ends)
             rid = self.next_id
             self.next_id = rid + 1
             try:
@@ -177,15 +194,27 @@ class Channel:
                 pass  # the broker is unreachable; it will reclaim the lease itself
 
     def close(self) -> None:
-        # A one-way release sent just before may still be queued: give it a moment to leave (else
-        # the broker reclaims that lease when the connection closes, closing a good connection).
-        self.sock.close(linger=CLOSE_LINGER_MS)
+        """Close the socket now if no thread is in a call on it, else when that call ends."""
+        self.closing = True  # (first: a call ending now sees it, or has let go of the lock)
+        if self.lock.acquire(blocking=False):
+            try:
+                # A one-way release sent just before may still be queued: give it a moment to leave
+                # (else the broker reclaims that lease when the connection closes, closing a good
+                # connection).
+                self.sock.close(linger=CLOSE_LINGER_MS)
+            finally:
+                self.lock.release()
 
 
-def close_sockets(ctx: zmq.Context[Any], channels: list[Channel]) -> None:
+def close_sockets(ctx: zmq.Context[Any], channels: list[Channel], timeout: float | None = None) -> None:
+    """Close the channels, then their context, within `timeout` seconds. A thread still in a call
+    sees its wait interrupted and closes its socket (term() waits for that); if one doesn't within
+    the time, the context is left to finish terminating on its own."""
     for channel in channels:
         channel.close()
-    ctx.term()
+    terminating = threading.Thread(target=ctx.term, name="poolbroker-close", daemon=True)
+    terminating.start()
+    terminating.join(timeout)
 
 
 def check_reply(reply: dict[str, Any]) -> dict[str, Any]:

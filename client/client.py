@@ -253,11 +253,14 @@ class Client:
         return check_reply(self._channel().call(admin_request(action, **fields), self.broker_timeout))
 
     def close(self) -> None:
-        """Close this process's sockets. Call it when no thread uses the Client any more."""
+        """Close this process's sockets, within broker_timeout. A call another thread is in
+        meanwhile ends with BrokerUnavailable; its lease goes back when the broker sees its
+        socket's connection end."""
         with self._lock:
             self._closed = True
-            if self._finalizer is not None:
-                self._finalizer()  # (once: a finalizer runs at most once)
+            if self._finalizer is not None and self._ctx is not None:
+                self._finalizer.detach()  # (a finalizer runs at most once: this is that once)
+                close_sockets(self._ctx, self._channels, self.broker_timeout)
                 self._finalizer = None
             self._ctx = None
             self._channels = []

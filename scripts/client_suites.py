@@ -1,66 +1,58 @@
-"""redis-py's own test suite, run directly and through poolbroker's adapters, compared test by test.
+"""Client libraries' own test suites, run directly and through poolbroker's adapters, compared
+test by test: redis-py's (scripts/redis_suite.py) and psycopg's (scripts/psycopg_suite.py).
 
-Run by ./scripts/client-suites (which makes .venv-suites from uv.lock). For the redis-py release
-installed there, it downloads that release's source (its tests/), then for each flavour (sync,
-asyncio) runs the files that exercise commands over connections twice, each on a fresh Redis: once
-directly, once with every ConnectionPool the suite builds swapped for a poolbroker one on a broker
-in front of that Redis (scripts/redis_py_route.py). A test that passes directly and fails through
-the broker is either one of EXPECTED, each with the reason a shared pool makes it so, or a bug.
-Exit status 1 when there is one.
+Run by ./scripts/client-suites (which makes .venv-suites from uv.lock: the suites run against the
+locked release of each library). Each suite has variants (redis-py: sync and asyncio; psycopg: its
+routes in session and transaction mode). Each variant runs the suite's files twice, each time on a
+fresh server: once directly, once through a broker in front of that server. A test that passes
+directly and fails through the broker is either one of the suite's EXPECTED, each with the reason a
+shared pool makes it so, or a bug. Exit status 1 when there is one.
 
-The files left out test what poolbroker replaces or does not serve: redis-py's own connection
-pools, connection and retry internals, cluster, sentinel, client-side caching, module commands.
+    ./scripts/client-suites                          every suite, every variant
+    ./scripts/client-suites redis asyncio            one suite, the variants named
+    ./scripts/client-suites psycopg --pytest '-k copy'
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "client-suites"
-FILES = ["test_commands.py", "test_pipeline.py", "test_pubsub.py", "test_lock.py", "test_scripting.py"]
-FILES += ["test_encoding.py", "test_monitor.py"]
-FLAVOURS = {"sync": [f"tests/{name}" for name in FILES], "asyncio": [f"tests/test_asyncio/{name}" for name in FILES]}
-
-# Tests not run through the broker: each changes the server under every connection of the pool.
-DESELECTED = {
-    "test_auth": "sets the server's password (CONFIG SET requirepass): the broker's new connections"
-    " then can't log in, and every later test fails with them",
-}
-# Tests that pass directly and fail through the broker, by name (any parameters), and why.
-EXPECTED = {
-    "test_client_setname": "a per-connection CLIENT SETNAME: the pool's reset undoes it, and the next"
-    " command may run on another connection",
-    "test_client_list_after_client_setname": "as test_client_setname",
-    "test_client_info_name_with_equals": "as test_client_setname",
-    "test_client_kill": "kills the connection it named with CLIENT SETNAME: as test_client_setname",
-    "test_client_kill_filter_by_id": "kills by the id of the connection it ran CLIENT ID on: the next command"
-    " runs on another",
-    "test_client_kill_filter_by_addr": "as test_client_kill_filter_by_id, by address",
-    "test_client_kill_filter_by_user": "a client with its own username: logging in is the broker pool's"
-    " (refused per lease, with a message naming the pool's setting)",
-    "test_failed_entry_releases_connection": "a client with its own username: as test_client_kill_filter_by_user",
-    "test_copy_to_another_database": "a client on db 1: the database is the broker pool's (refused per lease)",
-    "test_channel_subscribe": "expects a connection error from a server that is down (port 6390); the plugin"
-    " routes every pool, that one too, to the broker's pool of the live server",
-}
 
 
-POOL = 'upstream = "127.0.0.1:{port}"\nprotocol = "redis"\nmax_size = 8\n'
-RESP = {"redis": "", "redis3": "resp = 3\n"}  # (redis_py_route.py picks by the client's protocol)
+class Servers(Protocol):
+    dir: Path  # a fresh directory for this run (mode 700: fit for a broker socket)
+
+    def stop(self) -> None: ...
+
+
+class Suite(Protocol):
+    """What scripts/redis_suite.py and scripts/psycopg_suite.py provide."""
+
+    VARIANTS: dict[str, Any]  # name -> what servers() and argv() make of it
+    EXPECTED: dict[str, str]  # a test's name (without parameters) -> why it fails through a broker
+    DESELECTED: dict[str, str]  # likewise, for tests not run through a broker at all
+
+    def prepare(self) -> Path: ...  # the suite's source tree (the tests' working directory)
+
+    def title(self) -> str: ...  # what runs, in which versions
+
+    def direct_twin(self, variant: str) -> str: ...  # variants whose direct runs are the same share one
+
+    def servers(self, variant: str, through_broker: bool) -> Servers: ...
+
+    def argv(self, variant: str, servers: Servers, through_broker: bool) -> tuple[list[str], dict[str, str]]: ...
 
 
 def free_port() -> int:
@@ -77,58 +69,24 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float = 15.0) -> N
         time.sleep(0.05)
 
 
-def redis_py_tests(version: str) -> Path:
-    """redis-py's tests/ for `version`, from its source release (downloaded once, kept in .cache)."""
-    home = CACHE / f"redis-{version}"
-    if not (home / "tests").is_dir():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as download:
-            pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-            subprocess.run([*pip, "-d", download, f"redis=={version}"], check=True)
-            (sdist,) = Path(download).glob("redis-*.tar.gz")
-            with tarfile.open(sdist) as tar:
-                tar.extractall(CACHE, filter="data")
-    return home
+def start_broker(directory: Path, pools: str) -> tuple[str, subprocess.Popen[bytes], Any]:
+    """A poolbroker with these pools, listening in `directory`: its endpoint, process and log."""
+    endpoint = f"ipc://{directory}/broker.sock"
+    (directory / "broker.toml").write_text(f'[broker]\nbind = "{endpoint}"\n\n{pools}')
+    serve = [sys.executable, "-m", "poolbroker", "serve", "--config", str(directory / "broker.toml")]
+    log = open(directory / "broker.log", "wb")  # noqa: SIM115 (the caller's to close)
+    process = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
+    wait_until(lambda: (directory / "broker.sock").exists(), "the broker")
+    return endpoint, process, log
 
 
-class Servers:
-    """A fresh Redis on a free port, and with `broker`, a poolbroker in front of it."""
-
-    def __init__(self, broker: bool) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="client-suite-"))  # (mode 700: fit for a broker socket)
-        redis_args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        redis_args += ["--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "yes"]
-        self.redis = subprocess.Popen([*redis_args, "--loglevel", "warning"], stdout=subprocess.DEVNULL)
-        wait_until(self._redis_answers, "redis-server")
-        self.endpoint = f"ipc://{self.dir}/broker.sock"
-        self.broker = None
-        if broker:  # two pools in front of it: RESP2 and RESP3 (a pool speaks one; the tests use both)
-            pools = "".join(f"[pools.{name}]\n{POOL.format(port=self.port)}{resp}\n" for name, resp in RESP.items())
-            (self.dir / "broker.toml").write_text(f'[broker]\nbind = "{self.endpoint}"\n\n{pools}')
-            serve = [sys.executable, "-m", "poolbroker", "serve", "--config", str(self.dir / "broker.toml")]
-            self.log = open(self.dir / "broker.log", "wb")  # noqa: SIM115 (closed in stop)
-            self.broker = subprocess.Popen(serve, stdout=self.log, stderr=subprocess.STDOUT)
-            wait_until(lambda: (self.dir / "broker.sock").exists(), "the broker")
-
-    def _redis_answers(self) -> bool:
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None:
+        process.terminate()
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        for process in (self.broker, self.redis):
-            if process is not None:
-                process.terminate()
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        if self.broker is not None:
-            self.log.close()
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def outcomes(junit: Path) -> dict[str, str]:
@@ -142,73 +100,83 @@ def outcomes(junit: Path) -> dict[str, str]:
     return results
 
 
-def run(home: Path, flavour: str, through_broker: bool, extra: list[str]) -> dict[str, str]:
-    servers = Servers(through_broker)
+def run(suite: Suite, name: str, home: Path, variant: str, through_broker: bool, extra: list[str]) -> dict[str, str]:
+    servers = suite.servers(variant, through_broker)
     junit = servers.dir / "junit.xml"
-    argv = [sys.executable, "-m", "pytest", *FLAVOURS[flavour], f"--redis-url=redis://127.0.0.1:{servers.port}/0"]
-    argv += ["-q", "-p", "no:cacheprovider", "-p", "no:warnings", "--timeout=90", f"--junitxml={junit}"]
-    argv += ["-o", "addopts=", "-o", "junit_family=xunit1"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), PB_ENDPOINT=servers.endpoint)
+    argv, env = suite.argv(variant, servers, through_broker)
+    argv = [sys.executable, "-m", "pytest", *argv, "-q", "-o", f"cache_dir={servers.dir / 'cache'}"]
+    argv += ["--timeout=90", f"--junitxml={junit}", "-o", "addopts=", "-o", "junit_family=xunit1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), **env}
     if through_broker:
-        argv += ["-p", "redis_py_route", *(f"--deselect={t}" for t in deselected(home, flavour))]
-    output = CACHE / f"{flavour}-{'broker' if through_broker else 'direct'}.txt"  # (each failure's story)
+        argv += [f"--deselect={test}" for test in deselected(suite, home, argv, env)]
+    output = CACHE / f"{name}-{variant}-{'broker' if through_broker else 'direct'}.txt"  # (each failure's story)
     try:
         with open(output, "w") as out:
-            subprocess.run([*argv, *extra], cwd=home, env=env, timeout=1200, stdout=out, stderr=subprocess.STDOUT)
+            subprocess.run([*argv, *extra], cwd=home, env=env, timeout=1800, stdout=out, stderr=subprocess.STDOUT)
         if not junit.exists():
             raise SystemExit(f"client-suites: pytest wrote no report; its output is in {output}")
         return outcomes(junit)
     finally:
         servers.stop()
-        shutil.rmtree(servers.dir, ignore_errors=True)
 
 
-def deselected(home: Path, flavour: str) -> list[str]:
-    found = subprocess.run(
-        [sys.executable, "-m", "pytest", *FLAVOURS[flavour], "--collect-only", "-q", "-p", "no:cacheprovider"],
-        cwd=home,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return [test for test in found if test.split("::")[-1].split("[")[0] in DESELECTED]
+def deselected(suite: Suite, home: Path, argv: list[str], env: dict[str, str]) -> list[str]:
+    if not suite.DESELECTED:
+        return []
+    collect = [a for a in argv if not a.startswith(("--junitxml", "--timeout"))] + ["--collect-only", "-q"]
+    found = subprocess.run(collect, cwd=home, env=env, capture_output=True, text=True).stdout
+    return [test for test in found.split() if name_of(test) in suite.DESELECTED]
 
 
 def name_of(test: str) -> str:
     return test.split("::")[-1].split("[")[0]
 
 
+def compare(suite: Suite, name: str, variant: str, home: Path, extra: list[str], directs: dict[str, Any]) -> int:
+    """Run one variant directly (unless its direct twin has run: `directs`) and through the
+    broker; print the figures and every test lost on the way. The number of losses not expected."""
+    twin = suite.direct_twin(variant)
+    if twin not in directs:
+        directs[twin] = run(suite, name, home, twin, False, extra)
+    direct = directs[twin]
+    routed = run(suite, name, home, variant, True, extra)
+    count = {kind: [sum(1 for o in r.values() if o == kind) for r in (direct, routed)] for kind in direct.values()}
+    figures = ", ".join(f"{kind} {a} / {b}" for kind, (a, b) in sorted(count.items()))
+    print(f"\n{name} {variant}: directly / through the broker: {figures}", flush=True)
+    lost = sorted(t for t, o in direct.items() if o == "passed" and routed.get(t, "deselected") != "passed")
+    unexpected = 0
+    for test in lost:
+        reason = suite.DESELECTED.get(name_of(test)) or suite.EXPECTED.get(name_of(test))
+        unexpected += reason is None
+        print(f"  {routed.get(test, 'deselected'):10} {test}\n             {reason or 'NOT EXPECTED: a bug'}")
+    return unexpected
+
+
 def main() -> int:
+    import psycopg_suite
+    import redis_suite
+
+    suites: dict[str, Suite] = {"redis": redis_suite, "psycopg": psycopg_suite}  # type: ignore[dict-item]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("flavours", nargs="*", metavar="sync|asyncio", help="the flavours to run (default: both)")
+    parser.add_argument("suite", nargs="?", choices=list(suites), help="the suite to run (default: every one)")
+    parser.add_argument("variants", nargs="*", help="its variants to run (default: every one)")
     parser.add_argument("--pytest", default="", help="more pytest arguments for every run, e.g. '-k pubsub'")
     args = parser.parse_args()
-    flavours = args.flavours or list(FLAVOURS)
-    if not set(flavours) <= set(FLAVOURS):
-        parser.error(f"flavours are {' and '.join(FLAVOURS)}")
-    version = importlib.metadata.version("redis")
-    home = redis_py_tests(version)
-    shutil.copy(ROOT / "scripts" / "redis_py_route.py", home / "redis_py_route.py")
-    print(f"redis-py {version}'s own suite ({', '.join(FILES)}), Redis {redis_version()}:")
+    chosen = [args.suite] if args.suite else list(suites)
+    if args.variants and not set(args.variants) <= set(suites[chosen[0]].VARIANTS):
+        parser.error(f"{chosen[0]}'s variants are {', '.join(suites[chosen[0]].VARIANTS)}")
+    CACHE.mkdir(parents=True, exist_ok=True)
     unexpected = 0
-    for flavour in flavours:
-        direct = run(home, flavour, False, shlex.split(args.pytest))
-        routed = run(home, flavour, True, shlex.split(args.pytest))
-        count = {kind: [sum(1 for o in r.values() if o == kind) for r in (direct, routed)] for kind in direct.values()}
-        figures = ", ".join(f"{kind} {a} / {b}" for kind, (a, b) in sorted(count.items()))
-        print(f"\n{flavour}: directly / through the broker: {figures}")
-        lost = sorted(t for t, o in direct.items() if o == "passed" and routed.get(t, "deselected") != "passed")
-        for test in lost:
-            reason = DESELECTED.get(name_of(test)) or EXPECTED.get(name_of(test))
-            unexpected += reason is None
-            print(f"  {routed.get(test, 'deselected'):10} {test}\n             {reason or 'NOT EXPECTED: a bug'}")
+    for name in chosen:
+        suite = suites[name]
+        home = suite.prepare()
+        print(suite.title(), flush=True)
+        directs: dict[str, Any] = {}
+        for variant in args.variants or suite.VARIANTS:
+            unexpected += compare(suite, name, variant, home, shlex.split(args.pytest), directs)
     print(f"\n{unexpected} unexpected" if unexpected else "\nevery difference is an expected one")
-    print(f"(pytest's output of each run: {CACHE}/FLAVOUR-direct.txt and FLAVOUR-broker.txt)")
+    print(f"(pytest's output of each run: {CACHE}/SUITE-VARIANT-direct.txt and -broker.txt)")
     return 1 if unexpected else 0
-
-
-def redis_version() -> str:
-    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
-    return next((word[2:] for word in out.split() if word.startswith("v=")), out.strip())
 
 
 if __name__ == "__main__":

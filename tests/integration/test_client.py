@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import Broker, RedisServer, broker_answers, run_python, short_tempdir, wait_for
+from helpers import Broker, RedisServer, TestUpstream, broker_answers, run_python, short_tempdir, wait_for
 
 from poolbroker import BrokerUnavailable, Client, LeaseLost
 
@@ -177,3 +177,53 @@ def test_a_client_collected_in_a_reference_cycle_closes_without_hanging(
     broker = start_broker("--upstream", f"redis={redis_server.address}")
     result = run_python(COLLECT_CYCLES, broker.endpoint)
     assert result.stdout.strip() == "collected", result.stderr
+
+
+def test_close_returns_within_its_timeout_while_other_threads_wait_in_calls(
+    start_broker: Callable[..., Broker],
+) -> None:
+    """One thread waits for a stalled upstream's answer, another for a connection of a full pool:
+    close() returns within broker_timeout, each waiting thread ends with BrokerUnavailable (never
+    an exception ZeroMQ raised, never a hang), and the broker takes the lease back."""
+    stalled = TestUpstream("stall")
+    broker = start_broker("--upstream", f"stall={stalled.address}", "--max-size", "1")
+    client = Client(broker.endpoint, timeout=30, broker_timeout=2.0)
+    ended: list[BaseException | None] = []
+    reading, waiting = threading.Event(), threading.Event()
+
+    def read() -> None:
+        with client.lease("stall") as lease:
+            reading.set()
+            try:
+                lease.request(b"anything", until=b"\n")
+                ended.append(None)
+            except BaseException as exc:
+                ended.append(exc)
+
+    def wait() -> None:
+        waiting.set()
+        try:
+            client.lease("stall")
+            ended.append(None)
+        except BaseException as exc:
+            ended.append(exc)
+
+    threads = [threading.Thread(target=read), threading.Thread(target=wait)]
+    threads[0].start()
+    reading.wait(10)
+    threads[1].start()
+    waiting.wait(10)
+    wait_for(lambda: client_stats(broker)["requests_waiting"] == 1, what="the second thread in line")
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 2.0 + 1.0
+    for thread in threads:
+        thread.join(10)
+    assert [type(exc) for exc in ended] == [BrokerUnavailable, BrokerUnavailable], ended
+    wait_for(lambda: client_stats(broker)["leases_active"] == 0, what="the lease back")
+    stalled.stop()
+
+
+def client_stats(broker: Broker) -> dict[str, int]:
+    with Client(broker.endpoint) as observer:
+        return observer.stats("stall")["stall"]  # type: ignore[no-any-return]

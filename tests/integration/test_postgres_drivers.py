@@ -496,3 +496,42 @@ def test_libpq_s_blocking_calls_never_wait_on_a_thread_that_needs_their_gil(
     result = run_python(LIBPQ_BLOCKING_CALLS, broker.endpoint, impl, timeout=90)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["connectdb 42", "ping 0", "cancel canceled"]
+
+
+@pytest.mark.parametrize("route", ["conninfo", "connect"])
+def test_closing_the_client_under_a_running_statement_returns_in_time(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, route: str
+) -> None:
+    """Client.close() while a bridged connection waits for a long statement: it returns within
+    broker_timeout, the statement's caller gets psycopg's OperationalError, and no bridge thread
+    dies of an exception it did not handle."""
+    broker, _ = pg(max_size=1)
+    client = Client(broker.endpoint, timeout=30, broker_timeout=2.0)
+    if route == "connect":
+        conn = postgres.connect(client, "pg", autocommit=True)
+    else:
+        conn = psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
+    unhandled: list[threading.ExceptHookArgs] = []
+    hook, threading.excepthook = threading.excepthook, unhandled.append
+    outcome: list[BaseException] = []
+
+    def sleep() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(30)")
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    try:
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        wait_for(lambda: sleeping_backends(server) == 1, what="the statement running")
+        started = time.monotonic()
+        client.close()
+        assert time.monotonic() - started < 2.0 + 1.0
+        sleeper.join(20)
+        assert len(outcome) == 1 and isinstance(outcome[0], psycopg.OperationalError), outcome
+        assert "closed" in str(outcome[0])  # (why: poolbroker's reason, in libpq's error)
+        conn.close()
+        assert not unhandled, [(u.thread, u.exc_value) for u in unhandled]
+    finally:
+        threading.excepthook = hook

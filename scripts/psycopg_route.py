@@ -1,0 +1,44 @@
+"""A pytest plugin for psycopg's own test suite (loaded by scripts/psycopg_suite.py): its test DSN
+becomes poolbroker.postgres.conninfo() for the pool "pg" of the broker at PB_ENDPOINT, so every
+connection the suite makes goes through this process's bridge. With PB_ROUTE=connect, the suite's
+connection class (psycopg.Connection, which its conn_cls fixture returns) is also swapped for one
+whose connect() is postgres.connect()'s: driven inline, in the caller's thread."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from poolbroker import Client, postgres
+
+POOL = "pg"
+_client = Client(os.environ["PB_ENDPOINT"], timeout=30)
+BRIDGE_PARAMETERS = ("host", "port", "user", "dbname", "sslmode", "gssencmode")
+
+
+class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
+    """psycopg's Connection whose connections to the bridge are postgres.connect()'s."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        params = conninfo_to_dict(conninfo, **kwargs)
+        if params.get("host") != postgres.bridge().directory:  # (somewhere else: as psycopg would)
+            return super().connect(conninfo, **kwargs)
+        for name in BRIDGE_PARAMETERS:
+            params.pop(name, None)
+        here = postgres.bridge()
+        info = here.pool_info(_client, POOL)
+        arguments = postgres._psycopg_arguments(_client, POOL, info, None, None, params, True)
+        conn = super().connect(**arguments)
+        conn.adopt(here.take_handed(conn.info.backend_pid))
+        return conn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.option.test_dsn = postgres.conninfo(_client, POOL)
+    if os.environ.get("PB_ROUTE") == "connect":
+        psycopg.Connection = RoutedConnection  # type: ignore[misc]
