@@ -47,7 +47,7 @@ class LeasedSocket:
         lease.settimeout(self._timeout)
         return lease
 
-    def _current(self) -> Lease:
+    def current(self) -> Lease:
         """The lease for what comes next: a new one once the last has ended by itself, or when it
         has not started yet and this is another thread than the one that made it."""
         lease = self.lease
@@ -66,10 +66,10 @@ class LeasedSocket:
             self.lease = self._next_lease()
 
     def sendall(self, data: bytes) -> None:
-        self._current().sendall(data)
+        self.current().sendall(data)
 
     def send(self, data: bytes) -> int:
-        self._current().sendall(data)
+        self.current().sendall(data)
         return len(data)
 
     def flush(self) -> None:
@@ -77,13 +77,13 @@ class LeasedSocket:
         self.lease.flush()
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
-        return self._current().recv(bufsize)
+        return self.current().recv(bufsize)
 
     def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
-        return self._current().recv_into(buffer, nbytes)
+        return self.current().recv_into(buffer, nbytes)
 
     def recv_ready(self, count: int) -> bytes:
-        return self._current().recv_ready(count)
+        return self.current().recv_ready(count)
 
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
         """A binary file over this socket (over whichever lease each read or write runs on)."""

@@ -24,6 +24,12 @@ READY_HEAD = b"Z\0\0\0\x05"  # a ReadyForQuery's type and length: its status byt
 ANSWERED_BY_READY = frozenset(b"QSF")
 
 
+# The prefix of the names the worker's link gives the statements a driver prepares in transaction
+# mode (poolbroker/pg_statements.py): named after their content, and prepared again by the link
+# before use on any backend, so one left on a connection changes nothing for the next holder.
+SHARED_STATEMENT = b"pb_"
+
+
 def message(kind: bytes, payload: bytes) -> bytes:
     """A message: its type byte, its length (itself included), its payload."""
     return kind + struct.pack("!i", len(payload) + 4) + payload
@@ -42,8 +48,9 @@ class Frames:
     """One direction of a stream, split into messages as its bytes arrive, in pieces of any size.
     `feed` returns each completed message's type (an int) and, for the types in `keep`, its body
     (up to `limit` bytes: `cut` turns true when one was longer); other bodies are skipped, never
-    buffered. `partial` is true in the middle of a message; `error` says why the bytes are not
-    PostgreSQL's (and nothing more is taken)."""
+    buffered. Given `ends`, it appends where in `data` each of those messages ended. `partial` is
+    true in the middle of a message; `error` says why the bytes are not PostgreSQL's (and nothing
+    more is taken)."""
 
     __slots__ = ("keep", "limit", "cut", "error", "_head", "_kind", "_left", "_body")
 
@@ -61,7 +68,7 @@ class Frames:
     def partial(self) -> bool:
         return bool(self._head) or self._left > 0
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview, ends: list[int] | None = None) -> list[tuple[int, bytes]]:
         done: list[tuple[int, bytes]] = []
         if self.error:
             return done
@@ -83,6 +90,8 @@ class Frames:
                     else:
                         done.append((kind, b""))
                     at = stop
+                    if ends is not None:
+                        ends.append(at)
                     continue
                 self._kind, self._left = kind, length - 4
                 self._body = bytearray() if kind in keep else None
@@ -100,6 +109,8 @@ class Frames:
                 if not self._left:
                     done.append((self._kind, bytes(body) if body is not None else b""))
                     self._body = None
+                    if ends is not None:
+                        ends.append(at)
                 continue
             take = min(5 - len(self._head), end - at)
             self._head += view[at : at + take]
@@ -116,4 +127,6 @@ class Frames:
             if not self._left:
                 done.append((kind, b""))
                 self._body = None
+                if ends is not None:
+                    ends.append(at)
         return done

@@ -42,6 +42,7 @@ from poolbroker.client.pgwire import (
     message,
 )
 from poolbroker.pg_greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
+from poolbroker.pg_statements import Statements
 
 READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE = (ord(c) for c in "ZGcfHX")
 ANSWERED_AT_FLUSH = frozenset(b"PBDEC")  # Parse, Bind, Describe, Execute, Close: answered before the Sync
@@ -115,6 +116,12 @@ class PgLink:
         self.copy_in = False  # the server waits for the driver's COPY data
         self._flushed = False  # the driver sent Flush: it waits for what the server has so far
         self._unsynced = False  # extended-query messages sent since the last Sync (or Flush)
+        # Transaction mode: the driver's prepared statements, prepared again on each backend, and
+        # the ends of messages not yet whole, held until they are (each direction's).
+        self.statements = Statements() if transaction_mode else None
+        self._statements_lease: Lease | None = None  # the lease whose backend `statements.here` is
+        self._held_out = b""
+        self._held_in = b""
 
     # -- what the driver sends -----------------------------------------------------------------
 
@@ -132,7 +139,9 @@ class PgLink:
             self._unseen += BEGIN_ANSWER
         self._begin = b""
         terminate = False
-        for kind, _ in self._sent.feed(data):
+        ends: list[int] | None = [] if self.statements is not None else None
+        messages = self._sent.feed(data, ends)
+        for kind, _ in messages:
             if kind in ANSWERED_BY_READY:
                 self.owed += 1
                 self._unsynced = False
@@ -147,11 +156,31 @@ class PgLink:
                 self._unsynced = False
             elif kind == TERMINATE:
                 terminate = True
+        if ends is not None:
+            data = self._edit(data, messages, ends)
         if terminate:  # (always the driver's last message: the pooled connection stays open)
             data = data[:-5]
             self.closed = True
         if data:
             self.upstream.sendall(data)
+
+    def _edit(self, data: bytes, messages: list[tuple[int, bytes]], ends: list[int]) -> bytes:
+        """Transaction mode: the driver's whole messages as `statements` has them go to the server
+        (a message not yet whole is held until it is)."""
+        assert self.statements is not None and isinstance(self.upstream, LeasedSocket)
+        lease = self.upstream.current()
+        if lease is not self._statements_lease:  # (a new lease: a backend that may have none)
+            self.statements.new_backend()
+            self._statements_lease = lease
+        held = self._held_out
+        data = held + data if held else data
+        out, start = bytearray(), 0
+        for (kind, _), end in zip(messages, ends, strict=True):
+            stop = len(held) + end
+            out += self.statements.sent(kind, data[start:stop])
+            start = stop
+        self._held_out = data[start:]
+        return bytes(out)
 
     def _lone_begin(self, data: bytes) -> bool:
         """The driver's whole message is a BEGIN, between transactions, with nothing owed."""
@@ -227,12 +256,21 @@ class PgLink:
             data = upstream.recv_ready(self.owed) if whole else upstream.recv()
             if not data:
                 return  # (the pooled connection closed)
-            if whole and len(data) < READY_CHUNK and data[-6:-1] == READY_HEAD and not self._received.partial:
+            statements = self.statements
+            if (
+                whole
+                and len(data) < READY_CHUNK
+                and data[-6:-1] == READY_HEAD
+                and not self._received.partial
+                and (statements is None or not statements.counting())
+            ):
                 # It stopped at the last ReadyForQuery owed (a COPY's start or the chunk would have
                 # stopped it first): nothing in between needs walking.
                 self.owed, self.status = 0, data[-1:]
+                if statements is not None:
+                    statements.all_answered()
             else:
-                self._follow(data)
+                data = self._follow(data)
             if self._unseen:  # (the server's answer to a BEGIN answered here already)
                 seen = min(len(self._unseen), len(data))
                 if data[:seen] != self._unseen[:seen]:
@@ -240,14 +278,38 @@ class PgLink:
                 self._unseen, data = self._unseen[seen:], data[seen:]
             self._answer += data
 
-    def _follow(self, data: bytes) -> None:
-        """The server's messages, as they bear on what is owed and what the server waits for."""
-        for kind, body in self._received.feed(data):
+    def _follow(self, data: bytes) -> bytes:
+        """The server's messages, as they bear on what is owed and what the server waits for; what
+        the driver is to see of them (transaction mode: not the answers to what the link added)."""
+        statements = self.statements
+        ends: list[int] | None = [] if statements is not None else None
+        messages = self._received.feed(data, ends)
+        for kind, body in messages:
             if kind == READY:
                 self.owed -= 1
                 self.status = body[:1]
             elif kind == COPY_IN:
                 self.copy_in = True
+        if statements is None or ends is None:
+            return data
+        if not statements.hidden and not self._held_in:  # (nothing to cut out: only count)
+            for kind, _ in messages:
+                statements.answered(kind)
+            return data
+        held = self._held_in
+        data = held + data if held else data
+        out, start = bytearray(), 0
+        for (kind, _), end in zip(messages, ends, strict=True):
+            stop = len(held) + end
+            if not statements.answered(kind):
+                out += data[start:stop]
+            start = stop
+        if statements.hidden:  # (a message not yet whole may be one to cut out: held until it is)
+            self._held_in = data[start:]
+        else:
+            out += data[start:]
+            self._held_in = b""
+        return bytes(out)
 
     def flush(self) -> None:
         """Send what the driver wrote that waits for no answer yet (COPY data, a pipeline)."""

@@ -18,8 +18,8 @@ gives the lease back; `conn.cancel()` reaches the real backend through the broke
 socket object (`sock=`), so it needs no bridge and no thread.
 
 A pool with `pool_mode = "transaction"` makes each connection hold a lease only from the first
-message of a transaction to its end; psycopg's prepared statements are turned off there (each
-transaction may run on another backend). See the README for what transaction mode can't do.
+message of a transaction to its end; psycopg's prepared statements are prepared again on each
+backend that needs them (pg_statements). See the README for what transaction mode can't do.
 """
 
 from __future__ import annotations
@@ -68,11 +68,8 @@ def _psycopg_arguments(
     kwargs: dict[str, Any],
     inline: bool,
 ) -> dict[str, Any]:
-    """psycopg's connect() arguments: the bridge's target and the caller's own, with prepared
-    statements off by default in transaction mode (a transaction's backend is not the next's)."""
+    """psycopg's connect() arguments: the bridge's target and the caller's own."""
     transactions = _transaction_mode(info, transaction_mode)
-    if transactions:
-        kwargs.setdefault("prepare_threshold", None)
     target = _bridge_target(broker, pool, info, transactions, tag, inline)
     if clash := sorted(target.keys() & kwargs.keys()):  # (as a repeated keyword argument would be)
         raise TypeError(f"{', '.join(clash)}: the bridge's to set, not the caller's")
@@ -89,8 +86,8 @@ def connect(
 ) -> psycopg.Connection[Any]:
     """A psycopg connection on the pool `pool` (its user and database are the pool's). Keyword
     arguments go to psycopg.Connection.connect (autocommit, row_factory...). `transaction_mode`
-    defaults to the pool's pool_mode; in it, prepare_threshold defaults to None. (Transaction mode
-    on a session-mode pool works, with the pool's reset after every transaction.)"""
+    defaults to the pool's pool_mode. (Transaction mode on a session-mode pool works, with the
+    pool's reset after every transaction.)"""
 
     here = bridge()
     info = here.pool_info(broker, pool)

@@ -21,7 +21,7 @@ from typing import Any
 import pg8000.native
 import psycopg
 import pytest
-from helpers import Broker, PostgresServer, pg_pool, run_python, wait_for
+from helpers import ROOT, Broker, PostgresServer, pg_pool, run_python, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -171,7 +171,8 @@ def test_a_transaction_costs_two_messages_and_keeps_its_begin(pg: Callable[..., 
         for i in range(20):
             with conn.transaction():
                 assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
-        assert client.broker_stats()["requests_received"] - before <= 20 * 2 + 1  # (+1: the stats request)
+        # (+1: the stats request; +1: psycopg's own Parse, once, when it prepares the statement)
+        assert client.broker_stats()["requests_received"] - before <= 20 * 2 + 2
         conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
         assert conn.execute("SHOW transaction_isolation").fetchone() == ("serializable",)
         conn.execute("COMMIT")
@@ -535,3 +536,61 @@ def test_closing_the_client_under_a_running_statement_returns_in_time(
         assert not unhandled, [(u.thread, u.exc_value) for u in unhandled]
     finally:
         threading.excepthook = hook
+
+
+PREPARING_WORKER = """
+import sys
+import psycopg
+from poolbroker import Client, postgres
+
+client = Client(sys.argv[1], timeout=30)
+route, me = sys.argv[2], int(sys.argv[3])
+if route == "connect":
+    conn = postgres.connect(client, "pg", prepare_threshold=0)  # (prepared at the first use)
+else:
+    conn = psycopg.connect(postgres.conninfo(client, "pg"), prepare_threshold=0)
+with conn:
+    for i in range(60):
+        if i % 3 == 0:
+            conn.autocommit = True  # (a transaction per statement)
+            got = conn.execute("SELECT %s::int + %s::int", [i, me]).fetchone()[0]
+        else:
+            conn.autocommit = False
+            with conn.transaction():
+                got = conn.execute("SELECT %s::int + %s::int", [i, me]).fetchone()[0]
+                text = conn.execute("SELECT %s::text || 'x'", [str(i)]).fetchone()[0]
+                assert text == f"{i}x", text
+        assert got == i + me, (got, i, me)
+    conn.autocommit = False
+    with conn.pipeline(), conn.transaction():
+        cursors = [conn.execute("SELECT %s::int + %s::int", [i, me]) for i in range(20)]
+    assert [c.fetchone()[0] for c in cursors] == [i + me for i in range(20)]
+    with conn.transaction():
+        here = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pb!_%%' ESCAPE '!'")
+        assert here.fetchone()[0] >= 1  # (the backend has them under the shared names)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("route", ["connect", "conninfo"])
+def test_psycopg_s_prepared_statements_follow_each_transaction_to_its_backend(
+    pg: Callable[..., tuple[Broker, Client]], route: str
+) -> None:
+    """Transaction mode, psycopg preparing every statement: three processes whose statements have
+    the same names (_pg3_0...) for different queries share two backends, in autocommit, in
+    transactions and in a pipeline. Each Bind finds its statement, and each answer is its own."""
+    broker, client = pg(max_size=2, pool_mode="transaction")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARING_WORKER, broker.endpoint, route, str(me)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me in (0, 1000, 2000)
+    ]
+    for worker in workers:
+        out, err = worker.communicate(timeout=120)
+        assert out.strip() == "ok", err[-2000:]
+    assert client.stats("pg")["pg"]["connections_created"] <= 2

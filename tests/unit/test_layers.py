@@ -75,6 +75,7 @@ ADAPTERS = {
     "poolbroker.pg_inline",
     "poolbroker.pg_bridge",
     "poolbroker.pg_greeter",
+    "poolbroker.pg_statements",
     "poolbroker.pytest_plugin",
 }  # the package's face: the client's users
 

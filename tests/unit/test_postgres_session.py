@@ -127,6 +127,8 @@ def test_a_named_prepared_statement_changes_the_session_and_an_unnamed_one_does_
         "it ran a named prepared statement",
     )
     assert session(parse("SELECT 1") + SYNC, ready(b"I")).verdict()[0] is CLEAN
+    # One the worker's link named after its content: whoever uses it next prepares it again first.
+    assert session(parse("SELECT 1", "pb_0123abcd") + SYNC, ready(b"I")).verdict()[0] is CLEAN
 
 
 def postgres_pool(**settings: object) -> PoolConfig:

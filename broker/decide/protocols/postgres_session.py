@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
-from poolbroker.client.pgwire import ANSWERED_BY_READY, Frames
+from poolbroker.client.pgwire import ANSWERED_BY_READY, SHARED_STATEMENT, Frames
 
 QUERY, PARSE, BIND, EXECUTE, TERMINATE, READY = (ord(kind) for kind in "QPBEXZ")
 
@@ -79,7 +79,10 @@ class PostgresSession:
                 self.changed = session_change(body)
             elif kind == PARSE:
                 name, _, sql = body.partition(b"\0")
-                self.changed = "a named prepared statement" if name else session_change(sql)
+                if not name:
+                    self.changed = session_change(sql)
+                elif not name.startswith(SHARED_STATEMENT):  # (those change nothing a holder relies on)
+                    self.changed = "a named prepared statement"
             if self._sent.cut and not self.changed:
                 self.changed = "a statement too long to read"
 
