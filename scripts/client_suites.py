@@ -104,7 +104,7 @@ def run(suite: Suite, name: str, home: Path, variant: str, through_broker: bool,
     servers = suite.servers(variant, through_broker)
     junit = servers.dir / "junit.xml"
     argv, env = suite.argv(variant, servers, through_broker)
-    argv = [sys.executable, "-m", "pytest", *argv, "-q", "-o", f"cache_dir={servers.dir / 'cache'}"]
+    argv = [sys.executable, "-m", "pytest", *argv, "-v", "-o", f"cache_dir={servers.dir / 'cache'}"]
     argv += ["--timeout=90", f"--junitxml={junit}", "-o", "addopts=", "-o", "junit_family=xunit1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), **env}
     if through_broker:

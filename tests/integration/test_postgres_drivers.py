@@ -594,3 +594,110 @@ def test_psycopg_s_prepared_statements_follow_each_transaction_to_its_backend(
         out, err = worker.communicate(timeout=120)
         assert out.strip() == "ok", err[-2000:]
     assert client.stats("pg")["pg"]["connections_created"] <= 2
+
+
+def terminate_pool_backends(server: PostgresServer) -> int:
+    with server.connect(autocommit=True) as observer:
+        query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s"
+        return int(observer.execute(query, [POOL_NAME]).fetchone()[0])
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("route", ["connect", "conninfo"])
+def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, mode: str, route: str
+) -> None:
+    """pg_terminate_backend() on the backend under a running statement: psycopg raises AdminShutdown,
+    as directly. Between statements, session mode's connection has lost its backend (AdminShutdown
+    at the next statement, as directly); transaction mode's next transaction runs on another."""
+    _, client = pg(max_size=1, pool_mode=mode)
+
+    def connect() -> psycopg.Connection[Any]:
+        if route == "connect":
+            return postgres.connect(client, "pg", autocommit=True)
+        return psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
+
+    with connect() as conn:
+        killer = threading.Thread(
+            target=lambda: wait_for(lambda: sleeping_backends(server) and terminate_pool_backends(server), what="kill")
+        )
+        killer.start()
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            conn.execute("SELECT pg_sleep(30)")
+        killer.join()
+        assert conn.closed
+    with connect() as conn:
+        conn.execute("SELECT 1")
+        wait_for(lambda: terminate_pool_backends(server), what="the backend terminated")
+        if mode == "session":
+            with pytest.raises(psycopg.errors.AdminShutdown):
+                conn.execute("SELECT 1")
+        else:
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def copy_both_ways(conn: psycopg.Connection[Any]) -> None:
+    """COPY FROM and TO, small and big, and COPY cut short by the server's error and by the
+    client's: each time the connection goes on, with nothing left of the failed COPY."""
+    conn.execute("CREATE TABLE IF NOT EXISTS copied (n int PRIMARY KEY, t text)")
+    conn.execute("TRUNCATE copied")
+    for count in (3, 120_000):  # (a few rows; then more than a piece of 256 KiB)
+        conn.execute("TRUNCATE copied")
+        with conn.cursor().copy("COPY copied FROM STDIN") as copy:
+            for n in range(count):
+                copy.write_row((n, "r" * 40))
+        assert conn.execute("SELECT count(*), sum(n) FROM copied").fetchone() == (count, count * (count - 1) // 2)
+        with conn.cursor().copy("COPY copied TO STDOUT") as copy:
+            rows = sorted(int(n) for n, _ in copy.rows())
+        assert rows == list(range(count))
+    # (each in a transaction of its own, or a savepoint inside the caller's)
+    copy_in = "COPY copied FROM STDIN"
+    with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction(), conn.cursor().copy(copy_in) as copy:
+        copy.write_row((1_000_000, "new"))
+        copy.write_row((5, "a duplicate"))  # (the server fails the COPY at its end)
+    with pytest.raises(RuntimeError), conn.transaction(), conn.cursor().copy(copy_in) as copy:
+        copy.write_row((2_000_000, "never"))
+        raise RuntimeError("the client's own error: psycopg sends CopyFail")
+    assert conn.execute("SELECT count(*) FROM copied WHERE n >= 1000000").fetchone() == (0,)
+    conn.execute("DROP TABLE copied")
+
+
+async def async_copy_both_ways(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute("CREATE TABLE IF NOT EXISTS acopied (n int PRIMARY KEY)")
+    async with conn.cursor().copy("COPY acopied FROM STDIN") as copy:
+        for n in range(50_000):
+            await copy.write_row((n,))
+    async with conn.cursor().copy("COPY acopied TO STDOUT") as copy:
+        assert sorted([int(n) async for (n,) in copy.rows()]) == list(range(50_000))
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        async with conn.cursor().copy("COPY acopied FROM STDIN") as copy:
+            await copy.write_row((7,))
+    assert (await (await conn.execute("SELECT count(*) FROM acopied")).fetchone()) == (50_000,)
+    await conn.execute("DROP TABLE acopied")
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("route", ["connect", "conninfo", "async"])
+def test_copy_both_ways_big_and_small_and_cut_short_by_errors(
+    pg: Callable[..., tuple[Broker, Client]], mode: str, route: str
+) -> None:
+    _, client = pg(max_size=1, pool_mode=mode)
+    if route == "async":
+
+        async def run() -> None:
+            async with await postgres.async_connect(client, "pg", autocommit=True) as conn:
+                await async_copy_both_ways(conn)
+
+        asyncio.run(run())
+    else:
+        connect = postgres.connect if route == "connect" else None
+        with (
+            connect(client, "pg", autocommit=True)
+            if connect
+            else psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
+        ) as conn:
+            copy_both_ways(conn)
+            conn.autocommit = False
+            with conn.transaction():  # (inside a transaction too)
+                copy_both_ways(conn)
+    wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the lease back")
