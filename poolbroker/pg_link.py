@@ -44,7 +44,7 @@ from poolbroker.client.pgwire import (
 from poolbroker.pg_greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
 from poolbroker.pg_statements import Statements
 
-READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE = (ord(c) for c in "ZGcfHX")
+READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE, ERROR = (ord(c) for c in "ZGcfHXE")
 ANSWERED_AT_FLUSH = frozenset(b"PBDEC")  # Parse, Bind, Describe, Execute, Close: answered before the Sync
 
 # A BEGIN with nothing else in its Query, and the server's answer to it.
@@ -54,6 +54,7 @@ LONE_BEGIN = re.compile(
     re.IGNORECASE,
 )
 BEGIN_ANSWER = message(b"C", b"BEGIN\0") + message(b"Z", b"T")
+FLUSH_MESSAGE = message(b"H", b"")
 
 
 PgLinkError = StartupError  # the driver asked for something the pool can't give (another database...)
@@ -116,6 +117,9 @@ class PgLink:
         self.copy_in = False  # the server waits for the driver's COPY data
         self._flushed = False  # the driver sent Flush: it waits for what the server has so far
         self._unsynced = False  # extended-query messages sent since the last Sync (or Flush)
+        # An error with no Sync sent since: the server skips every extended-query message until the
+        # next Sync, and answers none of them (libpq reports them aborted without asking).
+        self._skipping = False
         # Transaction mode: the driver's prepared statements, prepared again on each backend, and
         # the ends of messages not yet whole, held until they are (each direction's).
         self.statements = Statements() if transaction_mode else None
@@ -129,6 +133,8 @@ class PgLink:
         if not self._started:
             self._take_startup(data)
             return
+        if self._nothing_to_flush(data):
+            return  # (a lease taken for it would wait for an answer that never comes, in transaction mode)
         if self._lone_begin(data):
             self._begin = data
             self._answer += BEGIN_ANSWER
@@ -144,9 +150,9 @@ class PgLink:
         for kind, _ in messages:
             if kind in ANSWERED_BY_READY:
                 self.owed += 1
-                self._unsynced = False
+                self._unsynced = self._skipping = False
             elif kind in ANSWERED_AT_FLUSH:
-                self._unsynced = True
+                self._unsynced = not self._skipping
             elif kind in (COPY_DONE, COPY_FAIL):
                 self.copy_in = False
             elif kind == FLUSH:
@@ -181,6 +187,13 @@ class PgLink:
             start = stop
         self._held_out = data[start:]
         return bytes(out)
+
+    def _nothing_to_flush(self, data: bytes) -> bool:
+        """The driver's whole message is a Flush, with nothing sent since the last answer (libpq
+        sends one after a pipeline's Sync, and it may come on its own once that is answered)."""
+        if self.owed or self._unsynced or self._begin or self._sent.partial or not data:
+            return False
+        return data == FLUSH_MESSAGE * (len(data) // 5)
 
     def _lone_begin(self, data: bytes) -> bool:
         """The driver's whole message is a BEGIN, between transactions, with nothing owed."""
@@ -290,6 +303,9 @@ class PgLink:
                 self.status = body[:1]
             elif kind == COPY_IN:
                 self.copy_in = True
+            elif kind == ERROR and self.owed == 0:  # (an error in a group whose Sync is still to come)
+                self._skipping = True
+                self._unsynced = False
         if statements is None or ends is None:
             return data
         if not statements.hidden and not self._held_in:  # (nothing to cut out: only count)

@@ -701,3 +701,55 @@ def test_copy_both_ways_big_and_small_and_cut_short_by_errors(
             with conn.transaction():  # (inside a transaction too)
                 copy_both_ways(conn)
     wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the lease back")
+
+
+def pipeline_aborted(conn: psycopg.Connection[Any]) -> None:
+    """psycopg's own test_pipeline_aborted: after an error in a pipeline, the server skips every
+    statement until the Sync and answers none of them; libpq says they were aborted."""
+    with conn.pipeline() as p:
+        first = conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("SELECT * FROM doesnotexist").fetchone()
+        with pytest.raises(psycopg.errors.PipelineAborted):
+            conn.execute("SELECT 'aborted'").fetchone()
+        p.sync()
+        second = conn.execute("SELECT 2")
+    assert (first.fetchone(), second.fetchone()) == ((1,), (2,))
+
+
+async def async_pipeline_aborted(conn: psycopg.AsyncConnection[Any]) -> None:
+    async with conn.pipeline() as p:
+        first = await conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await (await conn.execute("SELECT * FROM doesnotexist")).fetchone()
+        with pytest.raises(psycopg.errors.PipelineAborted):
+            await (await conn.execute("SELECT 'aborted'")).fetchone()
+        await p.sync()
+        second = await conn.execute("SELECT 2")
+    assert (await first.fetchone(), await second.fetchone()) == ((1,), (2,))
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("route", ["connect", "conninfo", "async"])
+def test_statements_a_pipeline_error_aborts_are_never_waited_for(
+    pg: Callable[..., tuple[Broker, Client]], mode: str, route: str
+) -> None:
+    # After an error, a statement sent with a Flush and no Sync is owed nothing: a read for it
+    # waited forever (psycopg's own test_pipeline_aborted hung through the broker).
+    _, client = pg(max_size=1, pool_mode=mode)
+    if route == "async":
+
+        async def run() -> None:
+            async with await postgres.async_connect(client, "pg", autocommit=True) as conn:
+                for _ in range(10):
+                    await asyncio.wait_for(async_pipeline_aborted(conn), 20)
+
+        asyncio.run(run())
+        return
+    if route == "connect":
+        conn = postgres.connect(client, "pg", autocommit=True)
+    else:
+        conn = psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
+    with conn:
+        for _ in range(10):
+            pipeline_aborted(conn)
