@@ -247,7 +247,10 @@ class PgLink:
 
     def awaiting(self) -> bool:
         """The server (or the link) owes the driver an answer: read before waiting on the driver."""
-        return bool(self._answer) or self._flushed or (self.owed > 0 and not self.copy_in)
+        # (the answer to a BEGIN answered here already is owed the link, not the driver: it is read,
+        # and taken out, with the next answer the driver waits for)
+        owed = self.owed - bool(self._unseen)
+        return bool(self._answer) or self._flushed or (owed > 0 and not self.copy_in)
 
     def read(self, size: int = DEFAULT_RECV) -> bytes:
         """At most `size` bytes of what the driver reads next: the link's own answers, else the

@@ -715,6 +715,13 @@ def pipeline_aborted(conn: psycopg.Connection[Any]) -> None:
         p.sync()
         second = conn.execute("SELECT 2")
     assert (first.fetchone(), second.fetchone()) == ((1,), (2,))
+    # psycopg's test_outer_transaction: a pipeline inside a transaction, with no Sync before its
+    # end. The BEGIN answered here goes with its first statement, and the server's answer to the
+    # BEGIN was owed the link, not psycopg: a read for it waited for the pipeline's results.
+    with conn.transaction(), conn.pipeline():
+        conn.execute("CREATE TEMPORARY TABLE outer_tx ON COMMIT DROP AS (SELECT 1)")
+        cur = conn.execute("SELECT * FROM outer_tx")
+    assert cur.fetchone() == (1,)
 
 
 async def async_pipeline_aborted(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -727,11 +734,15 @@ async def async_pipeline_aborted(conn: psycopg.AsyncConnection[Any]) -> None:
         await p.sync()
         second = await conn.execute("SELECT 2")
     assert (await first.fetchone(), await second.fetchone()) == ((1,), (2,))
+    async with conn.transaction(), conn.pipeline():
+        await conn.execute("CREATE TEMPORARY TABLE outer_tx ON COMMIT DROP AS (SELECT 1)")
+        cur = await conn.execute("SELECT * FROM outer_tx")
+    assert await cur.fetchone() == (1,)
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 @pytest.mark.parametrize("route", ["connect", "conninfo", "async"])
-def test_statements_a_pipeline_error_aborts_are_never_waited_for(
+def test_pipelines_never_wait_for_answers_not_owed_to_the_driver(
     pg: Callable[..., tuple[Broker, Client]], mode: str, route: str
 ) -> None:
     # After an error, a statement sent with a Flush and no Sync is owed nothing: a read for it
