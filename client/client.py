@@ -153,11 +153,14 @@ class Client:
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
         channel = channel or self._channel()
         generation = channel.generation
-        token = None
+        token, reply = None, {}
         if not lazy:
             message = lease_request(pool, timeout, channel.pid, HOSTNAME, tag)
-            token = check_reply(channel.call(message, timeout + self.broker_timeout))["lease"]
-        return Lease(self, channel, generation, pool, token, io_timeout, timeout=timeout, tag=tag, when_done=when_done)
+            reply = check_reply(channel.call(message, timeout + self.broker_timeout))
+            token = reply["lease"]
+        lease = Lease(self, channel, generation, pool, token, io_timeout, timeout=timeout, tag=tag, when_done=when_done)
+        lease.backend_pid = reply.get("backend_pid")
+        return lease
 
     def request(
         self,

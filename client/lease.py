@@ -100,6 +100,7 @@ class Lease(LeaseCore):
             when_done=when_done,
         )
         self.client = client
+        self.backend_pid: int | None = None  # a postgres pool's backend, as its grant said (not lazy)
 
     def __enter__(self) -> Lease:
         return self

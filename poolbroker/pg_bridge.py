@@ -112,7 +112,9 @@ class Bridge:
             self._given.clear()
         _, pool, *_ = self._route_of[port]
         info = self._infos[port]
+        inline = self._route_of[port][4]
         route = {"route": port, "pool": pool, "user": info["user"], "database": info["database"]}
+        route["answer"] = not inline  # (connect() never holds the GIL: the link answers, with a lease)
         route["parameters"] = info["parameters"]
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self._listeners[port].fileno()]))]
         self._greeter.sendmsg([json.dumps(route).encode()], [] if port in self._given else fds)
@@ -155,14 +157,17 @@ class Bridge:
             fds = [fd for level, kind, raw in ancillary if kind == socket.SCM_RIGHTS for fd in array.array("i", raw)]
             sock = socket.socket(fileno=fds[0])
             sock.setblocking(True)  # (the greeter's copy was not: the flag is the descriptor's)
-            self._greeted(sock, said["port"], tuple(said["key"]), bytes.fromhex(said["rest"]))
+            if "startup" in said:  # (an inline route's: answered in a relay thread, which may wait for a lease)
+                self._jobs.put((self._answer_inline, sock, said["port"], bytes.fromhex(said["startup"])))
+                self._spare_thread()
+            else:
+                self._greeted(sock, said["port"], tuple(said["key"]), bytes.fromhex(said["rest"]))
 
     def _greeted(self, sock: socket.socket, port: int, key: tuple[int, int], rest: bytes) -> None:
-        """A connection whose startup the greeter answered: handed over, or relayed."""
-        broker, pool, transaction_mode, tag, inline = self._route_of[port]
+        """A connection whose startup the greeter answered (a conninfo() route's): relayed."""
+        broker, pool, transaction_mode, tag, _ = self._route_of[port]
         try:
-            channel = self.take_channel(broker) if inline else None
-            link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag, channel=channel)
+            link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag)
             link.greeted(key)
             if rest:  # (libpq sends nothing more before ReadyForQuery: never so far)
                 link.write(rest)
@@ -171,14 +176,40 @@ class Bridge:
             sock.close()
             return
         self.links[key[0]] = link
-        if channel is not None:  # (inline)
-            give_back = functools.partial(self.give_channel, broker, channel)
-            with self._handed_ready:
-                self._handed[key[0]] = Inline(sock, link, give_back)
-                self._handed_ready.notify_all()
-        else:
-            self._jobs.put((self._serve, sock, link))
-            self._spare_thread()
+        self._jobs.put((self._serve, sock, link))
+        self._spare_thread()
+
+    def _answer_inline(self, sock: socket.socket, port: int, startup: bytes) -> None:
+        """An inline route's connection: its link answers the startup (in session mode, with the
+        backend's own pid, once leased), then the connection is handed over to its driver."""
+        broker, pool, transaction_mode, tag, _ = self._route_of[port]
+        channel = self.take_channel(broker)
+        link: PgLink | None = None
+        try:
+            link = PgLink(
+                broker,
+                pool,
+                self._infos[port],
+                transaction_mode=transaction_mode,
+                tag=tag,
+                channel=channel,
+                backend_pid=True,
+            )
+            link.write(startup)
+            answer = link.read(RELAY_CHUNK)
+        except (PgLinkError, PoolBrokerError) as exc:
+            sqlstate = exc.sqlstate if isinstance(exc, PgLinkError) else "08006"
+            _tell(sock, error_response(sqlstate, str(exc) if isinstance(exc, PgLinkError) else f"poolbroker: {exc}"))
+            if link is not None:
+                link.close()
+            self.give_channel(broker, channel)
+            sock.close()
+            return
+        self.links[link.key[0]] = link
+        with self._handed_ready:  # (before libpq can see ReadyForQuery, and its connect() return)
+            self._handed[link.key[0]] = Inline(sock, link, functools.partial(self.give_channel, broker, channel))
+            self._handed_ready.notify_all()
+        _tell(sock, answer)
 
     def take_handed(self, pid: int, timeout: float = 10.0) -> Inline:
         """The inline connection whose BackendKeyData pid is `pid` (its driver's connect() has

@@ -11,9 +11,10 @@ libpq only writes when its caller asks for something, and waits in a way that le
 
 Standard library only, run from its file (see pg_bridge.start_greeter): it starts in milliseconds.
 Its wire with the bridge is a SOCK_SEQPACKET socket pair, one JSON message per packet:
-    bridge -> greeter: {"route": port, "user", "database", "parameters", "pool"} (+ the listener's
-                       descriptor the first time; later ones update what the route answers)
-    greeter -> bridge: {"port", "key": [pid, secret], "rest": hex} + the connection's descriptor
+    bridge -> greeter: {"route": port, "user", "database", "parameters", "pool", "answer"} (+ the
+                       listener's descriptor the first time; later ones update what it answers)
+    greeter -> bridge: {"port", "key": [pid, secret], "rest": hex} + the connection's descriptor,
+                       or with "answer": false, {"port", "startup": hex} (the bridge answers it)
                        {"cancel": [pid, secret]}  (libpq's CancelRequest; its socket is closed)
 It ends when the bridge's end closes (the bridge's process is gone).
 """
@@ -189,10 +190,14 @@ class Greeter:
             return True
         if code >> 16 != PROTOCOL_MAJOR:
             raise StartupError("08P01", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
-        key = new_key()
-        sock.settimeout(5.0)  # (the answer is small: it fits the socket's buffer)
-        sock.sendall(startup_answer(self.routes[greeting.port], startup_parameters(packet), key))
-        passed = json.dumps({"port": greeting.port, "key": key, "rest": rest.hex()}).encode()
+        route = self.routes[greeting.port]
+        if route.get("answer", True):
+            key = new_key()
+            sock.settimeout(5.0)  # (the answer is small: it fits the socket's buffer)
+            sock.sendall(startup_answer(route, startup_parameters(packet), key))
+            passed = json.dumps({"port": greeting.port, "key": key, "rest": rest.hex()}).encode()
+        else:  # (the bridge answers it: its driver's connect never holds the GIL while it waits)
+            passed = json.dumps({"port": greeting.port, "startup": (packet + rest).hex()}).encode()
         self.bridge.sendmsg([passed], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
         self._drop(sock)  # (this copy: the bridge's process has its own now)
         return True

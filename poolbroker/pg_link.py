@@ -91,12 +91,17 @@ class PgLink:
         transaction_mode: bool,
         tag: str | None = None,
         channel: Channel | None = None,
+        backend_pid: bool = False,
     ) -> None:
         self.broker = broker
         self.pool = pool
         self.info = info
         self.transaction_mode = transaction_mode
+        self.tag = tag
         self.channel = channel  # a broker socket for this link alone (any thread may drive it), or None
+        # Session mode: lease at the startup, and answer it with the real backend's pid, which the
+        # driver then shows (pg_terminate_backend() of it ends this connection's backend).
+        self._backend_pid = backend_pid and not transaction_mode
         self.upstream: Lease | LeasedSocket
         if transaction_mode:  # each transaction on a lazy lease of its own, ended when done
             self.upstream = LeasedSocket(broker, pool, tag=tag, timeout=None, channel=channel)
@@ -230,7 +235,14 @@ class PgLink:
     def _hello(self, asked: dict[str, str]) -> None:
         """Answer a StartupMessage as the pool's server would, with this link's own BackendKeyData
         (a CancelRequest for it reaches the real backend through the broker)."""
-        self._answer += startup_answer({**self.info, "pool": self.pool}, asked, self.key)
+        route = {**self.info, "pool": self.pool}
+        startup_answer(route, asked, self.key)  # (another user or database: refused before a lease)
+        if self._backend_pid:
+            lease = self.broker.lease(self.pool, tag=self.tag, channel=self.channel)
+            lease.settimeout(None)
+            self.upstream = lease
+            self.key = (lease.backend_pid or self.key[0], self.key[1])
+        self._answer += startup_answer(route, asked, self.key)
         self._started = True
 
     def greeted(self, key: tuple[int, int]) -> None:

@@ -166,7 +166,9 @@ class Leasing:
             self._start_exchange(lease, waiter.peer, req, now, first=True)
         else:
             self.server.upstreams.watch(conn)
-            if not self.server.reply(waiter.peer, ok_reply(req.id, lease=token)):
+            # (a postgres connection's backend pid: a driver shows it as its connection's own)
+            known = {"backend_pid": conn.backend_key[0]} if conn.backend_key is not None else {}
+            if not self.server.reply(waiter.peer, ok_reply(req.id, lease=token, **known)):
                 # The requester left (timed out, gave up, died): the connection goes back at once.
                 self.end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose

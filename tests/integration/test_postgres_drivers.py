@@ -629,6 +629,7 @@ def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
     with connect() as conn:
         conn.execute("SELECT 1")
         wait_for(lambda: terminate_pool_backends(server), what="the backend terminated")
+        wait_for(lambda: pool_backends(server) == 0, what="the backend gone")  # (as a holder back later finds it)
         if mode == "session":
             with pytest.raises(psycopg.errors.AdminShutdown):
                 conn.execute("SELECT 1")
@@ -764,3 +765,18 @@ def test_pipelines_never_wait_for_answers_not_owed_to_the_driver(
     with conn:
         for _ in range(10):
             pipeline_aborted(conn)
+
+
+def test_in_session_mode_connect_shows_the_real_backend_pid(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+) -> None:
+    """postgres.connect() in session mode leases at its connect and answers libpq's startup with the
+    backend's own pid: pg_terminate_backend() of what psycopg shows ends that connection's backend."""
+    _, client = pg(max_size=2)
+    with postgres.connect(client, "pg", autocommit=True) as conn:
+        assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        with server.connect(autocommit=True) as observer:
+            assert observer.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid]).fetchone() == (True,)
+        wait_for(lambda: pool_backends(server) == 0, what="the backend gone")
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            conn.execute("SELECT 1")
