@@ -162,6 +162,7 @@ class Inline:
             if self.sock.fileno() < 0:
                 return
             with contextlib.suppress(OSError, PgLinkError, PoolBrokerError):
+                self.sock.setblocking(False)  # (a connection never used was never made so in drive())
                 self._take_written()
             self.link.close()
             self.sock.close()

@@ -18,6 +18,7 @@ from poolbroker import Client, postgres
 POOL = "pg"
 _client = Client(os.environ["PB_ENDPOINT"], timeout=30)
 BRIDGE_PARAMETERS = ("host", "port", "user", "dbname", "sslmode", "gssencmode")
+OWN = (("dbname", "database"), ("user", "user"))  # (the pool's: a connection can't ask for others)
 
 
 class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
@@ -28,10 +29,12 @@ class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
         params = conninfo_to_dict(conninfo, **kwargs)
         if params.get("host") != postgres.bridge().directory:  # (somewhere else: as psycopg would)
             return super().connect(conninfo, **kwargs)
-        for name in BRIDGE_PARAMETERS:
-            params.pop(name, None)
         here = postgres.bridge()
         info = here.pool_info(_client, POOL)
+        if any(params.get(key, info[pool_key]) != info[pool_key] for key, pool_key in OWN):
+            return super().connect(conninfo, **kwargs)  # (another database or user: the bridge refuses it)
+        for name in BRIDGE_PARAMETERS:
+            params.pop(name, None)
         arguments = postgres._psycopg_arguments(_client, POOL, info, None, None, params, True)
         conn = super().connect(**arguments)
         conn.adopt(here.take_handed(conn.info.backend_pid))

@@ -780,3 +780,23 @@ def test_in_session_mode_connect_shows_the_real_backend_pid(
         wait_for(lambda: pool_backends(server) == 0, what="the backend gone")
         with pytest.raises(psycopg.errors.AdminShutdown):
             conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_connection_never_used_and_dropped_unclosed_is_collected_at_once(
+    pg: Callable[..., tuple[Broker, Client]], mode: str
+) -> None:
+    # (its bridge socket was still blocking: the collector's close waited on it forever)
+    _, client = pg(pool_mode=mode)
+    conn = postgres.connect(client, "pg")
+    collected = threading.Event()
+
+    def drop() -> None:
+        nonlocal conn
+        del conn
+        gc.collect()
+        collected.set()
+
+    threading.Thread(target=drop, daemon=True).start()
+    assert collected.wait(10), "collecting an unused connection hung"
+    wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the lease back")
