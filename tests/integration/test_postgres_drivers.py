@@ -631,7 +631,7 @@ def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
         wait_for(lambda: terminate_pool_backends(server), what="the backend terminated")
         wait_for(lambda: pool_backends(server) == 0, what="the backend gone")  # (as a holder back later finds it)
         if mode == "session":
-            with pytest.raises(psycopg.errors.AdminShutdown):
+            with pytest.raises(psycopg.OperationalError):  # (AdminShutdown, or the closed connection: as above)
                 conn.execute("SELECT 1")
         else:
             assert conn.execute("SELECT 2").fetchone() == (2,)
@@ -778,7 +778,9 @@ def test_in_session_mode_connect_shows_the_real_backend_pid(
         with server.connect(autocommit=True) as observer:
             assert observer.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid]).fetchone() == (True,)
         wait_for(lambda: pool_backends(server) == 0, what="the backend gone")
-        with pytest.raises(psycopg.errors.AdminShutdown):
+        # (AdminShutdown when the server's last words are read before the reset its close causes;
+        # directly too, libpq may see only the closed connection)
+        with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
 
 
