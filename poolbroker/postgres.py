@@ -16,8 +16,9 @@ gives the backend's own pid; for conninfo(), by the greeter, so that libpq's blo
 hold the GIL, get their answer. A connect() connection is then driven in psycopg's own thread
 (Inline): while psycopg waits on its socket, what libpq wrote goes over a lease (pg_link.PgLink)
 and the answer back into the socket (pg_inline). Connections made from conninfo() by other code
-are relayed by bridge threads instead (pg_bridge). Closing the connection gives the lease back; `conn.cancel()` reaches the real backend through the broker. pg8000 takes a
-socket object (`sock=`), so it needs no bridge and no thread.
+are relayed by bridge threads instead (pg_bridge). Closing the connection gives the lease back;
+`conn.cancel()` reaches the real backend through the broker. pg8000 takes a socket object
+(`sock=`), so it needs no bridge and no thread.
 
 A pool with `pool_mode = "transaction"` makes each connection hold a lease only from the first
 message of a transaction to its end; psycopg's prepared statements are prepared again on each
