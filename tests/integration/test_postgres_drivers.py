@@ -54,6 +54,14 @@ def pg(
     return start
 
 
+def connect_by(route: str, client: Client, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection on the pool "pg" by one of poolbroker.postgres's routes: connect()
+    (driven inline), or a libpq string from conninfo() (relayed by the bridge's threads)."""
+    if route == "connect":
+        return postgres.connect(client, "pg", **kwargs)
+    return psycopg.connect(postgres.conninfo(client, "pg"), **kwargs)
+
+
 def pool_backends(server: PostgresServer) -> int:
     """The pool's backends, as the server counts them."""
     with server.connect(autocommit=True) as observer:
@@ -244,10 +252,12 @@ def test_psycopg_async_through_the_bridge(pg: Callable[..., tuple[Broker, Client
     assert stats["connections_created"] == 1
 
 
-def sleeping_backends(server: PostgresServer) -> int:
+def sleeping_backends(server: PostgresServer, statement: str = "SELECT pg_sleep%") -> int:
+    """Backends running `statement` (a LIKE pattern) now: a test's own, when it gives its own text
+    (another test's pg_sleep may outlive its client: the server ends it only when it is over)."""
     with server.connect(autocommit=True) as observer:
-        query = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' AND state = 'active'"
-        return int(observer.execute(query).fetchone()[0])
+        query = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND state = 'active'"
+        return int(observer.execute(query, [statement]).fetchone()[0])
 
 
 def test_psycopg_wait_flags_are_the_bridge_s() -> None:
@@ -416,11 +426,7 @@ def test_large_results_come_whole_through_every_route(
     # Past 256 KiB an answer comes in pieces; the piece after one that cut a message in two
     # waited forever (a lease stuck, its connection never given back).
     _, client = pg(max_size=1, pool_mode=mode)
-    if route == "connect":
-        conn = postgres.connect(client, "pg", autocommit=True, prepare_threshold=None)
-    else:
-        conn = psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True, prepare_threshold=None)
-    with conn:
+    with connect_by(route, client, autocommit=True, prepare_threshold=None) as conn:
         for size in (300_000, 3_000_000, 20_000_000):  # one DataRow each, up to tens of MB
             (value,) = conn.execute("SELECT repeat('x', %s)", [size]).fetchone()  # type: ignore[misc]
             assert len(value) == size and value == "x" * size
@@ -439,9 +445,7 @@ def test_pipelines_and_executemany_never_wait_for_an_answer_not_owed(
     # psycopg's pipelines (executemany() too) send a Sync and then a Flush of their own: once the
     # Sync's answer was read, the Flush owes nothing, and a read for it waited forever.
     _, client = pg(max_size=1)
-    conninfo = postgres.conninfo(client, "pg")
-    connect = (lambda: postgres.connect(client, "pg")) if route == "connect" else (lambda: psycopg.connect(conninfo))
-    with connect() as conn:
+    with connect_by(route, client) as conn:
         conn.execute("CREATE TEMP TABLE piped (n int)")
         for i in range(120):
             with psycopg.ClientCursor(conn) as cur:
@@ -508,24 +512,22 @@ def test_closing_the_client_under_a_running_statement_returns_in_time(
     dies of an exception it did not handle."""
     broker, _ = pg(max_size=1)
     client = Client(broker.endpoint, timeout=30, broker_timeout=2.0)
-    if route == "connect":
-        conn = postgres.connect(client, "pg", autocommit=True)
-    else:
-        conn = psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
+    conn = connect_by(route, client, autocommit=True)
     unhandled: list[threading.ExceptHookArgs] = []
     hook, threading.excepthook = threading.excepthook, unhandled.append
     outcome: list[BaseException] = []
+    statement = f"SELECT pg_sleep(30) -- closing {route}"  # (this test's own, to count and to cancel)
 
     def sleep() -> None:
         try:
-            conn.execute("SELECT pg_sleep(30)")
+            conn.execute(statement)
         except psycopg.Error as exc:
             outcome.append(exc)
 
     try:
         sleeper = threading.Thread(target=sleep)
         sleeper.start()
-        wait_for(lambda: sleeping_backends(server) == 1, what="the statement running")
+        wait_for(lambda: sleeping_backends(server, statement) == 1, what="the statement running")
         started = time.monotonic()
         client.close()
         assert time.monotonic() - started < 2.0 + 1.0
@@ -536,6 +538,8 @@ def test_closing_the_client_under_a_running_statement_returns_in_time(
         assert not unhandled, [(u.thread, u.exc_value) for u in unhandled]
     finally:
         threading.excepthook = hook
+        with server.connect(autocommit=True) as observer:  # (its backend would sleep on for 30 s)
+            observer.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = %s", [statement])
 
 
 PREPARING_WORKER = """
@@ -611,13 +615,7 @@ def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
     as directly. Between statements, session mode's connection has lost its backend (AdminShutdown
     at the next statement, as directly); transaction mode's next transaction runs on another."""
     _, client = pg(max_size=1, pool_mode=mode)
-
-    def connect() -> psycopg.Connection[Any]:
-        if route == "connect":
-            return postgres.connect(client, "pg", autocommit=True)
-        return psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
-
-    with connect() as conn:
+    with connect_by(route, client, autocommit=True) as conn:
         killer = threading.Thread(
             target=lambda: wait_for(lambda: sleeping_backends(server) and terminate_pool_backends(server), what="kill")
         )
@@ -626,7 +624,7 @@ def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
             conn.execute("SELECT pg_sleep(30)")
         killer.join()
         assert conn.closed
-    with connect() as conn:
+    with connect_by(route, client, autocommit=True) as conn:
         conn.execute("SELECT 1")
         wait_for(lambda: terminate_pool_backends(server), what="the backend terminated")
         wait_for(lambda: pool_backends(server) == 0, what="the backend gone")  # (as a holder back later finds it)
@@ -691,12 +689,7 @@ def test_copy_both_ways_big_and_small_and_cut_short_by_errors(
 
         asyncio.run(run())
     else:
-        connect = postgres.connect if route == "connect" else None
-        with (
-            connect(client, "pg", autocommit=True)
-            if connect
-            else psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
-        ) as conn:
+        with connect_by(route, client, autocommit=True) as conn:
             copy_both_ways(conn)
             conn.autocommit = False
             with conn.transaction():  # (inside a transaction too)
@@ -758,11 +751,7 @@ def test_pipelines_never_wait_for_answers_not_owed_to_the_driver(
 
         asyncio.run(run())
         return
-    if route == "connect":
-        conn = postgres.connect(client, "pg", autocommit=True)
-    else:
-        conn = psycopg.connect(postgres.conninfo(client, "pg"), autocommit=True)
-    with conn:
+    with connect_by(route, client, autocommit=True) as conn:
         for _ in range(10):
             pipeline_aborted(conn)
 
