@@ -164,19 +164,8 @@ class Bridge:
                 self._greeted(sock, said["port"], tuple(said["key"]), bytes.fromhex(said["rest"]))
 
     def _greeted(self, sock: socket.socket, port: int, key: tuple[int, int], rest: bytes) -> None:
-        """A connection whose startup the greeter answered (a conninfo() route's): relayed."""
-        broker, pool, transaction_mode, tag, _ = self._route_of[port]
-        try:
-            link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag)
-            link.greeted(key)
-            if rest:  # (libpq sends nothing more before ReadyForQuery: never so far)
-                link.write(rest)
-        except (PoolBrokerError, PgLinkError) as exc:
-            _tell(sock, error_response("08006", f"poolbroker: {exc}"))
-            sock.close()
-            return
-        self.links[key[0]] = link
-        self._jobs.put((self._serve, sock, link))
+        """A connection whose startup the greeter answered (a conninfo() route's): to a relay thread."""
+        self._jobs.put((self._serve, sock, port, key, rest))
         self._spare_thread()
 
     def _answer_inline(self, sock: socket.socket, port: int, startup: bytes) -> None:
@@ -235,8 +224,22 @@ class Bridge:
             with self._lock:
                 self._idle += 1
 
-    def _serve(self, sock: socket.socket, link: PgLink) -> None:
-        """Carry one libpq connection over its link until either side ends it."""
+    def _serve(self, sock: socket.socket, port: int, key: tuple[int, int], rest: bytes) -> None:
+        """Carry one libpq connection over its link until either side ends it. The link is made
+        here: its leases go over this relay thread's own broker socket (one made in the thread
+        that receives from the greeter would be every connection's, and a read waiting for a
+        lock would hold up the COMMIT that frees it)."""
+        broker, pool, transaction_mode, tag, _ = self._route_of[port]
+        try:
+            link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag)
+            link.greeted(key)
+            if rest:  # (libpq sends nothing more before ReadyForQuery: never so far)
+                link.write(rest)
+        except (PoolBrokerError, PgLinkError) as exc:
+            _tell(sock, error_response("08006", f"poolbroker: {exc}"))
+            sock.close()
+            return
+        self.links[key[0]] = link
         try:
             relay(sock, link)
         except PgLinkError as exc:

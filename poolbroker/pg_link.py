@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from poolbroker.client.channel import Channel
@@ -376,8 +377,9 @@ class Pg8000Socket:
     """What pg8000's `sock=` takes: a socket whose file is a PgLink, in the caller's thread (no
     bridge, no thread). Give it `ssl_context=False`, or its SSLRequest is answered N."""
 
-    def __init__(self, link: PgLink) -> None:
+    def __init__(self, link: PgLink, on_close: Callable[[], None] | None = None) -> None:
         self.link = link
+        self._on_close = on_close  # (gives the link's broker socket back, for the next connection)
 
     def sendall(self, data: bytes) -> None:
         self.link.write(bytes(data))
@@ -396,6 +398,9 @@ class Pg8000Socket:
 
     def close(self) -> None:
         self.link.close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class Pg8000File:

@@ -27,6 +27,7 @@ backend that needs them (pg_statements). See the README for what transaction mod
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client.client import Client
@@ -150,7 +151,12 @@ def pg8000_socket(
 ) -> Pg8000Socket:
     """What pg8000's `sock=` takes: give it with ssl_context=False."""
     info = pool_info(broker, pool)
-    return Pg8000Socket(PgLink(broker, pool, info, transaction_mode=_transaction_mode(info, transaction_mode), tag=tag))
+    # (a broker socket of its own, as each connection has: a read on one connection, waiting for a
+    # lock, never holds up another that shares the thread's socket and would free that lock)
+    here, mode = bridge(), _transaction_mode(info, transaction_mode)
+    channel = here.take_channel(broker)
+    link = PgLink(broker, pool, info, transaction_mode=mode, tag=tag, channel=channel)
+    return Pg8000Socket(link, functools.partial(here.give_channel, broker, channel))
 
 
 def pg8000_connect(

@@ -792,3 +792,58 @@ def test_a_connection_never_used_and_dropped_unclosed_is_collected_at_once(
     threading.Thread(target=drop, daemon=True).start()
     assert collected.wait(10), "collecting an unused connection hung"
     wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the lease back")
+
+
+def run_sql(route: str, client: Client) -> tuple[Any, Callable[[str], list[tuple[Any, ...]]]]:
+    """A connection on the pool "pg" by `route` (connect_by's, or pg8000's sock hook), in
+    autocommit, and what runs a statement on it and returns its rows."""
+    if route == "pg8000":
+        conn = postgres.pg8000_connect(client, "pg")
+        return conn, lambda sql: [tuple(row) for row in conn.run(sql) or []]
+    conn = connect_by(route, client, autocommit=True)
+
+    def run(sql: str) -> list[tuple[Any, ...]]:
+        cursor = conn.execute(sql)
+        return cursor.fetchall() if cursor.description else []
+
+    return conn, run
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("route", ["connect", "conninfo", "pg8000"])
+def test_a_connection_waiting_for_a_lock_never_holds_up_the_lock_s_holder(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, route: str, mode: str
+) -> None:
+    """Each connection goes to the broker its own way: one that waits for a lock, as long as that
+    takes, never keeps the connection holding the lock from committing. (conninfo()'s session-mode
+    connections once shared one broker socket, and pg8000's shared their thread's, so the holder's
+    COMMIT waited behind the waiter's read: psycopg's suite waited so for a DROP TABLE.)"""
+    _, client = pg(pool_mode=mode, max_size=3)
+    table = f"locked_{route}_{mode}"
+    holder, on_holder = run_sql(route, client)
+    waiter, on_waiter = run_sql(route, client)
+    try:
+        on_holder(f"DROP TABLE IF EXISTS {table}")
+        on_holder(f"CREATE TABLE {table} (n int)")
+        on_holder("BEGIN")
+        on_holder(f"LOCK TABLE {table}")  # (until the COMMIT)
+        counted: list[object] = []
+
+        def wait_for_the_lock() -> None:  # (on another thread, as a second user would be)
+            try:
+                on_waiter("BEGIN")
+                on_waiter("SET LOCAL lock_timeout = '15s'")  # (the bug's end: a lock timeout)
+                counted.append(on_waiter(f"SELECT count(*) FROM {table}"))
+                on_waiter("COMMIT")
+            except Exception as exc:
+                counted.append(exc)
+
+        waiting = threading.Thread(target=wait_for_the_lock)
+        waiting.start()
+        wait_for(lambda: sleeping_backends(server, f"SELECT count(*) FROM {table}") == 1, what="the waiter waiting")
+        on_holder("COMMIT")
+        waiting.join(timeout=30)
+        assert counted == [[(0,)]]
+    finally:
+        holder.close()
+        waiter.close()
