@@ -32,7 +32,7 @@ from poolbroker.client.channel import Channel
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError
 from poolbroker.pg_greeter import error_response
-from poolbroker.pg_inline import RELAY_CHUNK, Inline
+from poolbroker.pg_inline import RELAY_CHUNK, Inline, Watcher
 from poolbroker.pg_link import PgLink, PgLinkError, pool_info
 
 # How long what the broker said of a pool (its mode, user, database, server parameters) serves
@@ -70,6 +70,7 @@ class Bridge:
         self._given: set[int] = set()  # the ports whose listener the greeter has
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._idle = 0  # relay threads waiting for a connection
+        self._inline_watcher: Watcher | None = None
         self.links: weakref.WeakValueDictionary[int, PgLink] = weakref.WeakValueDictionary()  # by their pid
         atexit.register(shutil.rmtree, self.directory, True)
 
@@ -195,8 +196,10 @@ class Bridge:
             sock.close()
             return
         self.links[link.key[0]] = link
+        inline = Inline(sock, link, functools.partial(self.give_channel, broker, channel), self._watcher())
+        inline.watch()  # (libpq writes nothing more until it has the answer)
         with self._handed_ready:  # (before libpq can see ReadyForQuery, and its connect() return)
-            self._handed[link.key[0]] = Inline(sock, link, functools.partial(self.give_channel, broker, channel))
+            self._handed[link.key[0]] = inline
             self._handed_ready.notify_all()
         _tell(sock, answer)
 
@@ -207,6 +210,17 @@ class Bridge:
             if not self._handed_ready.wait_for(lambda: pid in self._handed, timeout):
                 raise PgLinkError("08006", f"poolbroker: the bridge never received connection {pid}")
             return self._handed.pop(pid)
+
+    def _watcher(self) -> Watcher:
+        """The watcher of inline connections (started with the first)."""
+        with self._lock:
+            if self._inline_watcher is None:
+                self._inline_watcher = Watcher(self._relay_job)
+            return self._inline_watcher
+
+    def _relay_job(self, job: Any) -> None:
+        self._jobs.put((job,))
+        self._spare_thread()
 
     # -- relay threads -------------------------------------------------------------------------
 

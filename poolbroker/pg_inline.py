@@ -3,7 +3,9 @@ class that drives it (`connection_class()`).
 
 Once the bridge has answered libpq's startup, what libpq writes goes to the link, and the link's
 answer into libpq's socket, while psycopg waits: its wait() is the relay. No relay thread in
-between: two thread switches fewer per round trip, about a third of the worker's CPU.
+between: two thread switches fewer per round trip, about a third of the worker's CPU. What libpq
+writes while no wait() drives it (a raw `pgconn.exec_()`, code with a waiting loop of its own) is
+seen by the bridge's watcher (`Watcher`) and carried by a relay thread.
 """
 
 from __future__ import annotations
@@ -74,21 +76,39 @@ class Inline:
     its own). Each wait for libpq's socket to be readable is met by carrying what libpq wrote to the
     link and the link's answer back into the socket, in this thread."""
 
-    def __init__(self, sock: socket.socket, link: PgLink, on_close: Callable[[], None]) -> None:
-        self.sock = sock  # (made non-blocking once the bridge's thread has let it go: in drive())
+    def __init__(self, sock: socket.socket, link: PgLink, on_close: Callable[[], None], watcher: Watcher) -> None:
+        self.sock = sock  # (made non-blocking once the bridge's thread has let it go: _mine())
         self.link = link
         self._on_close = on_close  # (the bridge takes its broker socket back)
+        self._watcher = watcher
         self._pending = b""  # the link's answer not yet in libpq's socket (it was full)
         self._dead = False  # the upstream is gone: libpq has been told, and sees the end
         self._nonblocking = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the thread carrying its bytes (a wait(), or a relay)
+
+    def watch(self) -> None:
+        """From now on, what libpq writes outside a wait() is carried too (the startup's answer is
+        in libpq's socket: the bridge's thread has let it go)."""
+        self._watcher.watch(self)
 
     def drive(self, gen: Any, fileno: int, interval: float, timeout: float | None) -> Any:
-        """psycopg's waiting loop (its generator's waits met as above)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """psycopg's waiting loop (its generator's waits met as above), the watcher told to look away."""
+        with self._lock:
+            self._mine()
+            try:
+                return self._drive(gen, fileno, interval, timeout)
+            finally:
+                self._watcher.arm(self, bool(self._pending))
+
+    def _mine(self) -> None:
+        """This thread carries the bytes (under the lock): the watcher looks away until arm()."""
+        self._watcher.disarm(self)
         if not self._nonblocking:
             self.sock.setblocking(False)
             self._nonblocking = True
+
+    def _drive(self, gen: Any, fileno: int, interval: float, timeout: float | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             wait = next(gen)
             while True:
@@ -108,20 +128,24 @@ class Inline:
         except StopIteration as done:
             return done.value
 
-    def _take_written(self) -> None:
-        while not self._dead:
+    def _take_written(self) -> bool:
+        """What libpq wrote, to the link (once the link is dead, dropped); True at its end."""
+        while True:
             try:
                 data = self.sock.recv(RELAY_CHUNK)
             except BlockingIOError:
-                return
+                return False
+            except OSError:
+                return True
             if not data:
-                return
-            try:
-                self.link.write(data)
-            except (PgLinkError, PoolBrokerError) as exc:
-                self._fail(exc)
+                return True
+            if not self._dead:
+                try:
+                    self.link.write(data)
+                except (PgLinkError, PoolBrokerError) as exc:
+                    self._fail(exc)
             if len(data) < RELAY_CHUNK:
-                return  # (libpq writes all it has before it waits: no need to ask again)
+                return False  # (libpq writes all it has before it waits: no need to ask again)
 
     def _answer(self) -> bool:
         """Put the link's next answer into libpq's socket: False if none is owed."""
@@ -156,14 +180,70 @@ class Inline:
                 self._pending += error_response("08006", f"poolbroker: {exc}")
             self.link.close()
 
+    def relay(self) -> None:
+        """What libpq wrote while no wait() drove it, and the answers it is owed (a relay thread's
+        job, when the watcher saw it): carried as far as it goes without waiting on libpq (what
+        its full socket can't take yet waits in `_pending` for the watcher to see room)."""
+        with self._lock:
+            if self.sock.fileno() < 0:
+                return
+            self._mine()
+            ended = self._take_written()
+            while not ended and self._answer() and not self._pending and not self._dead:
+                ended = self._take_written()
+            if not ended:
+                self._watcher.arm(self, bool(self._pending))
+        if ended:  # (libpq closed its end without a word: the driver is gone)
+            self.close()
+
     def close(self) -> None:
         """The driver closed: its Terminate stays here, the lease goes back, the socket closes."""
         with self._lock:
             if self.sock.fileno() < 0:
                 return
+            self._watcher.forget(self)
             with contextlib.suppress(OSError, PgLinkError, PoolBrokerError):
-                self.sock.setblocking(False)  # (a connection never used was never made so in drive())
+                self.sock.setblocking(False)  # (a connection never used was never made so in _mine())
                 self._take_written()
             self.link.close()
             self.sock.close()
             self._on_close()
+
+
+class Watcher:
+    """One thread for all of a process's inline connections: what libpq writes while no wait()
+    drives its connection (libpq's blocking PQexec() through `pgconn.exec_()`, a driver's own
+    waiting loop, the Terminate of a connection collected unclosed) makes its socket readable, and
+    a relay thread (`run`) carries it. A wait() disarms its socket while it drives it, and arms it
+    again after (EPOLLONESHOT: one event per arming, so a socket being carried never wakes it)."""
+
+    def __init__(self, run: Callable[[Callable[[], None]], None]) -> None:
+        self._run = run
+        self._epoll = select.epoll()
+        self._inlines: dict[int, Inline] = {}  # by their socket's descriptor
+        threading.Thread(target=self._watch, name="poolbroker-pg-watch", daemon=True).start()
+
+    def watch(self, inline: Inline) -> None:
+        self._inlines[inline.sock.fileno()] = inline
+        self._epoll.register(inline.sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+
+    def arm(self, inline: Inline, room: bool = False) -> None:
+        """Watch for libpq's writes again (and, `room`, for space in its socket for what waits)."""
+        with contextlib.suppress(OSError, ValueError):  # (not watched yet, or closed)
+            self._epoll.modify(inline.sock, select.EPOLLIN | select.EPOLLONESHOT | (select.EPOLLOUT if room else 0))
+
+    def disarm(self, inline: Inline) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.modify(inline.sock, select.EPOLLONESHOT)  # (no events: even a hang-up waits)
+
+    def forget(self, inline: Inline) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(inline.sock)
+        self._inlines.pop(inline.sock.fileno(), None)
+
+    def _watch(self) -> None:
+        while True:
+            for fd, _ in self._epoll.poll():
+                inline = self._inlines.get(fd)
+                if inline is not None:
+                    self._run(inline.relay)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -847,3 +848,35 @@ def test_a_connection_waiting_for_a_lock_never_holds_up_the_lock_s_holder(
     finally:
         holder.close()
         waiter.close()
+
+
+def libpq_s_own_calls(conn: psycopg.Connection[Any]) -> list[object]:
+    """libpq called directly, as psycopg's own tests do: a query, then a COPY TO bigger than a
+    socket holds, read row by row as it comes; then psycopg's calls go on in step."""
+    seen: list[object] = [conn.pgconn.exec_(b"SELECT 6 * 7").get_value(0, 0)]
+    copying = conn.pgconn.exec_(b"COPY (SELECT generate_series(1, 100000)) TO STDOUT")
+    seen.append(copying.status == psycopg.pq.ExecStatus.COPY_OUT)
+    rows = 0
+    while (copied := conn.pgconn.get_copy_data(1))[0] != -1:  # (its own waiting loop: 0 would wait
+        if copied[0]:  # holding the GIL, which no thread of this process could then serve)
+            rows += 1
+        elif select.select([conn.pgconn.socket], [], [], 10)[0]:
+            conn.pgconn.consume_input()
+    ended = conn.pgconn.get_result()
+    seen += [rows, ended is not None and ended.status == psycopg.pq.ExecStatus.COMMAND_OK, conn.pgconn.get_result()]
+    seen.append(conn.execute("SELECT 'in step'").fetchone())
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("route", ["connect", "conninfo"])
+def test_libpq_called_directly_is_carried_too(pg: Callable[..., tuple[Broker, Client]], route: str, mode: str) -> None:
+    """A connect() connection is carried while psycopg waits on it, and also when code calls libpq
+    itself (conn.pgconn.exec_(): libpq waits in its own loop), as a conninfo() one always is."""
+    _, client = pg(pool_mode=mode)
+    with connect_by(route, client, autocommit=True) as conn:
+        seen: list[object] = []
+        calling = threading.Thread(target=lambda: seen.extend(libpq_s_own_calls(conn)), daemon=True)
+        calling.start()
+        calling.join(timeout=30)  # (it hung for good, once)
+        assert seen == [b"42", True, 100000, True, None, ("in step",)]
