@@ -234,7 +234,7 @@ class Watcher:
 
     def disarm(self, inline: Inline) -> None:
         with contextlib.suppress(OSError, ValueError):
-            self._epoll.modify(inline.sock, select.EPOLLONESHOT)  # (no events: even a hang-up waits)
+            self._epoll.modify(inline.sock, select.EPOLLONESHOT)  # (no events but a hang-up, once)
 
     def forget(self, inline: Inline) -> None:
         with contextlib.suppress(OSError, ValueError):

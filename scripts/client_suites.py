@@ -42,8 +42,8 @@ class Suite(Protocol):
     """What scripts/redis_suite.py and scripts/psycopg_suite.py provide."""
 
     VARIANTS: dict[str, Any]  # name -> what servers() and argv() make of it
-    # A test's name (without parameters) -> why it fails through a broker; "PART:name" for the
-    # variants with PART in their name (psycopg's "transaction:test_hold", "conninfo:test_broken").
+    # A test's name or file::name (without parameters) -> why it fails through a broker;
+    # "PART:name" for the variants with PART in their name ("transaction:test_hold").
     EXPECTED: dict[str, str]
     DESELECTED: dict[str, str]  # likewise, for tests not run through a broker at all
 
@@ -156,9 +156,11 @@ def deselected(suite: Suite, home: Path, argv: list[str], env: dict[str, str]) -
     return [test for test in found.split() if name_of(test) in suite.DESELECTED]
 
 
-def expected(suite: Suite, variant: str, name: str) -> str | None:
-    """Why `name` fails through the broker in `variant`, if it is expected to."""
-    for key in (name, *(f"{part}:{name}" for part in variant.split("-"))):
+def expected(suite: Suite, variant: str, test: str) -> str | None:
+    """Why `test` fails through the broker in `variant`, if it is expected to (listed by its name,
+    or by its file and name)."""
+    names = (name_of(test), test.split("[")[0])
+    for key in (*names, *(f"{part}:{name}" for part in variant.split("-") for name in names)):
         if key in suite.EXPECTED:
             return suite.EXPECTED[key]
     return None
@@ -187,7 +189,7 @@ def compare(suite: Suite, name: str, variant: str, home: Path, extra: list[str],
         direct = {t: o for t, o in direct.items() if t in routed and t not in hung}
     lost = sorted(t for t, o in direct.items() if o == "passed" and routed.get(t, "deselected") != "passed")
     for test in lost:
-        reason = suite.DESELECTED.get(name_of(test)) or expected(suite, variant, name_of(test))
+        reason = suite.DESELECTED.get(name_of(test)) or expected(suite, variant, test)
         unexpected += reason is None
         print(f"  {routed.get(test, 'deselected'):10} {test}\n             {reason or 'NOT EXPECTED: a bug'}")
     return unexpected

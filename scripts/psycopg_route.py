@@ -18,6 +18,7 @@ from poolbroker import Client, postgres
 POOL = "pg"
 _client = Client(os.environ["PB_ENDPOINT"], timeout=30)
 BRIDGE_PARAMETERS = ("host", "port", "user", "dbname", "sslmode", "gssencmode")
+PSYCOPG_OWN = ("autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory")
 OWN = (("dbname", "database"), ("user", "user"))  # (the pool's: a connection can't ask for others)
 
 
@@ -26,6 +27,8 @@ class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        # (psycopg's own arguments as they are: conninfo_to_dict() drops a None, prepare_threshold's)
+        own = {name: kwargs.pop(name) for name in PSYCOPG_OWN if name in kwargs}
         params = conninfo_to_dict(conninfo, **kwargs)
         if params.get("host") != postgres.bridge().directory:  # (somewhere else: as psycopg would)
             return super().connect(conninfo, **kwargs)
@@ -35,7 +38,7 @@ class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
             return super().connect(conninfo, **kwargs)  # (another database or user: the bridge refuses it)
         for name in BRIDGE_PARAMETERS:
             params.pop(name, None)
-        arguments = postgres._psycopg_arguments(_client, POOL, info, None, None, params, True)
+        arguments = postgres._psycopg_arguments(_client, POOL, info, None, None, {**params, **own}, True)
         conn = super().connect(**arguments)
         conn.adopt(here.take_handed(conn.info.backend_pid))
         return conn

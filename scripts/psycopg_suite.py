@@ -37,23 +37,31 @@ VARIANTS = {f"{mode}-{route}": (mode, route) for mode in MODES for route in ROUT
 POOL_SIZE = 40  # (the suite keeps many connections open at once: room for them, as on the server)
 
 DESELECTED: dict[str, str] = {}
-# Tests that pass directly and fail through the broker, by name (any parameters; "mode:name" or
-# "route:name" for one mode or route), and why.
+# Tests that pass directly and fail through the broker, by name or by file::name (any parameters;
+# "mode:name" or "route:name" for one mode or route), and why.
 BRIDGE_PID = "uses conn.pgconn.backend_pid on a conninfo() connection: the bridge's own key, not the backend's"
+AS_BROKEN = f"as test_broken: {BRIDGE_PID}"
 SESSION_STATE = "session state across transactions (transaction mode: each transaction may run on another backend)"
 EXPECTED: dict[str, str] = {
     "conninfo:test_broken": f"pg_terminate_backend() {BRIDGE_PID} (connect() in session mode shows the real one)",
-    "conninfo:test_right_exception_on_server_disconnect": f"as test_broken: {BRIDGE_PID}",
-    "conninfo:test_context_inerror_rollback_no_clobber": f"as test_broken: {BRIDGE_PID}",
+    "conninfo:test_right_exception_on_server_disconnect": AS_BROKEN,
+    "conninfo:test_context_inerror_rollback_no_clobber": AS_BROKEN,
     "transaction:test_broken": f"as conninfo:test_broken: {BRIDGE_PID}",
-    "transaction:test_right_exception_on_server_disconnect": f"as test_broken: {BRIDGE_PID}",
-    "transaction:test_context_inerror_rollback_no_clobber": f"as test_broken: {BRIDGE_PID}",
+    "transaction:test_right_exception_on_server_disconnect": AS_BROKEN,
+    "transaction:test_context_inerror_rollback_no_clobber": AS_BROKEN,
     "test_multi_hosts": "puts a TCP proxy (pproxy) in front of the test DSN's host and port: the bridge's is a"
     " Unix socket",
     "test_multi_hosts_timeout": "as test_multi_hosts",
     "test_multi_attempt_pgconn": "as test_multi_hosts (skipped: the proxy can't reach a Unix socket)",
     "test_leak": "counts the objects the process allocates: the bridge's threads and broker sockets allocate their own"
     " (300 connections in a row stay flat)",
+    "test_copy_to_leaks": "as test_leak: object counts (one object more in one round of three)",
+    "test_copy_from_leaks": "as test_leak: object counts",
+    # The connect variants swap the sync Connection only: the async twins' connections are conninfo()'s.
+    "connect:tests/test_connection_async.py::test_broken": f"as conninfo:test_broken: {BRIDGE_PID}",
+    "connect:tests/test_connection_async.py::test_right_exception_on_server_disconnect": AS_BROKEN,
+    "connect:tests/test_connection_async.py::test_context_inerror_rollback_no_clobber": AS_BROKEN,
+    "connect:tests/test_transaction_async.py::test_context_inerror_rollback_no_clobber": AS_BROKEN,
     "transaction:test_hold": f"a WITH HOLD cursor outlives its transaction: {SESSION_STATE}",
     "transaction:test_weakref": "fails on the ResourceWarning of test_hold's cursors, collected here (after test_hold)",
     "transaction:test_load_badenc": f"SET client_encoding: {SESSION_STATE}",
