@@ -84,7 +84,9 @@ class Inline:
         self._pending = b""  # the link's answer not yet in libpq's socket (it was full)
         self._dead = False  # the upstream is gone: libpq has been told, and sees the end
         self._nonblocking = False
-        self._lock = threading.Lock()  # held by the thread carrying its bytes (a wait(), or a relay)
+        # Held by the thread carrying its bytes (a wait(), or a relay); reentrant: the collector may
+        # run close() (a dropped connection's finalizer) in that very thread.
+        self._lock = threading.RLock()
 
     def watch(self) -> None:
         """From now on, what libpq writes outside a wait() is carried too (the startup's answer is
@@ -189,7 +191,7 @@ class Inline:
                 return
             self._mine()
             ended = self._take_written()
-            while not ended and self._answer() and not self._pending and not self._dead:
+            while not ended and self.sock.fileno() >= 0 and self._answer() and not self._pending and not self._dead:
                 ended = self._take_written()
             if not ended:
                 self._watcher.arm(self, bool(self._pending))
