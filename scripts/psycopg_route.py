@@ -28,11 +28,11 @@ class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
         # (psycopg's own arguments as they are: conninfo_to_dict() drops a None, prepare_threshold's)
-        own = {name: kwargs.pop(name) for name in PSYCOPG_OWN if name in kwargs}
-        params = conninfo_to_dict(conninfo, **kwargs)
-        if params.get("host") != postgres.bridge().directory:  # (somewhere else: as psycopg would)
-            return super().connect(conninfo, **kwargs)
+        own = {name: kwargs[name] for name in PSYCOPG_OWN if name in kwargs}
+        params = conninfo_to_dict(conninfo, **{name: v for name, v in kwargs.items() if name not in own})
         here = postgres.bridge()
+        if params.get("host") != here.directory:  # (somewhere else: as psycopg would)
+            return super().connect(conninfo, **kwargs)
         info = here.pool_info(_client, POOL)
         if any(params.get(key, info[pool_key]) != info[pool_key] for key, pool_key in OWN):
             return super().connect(conninfo, **kwargs)  # (another database or user: the bridge refuses it)
