@@ -44,9 +44,10 @@ RUN_FILE = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 class Bridge:
     """This process's private Unix sockets for libpq: one per (client, pool, mode, inline or not),
-    each a `.s.PGSQL.<port>` in one 0700 directory. The greeter process accepts them and answers
-    their startup (pg_greeter: so that a libpq call holding this process's GIL still gets its
-    answer), then passes each connection back here. A connection on an inline route is then handed
+    each a `.s.PGSQL.<port>` in one 0700 directory. The greeter process accepts them and passes
+    each back here, its startup for a link here to answer (leased first in session mode, with the
+    backend's own pid) or, when this process can't claim it in time (a libpq call holding its
+    GIL), answered by the greeter (pg_greeter). A connection on an inline route is then handed
     over (`take_handed`) to be driven by its psycopg connection's own thread (Inline); any other is
     relayed by a relay thread until it closes. Relay threads are kept for the next connection (a
     thread's broker socket lives as long as the thread), and so are inline connections' own broker
@@ -115,7 +116,11 @@ class Bridge:
         info = self._infos[port]
         inline = self._route_of[port][4]
         route = {"route": port, "pool": pool, "user": info["user"], "database": info["database"]}
-        route["answer"] = not inline  # (connect() never holds the GIL: the link answers, with a lease)
+        # connect() never holds the GIL while it waits: its link answers, leased first in session
+        # mode (the real backend's pid). Code that makes its own connections might: the bridge
+        # claims those when it can (in session mode: no pid to show in transaction mode).
+        transaction_mode = self._route_of[port][2]
+        route["answer"] = "bridge" if inline else "greeter" if transaction_mode else "claimed"
         route["parameters"] = info["parameters"]
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self._listeners[port].fileno()]))]
         self._greeter.sendmsg([json.dumps(route).encode()], [] if port in self._given else fds)
@@ -151,6 +156,10 @@ class Bridge:
                 process.wait()
                 return
             said = json.loads(data)
+            if "ask" in said:  # (this thread runs: the connection's caller does not hold the GIL)
+                with contextlib.suppress(OSError):
+                    greeter.send(json.dumps({"claim": said["ask"]}).encode())
+                continue
             if "cancel" in said:
                 self._jobs.put((self._cancel, tuple(said["cancel"])))
                 self._spare_thread()
@@ -158,16 +167,15 @@ class Bridge:
             fds = [fd for level, kind, raw in ancillary if kind == socket.SCM_RIGHTS for fd in array.array("i", raw)]
             sock = socket.socket(fileno=fds[0])
             sock.setblocking(True)  # (the greeter's copy was not: the flag is the descriptor's)
-            if "startup" in said:  # (an inline route's: answered in a relay thread, which may wait for a lease)
-                self._jobs.put((self._answer_inline, sock, said["port"], bytes.fromhex(said["startup"])))
-                self._spare_thread()
-            else:
-                self._greeted(sock, said["port"], tuple(said["key"]), bytes.fromhex(said["rest"]))
-
-    def _greeted(self, sock: socket.socket, port: int, key: tuple[int, int], rest: bytes) -> None:
-        """A connection whose startup the greeter answered (a conninfo() route's): to a relay thread."""
-        self._jobs.put((self._serve, sock, port, key, rest))
-        self._spare_thread()
+            port = said["port"]
+            # (answered in a relay thread, which may wait for a lease: here, the next connection waits)
+            if "key" in said:  # the greeter answered its startup: relayed from here
+                self._jobs.put((self._serve, sock, port, tuple(said["key"]), bytes.fromhex(said["rest"])))
+            elif self._route_of[port][4]:  # an inline route's: handed over once answered
+                self._jobs.put((self._answer_inline, sock, port, bytes.fromhex(said["startup"])))
+            else:  # claimed: answered by its link, then relayed
+                self._jobs.put((self._serve, sock, port, None, bytes.fromhex(said["startup"])))
+            self._spare_thread()
 
     def _answer_inline(self, sock: socket.socket, port: int, startup: bytes) -> None:
         """An inline route's connection: its link answers the startup (in session mode, with the
@@ -238,22 +246,31 @@ class Bridge:
             with self._lock:
                 self._idle += 1
 
-    def _serve(self, sock: socket.socket, port: int, key: tuple[int, int], rest: bytes) -> None:
-        """Carry one libpq connection over its link until either side ends it. The link is made
-        here: its leases go over this relay thread's own broker socket (one made in the thread
-        that receives from the greeter would be every connection's, and a read waiting for a
-        lock would hold up the COMMIT that frees it)."""
+    def _serve(self, sock: socket.socket, port: int, key: tuple[int, int] | None, data: bytes) -> None:
+        """Carry one libpq connection over its link until either side ends it: `data` is what
+        came after the startup the greeter answered with `key`, or (key None) the startup for the
+        link to answer, leased first in session mode. The link is made here: its leases go over
+        this relay thread's own broker socket (one made in the thread that receives from the
+        greeter would be every connection's, and a read waiting for a lock would hold up the
+        COMMIT that frees it)."""
         broker, pool, transaction_mode, tag, _ = self._route_of[port]
         try:
-            link = PgLink(broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag)
-            link.greeted(key)
-            if rest:  # (libpq sends nothing more before ReadyForQuery: never so far)
-                link.write(rest)
-        except (PoolBrokerError, PgLinkError) as exc:
+            link = PgLink(
+                broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag, backend_pid=key is None
+            )
+            if key is not None:
+                link.greeted(key)
+            if data:  # (after a greeter's answer, libpq sends nothing more before ReadyForQuery: never so far)
+                link.write(data)
+        except PgLinkError as exc:
+            _tell(sock, error_response(exc.sqlstate, str(exc)))
+            sock.close()
+            return
+        except PoolBrokerError as exc:
             _tell(sock, error_response("08006", f"poolbroker: {exc}"))
             sock.close()
             return
-        self.links[key[0]] = link
+        self.links[link.key[0]] = link
         try:
             relay(sock, link)
         except PgLinkError as exc:
@@ -304,18 +321,28 @@ def relay(sock: socket.socket, link: PgLink) -> None:
     """libpq's bytes to the link; the link's answers back, read whenever the server owes some.
     (What libpq sends meanwhile waits in the socket: the server owes those answers for what it
     has already, so they come without it.)"""
+    if not _pass_answers(sock, link):  # (the startup's answer, when the link gave it)
+        return
     while not link.closed:
         data = sock.recv(RELAY_CHUNK)
         if not data:
             return
         link.write(data)
-        while link.awaiting():
-            answer = link.read(RELAY_CHUNK)
-            if not answer:
-                return  # the pooled connection closed: so does libpq's
-            sock.sendall(answer)
+        if not _pass_answers(sock, link):
+            return
         if not link.closed:
             link.flush()  # (COPY data, a pipeline's messages: nothing to wait for)
+
+
+def _pass_answers(sock: socket.socket, link: PgLink) -> bool:
+    """What the link has for libpq, until the server owes nothing more; False once the pooled
+    connection has closed (so does libpq's)."""
+    while link.awaiting():
+        answer = link.read(RELAY_CHUNK)
+        if not answer:
+            return False
+        sock.sendall(answer)
+    return True
 
 
 def _tell(sock: socket.socket, data: bytes) -> None:

@@ -9,12 +9,19 @@ interpreter: its answer is the pool's (AuthenticationOk, the server's parameters
 of the greeter's choosing, ReadyForQuery), which the bridge tells it beforehand. After the startup,
 libpq only writes when its caller asks for something, and waits in a way that lets threads run.
 
+A route may want the bridge to answer when it can (session mode: it leases first, and answers with
+the real backend's pid). Then the greeter asks the bridge first, and answers itself only if no
+claim comes within CLAIM_TIMEOUT: a caller holding its GIL keeps the bridge from claiming at all.
+
 Standard library only, run from its file (see pg_bridge.start_greeter): it starts in milliseconds.
 Its wire with the bridge is a SOCK_SEQPACKET socket pair, one JSON message per packet:
     bridge -> greeter: {"route": port, "user", "database", "parameters", "pool", "answer"} (+ the
-                       listener's descriptor the first time; later ones update what it answers)
+                       listener's descriptor the first time; later ones update what it answers);
+                       "answer" is "greeter", "bridge" or "claimed" (the bridge's, if it claims)
+                       {"claim": n}  (the bridge answers connection n itself)
     greeter -> bridge: {"port", "key": [pid, secret], "rest": hex} + the connection's descriptor,
-                       or with "answer": false, {"port", "startup": hex} (the bridge answers it)
+                       or {"port", "startup": hex} + the descriptor (the bridge answers it)
+                       {"ask": n}  (an "answer": "claimed" route's connection n: claim it?)
                        {"cancel": [pid, secret]}  (libpq's CancelRequest; its socket is closed)
 It ends when the bridge's end closes (the bridge's process is gone).
 """
@@ -22,6 +29,7 @@ It ends when the bridge's end closes (the bridge's process is gone).
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import selectors
@@ -36,6 +44,9 @@ PROTOCOL_MAJOR = 3
 SSL_REQUEST_CODE, GSSENC_REQUEST_CODE, CANCEL_REQUEST_CODE = 80877103, 80877104, 80877102
 MAX_STARTUP = 10_000  # libpq's own limit for a startup packet
 STARTUP_TIMEOUT = 60.0  # a connection that sends no whole startup packet by then is dropped
+# How long a connection waits for the bridge's claim before the greeter answers it: a claim comes
+# in milliseconds unless the caller's process holds its GIL (then never).
+CLAIM_TIMEOUT = 0.5
 FDS = socket.CMSG_SPACE(array.array("i", [0]).itemsize)  # room for one descriptor
 
 
@@ -115,12 +126,18 @@ class Greeter:
         self.routes: dict[int, dict[str, Any]] = {}
         self.listeners: dict[int, socket.socket] = {}
         self.greetings: dict[socket.socket, Greeting] = {}
+        # Connections asked of the bridge, by number: their startup packet, what came after it,
+        # and when the greeter answers them itself
+        self.asked: dict[int, tuple[Greeting, bytes, bytes, float]] = {}
+        self.asks = 0
         self.selector = selectors.DefaultSelector()
         self.selector.register(bridge, selectors.EVENT_READ)
 
     def run(self) -> None:
         while True:
-            for key, _ in self.selector.select(timeout=5.0):
+            soonest = min((deadline for *_, deadline in self.asked.values()), default=None)
+            timeout = 5.0 if soonest is None else max(0.0, soonest - time.monotonic())
+            for key, _ in self.selector.select(timeout=min(timeout, 5.0)):
                 if key.fileobj is self.bridge:
                     if not self._from_bridge():
                         return
@@ -129,6 +146,10 @@ class Greeter:
                 else:
                     self._read(key.fileobj)  # type: ignore[arg-type]
             now = time.monotonic()
+            for n, (greeting, packet, rest, deadline) in list(self.asked.items()):
+                if now >= deadline:  # (no claim: its caller's process may hold its GIL)
+                    del self.asked[n]
+                    self._pass(greeting, packet, rest, answer=True)
             for sock, greeting in list(self.greetings.items()):
                 if now - greeting.since > STARTUP_TIMEOUT:
                     self._drop(sock)
@@ -138,6 +159,11 @@ class Greeter:
         if not data:
             return False
         route = json.loads(data)
+        if "claim" in route:
+            asked = self.asked.pop(route["claim"], None)
+            if asked is not None:  # (else a claim too late: the greeter has answered it)
+                self._pass(*asked[:3], answer=False)
+            return True
         port = route["route"]
         self.routes[port] = route
         for level, kind, fds in ancillary:
@@ -190,17 +216,38 @@ class Greeter:
             return True
         if code >> 16 != PROTOCOL_MAJOR:
             raise StartupError("08P01", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
-        route = self.routes[greeting.port]
-        if route.get("answer", True):
-            key = new_key()
-            sock.settimeout(5.0)  # (the answer is small: it fits the socket's buffer)
-            sock.sendall(startup_answer(route, startup_parameters(packet), key))
-            passed = json.dumps({"port": greeting.port, "key": key, "rest": rest.hex()}).encode()
-        else:  # (the bridge answers it: its driver's connect never holds the GIL while it waits)
-            passed = json.dumps({"port": greeting.port, "startup": (packet + rest).hex()}).encode()
-        self.bridge.sendmsg([passed], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
-        self._drop(sock)  # (this copy: the bridge's process has its own now)
+        answer = self.routes[greeting.port]["answer"]
+        if answer == "claimed":  # (libpq sends nothing more until it has the answer)
+            self.asks += 1
+            self.asked[self.asks] = (greeting, packet, rest, time.monotonic() + CLAIM_TIMEOUT)
+            self.greetings.pop(sock)
+            self.selector.unregister(sock)
+            self.bridge.send(json.dumps({"ask": self.asks}).encode())
+        else:  # (with "bridge", its driver's connect never holds the GIL while it waits)
+            self._pass(greeting, packet, rest, answer=answer == "greeter")
         return True
+
+    def _pass(self, greeting: Greeting, packet: bytes, rest: bytes, *, answer: bool) -> None:
+        """The connection to the bridge, its startup answered here (`answer`) or for the bridge to answer."""
+        sock = greeting.sock
+        try:
+            if answer:
+                key = new_key()
+                sock.settimeout(5.0)  # (the answer is small: it fits the socket's buffer)
+                sock.sendall(startup_answer(self.routes[greeting.port], startup_parameters(packet), key))
+                passed = {"port": greeting.port, "key": key, "rest": rest.hex()}
+            else:
+                passed = {"port": greeting.port, "startup": (packet + rest).hex()}
+            fds = array.array("i", [sock.fileno()])
+            self.bridge.sendmsg([json.dumps(passed).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except StartupError as exc:
+            self._tell(sock, error_response(exc.sqlstate, str(exc)))
+        except OSError:
+            pass
+        self.greetings.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
+        sock.close()  # (this copy: the bridge's process has its own now)
 
     def _tell(self, sock: socket.socket, data: bytes) -> None:
         try:

@@ -11,12 +11,13 @@
 psycopg's libpq opens its own socket, so its socket ends at a private bridge in this process: a
 Unix socket in a 0700 directory, accepted by the bridge's greeter process (pg_greeter). libpq's
 startup is answered as the pool's server would (AuthenticationOk, the server's parameters, a
-BackendKeyData, ReadyForQuery): for connect(), by the link, which in session mode leases first and
-gives the backend's own pid; for conninfo(), by the greeter, so that libpq's blocking calls, which
-hold the GIL, get their answer. A connect() connection is then driven in psycopg's own thread
-(Inline): while psycopg waits on its socket, what libpq wrote goes over a lease (pg_link.PgLink)
-and the answer back into the socket (pg_inline). Connections made from conninfo() by other code
-are relayed by bridge threads instead (pg_bridge). Closing the connection gives the lease back;
+BackendKeyData, ReadyForQuery) by the link, which in session mode leases first and gives the
+backend's own pid; for conninfo(), by the greeter instead if the bridge can't claim it in time
+(libpq's blocking calls hold the caller's GIL, and they still get their answer). A connect()
+connection is then driven in psycopg's own thread (Inline): while psycopg waits on its socket,
+what libpq wrote goes over a lease (pg_link.PgLink) and the answer back into the socket
+(pg_inline). Connections made from conninfo() by other code are relayed by bridge threads
+instead (pg_bridge). Closing the connection gives the lease back;
 `conn.cancel()` reaches the real backend through the broker. pg8000 takes a socket object
 (`sock=`), so it needs no bridge and no thread.
 

@@ -39,14 +39,12 @@ POOL_SIZE = 40  # (the suite keeps many connections open at once: room for them,
 DESELECTED: dict[str, str] = {}
 # Tests that pass directly and fail through the broker, by name or by file::name (any parameters;
 # "mode:name" or "route:name" for one mode or route), and why.
-BRIDGE_PID = "uses conn.pgconn.backend_pid on a conninfo() connection: the bridge's own key, not the backend's"
+# (in session mode the bridge answers libpq's startup with the real backend's pid, on every route)
+BRIDGE_PID = "uses conn.pgconn.backend_pid: in transaction mode the bridge's own key (no backend is the connection's)"
 AS_BROKEN = f"as test_broken: {BRIDGE_PID}"
 SESSION_STATE = "session state across transactions (transaction mode: each transaction may run on another backend)"
 EXPECTED: dict[str, str] = {
-    "conninfo:test_broken": f"pg_terminate_backend() {BRIDGE_PID} (connect() in session mode shows the real one)",
-    "conninfo:test_right_exception_on_server_disconnect": AS_BROKEN,
-    "conninfo:test_context_inerror_rollback_no_clobber": AS_BROKEN,
-    "transaction:test_broken": f"as conninfo:test_broken: {BRIDGE_PID}",
+    "transaction:test_broken": f"pg_terminate_backend() {BRIDGE_PID}",
     "transaction:test_right_exception_on_server_disconnect": AS_BROKEN,
     "transaction:test_context_inerror_rollback_no_clobber": AS_BROKEN,
     "test_multi_hosts": "puts a TCP proxy (pproxy) in front of the test DSN's host and port: the bridge's is a"
@@ -57,11 +55,6 @@ EXPECTED: dict[str, str] = {
     " (300 connections in a row stay flat)",
     "test_copy_to_leaks": "as test_leak: object counts (one object more in one round of three)",
     "test_copy_from_leaks": "as test_leak: object counts",
-    # The connect variants swap the sync Connection only: the async twins' connections are conninfo()'s.
-    "connect:tests/test_connection_async.py::test_broken": f"as conninfo:test_broken: {BRIDGE_PID}",
-    "connect:tests/test_connection_async.py::test_right_exception_on_server_disconnect": AS_BROKEN,
-    "connect:tests/test_connection_async.py::test_context_inerror_rollback_no_clobber": AS_BROKEN,
-    "connect:tests/test_transaction_async.py::test_context_inerror_rollback_no_clobber": AS_BROKEN,
     "transaction:test_hold": f"a WITH HOLD cursor outlives its transaction: {SESSION_STATE}",
     "transaction:test_weakref": "fails on the ResourceWarning of test_hold's cursors, collected here (after test_hold)",
     "transaction:test_load_badenc": f"SET client_encoding: {SESSION_STATE}",

@@ -757,13 +757,15 @@ def test_pipelines_never_wait_for_answers_not_owed_to_the_driver(
             pipeline_aborted(conn)
 
 
-def test_in_session_mode_connect_shows_the_real_backend_pid(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+@pytest.mark.parametrize("route", ["connect", "conninfo"])
+def test_in_session_mode_a_connection_shows_the_real_backend_pid(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, route: str
 ) -> None:
-    """postgres.connect() in session mode leases at its connect and answers libpq's startup with the
-    backend's own pid: pg_terminate_backend() of what psycopg shows ends that connection's backend."""
+    """In session mode the bridge leases at the connect and answers libpq's startup with the
+    backend's own pid: pg_terminate_backend() of what psycopg shows ends that connection's backend
+    (conninfo()'s too, unless its caller held the GIL through the connect: see the blocking calls)."""
     _, client = pg(max_size=2)
-    with postgres.connect(client, "pg", autocommit=True) as conn:
+    with connect_by(route, client, autocommit=True) as conn:
         assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
         with server.connect(autocommit=True) as observer:
             assert observer.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid]).fetchone() == (True,)
