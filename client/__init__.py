@@ -2,7 +2,6 @@
 
 from poolbroker.client.aio import AsyncClient, AsyncLease
 from poolbroker.client.client import Client
-from poolbroker.client.endpoint import default_endpoint
 from poolbroker.client.errors import (
     BrokerUnavailable,
     LeaseLost,
@@ -18,6 +17,7 @@ from poolbroker.client.errors import (
     UpstreamUnavailable,
 )
 from poolbroker.client.lease import Lease
+from poolbroker.wire.endpoint import default_endpoint
 
 __all__ = [
     "AsyncClient",

@@ -19,7 +19,6 @@ import zmq.asyncio
 
 from poolbroker.client.async_channel import AsyncChannel
 from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Curve, check_reply
-from poolbroker.client.endpoint import default_endpoint
 from poolbroker.client.errors import BrokerUnavailable
 from poolbroker.client.exchanges import (
     DEFAULT_RECV,
@@ -29,7 +28,8 @@ from poolbroker.client.exchanges import (
     next_exchange,
     reads,
 )
-from poolbroker.client.protocol import (
+from poolbroker.wire.endpoint import default_endpoint
+from poolbroker.wire.protocol import (
     RELEASE_DISCARD,
     RELEASE_KEEP,
     lease_request,

@@ -15,7 +15,7 @@ import zmq.asyncio
 from poolbroker.client.channel import MAX_TEMPLATES, Curve
 from poolbroker.client.errors import BrokerUnavailable, LimitExceeded
 from poolbroker.client.exchanges import release_template
-from poolbroker.client.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template
+from poolbroker.wire.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template
 
 __all__ = ["AsyncChannel"]
 

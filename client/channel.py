@@ -14,8 +14,8 @@ import zmq
 import zmq.backend
 
 from poolbroker.client.errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
-from poolbroker.client.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
-from poolbroker.client.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template, release_request
+from poolbroker.wire.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
+from poolbroker.wire.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template, release_request
 
 CLOSE_LINGER_MS = 500
 # The broker's default max_message_size: it drops the connection of a client that sends more,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from poolbroker.client.protocol import ErrorCode
+from poolbroker.wire.protocol import ErrorCode
 
 
 class PoolBrokerError(Exception):

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from poolbroker.client.channel import HOSTNAME
 from poolbroker.client.errors import LeaseLost, error_from_code
-from poolbroker.client.protocol import (
+from poolbroker.wire.protocol import (
     OP_IO,
     OP_LEASE,
     OP_RELEASE,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from poolbroker.client.channel import Channel
 from poolbroker.client.errors import BrokerUnavailable
 from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, LeaseCore
-from poolbroker.client.protocol import RELEASE_DISCARD, RELEASE_KEEP
+from poolbroker.wire.protocol import RELEASE_DISCARD, RELEASE_KEEP
 
 if TYPE_CHECKING:
     from poolbroker.client.client import Client

@@ -31,7 +31,9 @@ from poolbroker.client.errors import PoolBrokerError
 from poolbroker.client.exchanges import DEFAULT_RECV
 from poolbroker.client.lease import FIRST_POLL, Lease
 from poolbroker.client.leased_socket import LeasedSocket
-from poolbroker.client.pgwire import (
+from poolbroker.pg_greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
+from poolbroker.pg_statements import Statements
+from poolbroker.wire.pgwire import (
     ANSWERED_BY_READY,
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
@@ -42,8 +44,6 @@ from poolbroker.client.pgwire import (
     Frames,
     message,
 )
-from poolbroker.pg_greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
-from poolbroker.pg_statements import Statements
 
 READY, COPY_IN, COPY_DONE, COPY_FAIL, FLUSH, TERMINATE, ERROR = (ord(c) for c in "ZGcfHXE")
 ANSWERED_AT_FLUSH = frozenset(b"PBDEC")  # Parse, Bind, Describe, Execute, Close: answered before the Sync

@@ -25,7 +25,7 @@ import hashlib
 import re
 from collections import deque
 
-from poolbroker.client.pgwire import ANSWERED_BY_READY, SHARED_STATEMENT, message
+from poolbroker.wire.pgwire import ANSWERED_BY_READY, SHARED_STATEMENT, message
 
 PARSE, BIND, DESCRIBE, CLOSE, QUERY = (ord(c) for c in "PBDCQ")
 PARSE_COMPLETE, CLOSE_COMPLETE, READY = (ord(c) for c in "13Z")

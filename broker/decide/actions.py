@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from poolbroker.client.protocol import ErrorCode
+from poolbroker.wire.protocol import ErrorCode
 
 C = TypeVar("C")  # a connection
 R = TypeVar("R")  # a request

@@ -10,7 +10,6 @@ does not have is a bug of ours, raised at once rather than acted on.
 
 from __future__ import annotations
 
-import select
 from enum import Enum
 
 
@@ -36,17 +35,26 @@ MOVES: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset(),
 }
 
+
+class Wait(Enum):
+    """What the driver waits for on a connection's socket."""
+
+    NOTHING = "nothing"
+    READ = "read"
+    WRITE = "write"
+
+
 # What to wait for in each state; None: it depends on the work in progress (the TLS handshake's
 # want, a check run's or an exchange's send or read).
-POLL: dict[State, int | None] = {
-    State.CONNECTING: select.EPOLLOUT,  # writable: the connect finished, one way or the other
+POLL: dict[State, Wait | None] = {
+    State.CONNECTING: Wait.WRITE,  # writable: the connect finished, one way or the other
     State.TLS: None,
     State.HANDSHAKE: None,
-    State.IDLE: select.EPOLLIN,  # readable while idle: closed by the upstream, or bytes nobody asked for
+    State.IDLE: Wait.READ,  # readable while idle: closed by the upstream, or bytes nobody asked for
     State.PROBING: None,
     State.LEASED: None,
     State.RESETTING: None,
-    State.CLOSED: 0,
+    State.CLOSED: Wait.NOTHING,
 }
 
 CHECKING = frozenset({State.HANDSHAKE, State.PROBING, State.RESETTING})  # a run of checks drives these

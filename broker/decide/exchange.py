@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Generic
 
 from poolbroker.broker.decide.leases import C, Lease, P, T
-from poolbroker.client.pgwire import READY_CHUNK
-from poolbroker.client.protocol import READ_ANY, READ_EXACTLY, READ_READY, ErrorCode, Request
+from poolbroker.wire.pgwire import READY_CHUNK
+from poolbroker.wire.protocol import READ_ANY, READ_EXACTLY, READ_READY, ErrorCode, Request
 
 READY, COPY_IN, COPY_BOTH = ord("Z"), ord("G"), ord("W")
 

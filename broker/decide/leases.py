@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from poolbroker.broker.config import PoolConfig
-from poolbroker.client.protocol import Request
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.protocol import Request
 
 if TYPE_CHECKING:
     from poolbroker.broker.decide.exchange import Exchange

@@ -16,11 +16,11 @@ import random
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.actions import CLOSE_REASONS, OPEN, Action, Close, Grant, Probe, Reject
 from poolbroker.broker.decide.histogram import Histogram
 from poolbroker.broker.decide.waiting import WaitingLine
-from poolbroker.client.protocol import ErrorCode
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.protocol import ErrorCode
 
 C = TypeVar("C")  # a connection
 R = TypeVar("R")  # a request

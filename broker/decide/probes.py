@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import h11
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.checks import MAX_REPLY, Check, LineCheck, ProbeFailed, line_checks
 from poolbroker.broker.decide.protocols.postgres import QueryCheck
+from poolbroker.broker.settings import PoolConfig
 
 __all__ = ["MAX_REPLY", "Check", "HttpCheck", "LineCheck", "ProbeFailed", "ProbeSpec", "line_checks", "probe_spec"]
 

@@ -11,7 +11,7 @@ import socket
 import threading
 from typing import Any
 
-from poolbroker.client.pgwire import cancel_request
+from poolbroker.wire.pgwire import cancel_request
 
 log = logging.getLogger("poolbroker")
 

@@ -7,17 +7,24 @@ this carries them out with the server's sockets and timers."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import TYPE_CHECKING
 
 from poolbroker.broker.decide.connection import State
 from poolbroker.broker.decide.exchange import Exchange, ReadFailed, over_limits
+from poolbroker.broker.decide.lease_rules import (
+    Verdict,
+    acquire_deadline,
+    admit,
+    check_held,
+    exchange_deadline,
+    next_look,
+)
 from poolbroker.broker.decide.leases import Lease, Waiter
 from poolbroker.broker.decide.protocols import CLOSE, RUN_RESET
 from poolbroker.broker.drive.pools import unknown_pool
 from poolbroker.broker.drive.upstream import UpstreamConn
-from poolbroker.client.protocol import (
+from poolbroker.wire.protocol import (
     READ_ANY,
     READ_READY,
     RELEASE_DISCARD,
@@ -57,18 +64,16 @@ class Leasing:
         if req.has_exchange and not self._exchange_fits(peer, req):
             return
         holder = self.server.holders[peer]
-        limit = pool.config.max_leases_per_client
-        if limit and self.server.table.taken_by(holder.process, pool) >= limit:
-            message = f"this process holds or waits for {limit} leases of pool {req.pool!r} (max_leases_per_client)"
-            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
-            return
-        timeout = req.timeout if req.timeout is not None else pool.config.acquire_timeout
-        waiter = Waiter(holder, req, pool, now + timeout)
-        waiting = self.server.table.waiting_payload
-        if waiter.payload and waiting + waiter.payload > self.server.config.max_waiting_payload:
-            limit = self.server.config.max_waiting_payload
-            message = f"lease requests in line already carry {waiting} bytes (max_waiting_payload={limit})"
-            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, message))
+        waiter = Waiter(holder, req, pool, acquire_deadline(pool.config, req, now))
+        refusal = admit(
+            pool.config,
+            taken_by_process=self.server.table.taken_by(holder.process, pool),
+            payload=waiter.payload,
+            waiting_payload=self.server.table.waiting_payload,
+            max_waiting_payload=self.server.config.max_waiting_payload,
+        )
+        if refusal is not None:
+            self.server.reply(peer, error_reply(req.id, refusal.code, refusal.message))
             return
         self.server.table.queue(waiter)
         self.server.carry_out(pool, pool.core.request(waiter, now, waiter.deadline), now)
@@ -187,40 +192,19 @@ class Leasing:
 
     def _schedule_lease_check(self, lease: DriveLease, now: float) -> None:
         """Look at the lease again when it may next be due for the leak warning or reclaiming."""
-        config = lease.pool.config
-        due = math.inf
-        if config.leak_warning_after and not lease.warned:
-            due = lease.since + config.leak_warning_after
-        if config.lease_idle_timeout:
-            # An exchange in progress is not idleness: look again a whole timeout from now.
-            last_io = now if lease.exchange is not None else lease.last_io
-            due = min(due, last_io + config.lease_idle_timeout)
-        if config.max_lease_time:
-            due = min(due, lease.since + config.max_lease_time)
-        if due != math.inf:
-            lease.timer = self.server.timers.call_at(max(due, now), lambda t: self._check_lease(lease, t))
+        due = next_look(lease.pool.config, lease, now)
+        if due is not None:
+            lease.timer = self.server.timers.call_at(due, lambda t: self._check_lease(lease, t))
 
     def _check_lease(self, lease: DriveLease, now: float) -> None:
         lease.timer = None
-        config = lease.pool.config
-        name = config.name
-        if config.max_lease_time and now - lease.since >= config.max_lease_time:
-            log.warning(
-                "pool %r: reclaiming a %s: over max_lease_time=%ss", name, lease.describe(now), config.max_lease_time
-            )
+        check = check_held(lease.pool.config, lease, now)
+        name = lease.pool.config.name
+        if check.verdict is Verdict.RECLAIM:
+            log.warning("pool %r: reclaiming a %s: %s", name, lease.describe(now), check.why)
             self.end_lease(lease, now, keep=False, reason="reclaimed")
             return
-        idle = lease.exchange is None and now - lease.last_io >= config.lease_idle_timeout
-        if config.lease_idle_timeout and idle:
-            log.warning(
-                "pool %r: reclaiming a %s: no I/O for lease_idle_timeout=%ss",
-                name,
-                lease.describe(now),
-                config.lease_idle_timeout,
-            )
-            self.end_lease(lease, now, keep=False, reason="reclaimed")
-            return
-        if config.leak_warning_after and not lease.warned and now - lease.since >= config.leak_warning_after:
+        if check.verdict is Verdict.WARN:
             lease.warned = True
             log.warning("pool %r: possible leak: a %s", name, lease.describe(now))
         self._schedule_lease_check(lease, now)
@@ -239,13 +223,8 @@ class Leasing:
                 return
         self.advance(exchange, now)
         if lease.exchange is exchange:  # still running: bound it in time
-            config = lease.pool.config
-            io_timeout = req.io_timeout if req.io_timeout is not None else config.io_timeout
-            if first and req.ends_lease and config.max_lease_time:
-                io_timeout = min(io_timeout, config.max_lease_time)  # a one-shot cycle is all one lease
-            exchange.timer = self.server.timers.call_at(
-                now + io_timeout, lambda t: self._exchange_timed_out(exchange, t)
-            )
+            deadline = exchange_deadline(lease.pool.config, req, first=first, now=now)
+            exchange.timer = self.server.timers.call_at(deadline, lambda t: self._exchange_timed_out(exchange, t))
 
     def advance(self, exchange: DriveExchange, now: float) -> None:
         """Move an exchange on as far as the socket allows: send, then read, then reply."""

@@ -6,13 +6,13 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.pool import PoolCore
 from poolbroker.broker.decide.probes import ProbeSpec, probe_spec
 from poolbroker.broker.decide.protocols import pool_protocol
 from poolbroker.broker.drive import tls
 from poolbroker.broker.drive.resolver import AddrInfo, numeric_address
-from poolbroker.client.protocol import ErrorCode, Request, error_reply
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.protocol import ErrorCode, Request, error_reply
 
 if TYPE_CHECKING:
     from poolbroker.broker.drive.tables import DriveWaiter

@@ -19,8 +19,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from poolbroker.broker.config import BrokerConfig, ConfigError
-from poolbroker.client.keys import load_key_pair
+from poolbroker.broker.settings import BrokerConfig, ConfigError
+from poolbroker.wire.keys import load_key_pair
 
 
 @dataclass(frozen=True)

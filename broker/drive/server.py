@@ -25,7 +25,6 @@ import zmq
 import zmq.backend
 from zmq.utils import monitor as zmq_monitor
 
-from poolbroker.broker.config import BrokerConfig, ConfigError
 from poolbroker.broker.decide.actions import Close, Grant, Open, Probe, Reject
 from poolbroker.broker.decide.connection import State
 from poolbroker.broker.decide.leases import Holder, LeaseTable
@@ -37,7 +36,8 @@ from poolbroker.broker.drive.tables import DriveHolder, DriveLeaseTable
 from poolbroker.broker.drive.timers import Timers
 from poolbroker.broker.drive.upstream import UpstreamConn
 from poolbroker.broker.drive.upstreams import Upstreams
-from poolbroker.client.protocol import (
+from poolbroker.broker.settings import BrokerConfig, ConfigError
+from poolbroker.wire.protocol import (
     OP_ADMIN,
     OP_CANCEL,
     OP_IO,

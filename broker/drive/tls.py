@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from poolbroker.broker.config import ConfigError, PoolConfig
+from poolbroker.broker.settings import ConfigError, PoolConfig
 
 
 def client_context(config: PoolConfig) -> ssl.SSLContext | None:

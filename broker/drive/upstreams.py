@@ -10,13 +10,13 @@ import select
 from typing import TYPE_CHECKING
 
 from poolbroker.broker.decide.checks import NotReady, ProbeFailed
-from poolbroker.broker.decide.connection import CHECKING, POLL, State
+from poolbroker.broker.decide.connection import CHECKING, POLL, State, Wait
 from poolbroker.broker.decide.protocols import postgres
 from poolbroker.broker.drive import tls
 from poolbroker.broker.drive.pools import PoolState
 from poolbroker.broker.drive.resolver import AddrInfo
 from poolbroker.broker.drive.upstream import ProbeRun, UpstreamConn
-from poolbroker.client.protocol import ErrorCode
+from poolbroker.wire.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from poolbroker.broker.drive.server import Server
@@ -26,6 +26,8 @@ log = logging.getLogger("broker.server")  # (the operator's log lines keep the n
 # Closes of a connection whose holder's work may still run on it: a PostgreSQL backend is asked to
 # cancel first, so that its query (and the locks it holds) end now, not when it next writes.
 CUT_SHORT = frozenset({"broken", "discarded", "out_of_sync", "reclaimed"})
+
+EPOLL_FLAGS = {Wait.NOTHING: 0, Wait.READ: select.EPOLLIN, Wait.WRITE: select.EPOLLOUT}
 
 
 class Upstreams:
@@ -159,16 +161,17 @@ class Upstreams:
         """Poll `conn` for what its state needs (connection.POLL): an idle one for readability (a
         close by the upstream or stray bytes), a leased one only while an exchange sends or reads."""
         state = conn.state
-        flags = POLL[state]
-        if flags is None:
-            if state is State.TLS:
-                flags = conn.tls_wants
-            elif state is State.LEASED:
+        wait = POLL[state]
+        if state is State.TLS:
+            flags = conn.tls_wants
+        else:
+            if wait is None and state is State.LEASED:
                 exchange = conn.lease.exchange if conn.lease is not None else None
-                flags = 0 if exchange is None else select.EPOLLOUT if exchange.send is not None else select.EPOLLIN
-            else:  # a run of checks
+                wait = Wait.NOTHING if exchange is None else Wait.WRITE if exchange.send is not None else Wait.READ
+            elif wait is None:  # a run of checks
                 run = conn.checks
-                flags = 0 if run is None else select.EPOLLOUT if run.send is not None else select.EPOLLIN
+                wait = Wait.NOTHING if run is None else Wait.WRITE if run.send is not None else Wait.READ
+            flags = EPOLL_FLAGS[wait]
         if flags != conn.watching:
             if not flags:
                 self.server.epoll.unregister(conn.fd)

@@ -12,7 +12,7 @@ import sys
 import zmq
 
 from poolbroker.broker import __version__
-from poolbroker.broker.config import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, load, parse_address
+from poolbroker.broker.config import load
 from poolbroker.broker.drive import security
 from poolbroker.broker.drive.server import Server
 from poolbroker.broker.operate import commands as operator_commands
@@ -20,7 +20,8 @@ from poolbroker.broker.operate import logs
 from poolbroker.broker.operate.metrics import MetricsServer
 from poolbroker.broker.operate.operations import Operations
 from poolbroker.broker.operate.runtime import prepare_ipc
-from poolbroker.client.endpoint import default_endpoint
+from poolbroker.broker.settings import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, parse_address
+from poolbroker.wire.endpoint import default_endpoint
 
 log = logging.getLogger("broker")
 

@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.broker import __version__
-from poolbroker.broker.config import ConfigError
 from poolbroker.broker.drive import tls
 from poolbroker.broker.drive.pools import PoolState, unknown_pool
 from poolbroker.broker.operate import logs
-from poolbroker.client.protocol import (
+from poolbroker.broker.settings import ConfigError
+from poolbroker.wire.protocol import (
     ADMIN_DRAIN,
     ADMIN_PAUSE,
     ADMIN_RELOAD,

@@ -7,8 +7,8 @@ import socket
 import stat
 from pathlib import Path
 
-from poolbroker.broker.config import ConfigError
-from poolbroker.client.endpoint import runtime_dir
+from poolbroker.broker.settings import ConfigError
+from poolbroker.wire.endpoint import runtime_dir
 
 IPC_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 

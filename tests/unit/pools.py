@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.pool import PoolCore
+from poolbroker.broker.settings import PoolConfig
 
 QUIET = {"idle_timeout": 0, "max_lifetime": 0, "check_interval": 0, "check_idle_after": 1e9}
 

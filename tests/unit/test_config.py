@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from poolbroker.broker.config import POOL_SETTINGS, BrokerConfig, ConfigError, PoolConfig, load, parse_upstream
+from poolbroker.broker.config import load
 from poolbroker.broker.drive.security import check_bind, is_loopback_tcp, load_curve
+from poolbroker.broker.settings import POOL_SETTINGS, BrokerConfig, ConfigError, PoolConfig, parse_upstream
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolbroker.broker.decide.connection import CHECKING, MOVES, POLL, BadMove, State, check_move
+from poolbroker.broker.decide.connection import CHECKING, MOVES, POLL, BadMove, State, Wait, check_move
 
 LIVES = [  # every life a connection may lead, as the broker drives it
     [State.CONNECTING, State.IDLE, State.LEASED, State.IDLE, State.CLOSED],  # plain tcp, leased once
@@ -43,5 +43,5 @@ def test_a_move_the_table_lacks_is_a_bug_raised_at_once(old: State, new: State) 
 def test_every_state_says_what_to_wait_for_and_every_one_can_close() -> None:
     assert set(POLL) == set(MOVES) == set(State)
     assert all(State.CLOSED in MOVES[state] for state in State if state is not State.CLOSED)
-    assert POLL[State.CLOSED] == 0 and not MOVES[State.CLOSED]
+    assert POLL[State.CLOSED] is Wait.NOTHING and not MOVES[State.CLOSED]
     assert all(POLL[state] is None for state in CHECKING)  # their check run's send or read decides

@@ -1,6 +1,8 @@
 """The broker's layers, as its imports show them: operate -> drive -> decide -> the settings and
-the wire types; the client and the adapters never import the broker; no module imports one that
-imports it back; nothing imports the repository's folders by their own names (client, broker):
+the wire types (poolbroker.wire, which both sides share); the client and the adapters never
+import the broker, nor the broker the client below operate; decide/ is pure (no sockets, clocks,
+threads, processes or files, nor anything that imports them); no module imports one that imports
+it back; nothing imports the repository's folders by their own names (client, broker):
 everything is `poolbroker.*`, the one package that is installed."""
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def imports_of(path: Path, *, types_too: bool = False) -> set[str]:
 
 # (poolbroker/client and poolbroker/broker are links to client/ and broker/: each file once)
 SOURCES = [p for folder in ("broker", "client") for p in (ROOT / folder).rglob("*.py")]
-SOURCES += [p for p in (ROOT / "poolbroker").glob("*.py")]
+SOURCES += [p for p in (ROOT / "poolbroker").rglob("*.py") if p.relative_to(ROOT).parts[1] not in ("broker", "client")]
 MODULES = {module_name(p): p for p in SOURCES}
 # (a package importing its own submodules is not a module importing itself)
 IMPORTS = {name: {i for i in imports_of(path) if i in MODULES and i != name} for name, path in MODULES.items()}
@@ -52,16 +54,8 @@ IMPORTS = {name: {i for i in imports_of(path) if i in MODULES and i != name} for
 TYPE_IMPORTS = {
     name: {i for i in imports_of(path, types_too=True) if i in MODULES and i != name} for name, path in MODULES.items()
 }
-# The settings, and what both sides of the wire share: its types, endpoints and key files, and
-# PostgreSQL's framing (the broker's session tracker and the worker's bridge both follow it).
-SHARED = {
-    "poolbroker.broker",
-    "poolbroker.broker.config",
-    "poolbroker.client.protocol",
-    "poolbroker.client.endpoint",
-    "poolbroker.client.keys",
-    "poolbroker.client.pgwire",
-}
+WIRE = "poolbroker.wire"  # what both sides share: its types, endpoints and key files, PostgreSQL's framing
+SETTINGS = "poolbroker.broker.settings"  # the broker's settings (plain dataclasses)
 ADAPTERS = {
     "poolbroker",
     "poolbroker.redis",
@@ -83,11 +77,14 @@ ADAPTERS = {
 def layer(name: str) -> str:
     if name in ADAPTERS:
         return "adapters"
+    if name == "poolbroker.__main__":  # (python -m poolbroker: the CLI)
+        return "poolbroker.broker.operate"
     for prefix in (
         "poolbroker.broker.decide",
         "poolbroker.broker.drive",
         "poolbroker.broker.operate",
         "poolbroker.client",
+        WIRE,
     ):
         if name == prefix or name.startswith(prefix + "."):
             return prefix
@@ -105,26 +102,30 @@ def test_nothing_imports_the_folders_by_their_own_names() -> None:
 
 
 def test_imports_point_down_only() -> None:
+    below = {"poolbroker.broker", SETTINGS, WIRE}  # (the broker's package: its docstring alone)
     allowed = {
-        "adapters": {"adapters", "poolbroker.client"},
-        "poolbroker.client": {"poolbroker.client"},
-        "poolbroker.broker.decide": {"poolbroker.broker.decide"} | SHARED,
-        "poolbroker.broker.drive": {"poolbroker.broker.drive", "poolbroker.broker.decide"} | SHARED,
+        WIRE: {WIRE},
+        SETTINGS: set(),
+        "poolbroker.broker.config": {SETTINGS, WIRE},
+        "adapters": {"adapters", "poolbroker.client", WIRE},
+        "poolbroker.client": {"poolbroker.client", WIRE},
+        "poolbroker.broker.decide": {"poolbroker.broker.decide"} | below,
+        "poolbroker.broker.drive": {"poolbroker.broker.drive", "poolbroker.broker.decide"} | below,
         "poolbroker.broker.operate": {
             "poolbroker.broker.operate",
             "poolbroker.broker.drive",
             "poolbroker.broker.decide",
+            "poolbroker.broker.config",
             "poolbroker.client",
         }
-        | SHARED,
+        | below,
     }
     wrong = []
     for name, imported in TYPE_IMPORTS.items():
         here = layer(name)
-        if here not in allowed:
-            continue
+        assert here in allowed or name == "poolbroker.broker", f"{name}: in no layer"
         for target in imported:
-            if target not in SHARED and layer(target) not in allowed[here]:
+            if layer(target) not in allowed.get(here, set()):
                 wrong.append(f"{name} imports {target}")
     assert not wrong, wrong
     client_side = {
@@ -142,6 +143,41 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 
     cycles = [name for name in IMPORTS if reaches(name, name, set())]
     assert not cycles, cycles
+
+
+# What a decision must not import, nor anything it imports: it never touches a socket, a clock, a
+# thread, a process or a file (the driver does, and tells it what happened, and when).
+IMPURE = {"socket", "select", "ssl", "selectors", "time", "threading", "asyncio", "subprocess", "os", "zmq"}
+IMPURE |= {"tomllib", "pathlib", "tempfile", "shutil", "signal", "logging"}
+
+
+def all_imports_of(path: Path) -> set[str]:
+    """Every module `path` imports when it runs, by its top-level name (the standard library's too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_decisions_are_pure() -> None:
+    """decide/ and what it imports of the project (the settings, the wire types) import nothing
+    that does I/O or keeps time."""
+    reached = {name for name in MODULES if layer(name) == "poolbroker.broker.decide"}
+    todo = list(reached)
+    while todo:
+        for target in TYPE_IMPORTS[todo.pop()]:
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    impure = {
+        f"{name} imports {', '.join(sorted(bad))}"
+        for name in reached
+        if (bad := all_imports_of(MODULES[name]) & IMPURE)
+    }
+    assert not impure, impure
 
 
 # Modules still to be split (none now).

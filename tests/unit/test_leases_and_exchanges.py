@@ -10,7 +10,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precon
 
 from poolbroker.broker.decide.exchange import Exchange, ReadFailed, over_limits, take
 from poolbroker.broker.decide.leases import Holder, Lease, LeaseTable, Waiter
-from poolbroker.client.protocol import ErrorCode, Request
+from poolbroker.wire.protocol import ErrorCode, Request
 
 POOLS: list[Any] = [object(), object()]  # stand-ins for PoolState: the table only compares them
 

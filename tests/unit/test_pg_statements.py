@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import struct
 
-from poolbroker.client.pgwire import Frames, message
 from poolbroker.pg_statements import Statements
+from poolbroker.wire.pgwire import Frames, message
 
 SYNC = message(b"S", b"")
 EXECUTE = message(b"E", b"\0" + struct.pack("!i", 0))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pools import make  # every timed feature off: these tests are about the bound and the queue
 
-from poolbroker.broker.config import ConfigError
 from poolbroker.broker.decide.actions import OPEN, Close, Grant, Reject
 from poolbroker.broker.decide.pool import PoolCore
+from poolbroker.broker.settings import ConfigError
 
 
 def fill(pool: PoolCore[str, str], *conns: str) -> None:

@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.actions import Close, Grant, Open, Probe, Reject
 from poolbroker.broker.decide.pool import PoolCore
+from poolbroker.broker.settings import PoolConfig
 
 
 class PoolMachine(RuleBasedStateMachine):

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.exchange import READY_CHUNK, ReadFailed, take_ready
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
 from poolbroker.broker.decide.protocols.postgres_session import PostgresSession, session_change
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
-from poolbroker.client.pgwire import Frames, message, query
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.pgwire import Frames, message, query
 
 
 def parse(sql: str, name: str = "") -> bytes:

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.checks import NotReady
 from poolbroker.broker.decide.probes import MAX_REPLY, ProbeFailed, probe_spec
 from poolbroker.broker.decide.protocols import pool_protocol
 from poolbroker.broker.decide.protocols.postgres import Login
-from poolbroker.client.pgwire import message
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.pgwire import message
 
 
 def check_for(**settings: Any) -> Any:

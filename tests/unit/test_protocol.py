@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import poolbroker
 from poolbroker.client.errors import ERROR_CLASSES, PoolTimeout, ProtocolError, error_from_code
-from poolbroker.client.protocol import VERSION, BadRequest, ErrorCode, parse_request
+from poolbroker.wire.protocol import VERSION, BadRequest, ErrorCode, parse_request
 
 TOKEN = b"t" * 16
 

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolbroker.broker.config import ConfigError, PoolConfig
 from poolbroker.broker.decide.probes import LineCheck, ProbeFailed
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
 from poolbroker.broker.decide.protocols.http import HttpSession
 from poolbroker.broker.decide.protocols.redis import RedisSession
 from poolbroker.broker.decide.protocols.resp import RespReader, encode_command
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
+from poolbroker.broker.settings import ConfigError, PoolConfig
 
 OK = b"+OK\r\n"
 
@@ -245,7 +245,7 @@ def test_the_reset_runs_only_when_the_session_changed() -> None:
 
 
 def test_redis_settings_need_the_redis_protocol() -> None:
-    from poolbroker.broker.config import ConfigError
+    from poolbroker.broker.settings import ConfigError
 
     with pytest.raises(ConfigError, match='db need protocol = "redis"'):
         pool(db=2)

@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from poolbroker.broker.config import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
 from poolbroker.broker.decide.checks import Check, line_checks
 from poolbroker.broker.decide.protocols import postgres, redis
 from poolbroker.broker.decide.protocols.http import HttpSession
 from poolbroker.broker.decide.protocols.postgres_session import PostgresSession
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
+from poolbroker.broker.settings import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
 
 # What to do with a connection whose lease ended cleanly as far as its socket can tell.
 KEEP = "keep"  # back to the idle queue

@@ -18,9 +18,9 @@ from collections.abc import Iterator, Sequence
 
 from scramp import ScramClient, ScramException
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.checks import Check, NotReady, ProbeFailed
-from poolbroker.client.pgwire import PROTOCOL_VERSION, SSL_REQUEST_CODE, message, query
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.pgwire import PROTOCOL_VERSION, SSL_REQUEST_CODE, message, query
 
 SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)  # answered by one byte: S (TLS follows) or N
 MAX_MESSAGE = 1 << 20  # a login or probe message larger than this is not one

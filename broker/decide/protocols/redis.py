@@ -8,10 +8,10 @@ sent, a reply not read: the stream is out of step, and no reset can be trusted o
 
 from __future__ import annotations
 
-from poolbroker.broker.config import PoolConfig
 from poolbroker.broker.decide.checks import MAX_REPLY, Check, LineCheck, ProbeFailed
 from poolbroker.broker.decide.protocols.resp import RespError, RespReader, encode_command, value_end
 from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
+from poolbroker.broker.settings import PoolConfig
 
 # Commands after which the connection's session is no longer the pool's: the reset must run.
 SESSION_COMMANDS = frozenset(

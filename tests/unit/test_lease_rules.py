@@ -1,0 +1,105 @@
+"""The rules a lease lives by: admission to a pool's line, exchange deadlines, and the time limits
+of a held lease, read on a clock the test moves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from poolbroker.broker.decide.lease_rules import (
+    Verdict,
+    acquire_deadline,
+    admit,
+    check_held,
+    exchange_deadline,
+    next_look,
+)
+from poolbroker.broker.settings import PoolConfig
+from poolbroker.wire.protocol import ErrorCode, Request
+
+
+def config(**settings: Any) -> PoolConfig:
+    quiet = {"leak_warning_after": 0, "lease_idle_timeout": 0, "max_lease_time": 0}
+    return PoolConfig("p", "h", 1, **{**quiet, **settings})
+
+
+@dataclass
+class Held:
+    since: float = 100.0
+    last_io: float = 100.0
+    exchange: object | None = None
+    warned: bool = False
+
+
+def test_a_process_at_max_leases_per_client_is_refused_with_the_limit_named() -> None:
+    limited = config(max_leases_per_client=2)
+    fits = {"payload": 0, "waiting_payload": 0, "max_waiting_payload": 10}
+    assert admit(limited, taken_by_process=1, **fits) is None
+    refusal = admit(limited, taken_by_process=2, **fits)
+    assert refusal is not None and refusal.code == ErrorCode.LIMIT_EXCEEDED
+    assert "max_leases_per_client" in refusal.message and "'p'" in refusal.message
+    assert admit(config(), taken_by_process=1000, **fits) is None  # (0: no limit)
+
+
+def test_bytes_in_line_are_bounded_but_a_request_without_any_always_queues() -> None:
+    pool = config()
+    assert admit(pool, taken_by_process=0, payload=4, waiting_payload=6, max_waiting_payload=10) is None
+    refusal = admit(pool, taken_by_process=0, payload=5, waiting_payload=6, max_waiting_payload=10)
+    assert refusal is not None and "max_waiting_payload=10" in refusal.message
+    assert admit(pool, taken_by_process=0, payload=0, waiting_payload=60, max_waiting_payload=10) is None
+
+
+def test_deadlines_are_the_request_s_own_else_the_pool_s() -> None:
+    pool = config(acquire_timeout=5.0, io_timeout=30.0, max_lease_time=10.0)
+    bare = Request(op="lease", id=1, pool="p")
+    assert acquire_deadline(pool, bare, now=50.0) == 55.0
+    assert acquire_deadline(pool, Request(op="lease", id=1, pool="p", timeout=0.5), now=50.0) == 50.5
+    io = Request(op="io", id=1, lease=b"t", send=b"x", read="any", io_timeout=2.0)
+    assert exchange_deadline(pool, io, first=False, now=50.0) == 52.0
+    # a one-shot cycle (lease, exchange, release in one request) is all one lease: max_lease_time bounds it
+    one_shot = Request(op="lease", id=1, pool="p", send=b"x", read="any", release="keep")
+    assert exchange_deadline(pool, one_shot, first=True, now=50.0) == 60.0
+    assert exchange_deadline(config(io_timeout=30.0), one_shot, first=True, now=50.0) == 80.0
+
+
+def test_a_lease_held_past_leak_warning_after_is_warned_about_once() -> None:
+    pool = config(leak_warning_after=30.0)
+    lease = Held()
+    assert next_look(pool, lease, now=100.0) == 130.0
+    assert check_held(pool, lease, now=129.9).verdict is Verdict.NOTHING
+    assert check_held(pool, lease, now=130.0).verdict is Verdict.WARN
+    lease.warned = True
+    assert check_held(pool, lease, now=500.0).verdict is Verdict.NOTHING
+    assert next_look(pool, lease, now=130.0) is None  # (nothing more to look for)
+
+
+def test_a_lease_with_no_io_for_lease_idle_timeout_is_reclaimed_but_not_during_an_exchange() -> None:
+    pool = config(lease_idle_timeout=120.0)
+    lease = Held(last_io=150.0)
+    assert next_look(pool, lease, now=160.0) == 270.0
+    assert check_held(pool, lease, now=269.0).verdict is Verdict.NOTHING
+    check = check_held(pool, lease, now=270.0)
+    assert check.verdict is Verdict.RECLAIM and "lease_idle_timeout=120.0s" in check.why
+    lease.exchange = object()  # (a long read is not idleness: look again a whole timeout later)
+    assert check_held(pool, lease, now=1000.0).verdict is Verdict.NOTHING
+    assert next_look(pool, lease, now=1000.0) == 1120.0
+
+
+def test_max_lease_time_reclaims_a_busy_lease_too_and_comes_first() -> None:
+    pool = config(max_lease_time=3600.0, lease_idle_timeout=120.0, leak_warning_after=30.0)
+    lease = Held(exchange=object())
+    assert next_look(pool, lease, now=100.0) == 130.0  # (the soonest of the three)
+    check = check_held(pool, lease, now=3700.0)
+    assert check.verdict is Verdict.RECLAIM and "max_lease_time" in check.why
+
+
+@pytest.mark.parametrize("now", [100.0, 5000.0])
+def test_every_limit_off_means_never_a_look(now: float) -> None:
+    assert next_look(config(), Held(), now=now) is None
+    assert check_held(config(), Held(), now=now).verdict is Verdict.NOTHING
+
+
+def test_a_look_already_due_is_now_not_in_the_past() -> None:
+    assert next_look(config(max_lease_time=10.0), Held(since=0.0), now=50.0) == 50.0
