@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import weakref
 from types import TracebackType
 from typing import Any
@@ -28,10 +29,19 @@ from poolbroker.client.exchanges import (
     next_exchange,
     reads,
 )
+from poolbroker.client.lease import FIRST_POLL
 from poolbroker.wire.endpoint import default_endpoint
 from poolbroker.wire.protocol import (
+    ADMIN_DRAIN,
+    ADMIN_PAUSE,
+    ADMIN_RELOAD,
+    ADMIN_RESIZE,
+    ADMIN_RESUME,
+    ADMIN_SHUTDOWN,
     RELEASE_DISCARD,
     RELEASE_KEEP,
+    admin_request,
+    cancel_request,
     lease_request,
     leases_request,
     ping_request,
@@ -42,12 +52,14 @@ __all__ = ["AsyncClient", "AsyncLease"]
 
 
 class AsyncLease(LeaseCore):
-    """A leased connection for asyncio: `await request(...)`, `await recv(...)`, `recv_exactly`,
-    `recv_until`, `flush`; `sendall` holds writes for the next read (as the sync Lease's do), or
-    sends them at once while another task's read is under way; `settimeout` as a socket's. Use
-    it in `async with`: leaving normally releases it, leaving by an exception (cancellation
-    included) discards it. A task cancelled in the middle of an exchange discards the lease: its
-    connection is closed, never handed on."""
+    """A leased connection for asyncio, as the sync Lease with its I/O awaited: `await
+    request(...)`, `recv`, `recv_into`, `recv_exactly`, `recv_until`, `recv_ready`, `flush`,
+    `shutdown`, `release`, and `aclose` for close; `sendall` and `send` hold writes for the next
+    read (as the sync Lease's do), or send them at once while another task's read is under way;
+    `settimeout` as a socket's. (No `makefile`: a file's reads block.) Use it in `async with`:
+    leaving normally releases it, leaving by an exception (cancellation included) discards it. A
+    task cancelled in the middle of an exchange discards the lease: its connection is closed,
+    never handed on."""
 
     def __init__(
         self,
@@ -65,6 +77,7 @@ class AsyncLease(LeaseCore):
             channel, 0, pool, None, io_timeout, client.broker_timeout, timeout=timeout, tag=tag, when_done=when_done
         )
         self.client = client
+        self.backend_pid: int | None = None  # a postgres pool's backend, as its grant said (not lazy)
         self._lazy = lazy  # asked for with its first exchange, not on entering
         self._reading = False  # a read's exchange is under way (everything written before it went with it)
         # Sends beside it not yet answered, in the order sent: each answer's future, and its bytes.
@@ -76,6 +89,7 @@ class AsyncLease(LeaseCore):
             message = lease_request(self.pool, self._acquire_timeout, self._channel.pid, HOSTNAME, self.tag)
             reply = check_reply(await self._channel.call(message, self._acquire_timeout + self._broker_timeout))
             self._token = reply["lease"]
+            self.backend_pid = reply.get("backend_pid")
         return self
 
     async def __aexit__(
@@ -93,6 +107,11 @@ class AsyncLease(LeaseCore):
             self._send_beside(data)
         else:
             self._hold(data)
+
+    def send(self, data: bytes) -> int:
+        """As sendall (a lease takes every byte): returns len(data)."""
+        self.sendall(data)
+        return len(data)
 
     def _send_beside(self, data: bytes) -> None:
         self._check_usable()
@@ -151,6 +170,24 @@ class AsyncLease(LeaseCore):
                     return data
         return await self._io(max_bytes=bufsize)
 
+    async def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        """Read at least 1 and at most `nbytes` (or len(buffer)) bytes into `buffer`; 0 at end of stream."""
+        view = memoryview(buffer).cast("B")
+        data = await self.recv(nbytes or len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    async def recv_ready(self, count: int) -> bytes:
+        """PostgreSQL: the server's messages up to and including the `count`-th ReadyForQuery (see
+        the sync Lease's): under settimeout(None) in io_timeout rounds, a lazy lease's first short."""
+        if self._timeout is None:
+            while True:
+                first_wait = FIRST_POLL if self._token is None else None
+                data = await self._io(poll=True, ready=count, io_timeout=first_wait)
+                if data or self.eof:
+                    return data
+        return await self._io(ready=count)
+
     async def recv_exactly(self, n: int) -> bytes:
         return await self._io(exactly=n)
 
@@ -173,14 +210,15 @@ class AsyncLease(LeaseCore):
         release: str | None = None,
         poll: bool = False,
         io_timeout: float | None = None,
+        ready: int | None = None,
     ) -> bytes:
         if self._beside:
             await self._beside_settled()
         if self._hold(send or b""):  # (past a chunk, the chunks go first)
             await self._send_held(keep_tail=True)
         send = None  # (held: it goes first, with this exchange)
-        template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout)
-        self._reading = reads(until, exactly, max_bytes) and token is not None
+        template, values, wait, token = self._prepare(send, until, exactly, max_bytes, release, poll, io_timeout, ready)
+        self._reading = reads(until, exactly, max_bytes, ready) and token is not None
         try:
             reply = await self._channel.call_packed(template, values, wait)
         except (asyncio.CancelledError, BrokerUnavailable):
@@ -211,6 +249,19 @@ class AsyncLease(LeaseCore):
     def discard(self) -> None:
         """End the lease and close the connection; held writes are dropped."""
         self._end(RELEASE_DISCARD)
+
+    async def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """Send what is held; the connection is discarded on aclose (its state is unusual now)."""
+        if not self._done:
+            await self.flush()
+        self._shut = True
+
+    async def aclose(self) -> None:
+        """As the sync Lease's close: give the connection back (discarded after shutdown()). Idempotent."""
+        if self._shut:
+            self.discard()
+        elif not self._done:
+            await self.release()
 
     def _forget_beside(self) -> None:
         beside = list(self._beside)
@@ -350,6 +401,41 @@ class AsyncClient:
     async def ping(self) -> dict[str, Any]:
         reply = await self._ask(ping_request())
         return {key: reply.get(key) for key in ("version", "pools", "protocols")}
+
+    async def cancel(self, lease: AsyncLease) -> bool:
+        """PostgreSQL: ask the server to cancel what `lease`'s backend is running now (see
+        Client.cancel); any task may, while another waits on the lease. False if it holds none."""
+        token = lease.token
+        if token is None:
+            return False
+        await self._ask(cancel_request(token))
+        return True
+
+    # -- administration, as Client's: NotAuthorized unless this client may administer --------------
+
+    async def pause_pool(self, pool: str) -> None:
+        """The pool hands nothing out until resumed: lease requests wait (with their timeouts)."""
+        await self._ask(admin_request(ADMIN_PAUSE, pool=pool))
+
+    async def resume_pool(self, pool: str) -> None:
+        await self._ask(admin_request(ADMIN_RESUME, pool=pool))
+
+    async def resize_pool(self, pool: str, max_size: int) -> None:
+        """A new max_size, live: lowered, the excess connections close as they come back."""
+        await self._ask(admin_request(ADMIN_RESIZE, pool=pool, max_size=max_size))
+
+    async def drain_pool(self, pool: str) -> None:
+        """Close the pool's idle connections now and the others as they come back."""
+        await self._ask(admin_request(ADMIN_DRAIN, pool=pool))
+
+    async def reload_broker(self) -> dict[str, list[str]]:
+        """Reread the broker's config file, as SIGHUP does (see Client.reload_broker)."""
+        reply = await self._ask(admin_request(ADMIN_RELOAD))
+        return {key: reply.get(key, []) for key in ("added", "removed", "changed")}
+
+    async def shutdown_broker(self) -> None:
+        """Ask the broker to shut down as SIGTERM does."""
+        await self._ask(admin_request(ADMIN_SHUTDOWN))
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         return check_reply(await self._channel().call(message, self.broker_timeout))

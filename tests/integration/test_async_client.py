@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from helpers import Broker, RedisServer, TestUpstream, run_python, wait_for
@@ -261,3 +262,57 @@ def test_a_send_while_another_task_reads_goes_at_once_and_is_never_lost(
             assert await second.recv() == b"$7\r\ncrossed\r\n" and second.released
 
     asyncio.run(main())
+
+
+def test_the_async_client_administers_and_its_lease_reads_as_a_socket_too(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """The calls AsyncClient and AsyncLease share with Client and Lease beyond the basics: the
+    administration (pause, resume, resize, drain, reload, shutdown), recv_into, send, shutdown and
+    aclose (a lease shut down is discarded: its connection closed, not handed on)."""
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[pools.p]\nupstream = "{own_redis.address}"\nmax_size = 2\n')
+    broker = start_broker("--config", str(config))
+    r = own_redis.client()
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=0.5) as c:
+            await c.pause_pool("p")
+            with pytest.raises(PoolTimeout):
+                async with c.lease("p"):
+                    pass
+            await c.resume_pool("p")
+            async with c.lease("p") as conn:
+                assert conn.send(b"SET twin ") == 9
+                conn.sendall(b"value\r\nGET twin\r\n")
+                buffer = bytearray(64)
+                got = b""
+                while not got.endswith(b"value\r\n"):
+                    got += buffer[: await conn.recv_into(buffer)]
+                assert got == b"+OK\r\n$5\r\nvalue\r\n"
+            await c.resize_pool("p", 1)
+            assert (await c.stats("p"))["p"]["pool_max"] == 1
+            conn = c.lease("p")
+            await conn.__aenter__()
+            assert await conn.request(b"CLIENT SETNAME shut\r\n", until=b"\r\n") == b"+OK\r\n"
+            await conn.shutdown()
+            await conn.aclose()
+            await conn.aclose()  # (idempotent)
+            assert conn.released
+            assert (await c.stats("p"))["p"]["connections_closed_discarded"] == 1
+            assert "shut" not in {client["name"] for client in r.client_list()}
+            await c.request("p", b"PING\r\n", until=b"\r\n")
+            await c.drain_pool("p")
+            wait = asyncio.get_running_loop().time() + 10
+            while (await c.stats("p"))["p"]["pool_size"] and asyncio.get_running_loop().time() < wait:
+                await asyncio.sleep(0.01)
+            assert (await c.stats("p"))["p"]["pool_size"] == 0  # (the idle one, closed at once)
+            config.write_text(
+                f'[pools.p]\nupstream = "{own_redis.address}"\n\n[pools.q]\nupstream = "{own_redis.address}"\n'
+            )
+            assert await c.reload_broker() == {"added": ["q"], "removed": [], "changed": ["p"]}
+            await c.shutdown_broker()
+
+    asyncio.run(main())
+    assert broker.proc is not None
+    assert broker.proc.wait(timeout=30) == 0

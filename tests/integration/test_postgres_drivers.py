@@ -26,7 +26,7 @@ from helpers import ROOT, Broker, PostgresServer, pg_pool, run_python, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from poolbroker import Client, pg_inline, postgres
+from poolbroker import AsyncClient, Client, pg_inline, postgres
 from poolbroker.pg_link import pool_info
 
 WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
@@ -882,3 +882,31 @@ def test_libpq_called_directly_is_carried_too(pg: Callable[..., tuple[Broker, Cl
         calling.start()
         calling.join(timeout=30)  # (it hung for good, once)
         assert seen == [b"42", True, 100000, True, None, ("in step",)]
+
+
+def test_an_async_lease_reads_to_ready_for_query_and_its_client_cancels_its_backend(
+    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+) -> None:
+    """AsyncClient.cancel and AsyncLease.recv_ready, the twins of the sync calls the bridge uses:
+    a lease's backend_pid is its backend's, a statement's answer is read whole up to its
+    ReadyForQuery, and a cancel from another task ends what the backend runs (57014)."""
+    broker, _ = pg(max_size=1)
+    statement = "SELECT pg_sleep(30) -- async cancel"
+
+    def query(sql: str) -> bytes:
+        return b"Q" + (len(sql) + 5).to_bytes(4, "big") + sql.encode() + b"\0"
+
+    async def main() -> None:
+        async with AsyncClient(broker.endpoint, timeout=10) as c, c.lease("pg") as lease:
+            lease.sendall(query("SELECT pg_backend_pid()"))
+            answer = await lease.recv_ready(1)
+            assert str(lease.backend_pid).encode() in answer and answer.endswith(b"Z\0\0\0\x05I")
+            lease.settimeout(None)
+            lease.sendall(query(statement))
+            reading = asyncio.ensure_future(lease.recv_ready(1))
+            await asyncio.to_thread(wait_for, lambda: sleeping_backends(server, statement) == 1, what="it running")
+            assert await c.cancel(lease)
+            answer = await asyncio.wait_for(reading, 20)
+            assert b"57014" in answer and answer.endswith(b"Z\0\0\0\x05I")
+
+    asyncio.run(main())
