@@ -39,7 +39,7 @@ from poolbroker.wire.protocol import (
 )
 
 if TYPE_CHECKING:
-    from poolbroker.broker.drive.server import Server
+    from poolbroker.broker.drive.doors import LeasingDoors
     from poolbroker.broker.drive.tables import DriveExchange, DriveHolder, DriveLease, DriveWaiter
 
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
@@ -50,41 +50,41 @@ TOKEN_BATCH = 256  # lease tokens drawn from the OS's random source per read (on
 class Leasing:
     """Every lease's life, from its request to its end."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, loop: LeasingDoors) -> None:
+        self.loop = loop
         self._tokens = b""  # random bytes drawn ahead for lease tokens
         self._token_at = 0
 
     def on_lease(self, peer: bytes, req: Request, now: float) -> None:
         assert req.pool is not None  # parse_request guarantees it
-        pool = self.server.pools.get(req.pool)
+        pool = self.loop.pools.get(req.pool)
         if pool is None:
-            self.server.reply(peer, unknown_pool(self.server.pools, req))
+            self.loop.reply(peer, unknown_pool(self.loop.pools, req))
             return
         if req.has_exchange and not self._exchange_fits(peer, req):
             return
-        holder = self.server.holders[peer]
+        holder = self.loop.table.holders[peer]
         waiter = Waiter(holder, req, pool, acquire_deadline(pool.config, req, now))
         refusal = admit(
             pool.config,
-            taken_by_process=self.server.table.taken_by(holder.process, pool),
+            taken_by_process=self.loop.table.taken_by(holder.process, pool),
             payload=waiter.payload,
-            waiting_payload=self.server.table.waiting_payload,
-            max_waiting_payload=self.server.config.max_waiting_payload,
+            waiting_payload=self.loop.table.waiting_payload,
+            max_waiting_payload=self.loop.config.max_waiting_payload,
         )
         if refusal is not None:
-            self.server.reply(peer, error_reply(req.id, refusal.code, refusal.message))
+            self.loop.reply(peer, error_reply(req.id, refusal.code, refusal.message))
             return
-        self.server.table.queue(waiter)
-        self.server.carry_out(pool, pool.core.request(waiter, now, waiter.deadline), now)
+        self.loop.table.queue(waiter)
+        self.loop.carry_out(pool, pool.core.request(waiter, now, waiter.deadline), now)
 
     def holder_gone(self, holder: DriveHolder, now: float, why: str) -> None:
         """A holder's connection closed: its waiters leave the line and its leases are reclaimed
         (their connections closed: what the holder left in them is unknown)."""
-        self.server.table.remove_holder(holder)
+        self.loop.table.remove_holder(holder)
         for waiter in list(holder.waiters):
             waiter.pool.core.cancel(waiter)
-            self.server.table.leaves_line(waiter)
+            self.loop.table.leaves_line(waiter)
         for lease in list(holder.leases):
             log.warning("pool %r: reclaiming a %s: %s", lease.pool.config.name, lease.describe(now), why)
             self.end_lease(lease, now, keep=False, reason="reclaimed")
@@ -98,7 +98,7 @@ class Leasing:
                 self._send_beside(lease.exchange, peer, req, now)
             else:
                 message = "an I/O operation is already in progress on this lease (only a send may join it)"
-                self.server.reply(peer, error_reply(req.id, ErrorCode.LEASE_BUSY, message))
+                self.loop.reply(peer, error_reply(req.id, ErrorCode.LEASE_BUSY, message))
             return
         if self._exchange_fits(peer, req):
             self._start_exchange(lease, peer, req, now, first=False)
@@ -108,11 +108,11 @@ class Leasing:
         once: a failure to send it is that exchange's error (an asyncio task subscribes while
         another waits in a pub/sub read)."""
         assert req.send is not None
-        problem = exchange.send_beside(req.send, self.server.config.max_payload)
+        problem = exchange.send_beside(req.send, self.loop.config.max_payload)
         if problem is not None:
-            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
+            self.loop.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
             return
-        self.server.reply(peer, ok_reply(req.id))
+        self.loop.reply(peer, ok_reply(req.id))
         self.advance(exchange, now)
 
     def on_release(self, peer: bytes, req: Request, now: float) -> None:
@@ -120,7 +120,7 @@ class Leasing:
         if lease is None:
             return
         if not req.noreply:  # the answer first: a reset that follows is no business of the client's
-            self.server.reply(peer, ok_reply(req.id))
+            self.loop.reply(peer, ok_reply(req.id))
         self.end_lease(lease, now, keep=req.release == RELEASE_KEEP)
 
     def on_cancel(self, peer: bytes, req: Request, now: float) -> None:
@@ -128,39 +128,39 @@ class Leasing:
         secret, as the backend's key is in PostgreSQL's CancelRequest (the worker's bridge asks
         from the thread that hears libpq's cancel, not the one holding the lease)."""
         assert req.lease is not None
-        lease = self.server.table.leases.get(req.lease)
+        lease = self.loop.table.leases.get(req.lease)
         if lease is None:
-            self.server.reply(peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (it may have ended)"))
+            self.loop.reply(peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (it may have ended)"))
         elif not lease.conn.cancel(lease.pool.config.connect_timeout):
             message = "nothing to cancel: only a postgres pool's connection has a backend to cancel"
-            self.server.reply(peer, error_reply(req.id, ErrorCode.BAD_REQUEST, message))
+            self.loop.reply(peer, error_reply(req.id, ErrorCode.BAD_REQUEST, message))
         else:
-            self.server.reply(peer, ok_reply(req.id))
+            self.loop.reply(peer, ok_reply(req.id))
 
     def _lease_of(self, peer: bytes, req: Request) -> DriveLease | None:
         assert req.lease is not None
-        lease = self.server.table.lease_of(peer, req.lease)
+        lease = self.loop.table.lease_of(peer, req.lease)
         if lease is None:
             if not req.noreply:
-                self.server.reply(
+                self.loop.reply(
                     peer, error_reply(req.id, ErrorCode.LEASE_LOST, "no such lease (released, reclaimed, or not yours)")
                 )
             return None
         return lease
 
     def _exchange_fits(self, peer: bytes, req: Request) -> bool:
-        problem = over_limits(req, self.server.config.max_payload)
+        problem = over_limits(req, self.loop.config.max_payload)
         if problem is not None:
-            self.server.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
+            self.loop.reply(peer, error_reply(req.id, ErrorCode.LIMIT_EXCEEDED, problem))
         return problem is None
 
     def grant(self, waiter: DriveWaiter, conn: UpstreamConn, now: float) -> None:
         holder = waiter.holder
-        self.server.table.leaves_line(waiter)
+        self.loop.table.leaves_line(waiter)
         token = self._new_token()
         new_session = waiter.pool.protocol.new_session
         lease = Lease(token, conn, waiter, new_session() if new_session is not None else None, now)
-        self.server.table.add(lease)
+        self.loop.table.add(lease)
         conn.move(State.LEASED)
         conn.lease = lease
         if holder.gone:  # (cancelled waiters are never granted; this is the one place to be sure)
@@ -170,15 +170,15 @@ class Leasing:
         if req.has_exchange:
             self._start_exchange(lease, waiter.peer, req, now, first=True)
         else:
-            self.server.upstreams.watch(conn)
+            self.loop.upstreams.watch(conn)
             # (a postgres connection's backend pid: a driver shows it as its connection's own)
             known = {"backend_pid": conn.backend_key[0]} if conn.backend_key is not None else {}
-            if not self.server.reply(waiter.peer, ok_reply(req.id, lease=token, **known)):
+            if not self.loop.reply(waiter.peer, ok_reply(req.id, lease=token, **known)):
                 # The requester left (timed out, gave up, died): the connection goes back at once.
                 self.end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
         # own deadline bounds it: it needs no watch of its own.
-        if self.server.table.active(lease) and not (req.ends_lease and lease.exchange is not None):
+        if self.loop.table.active(lease) and not (req.ends_lease and lease.exchange is not None):
             self._schedule_lease_check(lease, now)
 
     def _new_token(self) -> bytes:
@@ -194,7 +194,7 @@ class Leasing:
         """Look at the lease again when it may next be due for the leak warning or reclaiming."""
         due = next_look(lease.pool.config, lease, now)
         if due is not None:
-            lease.timer = self.server.timers.call_at(due, lambda t: self._check_lease(lease, t))
+            lease.timer = self.loop.timers.call_at(due, lambda t: self._check_lease(lease, t))
 
     def _check_lease(self, lease: DriveLease, now: float) -> None:
         lease.timer = None
@@ -210,7 +210,7 @@ class Leasing:
         self._schedule_lease_check(lease, now)
 
     def _start_exchange(self, lease: DriveLease, peer: bytes, req: Request, now: float, first: bool) -> None:
-        exchange = Exchange(lease, peer, req, first, self.server.config.max_payload, now)
+        exchange = Exchange(lease, peer, req, first, self.loop.config.max_payload, now)
         lease.exchange = exchange
         lease.ops += 1
         lease.last_io = now
@@ -224,7 +224,7 @@ class Leasing:
         self.advance(exchange, now)
         if lease.exchange is exchange:  # still running: bound it in time
             deadline = exchange_deadline(lease.pool.config, req, first=first, now=now)
-            exchange.timer = self.server.timers.call_at(deadline, lambda t: self._exchange_timed_out(exchange, t))
+            exchange.timer = self.loop.timers.call_at(deadline, lambda t: self._exchange_timed_out(exchange, t))
 
     def advance(self, exchange: DriveExchange, now: float) -> None:
         """Move an exchange on as far as the socket allows: send, then read, then reply."""
@@ -241,7 +241,7 @@ class Leasing:
             if lease.session is not None:
                 lease.session.sent(exchange.send[:sent])
             if exchange.sent(sent) is not None:
-                self.server.upstreams.watch(conn)
+                self.loop.upstreams.watch(conn)
                 return
         if exchange.read is None:
             self._finish_ok(exchange, None, now)
@@ -257,7 +257,7 @@ class Leasing:
             if exchange.poll_now:  # a poll with no time to wait: nothing there now
                 self._finish_ok(exchange, b"", now)
                 return
-            self.server.upstreams.watch(conn)
+            self.loop.upstreams.watch(conn)
             return
         lease.bytes_received += len(data)
         if lease.session is not None:
@@ -296,10 +296,10 @@ class Leasing:
         if releasing:
             reply["released"] = True
         # The answer goes first; the lease ends after (a reset it needs is no wait of the client's).
-        delivered = self.server.reply(exchange.peer, reply)
+        delivered = self.loop.reply(exchange.peer, reply)
         if releasing:
             self.end_lease(lease, now, keep=release != RELEASE_DISCARD)
-        elif not delivered and self.server.table.active(lease):
+        elif not delivered and self.loop.table.active(lease):
             # The holder is gone mid-conversation: the connection's state is unknown.
             self.end_lease(lease, now, keep=False)
 
@@ -311,25 +311,25 @@ class Leasing:
         reply = error_reply(exchange.rid, code, message)
         if ends:
             reply["released"] = True
-        delivered = self.server.reply(exchange.peer, reply)
-        if (ends or not delivered) and self.server.table.active(lease):
+        delivered = self.loop.reply(exchange.peer, reply)
+        if (ends or not delivered) and self.loop.table.active(lease):
             self.end_lease(lease, now, keep=False)
 
     def _end_exchange(self, exchange: DriveExchange, now: float, *, lease_ends: bool) -> DriveLease:
         lease = exchange.lease
-        self.server.timers.cancel(exchange.timer)
+        self.loop.timers.cancel(exchange.timer)
         exchange.timer = None
         lease.exchange = None
         lease.last_io = now
         lease.busy += now - exchange.started
         if not lease_ends:  # (else _end_lease sets what to watch, once)
-            self.server.upstreams.watch(lease.conn)
+            self.loop.upstreams.watch(lease.conn)
         return lease
 
     def end_lease(self, lease: DriveLease, now: float, *, keep: bool, reason: str | None = None) -> None:
         """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
-        self.server.table.remove(lease)
-        self.server.timers.cancel(lease.timer)
+        self.loop.table.remove(lease)
+        self.loop.timers.cancel(lease.timer)
         lease.timer = None
         conn = lease.conn
         exchange = lease.exchange
@@ -337,7 +337,7 @@ class Leasing:
             # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
             self._end_exchange(exchange, now, lease_ends=True)
             conn.fail("the lease ended during an I/O operation")
-            self.server.reply(
+            self.loop.reply(
                 exchange.peer, error_reply(exchange.rid, ErrorCode.LEASE_LOST, "the lease ended during this operation")
             )
         conn.lease = None
@@ -348,11 +348,11 @@ class Leasing:
             decision = pool.protocol.on_return(lease.session)
             if decision.action == RUN_RESET:  # back to the pool only once the reset has answered
                 log.debug("pool %r: resetting a returned connection: %s", pool.config.name, decision.why)
-                self.server.upstreams.run_reset(conn, now)
+                self.loop.upstreams.run_reset(conn, now)
                 return
             if decision.action == CLOSE:
                 reason = decision.reason
                 conn.error = decision.why
         conn.move(State.IDLE)  # (back in the pool's hands: the core keeps it, hands it on or closes it)
-        self.server.carry_out(pool, pool.core.release(conn, now, reason), now)
-        self.server.upstreams.watch(conn)
+        self.loop.carry_out(pool, pool.core.release(conn, now, reason), now)
+        self.loop.upstreams.watch(conn)

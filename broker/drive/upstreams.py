@@ -19,7 +19,7 @@ from poolbroker.broker.drive.upstream import ProbeRun, UpstreamConn
 from poolbroker.wire.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from poolbroker.broker.drive.server import Server
+    from poolbroker.broker.drive.doors import UpstreamDoors
 
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
@@ -33,8 +33,8 @@ EPOLL_FLAGS = {Wait.NOTHING: 0, Wait.READ: select.EPOLLIN, Wait.WRITE: select.EP
 class Upstreams:
     """Every upstream connection of the broker, by fd, and what happens to each."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, loop: UpstreamDoors) -> None:
+        self.loop = loop
         self.conns: dict[int, UpstreamConn] = {}  # by fd
 
     def run_reset(self, conn: UpstreamConn, now: float) -> None:
@@ -49,11 +49,9 @@ class Upstreams:
         config = pool.config
         conn = UpstreamConn(pool, now)
         # The deadline covers the name lookup too.
-        conn.timer = self.server.timers.call_at(
-            now + config.connect_timeout, lambda t: self._connect_timed_out(conn, t)
-        )
+        conn.timer = self.loop.timers.call_at(now + config.connect_timeout, lambda t: self._connect_timed_out(conn, t))
         if pool.address is None:
-            self.server.resolver.lookup(conn, config.host, config.port)
+            self.loop.resolver.lookup(conn, config.host, config.port)
         else:
             self.connect_to(conn, pool.address, now)
 
@@ -82,7 +80,7 @@ class Upstreams:
         # Log the first failure of a run loudly; repeats would flood the log during an outage.
         log.log(logging.DEBUG if pool.core.failures else logging.WARNING, "%s", message)
         not_ready = isinstance(exc, NotReady)
-        self.server.carry_out(pool, pool.core.connect_failed(now, message, not_ready), now)
+        self.loop.carry_out(pool, pool.core.connect_failed(now, message, not_ready), now)
 
     def _connected(self, conn: UpstreamConn, now: float) -> None:
         if conn.pool.tls is None:
@@ -99,7 +97,7 @@ class Upstreams:
         """The TLS handshake, in this loop, within connect_timeout (counted from the connect)."""
         if conn.timer is None:  # (a run of checks before it ended the connect's timer: a new one)
             deadline = conn.opened_at + conn.pool.config.connect_timeout
-            conn.timer = self.server.timers.call_at(deadline, lambda t: self._connect_timed_out(conn, t))
+            conn.timer = self.loop.timers.call_at(deadline, lambda t: self._connect_timed_out(conn, t))
         context = conn.pool.tls
         assert context is not None
         conn.move(State.TLS)
@@ -148,10 +146,10 @@ class Upstreams:
         self._forget(conn)
 
     def _forget(self, conn: UpstreamConn) -> None:
-        self.server.timers.cancel(conn.timer)
+        self.loop.timers.cancel(conn.timer)
         conn.timer = None
         if conn.watching:
-            self.server.epoll.unregister(conn.fd)
+            self.loop.epoll.unregister(conn.fd)
             conn.watching = 0
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
@@ -174,11 +172,11 @@ class Upstreams:
             flags = EPOLL_FLAGS[wait]
         if flags != conn.watching:
             if not flags:
-                self.server.epoll.unregister(conn.fd)
+                self.loop.epoll.unregister(conn.fd)
             elif conn.watching:
-                self.server.epoll.modify(conn.fd, flags)
+                self.loop.epoll.modify(conn.fd, flags)
             else:
-                self.server.epoll.register(conn.fd, flags)
+                self.loop.epoll.register(conn.fd, flags)
             conn.watching = flags
 
     def on_event(self, conn: UpstreamConn, now: float) -> None:
@@ -194,16 +192,16 @@ class Upstreams:
                     conn.fill()
                 except OSError as exc:
                     conn.fail(f"read from upstream failed: {exc}")
-                    self.server.leasing.finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
+                    self.loop.leasing.finish_error(exchange, ErrorCode.UPSTREAM_ERROR, conn.error, now)
                     return
-            self.server.leasing.advance(exchange, now)
+            self.loop.leasing.advance(exchange, now)
         elif state is State.IDLE:
             # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
             reason = conn.unfit()
             if reason is None:
                 return  # nothing there: an event from the poll that saw the fd's former owner
             conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
-            self.server.carry_out(conn.pool, conn.pool.core.lost(conn, now, reason), now)
+            self.loop.carry_out(conn.pool, conn.pool.core.lost(conn, now, reason), now)
         elif state in CHECKING:
             self._advance_probe(conn, now)
         elif state is State.CONNECTING:
@@ -225,7 +223,7 @@ class Upstreams:
         if pool.probe is None:  # tcp: open and nothing unread, known without a round trip
             unfit = conn.unfit()
             if unfit is None:
-                self.server.carry_out(pool, pool.core.probe_ok(conn, now), now)
+                self.loop.carry_out(pool, pool.core.probe_ok(conn, now), now)
             else:
                 why = "closed by the upstream" if unfit == "broken" else "unread bytes"
                 self._probe_failed(conn, ProbeFailed(f"tcp probe: {why}"), now)
@@ -246,7 +244,7 @@ class Upstreams:
         if limit is not None:
             timeout = getattr(conn.pool.config, limit)
             error = f"no answer within {limit}={timeout}s"
-            conn.timer = self.server.timers.call_at(
+            conn.timer = self.loop.timers.call_at(
                 now + timeout, lambda t: self._checks_failed(conn, ProbeFailed(error), t)
             )
         self._advance_probe(conn, now)
@@ -296,32 +294,32 @@ class Upstreams:
 
     def _end_probe(self, conn: UpstreamConn) -> None:
         conn.checks = None
-        self.server.timers.cancel(conn.timer)
+        self.loop.timers.cancel(conn.timer)
         conn.timer = None
         self.watch(conn)
 
     def _probe_passed(self, conn: UpstreamConn, now: float) -> None:
         conn.move(State.IDLE)  # (the core then hands it to a waiter, or keeps it idle)
-        self.server.carry_out(conn.pool, conn.pool.core.probe_ok(conn, now), now)
+        self.loop.carry_out(conn.pool, conn.pool.core.probe_ok(conn, now), now)
 
     def _probe_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
         pool = conn.pool
         self._end_probe(conn)
         conn.error = str(failure)
         log.warning("pool %r: %s; checking its other idle connections", pool.config.name, failure)
-        self.server.carry_out(pool, pool.core.probe_failed(conn, now), now)
+        self.loop.carry_out(pool, pool.core.probe_failed(conn, now), now)
 
     # -- handshake and reset: the pool's on_connect and reset steps ----------------------------
 
     def _handshaken(self, conn: UpstreamConn, now: float) -> None:
         """Connected, and the on_connect steps (if any) passed: the connection joins the pool."""
         pool = conn.pool
-        self.server.timers.cancel(conn.timer)
+        self.loop.timers.cancel(conn.timer)
         conn.timer = None
         if pool.core.failures:  # (the core counts failures in a row until this success)
             log.info("pool %r: upstream %s reachable again", pool.config.name, pool.config.address)
         conn.move(State.IDLE)
-        self.server.carry_out(pool, pool.core.connected(conn, now, conn.opened_at), now)
+        self.loop.carry_out(pool, pool.core.connected(conn, now, conn.opened_at), now)
         self.watch(conn)
 
     def _handshake_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
@@ -329,10 +327,10 @@ class Upstreams:
 
     def _reset_passed(self, conn: UpstreamConn, now: float) -> None:
         conn.move(State.IDLE)
-        self.server.carry_out(conn.pool, conn.pool.core.release(conn, now), now)
+        self.loop.carry_out(conn.pool, conn.pool.core.release(conn, now), now)
         self.watch(conn)
 
     def _reset_failed(self, conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
         conn.fail(str(failure))
-        self.server.carry_out(conn.pool, conn.pool.core.release(conn, now, "broken"), now)
+        self.loop.carry_out(conn.pool, conn.pool.core.release(conn, now, "broken"), now)
         self.watch(conn)

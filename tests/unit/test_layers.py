@@ -196,3 +196,13 @@ def test_the_greeter_needs_nothing_but_the_standard_library() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - {"__future__"} <= sys.stdlib_module_names, imported - sys.stdlib_module_names
+
+
+def test_drive_s_helpers_reach_the_loop_through_its_doors_only() -> None:
+    """Leasing, the upstream connections' driver and the rest of drive/ never name the Server:
+    they get what they need through drive/doors.py's small interfaces (types included)."""
+    server = "poolbroker.broker.drive.server"
+    naming = {
+        name for name, imports in TYPE_IMPORTS.items() if layer(name) == "poolbroker.broker.drive" and server in imports
+    }
+    assert not naming, naming
