@@ -14,6 +14,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from poolbroker import Client, postgres
+from poolbroker.postgres._bridge import bridge
+from poolbroker.postgres._inline import connection_class
 
 POOL = "pg"
 _client = Client(os.environ["PB_ENDPOINT"], timeout=30)
@@ -22,7 +24,7 @@ PSYCOPG_OWN = ("autocommit", "prepare_threshold", "context", "row_factory", "cur
 OWN = (("dbname", "database"), ("user", "user"))  # (the pool's: a connection can't ask for others)
 
 
-class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
+class RoutedConnection(connection_class()):  # type: ignore[misc]
     """psycopg's Connection whose connections to the bridge are postgres.connect()'s."""
 
     @classmethod
@@ -30,7 +32,7 @@ class RoutedConnection(postgres.connection_class()):  # type: ignore[misc]
         # (psycopg's own arguments as they are: conninfo_to_dict() drops a None, prepare_threshold's)
         own = {name: kwargs[name] for name in PSYCOPG_OWN if name in kwargs}
         params = conninfo_to_dict(conninfo, **{name: v for name, v in kwargs.items() if name not in own})
-        here = postgres.bridge()
+        here = bridge()
         if params.get("host") != here.directory:  # (somewhere else: as psycopg would)
             return super().connect(conninfo, **kwargs)
         info = here.pool_info(_client, POOL)

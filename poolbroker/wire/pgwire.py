@@ -25,7 +25,7 @@ ANSWERED_BY_READY = frozenset(b"QSF")
 
 
 # The prefix of the names the worker's link gives the statements a driver prepares in transaction
-# mode (poolbroker/pg_statements.py): named after their content, and prepared again by the link
+# mode (poolbroker/postgres/_statements.py): named after their content, and prepared again by the link
 # before use on any backend, so one left on a connection changes nothing for the next holder.
 SHARED_STATEMENT = b"pb_"
 

@@ -26,8 +26,10 @@ from helpers import ROOT, Broker, PostgresServer, pg_pool, run_python, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from poolbroker import AsyncClient, Client, pg_inline, postgres
-from poolbroker.pg_link import pool_info
+from poolbroker import AsyncClient, Client, postgres
+from poolbroker.postgres import _inline as pg_inline
+from poolbroker.postgres._bridge import bridge
+from poolbroker.postgres._link import pool_info
 
 WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
 POOL_NAME = "pool-under-test"  # the pool's application_name: how the server's view finds its backends
@@ -300,7 +302,7 @@ def test_sqlalchemy_through_a_creator_with_nullpool(pg: Callable[..., tuple[Brok
 
 def test_a_wrong_database_is_refused_in_libpq_s_terms(pg: Callable[..., tuple[Broker, Client]]) -> None:
     _, client = pg()
-    directory, port = postgres.bridge().route(client, "pg", False, None, pool_info(client, "pg"))
+    directory, port = bridge().route(client, "pg", False, None, pool_info(client, "pg"))
     assert os.stat(directory).st_mode & 0o777 == 0o700  # (the bridge is this user's alone)
     with pytest.raises(psycopg.OperationalError, match="logs in to database 'postgres', not 'other'"):
         psycopg.connect(host=directory, port=port, user="app", dbname="other")
@@ -311,7 +313,7 @@ def test_garbage_at_the_bridge_gets_an_error_and_the_bridge_goes_on(
     pg: Callable[..., tuple[Broker, Client]], inline: bool
 ) -> None:
     _, client = pg()
-    directory, port = postgres.bridge().route(client, "pg", False, None, pool_info(client, "pg"), inline=inline)
+    directory, port = bridge().route(client, "pg", False, None, pool_info(client, "pg"), inline=inline)
     for garbage in (b"\x00\x00\x00\x02junk", b"\x00\x00\x00\x08\x00\x09\x00\x00"):  # (a bad length; protocol 9.0)
         with socket.socket(socket.AF_UNIX) as raw:
             raw.settimeout(10)

@@ -65,11 +65,11 @@ ADAPTERS = {
     "poolbroker.requests",
     "poolbroker.httpx",
     "poolbroker.postgres",
-    "poolbroker.pg_link",
-    "poolbroker.pg_inline",
-    "poolbroker.pg_bridge",
-    "poolbroker.pg_greeter",
-    "poolbroker.pg_statements",
+    "poolbroker.postgres._link",
+    "poolbroker.postgres._inline",
+    "poolbroker.postgres._bridge",
+    "poolbroker.postgres._greeter",
+    "poolbroker.postgres._statements",
     "poolbroker.pytest_plugin",
 }  # the package's face: the client's users
 
@@ -190,9 +190,9 @@ def test_no_module_is_much_over_400_lines() -> None:
 
 
 def test_the_greeter_needs_nothing_but_the_standard_library() -> None:
-    """pg_greeter runs from its file in a process of its own (python -I): it must start fast, and
-    can't count on the package being importable there."""
-    tree = ast.parse((ROOT / "poolbroker" / "pg_greeter.py").read_text())
+    """The greeter (postgres/_greeter.py) runs from its file in a process of its own (python -I):
+    it must start fast, and can't count on the package being importable there."""
+    tree = ast.parse((ROOT / "poolbroker" / "postgres" / "_greeter.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - {"__future__"} <= sys.stdlib_module_names, imported - sys.stdlib_module_names

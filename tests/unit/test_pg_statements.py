@@ -1,11 +1,11 @@
-"""Transaction mode's prepared statements, as the link rewrites them (poolbroker.pg_statements):
+"""Transaction mode's prepared statements, as the link rewrites them (poolbroker.postgres._statements):
 transcripts of what the driver sends, what goes to the server, and which answers the driver sees."""
 
 from __future__ import annotations
 
 import struct
 
-from poolbroker.pg_statements import Statements
+from poolbroker.postgres._statements import Statements
 from poolbroker.wire.pgwire import Frames, message
 
 SYNC = message(b"S", b"")

@@ -2,7 +2,7 @@
 process that answers their startup, and the threads that carry them on.
 
 A connection made by poolbroker.postgres.connect() is handed over once its startup is answered, to
-be driven in psycopg's own thread (pg_inline.Inline); one made by other code from conninfo()
+be driven in psycopg's own thread (_inline.Inline); one made by other code from conninfo()
 (asyncio's psycopg, for instance) is relayed by a bridge thread to its end. Either way its messages
 go over leases through a PgLink, and a CancelRequest that arrives here (libpq's cancel, or 17's
 cancel_safe) reaches the real backend through the broker.
@@ -27,13 +27,13 @@ import time
 import weakref
 from typing import Any
 
-from poolbroker import pg_greeter
+import poolbroker.postgres._greeter as pg_greeter
 from poolbroker.client.channel import Channel
 from poolbroker.client.client import Client
 from poolbroker.client.errors import PoolBrokerError
-from poolbroker.pg_greeter import error_response
-from poolbroker.pg_inline import RELAY_CHUNK, Inline, Watcher
-from poolbroker.pg_link import PgLink, PgLinkError, pool_info
+from poolbroker.postgres._greeter import error_response
+from poolbroker.postgres._inline import RELAY_CHUNK, Inline, Watcher
+from poolbroker.postgres._link import PgLink, PgLinkError, pool_info
 
 # How long what the broker said of a pool (its mode, user, database, server parameters) serves
 # new connections before it is asked again: a connection per request (SQLAlchemy's NullPool)
@@ -47,7 +47,7 @@ class Bridge:
     each a `.s.PGSQL.<port>` in one 0700 directory. The greeter process accepts them and passes
     each back here, its startup for a link here to answer (leased first in session mode, with the
     backend's own pid) or, when this process can't claim it in time (a libpq call holding its
-    GIL), answered by the greeter (pg_greeter). A connection on an inline route is then handed
+    GIL), answered by the greeter (_greeter). A connection on an inline route is then handed
     over (`take_handed`) to be driven by its psycopg connection's own thread (Inline); any other is
     relayed by a relay thread until it closes. Relay threads are kept for the next connection (a
     thread's broker socket lives as long as the thread), and so are inline connections' own broker

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client.errors import PoolBrokerError
-from poolbroker.pg_greeter import error_response
-from poolbroker.pg_link import PgLink, PgLinkError
+from poolbroker.postgres._greeter import error_response
+from poolbroker.postgres._link import PgLink, PgLinkError
 
 if TYPE_CHECKING:
     import psycopg

@@ -13,7 +13,7 @@ A route may want the bridge to answer when it can (session mode: it leases first
 the real backend's pid). Then the greeter asks the bridge first, and answers itself only if no
 claim comes within CLAIM_TIMEOUT: a caller holding its GIL keeps the bridge from claiming at all.
 
-Standard library only, run from its file (see pg_bridge.start_greeter): it starts in milliseconds.
+Standard library only, run from its file (see _bridge.Bridge._start_greeter): it starts in milliseconds.
 Its wire with the bridge is a SOCK_SEQPACKET socket pair, one JSON message per packet:
     bridge -> greeter: {"route": port, "user", "database", "parameters", "pool", "answer"} (+ the
                        listener's descriptor the first time; later ones update what it answers);

@@ -31,8 +31,8 @@ from poolbroker.client.errors import PoolBrokerError
 from poolbroker.client.exchanges import DEFAULT_RECV
 from poolbroker.client.lease import FIRST_POLL, Lease
 from poolbroker.client.leased_socket import LeasedSocket
-from poolbroker.pg_greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
-from poolbroker.pg_statements import Statements
+from poolbroker.postgres._greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
+from poolbroker.postgres._statements import Statements
 from poolbroker.wire.pgwire import (
     ANSWERED_BY_READY,
     CANCEL_REQUEST_CODE,

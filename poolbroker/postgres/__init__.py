@@ -9,21 +9,21 @@
     conn = postgres.pg8000_connect(broker, "pg")           # a pg8000.native Connection
 
 psycopg's libpq opens its own socket, so its socket ends at a private bridge in this process: a
-Unix socket in a 0700 directory, accepted by the bridge's greeter process (pg_greeter). libpq's
+Unix socket in a 0700 directory, accepted by the bridge's greeter process (_greeter). libpq's
 startup is answered as the pool's server would (AuthenticationOk, the server's parameters, a
 BackendKeyData, ReadyForQuery) by the link, which in session mode leases first and gives the
 backend's own pid; for conninfo(), by the greeter instead if the bridge can't claim it in time
 (libpq's blocking calls hold the caller's GIL, and they still get their answer). A connect()
 connection is then driven in psycopg's own thread (Inline): while psycopg waits on its socket,
-what libpq wrote goes over a lease (pg_link.PgLink) and the answer back into the socket
-(pg_inline). Connections made from conninfo() by other code are relayed by bridge threads
-instead (pg_bridge). Closing the connection gives the lease back;
+what libpq wrote goes over a lease (_link.PgLink) and the answer back into the socket
+(_inline). Connections made from conninfo() by other code are relayed by bridge threads
+instead (_bridge). Closing the connection gives the lease back;
 `conn.cancel()` reaches the real backend through the broker. pg8000 takes a socket object
 (`sock=`), so it needs no bridge and no thread.
 
 A pool with `pool_mode = "transaction"` makes each connection hold a lease only from the first
 message of a transaction to its end; psycopg's prepared statements are prepared again on each
-backend that needs them (pg_statements). See the README for what transaction mode can't do.
+backend that needs them (_statements). See the README for what transaction mode can't do.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client.client import Client
-from poolbroker.pg_bridge import Bridge, bridge
-from poolbroker.pg_inline import connection_class
-from poolbroker.pg_link import Pg8000Socket, PgLink, pool_info
+from poolbroker.postgres._bridge import bridge
+from poolbroker.postgres._inline import connection_class
+from poolbroker.postgres._link import Pg8000Socket, PgLink, pool_info
 
 if TYPE_CHECKING:
     import pg8000.native
     import psycopg
 
-__all__ = ["Bridge", "PgLink", "async_connect", "bridge", "connect", "conninfo", "pg8000_connect", "pg8000_socket"]
+__all__ = ["async_connect", "connect", "conninfo", "pg8000_connect", "pg8000_socket"]
 
 
 def _transaction_mode(info: dict[str, Any], transaction_mode: bool | None) -> bool:
