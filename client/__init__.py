@@ -1,8 +1,8 @@
 """poolbroker's client: lease connections from a broker shared by every worker process."""
 
-from poolbroker.client.aio import AsyncClient, AsyncLease
-from poolbroker.client.client import Client
-from poolbroker.client.errors import (
+from poolbroker.client._aio import AsyncClient, AsyncLease
+from poolbroker.client._client import Client
+from poolbroker.client._errors import (
     BrokerUnavailable,
     LeaseLost,
     LimitExceeded,
@@ -16,7 +16,7 @@ from poolbroker.client.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from poolbroker.client.lease import Lease
+from poolbroker.client._lease import Lease
 from poolbroker.wire.endpoint import default_endpoint
 
 __all__ = [

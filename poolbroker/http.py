@@ -18,7 +18,7 @@ import http.client
 import socket
 from typing import Any
 
-from poolbroker.client.client import Client
+from poolbroker.client import Client
 
 
 class HTTPConnection(http.client.HTTPConnection):

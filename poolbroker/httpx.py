@@ -30,11 +30,8 @@ from typing import Any
 import httpcore
 import httpx
 
-from poolbroker.client.aio import AsyncClient
-from poolbroker.client.client import Client
-from poolbroker.client.errors import PoolBrokerError, PoolTimeout, UpstreamTimeout
-from poolbroker.client.leased_socket import AsyncConversations, LeasedSocket
-from poolbroker.client.pool_protocols import described, described_async, require
+from poolbroker.client import AsyncClient, Client, PoolBrokerError, PoolTimeout, UpstreamTimeout
+from poolbroker.client.extension import AsyncConversations, LeasedSocket, described, described_async, require
 
 __all__ = ["AsyncPoolBrokerTransport", "PoolBrokerTransport"]
 

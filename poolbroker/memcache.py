@@ -22,8 +22,8 @@ from typing import Any
 
 from pymemcache.client.base import Client as PymemcacheClient
 
-from poolbroker.client.client import Client as BrokerClient
-from poolbroker.client.leased_socket import LeasedSocket
+from poolbroker.client import Client as BrokerClient
+from poolbroker.client.extension import LeasedSocket
 
 __all__ = ["Client", "LeaseSocket", "LeaseSocketModule"]
 

@@ -27,9 +27,7 @@ from typing import Any
 
 import pytest
 
-from poolbroker.client.aio import AsyncClient
-from poolbroker.client.client import Client
-from poolbroker.client.errors import PoolBrokerError
+from poolbroker.client import AsyncClient, Client, PoolBrokerError
 
 ENDPOINT_KEY = "poolbroker_endpoint"  # in an xdist worker's workerinput
 START_TIMEOUT = 30.0

@@ -25,10 +25,8 @@ from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
-from poolbroker.client.client import Client
-from poolbroker.client.errors import PoolMismatch
-from poolbroker.client.leased_socket import LeasedSocket
-from poolbroker.client.pool_protocols import described
+from poolbroker.client import Client, PoolMismatch
+from poolbroker.client.extension import LeasedSocket, described
 
 _warned: set[tuple[str, str]] = set()  # (endpoint, pool) this process has warned about
 

@@ -21,10 +21,8 @@ from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from poolbroker.client.aio import AsyncClient
-from poolbroker.client.errors import UpstreamError, UpstreamTimeout
-from poolbroker.client.leased_socket import AsyncConversations
-from poolbroker.client.pool_protocols import described_async
+from poolbroker.client import AsyncClient, UpstreamError, UpstreamTimeout
+from poolbroker.client.extension import AsyncConversations, described_async
 from poolbroker.redis import lease_connection_options, settle_resp
 
 __all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseTransport", "open_lease_streams"]

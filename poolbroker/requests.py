@@ -27,8 +27,8 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util import parse_url
 
-from poolbroker.client.client import Client
-from poolbroker.client.leased_socket import LeasedSocket
+from poolbroker.client import Client
+from poolbroker.client.extension import LeasedSocket
 
 __all__ = ["PoolBrokerAdapter"]
 

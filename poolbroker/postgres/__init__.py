@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from poolbroker.client.client import Client
+from poolbroker.client import Client
 from poolbroker.postgres._bridge import bridge
 from poolbroker.postgres._inline import connection_class
 from poolbroker.postgres._link import Pg8000Socket, PgLink, pool_info

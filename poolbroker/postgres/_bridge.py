@@ -28,9 +28,8 @@ import weakref
 from typing import Any
 
 import poolbroker.postgres._greeter as pg_greeter
-from poolbroker.client.channel import Channel
-from poolbroker.client.client import Client
-from poolbroker.client.errors import PoolBrokerError
+from poolbroker.client import Client, PoolBrokerError
+from poolbroker.client.extension import Channel
 from poolbroker.postgres._greeter import error_response
 from poolbroker.postgres._inline import RELAY_CHUNK, Inline, Watcher
 from poolbroker.postgres._link import PgLink, PgLinkError, pool_info

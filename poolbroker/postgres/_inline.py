@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from poolbroker.client.errors import PoolBrokerError
+from poolbroker.client import PoolBrokerError
 from poolbroker.postgres._greeter import error_response
 from poolbroker.postgres._link import PgLink, PgLinkError
 

@@ -25,12 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from poolbroker.client.channel import Channel
-from poolbroker.client.client import Client
-from poolbroker.client.errors import PoolBrokerError
-from poolbroker.client.exchanges import DEFAULT_RECV
-from poolbroker.client.lease import FIRST_POLL, Lease
-from poolbroker.client.leased_socket import LeasedSocket
+from poolbroker.client import Client, Lease, PoolBrokerError
+from poolbroker.client.extension import DEFAULT_RECV, FIRST_POLL, Channel, LeasedSocket
 from poolbroker.postgres._greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
 from poolbroker.postgres._statements import Statements
 from poolbroker.wire.pgwire import (

@@ -13,7 +13,7 @@ import pytest
 from helpers import Broker, RedisServer, TestUpstream, run_python, wait_for
 
 from poolbroker import AsyncClient, AsyncLease, BrokerUnavailable, Client, LeaseLost, PoolTimeout
-from poolbroker.client.leased_socket import AsyncConversations
+from poolbroker.client._leased_socket import AsyncConversations
 
 
 def test_many_tasks_share_one_client_within_the_bound(

@@ -33,7 +33,7 @@ from helpers import (
 )
 
 from poolbroker import AsyncClient, Client, postgres
-from poolbroker.client.errors import PoolMismatch
+from poolbroker.client._errors import PoolMismatch
 from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
 from poolbroker.memcache import Client as MemcacheClient
 from poolbroker.redis import BrokerConnectionPool

@@ -86,7 +86,7 @@ def test_the_package_builds_a_wheel_of_one_package_with_its_type_information_and
         "broker/drive/server.py",
         "broker/decide/protocols/redis.py",
         "broker/operate/cli.py",
-        "client/lease.py",
+        "client/_lease.py",
     }
     assert {f"poolbroker/{name}" for name in every_layer} <= set(names)
     [entry_points] = [name for name in names if name.endswith("entry_points.txt")]

@@ -11,7 +11,7 @@ import pytest
 from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from poolbroker import Client, LeaseLost, PoolTimeout, ProtocolError, UpstreamError
-from poolbroker.client.lease import HOLD_WRITES_UP_TO
+from poolbroker.client._lease import HOLD_WRITES_UP_TO
 
 
 def messages_for(c: Client, action: Callable[[], object]) -> int:

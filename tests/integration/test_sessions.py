@@ -17,7 +17,7 @@ from helpers import ROOT, Broker, HttpUpstream, RedisServer, wait_for
 
 from poolbroker import Client, UpstreamTimeout
 from poolbroker.broker.decide.protocols.resp import encode_command
-from poolbroker.client.lease import Lease
+from poolbroker.client._lease import Lease
 from poolbroker.redis import BrokerConnectionPool, SessionLeakWarning
 
 PASSWORD = "pool-secret"

@@ -8,9 +8,9 @@ import inspect
 
 import pytest
 
-from poolbroker.client.aio import AsyncClient, AsyncLease
-from poolbroker.client.client import Client
-from poolbroker.client.lease import Lease
+from poolbroker.client._aio import AsyncClient, AsyncLease
+from poolbroker.client._client import Client
+from poolbroker.client._lease import Lease
 
 # Sync-only calls, and why (docs/client.md says the same).
 SYNC_ONLY = {

@@ -206,3 +206,16 @@ def test_drive_s_helpers_reach_the_loop_through_its_doors_only() -> None:
         name for name, imports in TYPE_IMPORTS.items() if layer(name) == "poolbroker.broker.drive" and server in imports
     }
     assert not naming, naming
+
+
+def test_adapters_use_the_client_s_public_and_extension_api_only() -> None:
+    """poolbroker's adapters (redis, httpx, postgres...) build on what any adapter may: the client's
+    public names (`poolbroker.client`) and its extension API, never its private modules."""
+    private = {
+        f"{name} imports {target}"
+        for name, imports in TYPE_IMPORTS.items()
+        if layer(name) == "adapters"
+        for target in imports
+        if target.startswith("poolbroker.client._")
+    }
+    assert not private, private

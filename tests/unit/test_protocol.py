@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import poolbroker
-from poolbroker.client.errors import ERROR_CLASSES, PoolTimeout, ProtocolError, error_from_code
+from poolbroker.client._errors import ERROR_CLASSES, PoolTimeout, ProtocolError, error_from_code
 from poolbroker.wire.protocol import VERSION, BadRequest, ErrorCode, parse_request
 
 TOKEN = b"t" * 16

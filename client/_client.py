@@ -14,10 +14,10 @@ from typing import Any
 
 import zmq
 
-from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Channel, Curve, check_reply, close_sockets
-from poolbroker.client.errors import BrokerUnavailable
-from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, first_exchange
-from poolbroker.client.lease import Lease
+from poolbroker.client._channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Channel, Curve, check_reply, close_sockets
+from poolbroker.client._errors import BrokerUnavailable
+from poolbroker.client._exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, first_exchange
+from poolbroker.client._lease import Lease
 from poolbroker.wire.endpoint import default_endpoint
 from poolbroker.wire.protocol import (
     ADMIN_DRAIN,

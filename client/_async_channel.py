@@ -12,9 +12,9 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from poolbroker.client.channel import MAX_TEMPLATES, Curve
-from poolbroker.client.errors import BrokerUnavailable, LimitExceeded
-from poolbroker.client.exchanges import release_template
+from poolbroker.client._channel import MAX_TEMPLATES, Curve
+from poolbroker.client._errors import BrokerUnavailable, LimitExceeded
+from poolbroker.client._exchanges import release_template
 from poolbroker.wire.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template
 
 __all__ = ["AsyncChannel"]

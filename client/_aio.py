@@ -18,10 +18,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from poolbroker.client.async_channel import AsyncChannel
-from poolbroker.client.channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Curve, check_reply
-from poolbroker.client.errors import BrokerUnavailable
-from poolbroker.client.exchanges import (
+from poolbroker.client._async_channel import AsyncChannel
+from poolbroker.client._channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Curve, check_reply
+from poolbroker.client._errors import BrokerUnavailable
+from poolbroker.client._exchanges import (
     DEFAULT_RECV,
     HOLD_WRITES_UP_TO,
     LeaseCore,
@@ -29,7 +29,7 @@ from poolbroker.client.exchanges import (
     next_exchange,
     reads,
 )
-from poolbroker.client.lease import FIRST_POLL
+from poolbroker.client._lease import FIRST_POLL
 from poolbroker.wire.endpoint import default_endpoint
 from poolbroker.wire.protocol import (
     ADMIN_DRAIN,

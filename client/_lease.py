@@ -8,13 +8,13 @@ import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from poolbroker.client.channel import Channel
-from poolbroker.client.errors import BrokerUnavailable
-from poolbroker.client.exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, LeaseCore
+from poolbroker.client._channel import Channel
+from poolbroker.client._errors import BrokerUnavailable
+from poolbroker.client._exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, LeaseCore
 from poolbroker.wire.protocol import RELEASE_DISCARD, RELEASE_KEEP
 
 if TYPE_CHECKING:
-    from poolbroker.client.client import Client
+    from poolbroker.client._client import Client
 
 __all__ = ["DEFAULT_RECV", "HOLD_WRITES_UP_TO", "Lease", "LeaseIO"]
 

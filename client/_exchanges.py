@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from poolbroker.client.channel import HOSTNAME
-from poolbroker.client.errors import LeaseLost, error_from_code
+from poolbroker.client._channel import HOSTNAME
+from poolbroker.client._errors import LeaseLost, error_from_code
 from poolbroker.wire.protocol import (
     OP_IO,
     OP_LEASE,

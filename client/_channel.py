@@ -13,7 +13,7 @@ import msgpack
 import zmq
 import zmq.backend
 
-from poolbroker.client.errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
+from poolbroker.client._errors import BrokerUnavailable, LimitExceeded, ProtocolError, error_from_code
 from poolbroker.wire.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, load_key_pair, load_public_key
 from poolbroker.wire.protocol import RELEASE_DISCARD, RELEASE_KEEP, VERSION, Template, release_request
 

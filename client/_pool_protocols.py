@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from poolbroker.client.errors import PoolMismatch
+from poolbroker.client._errors import PoolMismatch
 
 if TYPE_CHECKING:
-    from poolbroker.client.aio import AsyncClient
-    from poolbroker.client.client import Client
+    from poolbroker.client._aio import AsyncClient
+    from poolbroker.client._client import Client
 
 # (endpoint, pool) -> the broker's description of the pool (ping's "protocols"), or None for a
 # pool the broker does not have (its leases say so). Kept for the process's life: a pool's

@@ -9,13 +9,13 @@ import io
 import socket
 from typing import TYPE_CHECKING, Any
 
-from poolbroker.client.exchanges import DEFAULT_RECV
-from poolbroker.client.lease import Lease, LeaseIO
+from poolbroker.client._exchanges import DEFAULT_RECV
+from poolbroker.client._lease import Lease, LeaseIO
 
 if TYPE_CHECKING:
-    from poolbroker.client.aio import AsyncClient, AsyncLease
-    from poolbroker.client.channel import Channel
-    from poolbroker.client.client import Client
+    from poolbroker.client._aio import AsyncClient, AsyncLease
+    from poolbroker.client._channel import Channel
+    from poolbroker.client._client import Client
 
 
 class LeasedSocket:
