@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
 
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
-from helpers import Broker, RedisServer, free_port, short_tempdir, wait_for  # noqa: E402
 
 from poolbroker import Client  # noqa: E402
+from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for  # noqa: E402
 
 PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"  # RESP: twemproxy takes no inline commands
 POOL = 10

@@ -83,9 +83,10 @@ def main() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    sys.path[:0] = [str(root), str(root / "tests"), str(root / "scripts")]
+    sys.path[:0] = [str(root), str(root / "scripts")]
     from bench import RELAY, Script, peak_connections
-    from helpers import Broker, RedisServer, free_port, short_tempdir, wait_for
+
+    from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from helpers import Broker, RedisServer  # noqa: E402
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
 
 from poolbroker import Client, UpstreamUnavailable  # noqa: E402
+from tests.support import Broker, RedisServer  # noqa: E402
 
 PING = b"PING\r\n"
 

@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
 
 import psycopg  # noqa: E402
-from helpers import Broker, PostgresServer, free_port, pg_pool, wait_for  # noqa: E402
 
 from poolbroker import Client, postgres  # noqa: E402
+from tests.support import Broker, PostgresServer, free_port, pg_pool, wait_for  # noqa: E402
 
 SQL = "SELECT count(*) FROM pg_class WHERE relkind = 'r'"
 SCENARIOS = ("new-connection", "persistent", "pgbouncer", "poolbroker-session", "poolbroker-txn")

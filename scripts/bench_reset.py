@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from helpers import Broker, RedisServer  # noqa: E402
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
 
 from poolbroker import Client  # noqa: E402
 from poolbroker.broker.decide.protocols.resp import encode_command  # noqa: E402
+from tests.support import Broker, RedisServer  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from helpers import Broker, RedisServer, free_port  # noqa: E402
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
 
 from poolbroker import Client  # noqa: E402
 from poolbroker.broker.drive.security import keygen  # noqa: E402
+from tests.support import Broker, RedisServer, free_port  # noqa: E402
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 BIG = 1024 * 1024

@@ -19,11 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from helpers import Broker, RedisServer, TestCertificates  # noqa: E402
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
 
 from poolbroker import Client  # noqa: E402
+from tests.support import Broker, RedisServer, TestCertificates  # noqa: E402
 
 PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from client_suites import CACHE, ROOT, start_broker, stop_process
 
-sys.path.insert(0, str(ROOT / "tests"))
-from helpers import PostgresServer, postgres_bin
+sys.path.insert(0, str(ROOT))  # (tests.support: the servers the tests run)
+from tests.support import PostgresServer, postgres_bin
 
 VERSION = importlib.metadata.version("psycopg")
 REPOSITORY = "https://github.com/psycopg/psycopg"

@@ -14,9 +14,6 @@ import mmap
 import os
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from poolbroker import Client
 

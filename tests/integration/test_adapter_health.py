@@ -21,7 +21,6 @@ import pytest
 import redis
 import redis.asyncio
 import requests
-from helpers import Broker, HttpUpstream, PostgresServer, RedisServer, TestUpstream, pg_pool, wait_for
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
 from poolbroker import AsyncClient, Client, PoolBrokerError, postgres
@@ -30,6 +29,7 @@ from poolbroker.memcache import Client as MemcacheClient
 from poolbroker.redis import BrokerConnectionPool
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
 from poolbroker.requests import PoolBrokerAdapter
+from tests.support import Broker, HttpUpstream, PostgresServer, RedisServer, TestUpstream, pg_pool, wait_for
 
 
 def rests(client: Client, pool: str) -> dict[str, int]:
@@ -257,13 +257,6 @@ def test_pymemcache_timeouts_and_a_connection_closed_under_a_read(
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    yield server
-    server.stop()
 
 
 def test_psycopg_and_pg8000_see_their_backend_killed_under_a_query(

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import pytest
 import redis
 import redis.utils
-from helpers import Broker, HttpUpstream, RedisServer
 
 from poolbroker import Client, PoolMismatch, PoolTimeout
 from poolbroker.http import HTTPConnection
 from poolbroker.redis import BrokerConnectionPool
+from tests.support import Broker, HttpUpstream, RedisServer
 
 # HTTP pools: the broker follows each request and response (a connection is reused only between them).
 HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1")

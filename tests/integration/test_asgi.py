@@ -10,9 +10,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import Broker, HttpUpstream, RedisServer, get, gunicorn, status, wait_for
-
 from poolbroker import Client
+from tests.support import Broker, HttpUpstream, RedisServer, get, gunicorn, status, wait_for
 
 ASGI_APP = "examples.asgi_app:app"
 UVICORN_WORKERS = ("-k", "uvicorn.workers.UvicornWorker", "-w", "2")

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Broker, RedisServer, TestUpstream, run_python, wait_for
 
 from poolbroker import AsyncClient, AsyncLease, BrokerUnavailable, Client, LeaseLost, PoolTimeout
 from poolbroker.client._leased_socket import AsyncConversations
+from tests.support import Broker, RedisServer, TestUpstream, run_python, wait_for
 
 
 def test_many_tasks_share_one_client_within_the_bound(

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, short_tempdir, wait_for
 
 from poolbroker import BrokerUnavailable, Client
+from tests.support import ROOT, Broker, RedisServer, short_tempdir, wait_for
 
 
 def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(

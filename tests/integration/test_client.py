@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import Broker, RedisServer, TestUpstream, broker_answers, run_python, short_tempdir, wait_for
 
 from poolbroker import BrokerUnavailable, Client, LeaseLost
+from tests.support import Broker, RedisServer, TestUpstream, broker_answers, run_python, short_tempdir, wait_for
 
 
 def test_one_client_shared_by_32_threads(

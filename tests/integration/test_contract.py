@@ -9,9 +9,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from poolbroker import Client
+from tests.support import Broker, RedisServer, TestUpstream, wait_for
 
 Raw = Callable[..., dict[str, Any]]
 

@@ -20,7 +20,15 @@ import pytest
 import redis
 import redis.asyncio
 import requests
-from helpers import (
+
+from poolbroker import AsyncClient, Client, postgres
+from poolbroker.client._errors import PoolMismatch
+from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
+from poolbroker.memcache import Client as MemcacheClient
+from poolbroker.redis import BrokerConnectionPool
+from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+from poolbroker.requests import PoolBrokerAdapter
+from tests.support import (
     BoundSampler,
     Broker,
     HttpUpstream,
@@ -31,14 +39,6 @@ from helpers import (
     pg_pool,
     wait_for,
 )
-
-from poolbroker import AsyncClient, Client, postgres
-from poolbroker.client._errors import PoolMismatch
-from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
-from poolbroker.memcache import Client as MemcacheClient
-from poolbroker.redis import BrokerConnectionPool
-from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
-from poolbroker.requests import PoolBrokerAdapter
 
 USERS, ROUNDS, MAX_SIZE = 20, 5, 2
 
@@ -240,13 +240,6 @@ def test_pymemcache_threads(memcached: MemcachedServer, start_broker: Callable[.
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    yield server
-    server.stop()
 
 
 POOL_NAME = "crowd-pool"  # the pool's application_name: how the server's view finds its backends

@@ -11,11 +11,10 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import ROOT, Broker, RedisServer, free_port, short_tempdir
-
 from poolbroker import Client
 from poolbroker.broker.config import load
 from poolbroker.broker.operate.cli import build_parser
+from tests.support import ROOT, Broker, RedisServer, free_port, short_tempdir
 
 
 def test_the_example_config_loads_and_serves(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 
 import msgpack
 import zmq
-from helpers import Broker, RedisServer, wait_for
 from zmq.utils import monitor as zmq_monitor
 
 from poolbroker import Client
+from tests.support import Broker, RedisServer, wait_for
 
 MAX_MESSAGE_SIZE = 65536
 VALID = [

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import Broker, RedisServer, get, gunicorn, status, wait_for
 
 from poolbroker import Client
+from tests.support import Broker, RedisServer, get, gunicorn, status, wait_for
 
 MAX_SIZE = 4
 WSGI_APP = "examples.gunicorn_app:app"

@@ -3,24 +3,17 @@ runs when a connection comes back: against a real Redis that requires a password
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from poolbroker import Client, UpstreamUnavailable
 from poolbroker.redis import BrokerConnectionPool
+from tests.support import LOCKED_REDIS_PASSWORD, Broker, RedisServer, TestUpstream, wait_for
 
-PASSWORD = "s3cret-pass"
-
-
-@pytest.fixture
-def locked_redis() -> Iterator[RedisServer]:
-    server = RedisServer(password=PASSWORD).start()
-    yield server
-    server.stop()
+PASSWORD = LOCKED_REDIS_PASSWORD  # (the locked_redis fixture's)
 
 
 def broker_with(

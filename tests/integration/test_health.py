@@ -12,9 +12,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers import Broker, HttpUpstream, MemcachedServer, RedisServer, TestUpstream, wait_for
 
 from poolbroker import Client, UpstreamTimeout, UpstreamUnavailable
+from tests.support import Broker, HttpUpstream, MemcachedServer, RedisServer, TestUpstream, wait_for
 
 PING = b"PING\r\n"
 PONG = b"+PONG\r\n"

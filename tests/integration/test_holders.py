@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, wait_for
 
 from poolbroker import Client, LeaseLost
+from tests.support import ROOT, Broker, RedisServer, wait_for
 
 PING = b"PING\r\n"
 PONG = b"+PONG\r\n"

@@ -12,18 +12,13 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import requests
-from helpers import Broker, HttpUpstream, TestCertificates
 
 from poolbroker import AsyncClient, Client
 from poolbroker.httpx import AsyncPoolBrokerTransport, PoolBrokerTransport
 from poolbroker.requests import PoolBrokerAdapter
+from tests.support import Broker, HttpUpstream, TestCertificates
 
 HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1", "--max-size", "2")
-
-
-@pytest.fixture(scope="module")
-def certs() -> TestCertificates:
-    return TestCertificates()
 
 
 @pytest.fixture(params=["plain", "tls"])

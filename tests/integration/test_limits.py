@@ -16,10 +16,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 from zmq.utils import monitor as zmq_monitor
 
 from poolbroker import Client, LimitExceeded
+from tests.support import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 
 
 def test_one_operation_may_send_and_read_at_most_max_payload(

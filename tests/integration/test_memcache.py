@@ -8,11 +8,11 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from helpers import BoundSampler, Broker, MemcachedServer
 from pymemcache.exceptions import MemcacheIllegalInputError
 
 from poolbroker import Client
 from poolbroker.memcache import Client as MemcacheClient
+from tests.support import BoundSampler, Broker, MemcachedServer
 
 
 def messages(c: Client, action: Callable[[], object]) -> int:

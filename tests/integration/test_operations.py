@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from poolbroker import Client, NotAuthorized, PoolBrokerError, PoolTimeout, UpstreamUnavailable
 from poolbroker.broker.operate import top
+from tests.support import ROOT, Broker, RedisServer, free_port, wait_for
 
 
 def poolbroker(*args: str) -> subprocess.CompletedProcess[str]:

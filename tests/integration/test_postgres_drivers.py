@@ -15,14 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pg8000.native
 import psycopg
 import pytest
-from helpers import ROOT, Broker, PostgresServer, pg_pool, run_python, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -30,28 +29,22 @@ from poolbroker import AsyncClient, Client, postgres
 from poolbroker.postgres import _inline as pg_inline
 from poolbroker.postgres._bridge import bridge
 from poolbroker.postgres._link import pool_info
+from tests.support import ROOT, Broker, PostgresServer, pg_pool, run_python, wait_for
 
 WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
 POOL_NAME = "pool-under-test"  # the pool's application_name: how the server's view finds its backends
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def pg(
-    start_broker: Callable[..., Broker], server: PostgresServer, tmp_path: Path
+    start_broker: Callable[..., Broker], pg_server: PostgresServer, tmp_path: Path
 ) -> Callable[..., tuple[Broker, Client]]:
     """A broker with a postgres pool "pg" on the module's server (settings as given), and a client."""
 
     def start(**settings: object) -> tuple[Broker, Client]:
         settings = {"max_size": 2, "database": "postgres", "client_name": POOL_NAME, **settings}
-        config = pg_pool(tmp_path, server, password_env="PG_PASSWORD", **settings)
-        broker = start_broker("--config", config, env={"PG_PASSWORD": server.password})
+        config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", **settings)
+        broker = start_broker("--config", config, env={"PG_PASSWORD": pg_server.password})
         return broker, Client(broker.endpoint, timeout=30)
 
     return start
@@ -65,9 +58,9 @@ def connect_by(route: str, client: Client, **kwargs: Any) -> psycopg.Connection[
     return psycopg.connect(postgres.conninfo(client, "pg"), **kwargs)
 
 
-def pool_backends(server: PostgresServer) -> int:
+def pool_backends(pg_server: PostgresServer) -> int:
     """The pool's backends, as the server counts them."""
-    with server.connect(autocommit=True) as observer:
+    with pg_server.connect(autocommit=True) as observer:
         row = observer.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [POOL_NAME])
         return int(row.fetchone()[0])
 
@@ -136,15 +129,15 @@ def test_psycopg_in_session_mode_holds_one_backend_for_the_connection(
     assert stats["connections_closed"] == 0  # Terminate stayed with the bridge: the backend stays pooled
 
 
-def last_statement(server: PostgresServer) -> str:
+def last_statement(pg_server: PostgresServer) -> str:
     """What the pool's one backend ran last, as the server saw it."""
-    with server.connect(autocommit=True) as observer:
+    with pg_server.connect(autocommit=True) as observer:
         row = observer.execute("SELECT query FROM pg_stat_activity WHERE application_name = %s", [POOL_NAME])
         return str(row.fetchone()[0])
 
 
 def test_transaction_mode_holds_a_backend_only_during_a_transaction(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer
 ) -> None:
     _, client = pg(max_size=1, pool_mode="transaction")
     first = postgres.connect(client, "pg")
@@ -156,7 +149,7 @@ def test_transaction_mode_holds_a_backend_only_during_a_transaction(
                     conn.execute("SELECT 1").fetchone()
                     assert client.stats("pg")["pg"]["leases_active"] == 1
                 assert wait_for(lambda: client.stats("pg")["pg"]["leases_active"] == 0, what="the transaction's end")
-        assert last_statement(server) == "COMMIT"  # (a clean transaction: no reset after it)
+        assert last_statement(pg_server) == "COMMIT"  # (a clean transaction: no reset after it)
         first.autocommit = True
         for _ in range(10):  # autocommit: each statement is a transaction, with psycopg's parameters
             first.execute("SELECT %s::int + 1", [41]).fetchone()
@@ -164,7 +157,7 @@ def test_transaction_mode_holds_a_backend_only_during_a_transaction(
             first.execute("SET LOCAL statement_timeout = 5000")
             assert first.execute("SHOW statement_timeout").fetchone()[0] == "5s"
         first.execute("SET statement_timeout = 1234")  # (it outlives its transaction: the reset runs)
-        wait_for(lambda: last_statement(server) == "DISCARD ALL", what="the reset after a SET")
+        wait_for(lambda: last_statement(pg_server) == "DISCARD ALL", what="the reset after a SET")
     finally:
         first.close()
         second.close()
@@ -228,7 +221,7 @@ def test_a_connection_dropped_without_close_gives_its_lease_back(pg: Callable[..
         assert again.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_psycopg_async_through_the_bridge(pg: Callable[..., tuple[Broker, Client]], server: PostgresServer) -> None:
+def test_psycopg_async_through_the_bridge(pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer) -> None:
     """asyncio's psycopg: async_connect(), and code that makes its own connections from conninfo(),
     both through the bridge's threads; cancel() reaches the backend from the event loop too."""
     _, client = pg(max_size=1, pool_mode="transaction")
@@ -243,7 +236,7 @@ def test_psycopg_async_through_the_bridge(pg: Callable[..., tuple[Broker, Client
         async with await postgres.async_connect(client, "pg", autocommit=True) as conn:
             rows.append(await (await conn.execute("SELECT 3")).fetchone())
             sleep = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
-            while not await asyncio.to_thread(sleeping_backends, server):
+            while not await asyncio.to_thread(sleeping_backends, pg_server):
                 await asyncio.sleep(0.02)
             conn.cancel()
             with pytest.raises(psycopg.errors.QueryCanceled):
@@ -255,10 +248,10 @@ def test_psycopg_async_through_the_bridge(pg: Callable[..., tuple[Broker, Client
     assert stats["connections_created"] == 1
 
 
-def sleeping_backends(server: PostgresServer, statement: str = "SELECT pg_sleep%") -> int:
+def sleeping_backends(pg_server: PostgresServer, statement: str = "SELECT pg_sleep%") -> int:
     """Backends running `statement` (a LIKE pattern) now: a test's own, when it gives its own text
     (another test's pg_sleep may outlive its client: the server ends it only when it is over)."""
-    with server.connect(autocommit=True) as observer:
+    with pg_server.connect(autocommit=True) as observer:
         query = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND state = 'active'"
         return int(observer.execute(query, [statement]).fetchone()[0])
 
@@ -329,7 +322,7 @@ def test_garbage_at_the_bridge_gets_an_error_and_the_bridge_goes_on(
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 @pytest.mark.parametrize("how", ["cancel", "cancel_safe"])
 def test_cancel_reaches_the_real_backend(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, how: str, mode: str
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer, how: str, mode: str
 ) -> None:
     _, client = pg(max_size=1, pool_mode=mode)  # (one backend: the one sleeping is this connection's)
     with postgres.connect(client, "pg", autocommit=True) as conn:
@@ -346,7 +339,7 @@ def test_cancel_reaches_the_real_backend(
         sleeper = threading.Thread(target=sleep)
         sleeper.start()
 
-        wait_for(lambda: sleeping_backends(server) == 1, what="pg_sleep running")
+        wait_for(lambda: sleeping_backends(pg_server) == 1, what="pg_sleep running")
         cancelled_at = time.monotonic()
         cancel()
         sleeper.join(timeout=20)
@@ -360,23 +353,23 @@ def run_worker(endpoint: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, WORKER, endpoint, *args], stdout=subprocess.PIPE, text=True)
 
 
-def advisory_locks(server: PostgresServer) -> int:
-    with server.connect(autocommit=True) as observer:
+def advisory_locks(pg_server: PostgresServer) -> int:
+    with pg_server.connect(autocommit=True) as observer:
         return int(observer.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0])
 
 
 @pytest.mark.parametrize("action", ["hold-lock", "sleep-with-lock"])
 def test_a_holder_killed_mid_transaction_leaves_no_transaction_and_no_lock(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, action: str
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer, action: str
 ) -> None:
     broker, client = pg(max_size=1)
     worker = run_worker(broker.endpoint, action)
     assert worker.stdout is not None and worker.stdout.readline().strip() in ("holding", "running")
-    assert advisory_locks(server) == 1
+    assert advisory_locks(pg_server) == 1
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     # The broker sees the holder gone, cancels what its backend runs and closes the connection.
-    wait_for(lambda: advisory_locks(server) == 0, timeout=10, what="the dead holder's lock released")
+    wait_for(lambda: advisory_locks(pg_server) == 0, timeout=10, what="the dead holder's lock released")
     with postgres.connect(client, "pg") as conn:
         assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0
         assert session_left(conn) == AS_NEW
@@ -384,14 +377,14 @@ def test_a_holder_killed_mid_transaction_leaves_no_transaction_and_no_lock(
 
 
 def test_the_bound_holds_as_the_server_counts_backends(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer
 ) -> None:
     broker, client = pg(max_size=4, pool_mode="transaction")
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], pool_backends(server))
+            peak[0] = max(peak[0], pool_backends(pg_server))
             stop.wait(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -408,11 +401,11 @@ def test_the_bound_holds_as_the_server_counts_backends(
     assert stats["pool_peak"] <= 4 and stats["requests_num"] >= 16 * 200
 
 
-def test_the_server_restarted_under_load(pg: Callable[..., tuple[Broker, Client]], server: PostgresServer) -> None:
+def test_the_server_restarted_under_load(pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer) -> None:
     broker, client = pg(max_size=2, pool_mode="transaction", connect_backoff_max=0.5)
     workers = [run_worker(broker.endpoint, "through-restart", "400") for _ in range(4)]
     wait_for(lambda: client.stats("pg")["pg"]["requests_num"] > 100, what="load on the pool")
-    server.restart()
+    pg_server.restart()
     results = [worker.communicate(timeout=90)[0].split() for worker in workers]
     assert all(result[:2] == ["done", "400"] for result in results), results
     stats = client.stats("pg")["pg"]
@@ -508,7 +501,7 @@ def test_libpq_s_blocking_calls_never_wait_on_a_thread_that_needs_their_gil(
 
 @pytest.mark.parametrize("route", ["conninfo", "connect"])
 def test_closing_the_client_under_a_running_statement_returns_in_time(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, route: str
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer, route: str
 ) -> None:
     """Client.close() while a bridged connection waits for a long statement: it returns within
     broker_timeout, the statement's caller gets psycopg's OperationalError, and no bridge thread
@@ -530,7 +523,7 @@ def test_closing_the_client_under_a_running_statement_returns_in_time(
     try:
         sleeper = threading.Thread(target=sleep)
         sleeper.start()
-        wait_for(lambda: sleeping_backends(server, statement) == 1, what="the statement running")
+        wait_for(lambda: sleeping_backends(pg_server, statement) == 1, what="the statement running")
         started = time.monotonic()
         client.close()
         assert time.monotonic() - started < 2.0 + 1.0
@@ -541,7 +534,7 @@ def test_closing_the_client_under_a_running_statement_returns_in_time(
         assert not unhandled, [(u.thread, u.exc_value) for u in unhandled]
     finally:
         threading.excepthook = hook
-        with server.connect(autocommit=True) as observer:  # (its backend would sleep on for 30 s)
+        with pg_server.connect(autocommit=True) as observer:  # (its backend would sleep on for 30 s)
             observer.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = %s", [statement])
 
 
@@ -603,8 +596,8 @@ def test_psycopg_s_prepared_statements_follow_each_transaction_to_its_backend(
     assert client.stats("pg")["pg"]["connections_created"] <= 2
 
 
-def terminate_pool_backends(server: PostgresServer) -> int:
-    with server.connect(autocommit=True) as observer:
+def terminate_pool_backends(pg_server: PostgresServer) -> int:
+    with pg_server.connect(autocommit=True) as observer:
         query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s"
         return int(observer.execute(query, [POOL_NAME]).fetchone()[0])
 
@@ -612,7 +605,7 @@ def terminate_pool_backends(server: PostgresServer) -> int:
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 @pytest.mark.parametrize("route", ["connect", "conninfo"])
 def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, mode: str, route: str
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer, mode: str, route: str
 ) -> None:
     """pg_terminate_backend() on the backend under a running statement: psycopg raises AdminShutdown,
     as directly. Between statements, session mode's connection has lost its backend (AdminShutdown
@@ -620,7 +613,9 @@ def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
     _, client = pg(max_size=1, pool_mode=mode)
     with connect_by(route, client, autocommit=True) as conn:
         killer = threading.Thread(
-            target=lambda: wait_for(lambda: sleeping_backends(server) and terminate_pool_backends(server), what="kill")
+            target=lambda: wait_for(
+                lambda: sleeping_backends(pg_server) and terminate_pool_backends(pg_server), what="kill"
+            )
         )
         killer.start()
         with pytest.raises(psycopg.errors.AdminShutdown):
@@ -629,8 +624,8 @@ def test_a_terminated_backend_reaches_the_holder_as_psycopg_s_own_error(
         assert conn.closed
     with connect_by(route, client, autocommit=True) as conn:
         conn.execute("SELECT 1")
-        wait_for(lambda: terminate_pool_backends(server), what="the backend terminated")
-        wait_for(lambda: pool_backends(server) == 0, what="the backend gone")  # (as a holder back later finds it)
+        wait_for(lambda: terminate_pool_backends(pg_server), what="the backend terminated")
+        wait_for(lambda: pool_backends(pg_server) == 0, what="the backend gone")  # (as a holder back later finds it)
         if mode == "session":
             with pytest.raises(psycopg.OperationalError):  # (AdminShutdown, or the closed connection: as above)
                 conn.execute("SELECT 1")
@@ -761,7 +756,7 @@ def test_pipelines_never_wait_for_answers_not_owed_to_the_driver(
 
 @pytest.mark.parametrize("route", ["connect", "conninfo"])
 def test_in_session_mode_a_connection_shows_the_real_backend_pid(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, route: str
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer, route: str
 ) -> None:
     """In session mode the bridge leases at the connect and answers libpq's startup with the
     backend's own pid: pg_terminate_backend() of what psycopg shows ends that connection's backend
@@ -769,7 +764,7 @@ def test_in_session_mode_a_connection_shows_the_real_backend_pid(
     _, client = pg(max_size=2)
     with connect_by(route, client, autocommit=True) as conn:
         assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
-        with server.connect(autocommit=True) as observer:
+        with pg_server.connect(autocommit=True) as observer:
             assert observer.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid]).fetchone() == (True,)
             gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = %s"  # (that one: others may linger)
             wait_for(lambda: observer.execute(gone, [conn.info.backend_pid]).fetchone()[0], what="the backend gone")
@@ -817,7 +812,7 @@ def run_sql(route: str, client: Client) -> tuple[Any, Callable[[str], list[tuple
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 @pytest.mark.parametrize("route", ["connect", "conninfo", "pg8000"])
 def test_a_connection_waiting_for_a_lock_never_holds_up_the_lock_s_holder(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer, route: str, mode: str
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer, route: str, mode: str
 ) -> None:
     """Each connection goes to the broker its own way: one that waits for a lock, as long as that
     takes, never keeps the connection holding the lock from committing. (conninfo()'s session-mode
@@ -845,7 +840,7 @@ def test_a_connection_waiting_for_a_lock_never_holds_up_the_lock_s_holder(
 
         waiting = threading.Thread(target=wait_for_the_lock)
         waiting.start()
-        wait_for(lambda: sleeping_backends(server, f"SELECT count(*) FROM {table}") == 1, what="the waiter waiting")
+        wait_for(lambda: sleeping_backends(pg_server, f"SELECT count(*) FROM {table}") == 1, what="the waiter waiting")
         on_holder("COMMIT")
         waiting.join(timeout=30)
         assert counted == [[(0,)]]
@@ -887,7 +882,7 @@ def test_libpq_called_directly_is_carried_too(pg: Callable[..., tuple[Broker, Cl
 
 
 def test_an_async_lease_reads_to_ready_for_query_and_its_client_cancels_its_backend(
-    pg: Callable[..., tuple[Broker, Client]], server: PostgresServer
+    pg: Callable[..., tuple[Broker, Client]], pg_server: PostgresServer
 ) -> None:
     """AsyncClient.cancel and AsyncLease.recv_ready, the twins of the sync calls the bridge uses:
     a lease's backend_pid is its backend's, a statement's answer is read whole up to its
@@ -906,7 +901,7 @@ def test_an_async_lease_reads_to_ready_for_query_and_its_client_cancels_its_back
             lease.settimeout(None)
             lease.sendall(query(statement))
             reading = asyncio.ensure_future(lease.recv_ready(1))
-            await asyncio.to_thread(wait_for, lambda: sleeping_backends(server, statement) == 1, what="it running")
+            await asyncio.to_thread(wait_for, lambda: sleeping_backends(pg_server, statement) == 1, what="it running")
             assert await c.cancel(lease)
             answer = await asyncio.wait_for(reading, 20)
             assert b"57014" in answer and answer.endswith(b"Z\0\0\0\x05I")

@@ -5,17 +5,17 @@ with another statement's results, or another holder's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from helpers import Broker, PostgresServer, pg_pool, wait_for
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from poolbroker import Client, postgres
+from tests.support import Broker, PostgresServer, pg_pool, wait_for
 
 Step = tuple[Any, ...]
 POOL_NAME = "interleaved-pool"  # its connections' application_name
@@ -95,35 +95,32 @@ def run(conn: psycopg.Connection[Any], step: Step, me: int) -> list[Any]:
     raise AssertionError(kind)
 
 
-def terminate_backends(server: PostgresServer) -> int:
-    with server.connect(autocommit=True) as observer:
+def terminate_backends(pg_server: PostgresServer) -> int:
+    with pg_server.connect(autocommit=True) as observer:
         query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s"
         return int(observer.execute(query, [POOL_NAME]).fetchone()[0])
 
 
-def replace_backend(client: Client, server: PostgresServer) -> None:
+def replace_backend(client: Client, pg_server: PostgresServer) -> None:
     """The pool's backend, if it has one, terminated, and the broker has seen it go."""
     closed = client.stats("pg")["pg"]["connections_closed"]
-    if terminate_backends(server):
+    if terminate_backends(pg_server):
         wait_for(lambda: client.stats("pg")["pg"]["connections_closed"] > closed, what="the broker to see it go")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    with server.connect(autocommit=True) as setup:
+@pytest.fixture(scope="module", autouse=True)
+def interleaved_table(pg_server: PostgresServer) -> None:
+    with pg_server.connect(autocommit=True) as setup:
         setup.execute("CREATE TABLE interleaved (who int, n int, PRIMARY KEY (who, n))")
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_two_connections_on_one_backend_see_what_two_direct_connections_see(
-    start_broker: Callable[..., Broker], server: PostgresServer, tmp_path: Path, mode: str
+    start_broker: Callable[..., Broker], pg_server: PostgresServer, tmp_path: Path, mode: str
 ) -> None:
     pool = {"max_size": 1, "pool_mode": mode, "database": "postgres", "client_name": POOL_NAME}
-    config = pg_pool(tmp_path, server, password_env="PG_PASSWORD", **pool)
-    broker = start_broker("--config", config, env={"PG_PASSWORD": server.password})
+    config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", **pool)
+    broker = start_broker("--config", config, env={"PG_PASSWORD": pg_server.password})
     client = Client(broker.endpoint, timeout=30)
     routes = [  # (one route each)
         lambda: postgres.connect(client, "pg", autocommit=True, prepare_threshold=NEVER),
@@ -137,20 +134,20 @@ def test_two_connections_on_one_backend_see_what_two_direct_connections_see(
     @example(script=[(0, ("prepared", 0, 1)), (0, ("new_backend",)), (0, ("prepared", 0, 2))])
     @example(script=[(1, ("pipeline", [("select", 1)])), (0, ("select", 2))] * 3)
     def interleave(script: list[tuple[int, Step]]) -> None:
-        direct = [server.connect(autocommit=True, prepare_threshold=NEVER) for _ in range(2)]
+        direct = [pg_server.connect(autocommit=True, prepare_threshold=NEVER) for _ in range(2)]
         pooled: list[psycopg.Connection[Any] | None] = [None, None]
         try:
             for who, step in script:
                 if step[0] == "new_backend":
                     if mode == "transaction":  # (between transactions: the next runs on a new one)
-                        replace_backend(client, server)
+                        replace_backend(client, pg_server)
                     continue
                 other = pooled[1 - who]
                 if mode == "session" and other is not None:  # (the two can't both hold the one backend)
                     other.close()
                     pooled[1 - who] = None
                     direct[1 - who].close()  # (and its twin, so that each starts anew as it does)
-                    direct[1 - who] = server.connect(autocommit=True, prepare_threshold=NEVER)
+                    direct[1 - who] = pg_server.connect(autocommit=True, prepare_threshold=NEVER)
                 conn = pooled[who] = pooled[who] or routes[who]()
                 expected = run(direct[who], step, 1000 + who)
                 assert run(conn, step, 1000 + who) == expected, step
@@ -158,7 +155,7 @@ def test_two_connections_on_one_backend_see_what_two_direct_connections_see(
             for conn in [*direct, *pooled]:
                 if conn is not None:
                     conn.close()
-            with server.connect(autocommit=True) as cleanup:
+            with pg_server.connect(autocommit=True) as cleanup:
                 cleanup.execute("TRUNCATE interleaved")
 
     interleave()

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Broker, PostgresServer, TestCertificates, pg_pool
 
 from poolbroker import Client, Lease, UpstreamUnavailable
 from poolbroker.broker.decide.probes import Check, ProbeFailed
 from poolbroker.broker.decide.protocols.postgres import Login, QueryCheck, query, take_messages
+from tests.support import Broker, PostgresServer, TestCertificates, pg_pool
 
 
 def converse(sock: socket.socket, check: Check) -> None:

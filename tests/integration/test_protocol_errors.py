@@ -8,9 +8,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import Broker, RedisServer
 
 from poolbroker import Client
+from tests.support import Broker, RedisServer
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import textwrap
 import threading
 from pathlib import Path
 
-from helpers import ROOT, RedisServer, wait_for
+from tests.support import ROOT, RedisServer, wait_for
 
 INNER_TESTS = """
 import asyncio, os

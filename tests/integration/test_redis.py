@@ -6,9 +6,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import Broker, RedisServer, free_port, wait_for
 
 from poolbroker import Client, LeaseLost, PoolFull, PoolTimeout, ProtocolError, UpstreamUnavailable
+from tests.support import Broker, RedisServer, free_port, wait_for
 
 
 def resp(*parts: bytes) -> bytes:

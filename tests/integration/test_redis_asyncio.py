@@ -10,10 +10,10 @@ import pytest
 import redis
 import redis.asyncio
 import redis.utils
-from helpers import Broker, RedisServer
 
 from poolbroker import AsyncClient, PoolMismatch
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+from tests.support import Broker, RedisServer
 
 
 def test_redis_asyncio_runs_each_command_on_a_lease_within_the_bound(

@@ -8,10 +8,10 @@ import os
 from collections.abc import Callable
 
 import pytest
-from helpers import Broker, RedisServer, TestUpstream, wait_for
 
 from poolbroker import Client, LeaseLost, PoolTimeout, ProtocolError, UpstreamError
 from poolbroker.client._lease import HOLD_WRITES_UP_TO
+from tests.support import Broker, RedisServer, TestUpstream, wait_for
 
 
 def messages_for(c: Client, action: Callable[[], object]) -> int:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 
 from poolbroker import BrokerUnavailable, Client, NotAuthorized
+from tests.support import ROOT, Broker, RedisServer, broker_answers, free_port, short_tempdir, wait_for
 
 
 def serve_and_exit(*args: str) -> subprocess.CompletedProcess[str]:

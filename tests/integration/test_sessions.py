@@ -8,19 +8,19 @@ import sys
 import textwrap
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import ROOT, Broker, HttpUpstream, RedisServer, wait_for
 
 from poolbroker import Client, UpstreamTimeout
 from poolbroker.broker.decide.protocols.resp import encode_command
 from poolbroker.client._lease import Lease
 from poolbroker.redis import BrokerConnectionPool, SessionLeakWarning
+from tests.support import LOCKED_REDIS_PASSWORD, Broker, HttpUpstream, RedisServer, wait_for
 
-PASSWORD = "pool-secret"
+PASSWORD = LOCKED_REDIS_PASSWORD  # (the locked_redis fixture's)
 
 
 def cmd(lease: Lease, *args: str) -> bytes:
@@ -44,13 +44,6 @@ def pool_config(tmp_path: Path, server: RedisServer, extra: str = "", max_size: 
     )
     config.chmod(0o600)
     return str(config)
-
-
-@pytest.fixture
-def locked_redis() -> Iterator[RedisServer]:
-    server = RedisServer(password=PASSWORD).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -165,7 +158,6 @@ def test_a_holder_killed_in_the_middle_of_a_multi_leaves_nothing(broker: Broker,
     script = textwrap.dedent(
         f"""
         import sys, time
-        sys.path.insert(0, {str(ROOT)!r})
         from poolbroker import Client
         lease = Client({broker.endpoint!r}).lease("redis")
         lease.request(b"MULTI\\r\\n", until=b"\\r\\n")

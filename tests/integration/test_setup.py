@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from helpers import ROOT
+from tests.support import ROOT
 
 RECORDER = """#!/bin/sh
 echo "$(basename "$0") $*" >> "{log}"

@@ -11,15 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
-from helpers import Broker, RedisServer, TestCertificates, TestUpstream, wait_for
 
 from poolbroker import Client, UpstreamError, UpstreamUnavailable
 from poolbroker.redis import BrokerConnectionPool
-
-
-@pytest.fixture(scope="module")
-def certs() -> TestCertificates:
-    return TestCertificates()
+from tests.support import Broker, RedisServer, TestCertificates, TestUpstream, wait_for
 
 
 @pytest.fixture

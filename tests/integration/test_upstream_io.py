@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, TestUpstream, wait_for
 
 from poolbroker import Client, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from tests.support import ROOT, Broker, RedisServer, TestUpstream, wait_for
 
 
 def test_large_payloads_cross_in_both_directions(

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis.asyncio
-from helpers import Broker, RedisServer, wait_for
 
 from poolbroker import AsyncClient, Client, PoolBrokerError
 from poolbroker.broker.decide.protocols.resp import encode_command
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+from tests.support import Broker, RedisServer, wait_for
 
 ROUNDS, TASKS, SECONDS = 300, 8, 20.0  # (whichever ends first: rounds or seconds)
 PROMPTLY = 5.0  # seconds: the call after a round of cancellations, on a pool whose work takes microseconds

@@ -16,9 +16,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer, wait_for
 
 from poolbroker import Client
+from tests.support import ROOT, Broker, RedisServer, wait_for
 
 HOLDER = ROOT / "tests" / "holder.py"
 MAX_SIZE = 10

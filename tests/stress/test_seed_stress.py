@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Broker, RedisServer
 
 from poolbroker import Client
+from tests.support import ROOT, Broker, RedisServer
 
 PROCESSES, THREADS, LEASES, MAX_SIZE = 4, 25, 100, 10
 
