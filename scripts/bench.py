@@ -22,142 +22,48 @@ Needs the test extras (./scripts/test makes .venv with them) and redis-server.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import multiprocessing
 import os
 import shutil
 import socket
-import statistics
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+import msgpack
+import zmq
+from harness import (  # (it puts the repository's root on sys.path: tests.support)
+    ECHO,
+    PING,
+    PONG,
+    POOL,
+    RELAY,
+    Report,
+    Run,
+    Script,
+    Timing,
+    Variant,
+    arguments,
+    connect_and_ping,
+    many,
+    peak_connections,
+    redis_ping,
+    rss_mb,
+    start_broker,
+    take_turns,
+)
 
-import msgpack  # noqa: E402
-import zmq  # noqa: E402
-
-from poolbroker import Client  # noqa: E402
-from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for  # noqa: E402
-
-PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"  # RESP: twemproxy takes no inline commands
-POOL = 10
-T = TypeVar("T")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-ECHO = """
-import sys, zmq
-router = zmq.Context().socket(zmq.ROUTER)
-router.bind(sys.argv[1])
-poller = zmq.Poller()
-poller.register(router, zmq.POLLIN)
-print("ready", flush=True)
-while True:
-    poller.poll()
-    router.send_multipart(router.recv_multipart())
-"""
-
-# The speed issue's bare-bones relay: a ROUTER, 10 upstream sockets, one zmq.Poller loop, one
-# message per lease cycle, and nothing else (no tokens, timers, stats, checks or error handling).
-RELAY = """
-import socket, sys, zmq
-from collections import deque
-router = zmq.Context().socket(zmq.ROUTER)
-router.bind(sys.argv[1])
-poller = zmq.Poller()
-poller.register(router, zmq.POLLIN)
-idle, owner, queue = [], {}, deque()
-for _ in range(int(sys.argv[3])):
-    sock = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setblocking(False)
-    idle.append(sock)
-    poller.register(sock.fileno(), zmq.POLLIN)
-by_fd = {sock.fileno(): sock for sock in idle}
-print("ready", flush=True)
-while True:
-    for item, _ in poller.poll():
-        if item is router:
-            while True:
-                try:
-                    peer, data = router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if idle:
-                    sock = idle.pop()
-                    owner[sock.fileno()] = peer
-                    sock.send(data)
-                else:
-                    queue.append((peer, data))
-        else:
-            sock = by_fd[item]
-            router.send_multipart([owner.pop(item), sock.recv(65536)])
-            if queue:
-                peer, data = queue.popleft()
-                owner[item] = peer
-                sock.send(data)
-            else:
-                idle.append(sock)
-"""
-
-
-def redis_ping(sock: socket.socket) -> None:
-    sock.sendall(PING)
-    if sock.recv(64) != PONG:
-        raise RuntimeError("unexpected reply")
-
-
-def connect_and_ping(port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        redis_ping(sock)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-class Script:
-    """One of the scripts above as a process that prints "ready" once it serves."""
-
-    def __init__(self, source: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", source, *args], stdout=subprocess.PIPE)
-        assert self.proc.stdout is not None and self.proc.stdout.readline() == b"ready\n"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def start_broker(redis: RedisServer, *args: str) -> Broker:
-    return Broker("--upstream", f"redis={redis.address}", "--max-size", str(POOL), *args, log_level="info").start()
-
+from poolbroker import Client
+from tests.support import RedisServer, free_port, short_tempdir, wait_for
 
 # -- one client ----------------------------------------------------------------------------------
 
 
-def one_client(redis: RedisServer, cycles: int) -> tuple[list[tuple[str, float]], float]:
-    """Median microseconds per round trip of each variant, and the broker's CPU per one-shot cycle."""
+def one_client(redis: RedisServer, cycles: int) -> dict[str, Timing]:
+    """Each variant's median microseconds per round trip (and the broker's CPU per one-shot cycle)."""
     workdir = short_tempdir()
     echo = Script(ECHO, f"ipc://{workdir}/echo.sock")
     relay = Script(RELAY, f"ipc://{workdir}/relay.sock", str(redis.port), str(POOL))
@@ -203,21 +109,10 @@ def one_client(redis: RedisServer, cycles: int) -> tuple[list[tuple[str, float]]
         ("poolbroker lease + 3 exchanges + release", three_exchanges),
         ("poolbroker lazy lease + 3 exchanges + release", three_exchanges_lazy),
     ]
-    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
-    broker_cpu = 0.0
     try:
-        for _, call in variants:
-            for _ in range(200):  # warm up
-                call()
-        for _ in range(max(1, cycles // 100)):
-            for name, call in variants:
-                cpu_before = cpu_seconds(broker.pid) if call is one_shot else 0.0
-                for _ in range(100):
-                    started = time.perf_counter()
-                    call()
-                    samples[name].append(time.perf_counter() - started)
-                if call is one_shot:
-                    broker_cpu += cpu_seconds(broker.pid) - cpu_before
+        timings = take_turns(
+            [Variant(name, call, broker.pid if call is one_shot else None) for name, call in variants], cycles // 100
+        )
     finally:
         c.close()
         broker.stop()
@@ -227,98 +122,10 @@ def one_client(redis: RedisServer, cycles: int) -> tuple[list[tuple[str, float]]
         echo.stop()
         relay.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = [(name, statistics.median(times) * 1e6) for name, times in samples.items()]
-    return rows, broker_cpu / len(samples["poolbroker one-shot lease cycle"]) * 1e6
+    return timings
 
 
 # -- many processes --------------------------------------------------------------------------------
-
-
-def worker(kind: str, target: str, ready: Any, start: Any, end: Any, results: Any) -> None:
-    """One process: PING in a loop from the start event to the end time, then report its count and
-    its CPU time (all its threads: a ZeroMQ client's I/O thread counts too)."""
-    if kind == "pool":
-        c = Client(target, timeout=60.0)
-        call: Callable[[], object] = lambda: c.request("redis", PING, until=b"\r\n")  # noqa: E731
-    elif kind == "relay":
-        sock = zmq.Context().socket(zmq.DEALER)
-        sock.connect(target)
-
-        def call() -> None:
-            sock.send(PING)
-            sock.recv()
-
-    elif kind == "connect":
-        port = int(target)
-        call = lambda: connect_and_ping(port)  # noqa: E731
-    else:  # "direct" (Redis or twemproxy): one persistent connection
-        direct = socket.create_connection(("127.0.0.1", int(target)))
-        direct.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        call = lambda: redis_ping(direct)  # noqa: E731
-    call()  # connected and warm before the clock starts
-    with ready.get_lock():
-        ready.value += 1
-    start.wait()
-    count = 0
-    cpu = time.process_time()
-    stop_at = end.value
-    while time.monotonic() < stop_at:
-        call()
-        count += 1
-    results.put((count, time.process_time() - cpu))
-    results.close()
-    results.join_thread()  # (the queue's feeder thread must send it before the exit below)
-    os._exit(0)  # skip teardown: a thousand contexts closing at once would only add noise
-
-
-@dataclass
-class Run:
-    ops: float  # operations per second, all processes together
-    client_cpu_us: float  # CPU per operation in the client processes
-    middle_cpu_us: float  # CPU per operation in the process measured beside them
-
-
-def many(kind: str, target: str, processes: int, seconds: float, middle_pid: int) -> Run:
-    """`processes` forked workers running together for `seconds`."""
-    mp = multiprocessing.get_context("fork")
-    ready, start, end, results = mp.Value("q", 0), mp.Event(), mp.Value("d", 0.0), mp.Queue()
-    procs = [mp.Process(target=worker, args=(kind, target, ready, start, end, results)) for _ in range(processes)]
-    for proc in procs:
-        proc.start()
-    # The clock starts once every process is connected, warm and waiting (a barrier, not a guess).
-    wait_for(lambda: ready.value == processes, timeout=120, what=f"{processes} {kind} processes to be ready")
-    cpu = cpu_seconds(middle_pid)
-    end.value = time.monotonic() + seconds
-    start.set()
-    reports = [results.get(timeout=seconds + 60) for _ in procs]  # (a worker that died: queue.Empty)
-    middle_cpu = cpu_seconds(middle_pid) - cpu
-    for proc in procs:
-        proc.join(60)
-    ops = sum(count for count, _ in reports)
-    return Run(ops / seconds, sum(cpu for _, cpu in reports) / ops * 1e6, middle_cpu / ops * 1e6)
-
-
-def peak_connections(redis: RedisServer, run: Callable[[], T]) -> tuple[T, int]:
-    """Run `run`, sampling Redis's connected_clients every 10 ms (less the sampler itself)."""
-    sampler = redis.client()
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, int(sampler.info("clients")["connected_clients"]) - 1)
-            done.wait(0.01)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        result = run()
-    finally:
-        done.set()
-        thread.join()
-        sampler.close()
-    return result, peak
 
 
 class Twemproxy:
@@ -454,28 +261,38 @@ def memory(redis: RedisServer, clients: int, waiting: int) -> tuple[float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--cycles", type=int, default=3000, help="round trips per single-client variant")
     parser.add_argument("--processes", default="10,100,1000", help="comma-separated process counts")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each many-process run")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory figures")
     args = parser.parse_args()
+    report = Report("bench.py", args)
     counts = [int(n) for n in args.processes.split(",") if n]
     redis = RedisServer(maxclients=max(counts, default=0) + 1000).start()
     try:
         print(f"one client, median of {args.cycles} round trips each (us):")
-        rows, broker_cpu = one_client(redis, args.cycles)
-        floors = {name: us for name, us in rows}
-        raw, redis_py = rows[0][1], rows[1][1]
-        for name, us in rows:
+        timings = one_client(redis, args.cycles)
+        report.timings("one client", timings)
+        floors = {name: timing.median_us for name, timing in timings.items()}
+        raw, redis_py = (
+            floors["direct persistent Redis PING, raw socket (floor)"],
+            floors["direct persistent Redis PING, redis-py"],
+        )
+        for name, us in floors.items():
             print(f"  {name:50s} {us:8.1f}  {us / raw:5.2f}x raw PING  {us / redis_py:5.2f}x redis-py PING")
+        broker_cpu = timings["poolbroker one-shot lease cycle"].cpu_us
         print(f"  {'broker CPU per one-shot cycle':50s} {broker_cpu:8.1f}")
         print("  (the memory target: at most 73 MB with 1,000 clients and 10,000 waiting, below)")
         runs = {n: many_table(redis, n, args.seconds) for n in counts}
+        for n, table in runs.items():
+            for name, run in table.items():
+                report.add(f"{n} processes", name, **dataclasses.asdict(run))
         if not args.skip_memory:
             print("broker memory (RSS, MB): at start, with the clients' requests queued, growth:")
             for clients, waiting in ((100, 1000), (1000, 10000)):
                 started, queued, grown = memory(redis, clients, waiting)
+                report.add("memory", f"{clients} clients, {waiting} waiting", start_mb=started, queued_mb=queued)
                 print(
                     f"  {clients:5d} clients, {waiting:6d} waiting: {started:6.1f} -> {queued:6.1f}"
                     f"  (+{grown:.1f} MB, {grown * 1024 / waiting:.2f} KiB per waiting request)"
@@ -493,6 +310,7 @@ def main() -> None:
                 f" CPU per cycle: broker {pooled.middle_cpu_us / bare.middle_cpu_us:.2f}x the relay's (at most"
                 f" 1.3x), clients {pooled.client_cpu_us / bare.client_cpu_us:.2f}x the relay's (at most 1.2x)"
             )
+        report.save()
     finally:
         redis.stop()
 

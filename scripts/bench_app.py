@@ -80,11 +80,8 @@ def main() -> None:
     import subprocess
     import sys
     import urllib.request
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    sys.path[:0] = [str(root), str(root / "scripts")]
-    from bench import RELAY, Script, peak_connections
+    from harness import RELAY, ROOT, Script, peak_connections  # (it puts the repository's root on sys.path)
 
     from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for
 
@@ -102,9 +99,9 @@ def main() -> None:
     def serve(app: str, env: dict[str, str], path: str = "/hit") -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         command = [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-b", f"127.0.0.1:{port}", app]
-        pythonpath = f"{root}:{root / 'scripts'}"
+        pythonpath = f"{ROOT}:{ROOT / 'scripts'}"
         proc = subprocess.Popen(
-            command, cwd=root, env={**os.environ, **env, "PYTHONPATH": pythonpath}, stderr=subprocess.DEVNULL
+            command, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": pythonpath}, stderr=subprocess.DEVNULL
         )
         url = f"http://127.0.0.1:{port}{path}"
 

@@ -12,39 +12,30 @@ Needs the test extras (./scripts/test makes .venv with them).
 
 from __future__ import annotations
 
-import argparse
+import functools
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+from harness import ROOT, Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
 
-from poolbroker import Client, UpstreamUnavailable  # noqa: E402
-from tests.support import Broker, RedisServer  # noqa: E402
+from poolbroker import Client, UpstreamUnavailable
+from tests.support import Broker, RedisServer
 
 PING = b"PING\r\n"
 
 
 def cycle_us(redis: RedisServer, cycles: int, variants: list[tuple[str, ...]]) -> list[float]:
-    """Median microseconds of c.request("redis", PING) through one broker per set of flags. The
-    variants take turns in chunks of 100 cycles, so that the machine's noise falls on all alike."""
+    """Median microseconds of c.request("redis", PING) through one broker per set of flags, the
+    variants taking turns (harness.take_turns)."""
     brokers = [Broker("--upstream", f"redis={redis.address}", *flags).start() for flags in variants]
     clients = [Client(broker.endpoint) for broker in brokers]
-    times: list[list[float]] = [[] for _ in variants]
     try:
-        for c in clients:
-            for _ in range(200):  # warm up
-                c.request("redis", PING, until=b"\r\n")
-        for _ in range(cycles // 100):
-            for c, samples in zip(clients, times, strict=True):
-                for _ in range(100):
-                    started = time.perf_counter()
-                    c.request("redis", PING, until=b"\r\n")
-                    samples.append(time.perf_counter() - started)
-        return [statistics.median(samples) * 1e6 for samples in times]
+        measured = [
+            Variant(str(i), functools.partial(c.request, "redis", PING, until=b"\r\n")) for i, c in enumerate(clients)
+        ]
+        return [timing.median_us for timing in take_turns(measured, cycles // 100).values()]
     finally:
         for c in clients:
             c.close()
@@ -113,9 +104,10 @@ def reclaim_ms(redis: RedisServer, kills: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--cycles", type=int, default=3000)
     args = parser.parse_args()
+    report = Report("bench_health.py", args)
     redis = RedisServer().start()
     try:
         plain, tcp, ping = cycle_us(
@@ -138,6 +130,13 @@ def main() -> None:
         f"a holder killed with SIGKILL: its lease reclaimed in {statistics.median(reclaims):.1f} ms"
         f" (median of {len(reclaims)}; max {max(reclaims):.1f} ms)"
     )
+    report.add("one-shot cycle", "no checkout probe", median_us=plain)
+    report.add("one-shot cycle", "tcp probe on every checkout", median_us=tcp)
+    report.add("one-shot cycle", "redis PING probe on every checkout", median_us=ping)
+    report.add("Redis down", "a lease request fails", median_ms=fail_ms)
+    report.add("Redis back", "leases work again", after_s=dict(zip(["1.0", "3.0", "10.0"], recoveries, strict=True)))
+    report.add("holder killed", "lease reclaimed", median_ms=statistics.median(reclaims), max_ms=max(reclaims))
+    report.save()
 
 
 if __name__ == "__main__":

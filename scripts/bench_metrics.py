@@ -11,25 +11,22 @@ Needs the test extras (./scripts/test makes .venv with them).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+from harness import Report, arguments  # (it puts the repository's root on sys.path)
 
-from poolbroker import Client  # noqa: E402
-from tests.support import Broker, RedisServer, free_port  # noqa: E402
+from poolbroker import Client
+from tests.support import Broker, RedisServer, free_port
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--scrapes", type=int, default=100)
     parser.add_argument("--pools", type=int, default=3)
     args = parser.parse_args()
+    report = Report("bench_metrics.py", args)
     redis = RedisServer().start()
     port = free_port()
     pools = [arg for i in range(args.pools) for arg in ("--upstream", f"p{i}={redis.address}")]
@@ -52,6 +49,8 @@ def main() -> None:
             f"/metrics of a broker with {args.pools} pools: median {median * 1000:.2f} ms, p90 {p90 * 1000:.2f} ms"
             f" over {args.scrapes} scrapes; {len(body) / 1024:.1f} KiB, {lines} lines"
         )
+        report.add("scrape", "/metrics", median_ms=median * 1000, p90_ms=p90 * 1000, kib=len(body) / 1024, lines=lines)
+        report.save()
     finally:
         broker.stop()
         redis.stop()

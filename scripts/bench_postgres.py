@@ -24,7 +24,6 @@ PgBouncer (./scripts/test's set-up installs both) and the test extras in .venv.
 
 from __future__ import annotations
 
-import argparse
 import array
 import multiprocessing
 import os
@@ -32,7 +31,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -40,13 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+import psycopg
+from harness import Report, arguments, cpu_seconds  # (it puts the repository's root on sys.path)
 
-import psycopg  # noqa: E402
-
-from poolbroker import Client, postgres  # noqa: E402
-from tests.support import Broker, PostgresServer, free_port, pg_pool, wait_for  # noqa: E402
+from poolbroker import Client, postgres
+from tests.support import Broker, PostgresServer, free_port, pg_pool, wait_for
 
 SQL = "SELECT count(*) FROM pg_class WHERE relkind = 'r'"
 SCENARIOS = ("new-connection", "persistent", "pgbouncer", "poolbroker-session", "poolbroker-txn")
@@ -142,13 +138,12 @@ def cpu_of_self() -> float:
 
 
 def cpu_of(pid: int, children: bool = False) -> float:
-    """A process's CPU seconds (with `children`, also those of its children it has waited for)."""
+    """A process's CPU seconds (with `children`, also those of its children it has waited for);
+    0 once it is gone (a backend that ended meanwhile counts in the postmaster's children)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid, children=children)
     except OSError:
         return 0.0
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_of_postgres(server: PostgresServer) -> float:
@@ -288,12 +283,13 @@ def measure_cancel(server: PostgresServer, mode: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--procs", default="10,100", help="process counts, comma-separated")
     parser.add_argument("--pool", type=int, default=10, help="the pools' size (PgBouncer's and poolbroker's)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = parser.parse_args()
+    report = Report("bench_postgres.py", args)
     server = PostgresServer(max_connections=400)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     try:
@@ -305,6 +301,7 @@ def main() -> None:
         for procs in (int(p) for p in args.procs.split(",")):
             for scenario in args.scenarios.split(","):
                 row = rows[scenario, procs] = measure(scenario, procs, args.seconds, server, args.pool)
+                report.add(f"{procs} processes", scenario, **row)
                 print(
                     f"{scenario:<20}{procs:>6}{row['tps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
                     f"{row['backends']:>10}{row['errors']:>8}"
@@ -329,6 +326,9 @@ def main() -> None:
             print(f"  {ours} at {procs}: " + ", ".join(parts))
     took = ", ".join(f"{seconds * 1000:.1f} ms in {mode} mode" for mode, seconds in cancels.items())
     print(f"cancel: a pg_sleep(30) ended {took} after psycopg's conn.cancel() (target: within 1 s)")
+    for mode, seconds in cancels.items():
+        report.add("cancel", f"{mode} mode", ms=seconds * 1000)
+    report.save()
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "scripts")]
+from harness import CLOCK_TICKS, PING, POOL, ROOT, start_broker, worker  # (it puts the root on sys.path)
 
-from bench import CLOCK_TICKS, PING, POOL, RedisServer, start_broker, wait_for, worker  # noqa: E402
+from tests.support import RedisServer, wait_for
 
 
 def thread_cpu(pid: int) -> dict[str, float]:

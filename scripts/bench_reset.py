@@ -19,66 +19,46 @@ Needs the test extras (./scripts/test makes .venv with them).
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import sys
-import time
-from pathlib import Path
+import functools
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+from harness import Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
 
-from poolbroker import Client  # noqa: E402
-from poolbroker.broker.decide.protocols.resp import encode_command  # noqa: E402
-from tests.support import Broker, RedisServer  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
+from poolbroker import Client
+from poolbroker.broker.decide.protocols.resp import encode_command
+from tests.support import Broker, RedisServer
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def run(redis: RedisServer, cycles: int, variants: list[tuple[str, bytes, tuple[str, ...]]]) -> None:
+def run(
+    redis: RedisServer, cycles: int, variants: list[tuple[str, bytes, tuple[str, ...]]], report: Report, section: str
+) -> None:
     brokers = [
         Broker("--upstream", f"redis={redis.address}", *flags, log_level="info").start() for *_, flags in variants
     ]
     clients = [Client(broker.endpoint) for broker in brokers]
-    times: list[list[float]] = [[] for _ in variants]
-    cpu = [0.0 for _ in variants]
     try:
-        for c, (_, command, _) in zip(clients, variants, strict=True):
-            for _ in range(300):  # warm up
-                c.request("redis", command, until=b"\r\n")
-        for _ in range(cycles // 100):
-            for index, (c, (_, command, _)) in enumerate(zip(clients, variants, strict=True)):
-                samples = times[index]
-                before = cpu_seconds(brokers[index].pid)
-                for _ in range(100):
-                    started = time.perf_counter()
-                    c.request("redis", command, until=b"\r\n")
-                    samples.append(time.perf_counter() - started)
-                cpu[index] += cpu_seconds(brokers[index].pid) - before
-        resets = [c.stats("redis")["redis"]["connections_created"] for c in clients]
+        measured = [
+            Variant(name, functools.partial(c.request, "redis", command, until=b"\r\n"), broker.pid)
+            for (name, command, _), c, broker in zip(variants, clients, brokers, strict=True)
+        ]
+        timings = take_turns(measured, cycles // 100, warmup=300)
+        opened = [c.stats("redis")["redis"]["connections_created"] for c in clients]
     finally:
         for c in clients:
             c.close()
         for broker in brokers:
             broker.stop()
-    base = statistics.median(times[0])
+    base = timings[variants[0][0]]
     print(f"{'variant':<58} {'cycle':>9} {'ratio':>6} {'broker CPU/cycle':>17}  connections opened")
-    for (name, _, _), samples, seconds, opened in zip(variants, times, cpu, resets, strict=True):
-        median = statistics.median(samples)
-        per_cycle = seconds / len(samples) * 1e6
-        print(f"{name:<58} {median * 1e6:7.1f}us {median / base:5.2f}x {per_cycle:13.0f} us  {opened}")
+    for (name, timing), count in zip(timings.items(), opened, strict=True):
+        print(f"{name:<58} {timing.median_us:7.1f}us {timing.ratio(base):5.2f}x {timing.cpu_us:13.0f} us  {count}")
+        report.add(section, name, median_us=timing.median_us, broker_cpu_us=timing.cpu_us, connections_opened=count)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--cycles", type=int, default=4000)
     args = parser.parse_args()
+    report = Report("bench_reset.py", args)
     redis = RedisServer().start()
     incr, select = encode_command("INCR", "bench"), encode_command("SELECT", "0")
     try:
@@ -94,6 +74,8 @@ def main() -> None:
                     ("--protocol", "redis", "--max-size", "1"),
                 ),
             ],
+            report,
+            "changes no session (INCR)",
         )
         print("\nChanges the session (SELECT 0): RESET + handshake after every cycle")
         run(
@@ -112,7 +94,10 @@ def main() -> None:
                     ("--protocol", "redis", "--max-size", "2"),
                 ),
             ],
+            report,
+            "changes the session (SELECT 0)",
         )
+        report.save()
     finally:
         redis.stop()
 

@@ -9,28 +9,24 @@ of 100 cycles so that the machine's drift falls on all alike. Prints medians.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
+import functools
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+from harness import PING, Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
 
-from poolbroker import Client  # noqa: E402
-from poolbroker.broker.drive.security import keygen  # noqa: E402
-from tests.support import Broker, RedisServer, free_port  # noqa: E402
+from poolbroker import Client
+from poolbroker.broker.drive.security import keygen
+from tests.support import Broker, RedisServer, free_port
 
-PING = b"*1\r\n$4\r\nPING\r\n"
 BIG = 1024 * 1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--cycles", type=int, default=2000)
     args = parser.parse_args()
+    report = Report("bench_security.py", args)
     keys = Path(tempfile.mkdtemp(prefix="pb-keys-"))
     server_public, server_pair = keygen(keys / "server", "broker")
     _, client_pair = keygen(keys / "clients", "bench")
@@ -60,30 +56,26 @@ def main() -> None:
         value = b"v" * BIG
         set_big = b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n%s\r\n" % (BIG, value)
         get_big = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n"
-        small: dict[str, list[float]] = {name: [] for name in clients}
-        large: dict[str, list[float]] = {name: [] for name in clients}
-        for c in clients.values():  # warm up
-            c.request("redis", PING, until=b"\r\n")
-        for _ in range(max(1, args.cycles // 100)):
-            for name, c in clients.items():
-                for _ in range(100):
-                    started = time.perf_counter()
-                    c.request("redis", PING, until=b"\r\n")
-                    small[name].append(time.perf_counter() - started)
-                for _ in range(2):
-                    started = time.perf_counter()
-                    with c.lease("redis") as conn:
-                        conn.request(set_big, until=b"\r\n")
-                        header = conn.request(get_big, until=b"\r\n")
-                        assert conn.recv_exactly(int(header[1:-2]) + 2)[:-2] == value
-                    large[name].append(time.perf_counter() - started)
+
+        def set_and_get(c: Client) -> None:
+            with c.lease("redis") as conn:
+                conn.request(set_big, until=b"\r\n")
+                header = conn.request(get_big, until=b"\r\n")
+                assert conn.recv_exactly(int(header[1:-2]) + 2)[:-2] == value
+
+        measured = []
+        for name, c in clients.items():
+            measured.append(Variant(name, functools.partial(c.request, "redis", PING, until=b"\r\n"), warmup=1))
+            measured.append(Variant(f"{name} 1 MiB", functools.partial(set_and_get, c), per_turn=2, warmup=0))
+        timings = take_turns(measured, args.cycles // 100)
         print(f"one client, medians ({args.cycles} one-shot cycles, {2 * args.cycles // 100} 1 MiB SET+GET each):")
-        base = statistics.median(small["ipc"])
+        base = timings["ipc"]
         for name in clients:
-            ping = statistics.median(small[name])
-            mib = statistics.median(large[name])
-            print(f"  {name:14s} one-shot PING {ping * 1e6:7.1f} us ({ping / base:4.2f}x ipc)", end="")
-            print(f"   1 MiB SET+GET {mib * 1e3:6.2f} ms")
+            ping, mib = timings[name], timings[f"{name} 1 MiB"]
+            print(f"  {name:14s} one-shot PING {ping.median_us:7.1f} us ({ping.ratio(base):4.2f}x ipc)", end="")
+            print(f"   1 MiB SET+GET {mib.median_us / 1e3:6.2f} ms")
+        report.timings("one client", timings)
+        report.save()
         for c in clients.values():
             c.close()
     finally:

@@ -9,28 +9,21 @@ The variants take turns in chunks of 50; medians are printed. Needs openssl and 
 
 from __future__ import annotations
 
-import argparse
 import socket
 import ssl
-import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (tests.support: the servers and the broker the tests run)
+from harness import PING, PONG, Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
 
-from poolbroker import Client  # noqa: E402
-from tests.support import Broker, RedisServer, TestCertificates  # noqa: E402
-
-PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"
+from poolbroker import Client
+from tests.support import Broker, RedisServer, TestCertificates
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--cycles", type=int, default=500)
     args = parser.parse_args()
+    report = Report("bench_tls.py", args)
     certs = TestCertificates()
     redis = RedisServer(tls=certs).start()
     tls = ("--tls", "--tls-ca-file", str(certs.ca))
@@ -54,23 +47,17 @@ def main() -> None:
             "TLS connect + handshake per request": connect_per_request,
             "poolbroker one-shot, pooled TLS connection": lambda: c.request("redis", PING, until=b"\r\n"),
         }
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for call in variants.values():
-            call()  # warm
-        for _ in range(max(1, args.cycles // 50)):
-            for name, call in variants.items():
-                for _ in range(50):
-                    started = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - started)
-        floor = statistics.median(times["direct TLS connection kept open (floor)"])
+        measured = [Variant(name, call, per_turn=50, warmup=1) for name, call in variants.items()]
+        timings = take_turns(measured, args.cycles // 50)
+        floor = timings["direct TLS connection kept open (floor)"]
         print(f"one client, PING over TLS, median of {args.cycles} each:")
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            print(f"  {name:44s} {median * 1e6:8.1f} us   {median / floor:5.2f}x the floor")
+        for name, timing in timings.items():
+            print(f"  {name:44s} {timing.median_us:8.1f} us   {timing.ratio(floor):5.2f}x the floor")
+        report.timings("one client, PING over TLS", timings)
         stats = c.stats("redis")["redis"]
         opened, leases = stats["connections_created"], stats["requests_num"]
         print(f"  (the broker opened {opened} TLS connection(s) for {leases} leases)")
+        report.save()
         c.close()
         kept.close()
     finally:
