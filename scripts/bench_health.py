@@ -18,12 +18,10 @@ import subprocess
 import sys
 import time
 
-from harness import ROOT, Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
+from harness import PING, ROOT, Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
 
 from poolbroker import Client, UpstreamUnavailable
 from tests.support import Broker, RedisServer
-
-PING = b"PING\r\n"
 
 
 def cycle_us(redis: RedisServer, cycles: int, variants: list[tuple[str, ...]]) -> list[float]:
