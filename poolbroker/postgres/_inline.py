@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 RELAY_CHUNK = 256 * 1024  # the most read from libpq, or handed to it, at once
 # psycopg's Wait and Ready flags (psycopg/_enums.py), which its waiting generators yield and take.
 WAIT_R, WAIT_W, READY_R, READY_W = 1, 2, 1, 2
+# The watcher's epoll masks: EPOLLONESHOT, one event per arming (disarmed: none but a hang-up, once)
+ARMED = select.EPOLLIN | select.EPOLLONESHOT
+ARMED_FOR_ROOM = ARMED | select.EPOLLOUT
+DISARMED = select.EPOLLONESHOT
 
 
 def connection_class() -> type[psycopg.Connection[Any]]:
@@ -59,6 +63,8 @@ def connection_class() -> type[psycopg.Connection[Any]]:
                     self._inline.link.cancel()
 
             def close(self) -> None:
+                if self._inline is not None:  # (libpq's Terminate and end are close()'s, not the watcher's)
+                    self._inline.unwatch()
                 super().close()
                 if self._inline is not None:
                     self._inline.close()
@@ -81,6 +87,7 @@ class Inline:
         self.link = link
         self._on_close = on_close  # (the bridge takes its broker socket back)
         self._watcher = watcher
+        self.watched = -1  # the descriptor the watcher knows it by, while it does
         self._pending = b""  # the link's answer not yet in libpq's socket (it was full)
         self._dead = False  # the upstream is gone: libpq has been told, and sees the end
         self._nonblocking = False
@@ -92,6 +99,11 @@ class Inline:
         """From now on, what libpq writes outside a wait() is carried too (the startup's answer is
         in libpq's socket: the bridge's thread has let it go)."""
         self._watcher.watch(self)
+
+    def unwatch(self) -> None:
+        """The watcher no longer looks at this connection (it is closing)."""
+        with self._lock:
+            self._watcher.forget(self)
 
     def drive(self, gen: Any, fileno: int, interval: float, timeout: float | None) -> Any:
         """psycopg's waiting loop (its generator's waits met as above), the watcher told to look away."""
@@ -222,26 +234,30 @@ class Watcher:
     def __init__(self, run: Callable[[Callable[[], None]], None]) -> None:
         self._run = run
         self._epoll = select.epoll()
+        self._modify = self._epoll.modify  # (twice per wait(): the hot path)
         self._inlines: dict[int, Inline] = {}  # by their socket's descriptor
         threading.Thread(target=self._watch, name="poolbroker-pg-watch", daemon=True).start()
 
     def watch(self, inline: Inline) -> None:
-        self._inlines[inline.sock.fileno()] = inline
-        self._epoll.register(inline.sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+        inline.watched = inline.sock.fileno()
+        self._inlines[inline.watched] = inline
+        self._epoll.register(inline.watched, ARMED)
 
     def arm(self, inline: Inline, room: bool = False) -> None:
         """Watch for libpq's writes again (and, `room`, for space in its socket for what waits)."""
-        with contextlib.suppress(OSError, ValueError):  # (not watched yet, or closed)
-            self._epoll.modify(inline.sock, select.EPOLLIN | select.EPOLLONESHOT | (select.EPOLLOUT if room else 0))
+        if inline.watched >= 0:
+            self._modify(inline.watched, ARMED_FOR_ROOM if room else ARMED)
 
     def disarm(self, inline: Inline) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.modify(inline.sock, select.EPOLLONESHOT)  # (no events but a hang-up, once)
+        if inline.watched >= 0:
+            self._modify(inline.watched, DISARMED)
 
     def forget(self, inline: Inline) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.unregister(inline.sock)
-        self._inlines.pop(inline.sock.fileno(), None)
+        if inline.watched >= 0:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(inline.watched)
+            self._inlines.pop(inline.watched, None)
+            inline.watched = -1
 
     def _watch(self) -> None:
         while True:
