@@ -127,6 +127,11 @@ def peer_credentials(frame: zmq.Frame) -> tuple[int | None, int | None]:
     return None, None
 
 
+def key_files(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """The public key file and the key pair file keygen writes."""
+    return Path(directory) / f"{name}.key", Path(directory) / f"{name}.key_secret"
+
+
 def keygen(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
     """Write NAME.key (public: give it out) and NAME.key_secret (0600: keep it) in `directory`."""
     Path(directory).mkdir(parents=True, exist_ok=True)

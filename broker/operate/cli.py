@@ -13,14 +13,23 @@ import zmq
 
 from poolbroker.broker import __version__
 from poolbroker.broker.config import load
-from poolbroker.broker.drive import security
+from poolbroker.broker.drive import security, tls
 from poolbroker.broker.drive.server import Server
 from poolbroker.broker.operate import commands as operator_commands
 from poolbroker.broker.operate import logs
 from poolbroker.broker.operate.metrics import MetricsServer
 from poolbroker.broker.operate.operations import Operations
 from poolbroker.broker.operate.runtime import prepare_ipc
-from poolbroker.broker.settings import POOL_SETTINGS, PROBES, PROTOCOLS, BrokerConfig, ConfigError, parse_address
+from poolbroker.broker.operate.startup import describe, notify_systemd, overridden_by_flags, unguarded_pools
+from poolbroker.broker.settings import (
+    POOL_MODES,
+    POOL_SETTINGS,
+    PROBES,
+    PROTOCOLS,
+    BrokerConfig,
+    ConfigError,
+    parse_address,
+)
 from poolbroker.wire.endpoint import default_endpoint
 
 log = logging.getLogger("broker")
@@ -32,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the broker")
     serve.add_argument("--config", metavar="FILE.toml", help="a [broker] table and one [pools.NAME] table per pool")
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config and the key, TLS and password files it names, say what would be served, and exit"
+        " (0: good; 2: the problem, named); nothing is started or bound",
+    )
     serve.add_argument("--bind", metavar="ENDPOINT", help="ipc://PATH or tcp://HOST:PORT (default: private ipc)")
     serve.add_argument(
         "--upstream",
@@ -44,15 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         if setting.metadata.get("file_only"):
             continue
         default = setting.default if setting.default != "" else "none"
+        if name == "probe":
+            default = "the protocol's own"
         help_text = f"{setting.metadata['help']} (default {default})".replace("%", "%%")
         flag = f"--{name.replace('_', '-')}"
         if str(setting.type) == "bool":
             pools.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(setting.type), str)
-        choices = {"probe": PROBES, "protocol": PROTOCOLS}.get(name)
+        choices = {"probe": PROBES, "protocol": PROTOCOLS, "pool_mode": POOL_MODES}.get(name)
         pools.add_argument(flag, type=kind, choices=choices, help=help_text)
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="what the log shows (default info)"
+    )
     serve.add_argument(
         "--shutdown-grace", type=float, metavar="S", help="seconds active leases may finish after SIGTERM (default 10)"
     )
@@ -69,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
 
     keygen = commands.add_parser("keygen", help="write a CURVE key pair: NAME.key (public), NAME.key_secret (0600)")
-    keygen.add_argument("directory")
+    keygen.add_argument("directory", help="where to write the two files (made if missing)")
     keygen.add_argument("--name", default="poolbroker", help="file name stem (default poolbroker)")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace an existing pair (every client holding the old key is locked out)"
+    )
     operator_commands.add_parsers(commands)
     return parser
 
@@ -111,20 +133,35 @@ def serve(args: argparse.Namespace) -> int:
             },
         )
 
+    def reread() -> BrokerConfig:  # (a reload: the flags still win over the file, and it says so)
+        for line in overridden_by_flags(args, args.config):
+            log.warning("%s", line)
+        return read_config()
+
     try:
         config = read_config()
         endpoint = config.bind or default_endpoint()
         curve = security.load_curve(config)
         security.check_bind(endpoint, curve)
+        for pool in config.pools:
+            tls.client_context(pool)  # (a TLS file that does not load)
+        if args.check:
+            print("\n".join([describe(config, endpoint, args.config), *overridden_by_flags(args, args.config)]))
+            return 0
         if endpoint.startswith("ipc://"):
             prepare_ipc(endpoint)
     except ConfigError as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # (the socket's directory can't be made: permissions)
+        print(f"poolbroker: can't prepare {endpoint}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     logs.setup(config.log_level, config.log_format)
     raise_fd_limit()
+    for warning in (*overridden_by_flags(args, args.config), *unguarded_pools(config)):
+        log.warning("%s", warning)
     try:
-        server = Server(config, curve=curve, reload_config=read_config if args.config else None)
+        server = Server(config, curve=curve, reload_config=reread if args.config else None)
         Operations(server).install()
     except ConfigError as exc:  # (a TLS file that does not load)
         print(f"poolbroker: {exc}", file=sys.stderr)
@@ -135,9 +172,10 @@ def serve(args: argparse.Namespace) -> int:
         if config.metrics_bind:
             metrics = MetricsServer(server, parse_address(config.metrics_bind))
     except (zmq.ZMQError, OSError) as exc:
-        print(f"poolbroker: can't bind {endpoint} or {config.metrics_bind}: {exc}", file=sys.stderr)
+        where = config.metrics_bind if server.endpoint else endpoint
+        print(f"poolbroker: can't bind {where}: {exc}", file=sys.stderr)
         server.close()
-        return 1
+        return 2
     log.info("poolbroker %s listening on %s", __version__, endpoint)
     if metrics is not None:
         log.info("metrics on http://%s/metrics", config.metrics_bind)
@@ -148,6 +186,7 @@ def serve(args: argparse.Namespace) -> int:
     # libzmq's I/O threads may take the signal, leaving the loop's poll() uninterrupted: the C-level
     # handler writes to this fd from whatever thread, which wakes the poll so the handler can run.
     signal.set_wakeup_fd(server.wakeup_fd)
+    notify_systemd("READY=1")  # (Type=notify: ready once bound)
     try:
         server.serve()
     finally:
@@ -160,6 +199,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def keygen(args: argparse.Namespace) -> int:
+    existing = [p for p in security.key_files(args.directory, args.name) if p.exists()]
+    if existing and not args.force:
+        names = " and ".join(str(p) for p in existing)
+        print(
+            f"poolbroker: {names} exist: replacing them locks out every client that has the old key;"
+            " give --force to replace them",
+            file=sys.stderr,
+        )
+        return 2
     public, secret = security.keygen(args.directory, args.name)
     print(f"public key (give it out): {public}\nkey pair (keep it, mode 0600): {secret}")
     return 0

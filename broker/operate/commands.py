@@ -21,6 +21,12 @@ def add_parsers(commands: Any) -> None:
     reach.add_argument("--server-key", help="the broker's public key (file or z85) when it uses CURVE")
     reach.add_argument("--client-key", help="this client's key pair (.key_secret) when the broker uses CURVE")
 
+    ping = commands.add_parser(
+        "ping",
+        parents=[reach],
+        help="exit 0 when the broker answers and no pool's upstream is failing, else 1 (for readiness probes)",
+    )
+    ping.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the broker (default 2)")
     stats = commands.add_parser("stats", parents=[reach], help="every pool's gauges, counters and distributions")
     stats.add_argument("--json", action="store_true", help="as JSON: {pools: {name: {stat: value}}, broker: {...}}")
     stats.add_argument("--pool", help="only this pool")
@@ -49,13 +55,28 @@ def add_parsers(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with Client(args.endpoint, server_key=args.server_key, client_key=args.client_key) as client:
+        timeout = getattr(args, "timeout", 2.0)  # (ping's own; the others wait the client's default)
+        with Client(
+            args.endpoint, server_key=args.server_key, client_key=args.client_key, broker_timeout=timeout
+        ) as client:
             return _COMMANDS[args.command](client, args)
     except (PoolBrokerError, ValueError) as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _ping(client: Client, args: argparse.Namespace) -> int:
+    """Up: the broker answers, and no pool's upstream is failing (its last connect attempts failed;
+    a pool that has not connected yet counts as up: it connects on its first lease)."""
+    answer = client.ping()
+    failing = sorted(name for name, stats in client.stats().items() if stats["upstream_failing"])
+    if failing:
+        print(f"poolbroker {answer['version']} answers, but the upstream of pool(s) {', '.join(failing)} is failing")
+        return 1
+    print(f"poolbroker {answer['version']} is up: pools {', '.join(answer['pools'])}")
+    return 0
 
 
 def _stats(client: Client, args: argparse.Namespace) -> int:
@@ -113,6 +134,7 @@ def _shutdown(client: Client, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
+    "ping": _ping,
     "stats": _stats,
     "leases": _leases,
     "top": _top,

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from poolbroker import BrokerUnavailable, Client
-from tests.support import ROOT, Broker, RedisServer, short_tempdir, wait_for
+from poolbroker import BrokerUnavailable, Client, PoolBrokerError
+from tests.support import ROOT, Broker, RedisServer, free_port, short_tempdir, wait_for
 
 
 def test_without_bind_it_listens_in_a_private_runtime_dir_and_says_where(
@@ -171,3 +174,101 @@ def test_the_console_script_and_python_m_are_one_program() -> None:
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
     mod = subprocess.run([sys.executable, "-m", "poolbroker", "--version"], capture_output=True, text=True, timeout=30)
     assert out.stdout == mod.stdout and out.stdout.startswith("poolbroker ")
+
+
+def poolbroker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "poolbroker", *args], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env
+    )
+
+
+def test_serve_check_says_what_would_be_served_or_names_the_problem_and_starts_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text('[pools.cache]\nupstream = "127.0.0.1:6379"\nmax_size = 4\n')
+    endpoint = f"ipc://{tmp_path}/never.sock"
+    good = poolbroker("serve", "--check", "--config", str(config), "--bind", endpoint, "--max-size", "8")
+    assert good.returncode == 0, good.stderr
+    assert f"good; the broker would listen on {endpoint}" in good.stdout
+    assert "pool 'cache': 127.0.0.1:6379, protocol tcp" in good.stdout and "max_size 8" in good.stdout
+    assert 'port 6379 is redis\'s, but protocol = "tcp"' in good.stdout  # (nothing guards its sessions)
+    assert f"--max-size 8 overrides max_size in {config} for pool(s) cache" in good.stdout
+    assert not (tmp_path / "never.sock").exists()  # (nothing bound)
+    config.write_text('[pools.cache]\nupstream = "127.0.0.1:6379"\ntls = true\ntls_ca_file = "/nonexistent.pem"\n')
+    bad = poolbroker("serve", "--check", "--config", str(config), "--bind", endpoint)
+    assert bad.returncode == 2 and "pool 'cache': can't set up TLS" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_keygen_never_replaces_a_key_pair_unless_forced(tmp_path: Path) -> None:
+    first = poolbroker("keygen", str(tmp_path), "--name", "broker")
+    assert first.returncode == 0, first.stderr
+    pair = (tmp_path / "broker.key_secret").read_text()
+    again = poolbroker("keygen", str(tmp_path), "--name", "broker")
+    assert again.returncode == 2 and "--force" in again.stderr and "locks out" in again.stderr
+    assert (tmp_path / "broker.key_secret").read_text() == pair
+    forced = poolbroker("keygen", str(tmp_path), "--name", "broker", "--force")
+    assert forced.returncode == 0 and (tmp_path / "broker.key_secret").read_text() != pair
+
+
+def test_ping_is_a_readiness_probe(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # (nobody listens there)
+    broker = start_broker("--upstream", f"redis={redis_server.address}", "--upstream", f"gone={dead}")
+    up = poolbroker("ping", "--endpoint", broker.endpoint)
+    assert up.returncode == 0 and "is up: pools gone, redis" in up.stdout, up.stdout + up.stderr
+    with Client(broker.endpoint, timeout=0.5) as c, pytest.raises(PoolBrokerError):
+        c.request("gone", b"PING\r\n", until=b"\r\n")  # (its connect fails: the pool knows now)
+    down = poolbroker("ping", "--endpoint", broker.endpoint)
+    assert down.returncode == 1 and "pool(s) gone is failing" in down.stdout
+    nobody = poolbroker("ping", "--endpoint", f"ipc://{short_tempdir()}/nobody.sock", "--timeout", "0.5")
+    assert nobody.returncode == 1 and "no answer" in nobody.stderr.lower(), nobody.stderr
+
+
+def test_a_bind_the_os_refuses_is_one_line_and_exit_2(redis_server: RedisServer, tmp_path: Path) -> None:
+    with socket_listening() as port:
+        result = poolbroker("serve", "--upstream", f"redis={redis_server.address}", "--bind", f"tcp://127.0.0.1:{port}")
+    assert result.returncode == 2 and f"can't bind tcp://127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_systemd_hears_ready_once_the_broker_serves(
+    redis_server: RedisServer, start_broker: Callable[..., Broker]
+) -> None:
+    directory = short_tempdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(directory / "notify"))
+    listener.settimeout(30)
+    with listener:
+        broker = start_broker(
+            "--upstream",
+            f"redis={redis_server.address}",
+            env={**os.environ, "NOTIFY_SOCKET": str(directory / "notify")},
+        )
+        assert listener.recv(100) == b"READY=1"
+        assert broker.ready()
+
+
+def test_every_flag_says_what_it_does_and_enumerated_ones_list_their_values() -> None:
+    from poolbroker.broker.operate.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent, open_ended = [], []
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.help:
+                silent.append(f"{name} {action.dest}")
+            if action.dest in ("protocol", "probe", "pool_mode", "log_level", "log_format") and not action.choices:
+                open_ended.append(f"{name} {action.dest}")
+    assert not silent, silent
+    assert not open_ended, open_ended
+
+
+@contextlib.contextmanager
+def socket_listening() -> Iterator[int]:
+    """A loopback port something else listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]

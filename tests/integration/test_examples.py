@@ -44,6 +44,10 @@ def test_the_systemd_unit_starts_the_broker_with_flags_it_knows() -> None:
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.config, args.log_format) == ("serve", "/etc/poolbroker/broker.toml", "json")
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    [check] = [line for line in unit.splitlines() if line.startswith("ExecStartPre=")]
+    checked = build_parser().parse_args(shlex.split(check.removeprefix("ExecStartPre="))[1:])
+    assert checked.check and checked.config == args.config
+    assert "Type=notify" in unit.splitlines()  # (the broker sends READY=1 once it listens)
 
 
 def test_the_multiprocessing_demo_runs(own_redis: RedisServer, start_broker: Callable[..., Broker]) -> None:
