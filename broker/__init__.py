@@ -1,3 +1,8 @@
 """poolbroker's broker: one process that owns upstream connections and leases them to workers."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("poolbroker")  # (pyproject.toml's: the one place it is written)
+except metadata.PackageNotFoundError:  # (run from a source tree that was never installed)
+    __version__ = "0+unknown"

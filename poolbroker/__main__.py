@@ -1,5 +1,5 @@
 """`python -m poolbroker` is the `poolbroker` command (the service)."""
 
-from poolbroker.broker.operate.cli import main
+from poolbroker.broker.operate.launch import main
 
 raise SystemExit(main())

@@ -93,7 +93,7 @@ def test_the_package_builds_a_wheel_of_one_package_with_its_type_information_and
     }
     assert {f"poolbroker/{name}" for name in every_layer} <= set(names)
     [entry_points] = [name for name in names if name.endswith("entry_points.txt")]
-    assert "poolbroker = poolbroker.broker.operate.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "poolbroker = poolbroker.broker.operate.launch:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     # Installed on its own (away from this checkout), it imports and runs as the service.
     target = Path(out) / "site"
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)]
@@ -106,3 +106,27 @@ def test_the_package_builds_a_wheel_of_one_package_with_its_type_information_and
         [sys.executable, "-m", "poolbroker", "--version"], capture_output=True, text=True, cwd=out, env=env
     )
     assert version.stdout.strip() == "poolbroker 0.1.0", version.stderr
+
+
+def test_a_worker_s_install_needs_only_pyzmq_and_msgpack_and_the_command_says_what_it_lacks() -> None:
+    """`pip install poolbroker` is the worker side: the client and every adapter import without
+    the broker's own libraries (poolbroker[broker]); the command says which extra it needs."""
+    blocked = short_tempdir()
+    for name in ("h11", "prometheus_client", "rich", "scramp"):  # (as if not installed)
+        (blocked / name).mkdir()
+        (blocked / name / "__init__.py").write_text(f"raise ModuleNotFoundError('not installed', name={name!r})\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocked}:{ROOT}"}
+    # (poolbroker.httpx is left out: httpx itself needs h11)
+    worker = "import poolbroker, poolbroker.redis, poolbroker.memcache, poolbroker.postgres, poolbroker.pytest_plugin"
+    imported = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, cwd=blocked, env=env)
+    assert imported.returncode == 0, imported.stderr
+    command = subprocess.run(
+        [sys.executable, "-m", "poolbroker", "serve", "--upstream", "r=127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        cwd=blocked,
+        env=env,
+        timeout=60,
+    )
+    assert command.returncode == 2 and 'pip install "poolbroker[broker]"' in command.stderr, command.stderr
+    assert "Traceback" not in command.stderr
