@@ -121,7 +121,7 @@ def test_every_pool_setting_but_the_step_lists_is_also_a_flag() -> None:
     flags = []
     file_only = ("on_connect", "reset", "password")  # step lists, and a secret (not on a command line)
     with_flags = {name: setting for name, setting in POOL_SETTINGS.items() if name not in file_only}
-    choices = {"probe": "send", "protocol": "redis"}
+    choices = {"probe": "send", "protocol": "redis", "pool_mode": "transaction"}
     for name, setting in with_flags.items():
         flags.append(f"--{name.replace('_', '-')}")
         if setting.type not in (bool, "bool"):  # (a switch: --tls, --no-tls)
