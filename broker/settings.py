@@ -192,18 +192,24 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 class BrokerConfig:
     """The whole broker: where it listens and its pools."""
 
-    bind: str | None = None  # None: ipc:// in the private runtime directory
+    bind: str | None = _setting(
+        None, "ipc://PATH or tcp://HOST:PORT (default: ipc:// in the private runtime directory)"
+    )
     pools: tuple[PoolConfig, ...] = ()
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes; a client that sends more is disconnected
-    max_payload: int = DEFAULT_MAX_PAYLOAD  # bytes sent, and bytes read, by one I/O operation
-    max_waiting_payload: int = DEFAULT_MAX_WAITING_PAYLOAD  # bytes lease requests in line carry, in all
-    log_level: str = DEFAULT_LOG_LEVEL
-    log_format: str = "text"  # or "json": one object per line, for log shippers
-    metrics_bind: str | None = None  # HOST:PORT to serve Prometheus /metrics on
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds active leases may finish after SIGTERM
-    curve_secret_key: str | None = None  # the broker's key pair (a `poolbroker keygen` .key_secret file)
-    curve_clients: str | None = None  # a directory of the public keys of the clients to let in
-    admin_keys: str | None = None  # a directory of the public keys that may also administer
+    max_message_size: int = _setting(
+        DEFAULT_MAX_MESSAGE_SIZE, "bytes; a client that sends a larger request is disconnected"
+    )
+    max_payload: int = _setting(DEFAULT_MAX_PAYLOAD, "bytes one I/O operation sends, and reads, at most")
+    max_waiting_payload: int = _setting(DEFAULT_MAX_WAITING_PAYLOAD, "bytes the lease requests in line carry, in all")
+    log_level: str = _setting(DEFAULT_LOG_LEVEL, "debug, info, warning or error")
+    log_format: str = _setting("text", "text, or json: one object per line, for log shippers")
+    metrics_bind: str | None = _setting(None, "HOST:PORT to serve Prometheus /metrics on (default: none)")
+    shutdown_grace: float = _setting(DEFAULT_SHUTDOWN_GRACE, "seconds active leases may finish after SIGTERM")
+    curve_secret_key: str | None = _setting(
+        None, "the broker's CURVE key pair (a `poolbroker keygen` .key_secret file)"
+    )
+    curve_clients: str | None = _setting(None, "a directory of the public keys of the clients to let in")
+    admin_keys: str | None = _setting(None, "a directory of the public keys that may also administer")
 
     def __post_init__(self) -> None:
         names = [pool.name for pool in self.pools]
