@@ -93,7 +93,11 @@ def fuzz(endpoint: str, count: int, seed: int, more: Callable[[], bool] = lambda
     marker = 0
     while sent < count or (more() and sent < 10 * count):
         sock = rng.choice(sockets)
-        window = 50
+        # Replies in flight per socket stay well under the broker's SNDHWM (100): libzmq credits a
+        # writer with what its reader took only every 50 messages, so a window of 50 could reach
+        # the mark under load, and the broker then drops replies by design (a client that does
+        # not read loses them), which this count would take for lost answers.
+        window = 25
         for _ in range(window):
             frames, deserves_answer = malformed(rng)
             sock.send_multipart(frames)
@@ -175,7 +179,7 @@ def test_ten_thousand_malformed_messages_while_a_real_workload_runs(
         worker.join(60)
         assert worker.exitcode == 0
     # Every hostile message that deserves an answer got an error answer, and nothing more.
-    assert answered == owed
+    assert answered == owed, f"{answered} error answers for {owed} owed"
     # The legitimate workload's results are all correct.
     assert all(wrong == 0 for _, wrong in reports)
     assert int(redis.get("fuzz:counter")) == sum(rounds for rounds, _ in reports)
