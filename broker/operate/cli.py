@@ -138,6 +138,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("%s", line)
         return read_config()
 
+    endpoint = ""
     try:
         config = read_config()
         endpoint = config.bind or default_endpoint()
@@ -154,7 +155,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # (the socket's directory can't be made: permissions)
-        print(f"poolbroker: can't prepare {endpoint}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"poolbroker: can't prepare {exc.filename or endpoint}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, config.log_format)
     raise_fd_limit()
