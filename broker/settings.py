@@ -88,7 +88,7 @@ class PoolConfig:
     resp: int = _setting(2, "redis: the protocol its connections speak, 2 or 3 (HELLO 3 in the handshake)")
     database: str = _setting("", "postgres: the database to connect to (default: the user's name)")
     client_name: str = _setting("", "redis: the CLIENT SETNAME of each connection; postgres: its application_name")
-    pool_mode: str = _setting("session", 'postgres: "session" (reset on every return) or "transaction" (see README)')
+    pool_mode: str = _setting("session", 'postgres: "session" (reset on every return) or "transaction"')
     on_connect: tuple[Step, ...] = _file_setting((), "steps run once on each new connection (AUTH, SELECT...)")
     reset: tuple[Step, ...] | str = _file_setting(
         RESET_AUTO, 'on return: "auto" (the protocol\'s, when needed), "off", "discard", or steps'
