@@ -11,6 +11,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from poolbroker import Client
 from poolbroker.broker.config import load
 from poolbroker.broker.operate.cli import build_parser
@@ -130,3 +132,18 @@ def test_a_worker_s_install_needs_only_pyzmq_and_msgpack_and_the_command_says_wh
     )
     assert command.returncode == 2 and 'pip install "poolbroker[broker]"' in command.stderr, command.stderr
     assert "Traceback" not in command.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_systemd_units_verify(tmp_path: Path) -> None:
+    """systemd's own check of the broker's and the workers' units (their programs pointed at this
+    environment's, which exist)."""
+    bin_dir = str(Path(sys.executable).parent)
+    units = []
+    for name in ("poolbroker.service", "gunicorn.service"):
+        unit = tmp_path / name
+        unit.write_text((ROOT / "examples" / name).read_text().replace("/opt/app/.venv/bin", bin_dir))
+        units.append(str(unit))
+    result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if "service" in line], result.stderr
