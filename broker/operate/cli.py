@@ -19,7 +19,7 @@ from poolbroker.broker.operate import commands as operator_commands
 from poolbroker.broker.operate import logs
 from poolbroker.broker.operate.metrics import MetricsServer
 from poolbroker.broker.operate.operations import Operations
-from poolbroker.broker.operate.runtime import prepare_ipc
+from poolbroker.broker.operate.runtime import check_ipc, prepare_ipc
 from poolbroker.broker.operate.startup import describe, notify_systemd, overridden_by_flags, unguarded_pools
 from poolbroker.broker.settings import (
     POOL_MODES,
@@ -147,6 +147,8 @@ def serve(args: argparse.Namespace) -> int:
         for pool in config.pools:
             tls.client_context(pool)  # (a TLS file that does not load)
         if args.check:
+            if endpoint.startswith("ipc://"):
+                check_ipc(endpoint)
             print("\n".join([describe(config, endpoint, args.config), *overridden_by_flags(args, args.config)]))
             return 0
         if endpoint.startswith("ipc://"):

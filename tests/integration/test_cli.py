@@ -197,6 +197,10 @@ def test_serve_check_says_what_would_be_served_or_names_the_problem_and_starts_n
     bad = poolbroker("serve", "--check", "--config", str(config), "--bind", endpoint)
     assert bad.returncode == 2 and "pool 'cache': can't set up TLS" in bad.stderr
     assert "Traceback" not in bad.stderr
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o1777)  # (as /tmp: anyone could replace the socket there)
+    unsafe = poolbroker("serve", "--check", "--upstream", "r=127.0.0.1:1", "--bind", f"ipc://{tmp_path}/open/b.sock")
+    assert unsafe.returncode == 2 and "is not safe for the broker's socket" in unsafe.stderr
 
 
 def test_keygen_never_replaces_a_key_pair_unless_forced(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def test_the_readme_quick_start_runs_as_written(own_redis: RedisServer, started:
 
     def ours(command: str) -> str:
         command = command.replace("127.0.0.1:6379", own_redis.address)
-        command = command.replace("/tmp/poolbroker-quickstart.sock", f"{here}/quickstart.sock")
+        command = command.replace("ipc:///tmp/", f"ipc://{here}/tmp/")  # (a /tmp of its own, as open as /tmp)
         command = command.replace("localhost:8000", f"127.0.0.1:{port}")
         command = re.sub(r"(^|\s)gunicorn ", rf"\1{python} -m gunicorn -b 127.0.0.1:{port} ", command)
         return re.sub(r"(^|\s)poolbroker ", rf"\1{python} -m poolbroker ", command)
@@ -56,9 +56,15 @@ def test_the_readme_quick_start_runs_as_written(own_redis: RedisServer, started:
             return None
         return subprocess.run(["bash", "-c", ours(command)], cwd=here, capture_output=True, text=True, timeout=60)
 
+    (here / "tmp").mkdir()
+    (here / "tmp").chmod(0o1777)  # (so a socket the README put straight in /tmp is refused here as there)
     (here / "app.py").write_text(app)
     shell(serve.replace("\\\n", " ").strip(), background=True)
-    wait_for(lambda: (here / "quickstart.sock").exists(), timeout=30, what="the broker to listen")
+    wait_for(
+        lambda: (here / "tmp" / "poolbroker-quickstart" / "broker.sock").exists(),
+        timeout=30,
+        what="the broker to listen",
+    )
     gunicorn, curls, stats = [line for line in checks.splitlines() if line.strip()]
     shell(gunicorn, background=True)
     wait_for(
