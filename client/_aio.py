@@ -415,27 +415,30 @@ class AsyncClient:
 
     async def pause_pool(self, pool: str) -> None:
         """The pool hands nothing out until resumed: lease requests wait (with their timeouts)."""
-        await self._ask(admin_request(ADMIN_PAUSE, pool=pool))
+        await self._admin(ADMIN_PAUSE, pool=pool)
 
     async def resume_pool(self, pool: str) -> None:
-        await self._ask(admin_request(ADMIN_RESUME, pool=pool))
+        await self._admin(ADMIN_RESUME, pool=pool)
 
     async def resize_pool(self, pool: str, max_size: int) -> None:
         """A new max_size, live: lowered, the excess connections close as they come back."""
-        await self._ask(admin_request(ADMIN_RESIZE, pool=pool, max_size=max_size))
+        await self._admin(ADMIN_RESIZE, pool=pool, max_size=max_size)
 
     async def drain_pool(self, pool: str) -> None:
         """Close the pool's idle connections now and the others as they come back."""
-        await self._ask(admin_request(ADMIN_DRAIN, pool=pool))
+        await self._admin(ADMIN_DRAIN, pool=pool)
 
     async def reload_broker(self) -> dict[str, list[str]]:
         """Reread the broker's config file, as SIGHUP does (see Client.reload_broker)."""
-        reply = await self._ask(admin_request(ADMIN_RELOAD))
+        reply = await self._admin(ADMIN_RELOAD)
         return {key: reply.get(key, []) for key in ("added", "removed", "changed")}
 
     async def shutdown_broker(self) -> None:
         """Ask the broker to shut down as SIGTERM does."""
-        await self._ask(admin_request(ADMIN_SHUTDOWN))
+        await self._admin(ADMIN_SHUTDOWN)
+
+    async def _admin(self, action: str, **fields: Any) -> dict[str, Any]:
+        return await self._ask(admin_request(action, **fields))
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         return check_reply(await self._channel().call(message, self.broker_timeout))

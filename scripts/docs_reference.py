@@ -84,9 +84,14 @@ def usage_rows(parser: argparse.ArgumentParser) -> list[str]:
         if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
         name = ", ".join(action.option_strings) or action.dest
-        takes = "" if action.nargs == 0 else (f" {{{','.join(map(str, action.choices))}}}" if action.choices else "")
-        if action.option_strings and action.nargs != 0 and not action.choices:
+        if action.nargs == 0:  # (a switch)
+            takes = ""
+        elif action.choices:
+            takes = f" {{{','.join(map(str, action.choices))}}}"
+        elif action.option_strings:
             takes = f" {action.metavar or action.dest.upper()}"
+        else:  # (a positional: its name says it)
+            takes = ""
         rows.append(f"| `{name}{takes}` | {cell((action.help or '').replace('%%', '%'))} |")
     return rows
 

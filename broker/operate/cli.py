@@ -144,9 +144,9 @@ def serve(args: argparse.Namespace) -> int:
         endpoint = config.bind or default_endpoint()
         curve = security.load_curve(config)
         security.check_bind(endpoint, curve)
-        for pool in config.pools:
-            tls.client_context(pool)  # (a TLS file that does not load)
-        if args.check:
+        if args.check:  # (a start finds these making the server and binding)
+            for pool in config.pools:
+                tls.client_context(pool)  # (a TLS file that does not load)
             if endpoint.startswith("ipc://"):
                 check_ipc(endpoint)
             print("\n".join([describe(config, endpoint, args.config), *overridden_by_flags(args, args.config)]))

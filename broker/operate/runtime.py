@@ -17,21 +17,20 @@ def prepare_ipc(endpoint: str) -> None:
     """Make an ipc endpoint bindable: its directory exists (0700 when we create it) and only we
     can write to it, and a socket file there is either stale (removed) or refused as in use."""
     path = Path(endpoint.removeprefix("ipc://"))
-    check_ipc(endpoint)
+    _check_length(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    check_ipc(endpoint)  # (the directory as made: another process may have made it first)
-    if path.exists() and not _listened_on(path):
+    if check_ipc(endpoint):
         path.unlink()  # nobody listens: left by a broker that died
 
 
-def check_ipc(endpoint: str) -> None:
-    """What prepare_ipc would refuse, found without changing anything (`serve --check`)."""
+def check_ipc(endpoint: str) -> bool:
+    """What prepare_ipc would refuse (ConfigError), found without changing anything (`serve
+    --check`); True when a stale socket file, left by a broker that died, is there to remove."""
     path = Path(endpoint.removeprefix("ipc://"))
-    if len(os.fsencode(path)) > IPC_PATH_MAX:
-        raise ConfigError(f"ipc path {path} is longer than {IPC_PATH_MAX} bytes")
+    _check_length(path)
     directory = path.parent
     if not directory.exists():
-        return  # (made 0700 at start)
+        return False  # (made 0700 at start)
     # Whoever can write to the directory could replace the socket with their own and read every
     # request; the default directory must moreover be private (0700).
     info = directory.stat()
@@ -44,19 +43,19 @@ def check_ipc(endpoint: str) -> None:
             f" with {need} (it is uid {info.st_uid}, mode {mode:o}); bind a path in a directory of its own"
         )
     if not path.exists():
-        return
+        return False
     if not path.is_socket():
         raise ConfigError(f"{path} exists and is not a socket")
-    if _listened_on(path):
-        raise ConfigError(f"another broker is already listening on ipc://{path}")
-
-
-def _listened_on(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except ConnectionRefusedError:
-        return False
+        return True
     finally:
         probe.close()
-    return True
+    raise ConfigError(f"another broker is already listening on ipc://{path}")
+
+
+def _check_length(path: Path) -> None:
+    if len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise ConfigError(f"ipc path {path} is longer than {IPC_PATH_MAX} bytes")

@@ -30,9 +30,8 @@ from typing import Any
 import poolbroker.postgres._greeter as pg_greeter
 from poolbroker.client import Client, PoolBrokerError
 from poolbroker.client.extension import Channel
-from poolbroker.postgres._greeter import error_response
 from poolbroker.postgres._inline import RELAY_CHUNK, Inline, Watcher
-from poolbroker.postgres._link import PgLink, PgLinkError, pool_info
+from poolbroker.postgres._link import PgLink, PgLinkError, failure_response, pool_info
 
 # How long what the broker said of a pool (its mode, user, database, server parameters) serves
 # new connections before it is asked again: a connection per request (SQLAlchemy's NullPool)
@@ -195,8 +194,7 @@ class Bridge:
             link.write(startup)
             answer = link.read(RELAY_CHUNK)
         except (PgLinkError, PoolBrokerError) as exc:
-            sqlstate = exc.sqlstate if isinstance(exc, PgLinkError) else "08006"
-            _tell(sock, error_response(sqlstate, str(exc) if isinstance(exc, PgLinkError) else f"poolbroker: {exc}"))
+            _tell(sock, failure_response(exc))
             if link is not None:
                 link.close()
             self.give_channel(broker, channel)
@@ -261,21 +259,15 @@ class Bridge:
                 link.greeted(key)
             if data:  # (after a greeter's answer, libpq sends nothing more before ReadyForQuery: never so far)
                 link.write(data)
-        except PgLinkError as exc:
-            _tell(sock, error_response(exc.sqlstate, str(exc)))
-            sock.close()
-            return
-        except PoolBrokerError as exc:
-            _tell(sock, error_response("08006", f"poolbroker: {exc}"))
+        except (PgLinkError, PoolBrokerError) as exc:
+            _tell(sock, failure_response(exc))
             sock.close()
             return
         self.links[link.key[0]] = link
         try:
             relay(sock, link)
-        except PgLinkError as exc:
-            _tell(sock, error_response(exc.sqlstate, str(exc)))
-        except PoolBrokerError as exc:
-            _tell(sock, error_response("08006", f"poolbroker: {exc}"))
+        except (PgLinkError, PoolBrokerError) as exc:
+            _tell(sock, failure_response(exc))
         except OSError:
             pass  # libpq went away: the link's close below gives the lease back
         finally:

@@ -29,7 +29,6 @@ It ends when the bridge's end closes (the bridge's process is gone).
 from __future__ import annotations
 
 import array
-import contextlib
 import json
 import os
 import selectors
@@ -244,10 +243,7 @@ class Greeter:
             self._tell(sock, error_response(exc.sqlstate, str(exc)))
         except OSError:
             pass
-        self.greetings.pop(sock, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(sock)
-        sock.close()  # (this copy: the bridge's process has its own now)
+        self._drop(sock)  # (this copy: the bridge's process has its own now)
 
     def _tell(self, sock: socket.socket, data: bytes) -> None:
         try:
@@ -258,8 +254,9 @@ class Greeter:
             pass
 
     def _drop(self, sock: socket.socket) -> None:
-        self.greetings.pop(sock, None)
-        self.selector.unregister(sock)
+        """This copy of a connection closed (one asked of the bridge is no longer watched here)."""
+        if self.greetings.pop(sock, None) is not None:
+            self.selector.unregister(sock)
         sock.close()
 
 

@@ -20,8 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client import PoolBrokerError
-from poolbroker.postgres._greeter import error_response
-from poolbroker.postgres._link import PgLink, PgLinkError
+from poolbroker.postgres._link import PgLink, PgLinkError, failure_response
 
 if TYPE_CHECKING:
     import psycopg
@@ -184,14 +183,12 @@ class Inline:
                 self.sock.shutdown(socket.SHUT_WR)  # (libpq reads the error, then the end)
         return True
 
-    def _fail(self, exc: BaseException | None) -> None:
+    def _fail(self, exc: PgLinkError | PoolBrokerError | None) -> None:
         """The link can't go on: libpq gets the reason (an ErrorResponse) and then the end."""
         if not self._dead:
             self._dead = True
-            if isinstance(exc, PgLinkError):
-                self._pending += error_response(exc.sqlstate, str(exc))
-            elif exc is not None:
-                self._pending += error_response("08006", f"poolbroker: {exc}")
+            if exc is not None:
+                self._pending += failure_response(exc)
             self.link.close()
 
     def relay(self) -> None:

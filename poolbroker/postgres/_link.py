@@ -27,7 +27,14 @@ from typing import Any
 
 from poolbroker.client import Client, Lease, PoolBrokerError
 from poolbroker.client.extension import DEFAULT_RECV, FIRST_POLL, Channel, LeasedSocket
-from poolbroker.postgres._greeter import MAX_STARTUP, StartupError, new_key, startup_answer, startup_parameters
+from poolbroker.postgres._greeter import (
+    MAX_STARTUP,
+    StartupError,
+    error_response,
+    new_key,
+    startup_answer,
+    startup_parameters,
+)
 from poolbroker.postgres._statements import Statements
 from poolbroker.wire.pgwire import (
     ANSWERED_BY_READY,
@@ -55,6 +62,14 @@ FLUSH_MESSAGE = message(b"H", b"")
 
 
 PgLinkError = StartupError  # the driver asked for something the pool can't give (another database...)
+
+
+def failure_response(exc: PgLinkError | PoolBrokerError) -> bytes:
+    """The ErrorResponse a driver reads when its link can't go on: the link's own SQLSTATE, or
+    08006 (connection failure) with the broker's reason."""
+    if isinstance(exc, PgLinkError):
+        return error_response(exc.sqlstate, str(exc))
+    return error_response("08006", f"poolbroker: {exc}")
 
 
 def pool_info(broker: Client, pool: str) -> dict[str, Any]:
