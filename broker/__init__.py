@@ -1,8 +1,5 @@
 """poolbroker's broker: one process that owns upstream connections and leases them to workers."""
 
-from importlib import metadata
+from poolbroker.wire.version import VERSION as __version__
 
-try:
-    __version__ = metadata.version("poolbroker")  # (pyproject.toml's: the one place it is written)
-except metadata.PackageNotFoundError:  # (run from a source tree that was never installed)
-    __version__ = "0+unknown"
+__all__ = ["__version__"]

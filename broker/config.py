@@ -158,6 +158,7 @@ def load(
     # Unless given, max_waiting_payload follows a larger max_payload up.
     max_waiting_payload = given.get("max_waiting_payload", max(DEFAULT_MAX_WAITING_PAYLOAD, max_payload))
     return BrokerConfig(
+        overridden=_overridden(path, file_pools, file_broker, overrides, broker_overrides),
         bind=bind or os.environ.get(ENDPOINT_ENV) or given.get("bind"),
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
         max_message_size=max_message_size,
@@ -171,3 +172,24 @@ def load(
         ),
         **strings,
     )
+
+
+def _overridden(
+    path: str | os.PathLike[str] | None,
+    file_pools: dict[str, Any],
+    file_broker: dict[str, Any],
+    overrides: dict[str, Any] | None,
+    broker_overrides: dict[str, Any] | None,
+) -> tuple[str, ...]:
+    """A line per setting that both the file and a flag give: the flag wins (at every reload too),
+    which a user who edits the file and reloads would not otherwise know."""
+    lines = []
+    for name, value in (overrides or {}).items():
+        given_in = sorted(pool for pool, table in file_pools.items() if name in table)
+        if value is not None and given_in:
+            flag = f"--{name.replace('_', '-')} {value}"
+            lines.append(f"{flag} overrides {name} in {path} for pool(s) {', '.join(given_in)}")
+    for name, value in (broker_overrides or {}).items():
+        if value is not None and name in file_broker:
+            lines.append(f"--{name.replace('_', '-')} {value} overrides [broker] {name} in {path}")
+    return tuple(lines)

@@ -210,6 +210,8 @@ class BrokerConfig:
     )
     curve_clients: str | None = _setting(None, "a directory of the public keys of the clients to let in")
     admin_keys: str | None = _setting(None, "a directory of the public keys that may also administer")
+    # What loading found: a line per file setting a flag overrides (the flag wins, at every reload).
+    overridden: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [pool.name for pool in self.pools]

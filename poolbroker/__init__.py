@@ -32,6 +32,7 @@ from poolbroker.client import (
     UpstreamUnavailable,
     default_endpoint,
 )
+from poolbroker.wire.version import VERSION as __version__
 
 __all__ = [
     "AsyncClient",
@@ -50,5 +51,6 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "__version__",
     "default_endpoint",
 ]

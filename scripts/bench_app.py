@@ -75,23 +75,24 @@ def parse_wrk(output: str) -> tuple[float, float, float, int]:
 
 
 def main() -> None:
-    import argparse
     import shutil
     import subprocess
     import sys
     import urllib.request
 
-    from harness import RELAY, ROOT, Script, peak_connections  # (it puts the repository's root on sys.path)
+    # (harness puts the repository's root on sys.path)
+    from harness import RELAY, ROOT, Report, Script, arguments, peak_connections
 
     from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each app, taking turns")
     parser.add_argument("--workers", type=int, default=8, help="gunicorn sync workers")
     parser.add_argument("--max-size", type=int, default=4, help="the broker pool's max_size")
     parser.add_argument("--connections", type=int, default=32, help="wrk's open connections")
     args = parser.parse_args()
+    report = Report("bench_app.py", args)
     wrk = shutil.which("wrk")
     if wrk is None:
         sys.exit("bench_app: needs wrk (apt-get install wrk; ./scripts/test's set-up installs it)")
@@ -159,12 +160,18 @@ def main() -> None:
     )
     print(f"  {'':45s} {'requests/s':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} {'Redis peak conns':>16s}")
     for name, runs in results.items():
-        for rate, p50, p99, errors, peak in runs:
+        for turn, (rate, p50, p99, errors, peak) in enumerate(runs, 1):
             print(f"  {name:45s} {rate:11,.0f} {p50:7.2f} {p99:7.2f} {errors:6d} {peak:16d}")
+            figures = {"requests_s": round(rate), "p50_ms": p50, "p99_ms": p99, "errors": errors}
+            report.add(f"round {turn}", name, **figures, redis_peak=peak)
     mean = {name: sum(run[0] for run in runs) / len(runs) for name, runs in results.items()}
+    report.add("ratios", "poolbroker / direct", requests_s=round(mean[pooled] / mean[direct], 2))
+    report.add("ratios", "bare-bones relay / direct", requests_s=round(mean[relayed] / mean[direct], 2))
+    report.add("ratios", "raw INCR, poolbroker / bare-bones relay", requests_s=round(mean[raw] / mean[relayed], 2))
     print(f"poolbroker / direct requests/s: {mean[pooled] / mean[direct]:.2f}x (target at least 0.8x)")
     print(f"bare-bones relay / direct requests/s: {mean[relayed] / mean[direct]:.2f}x (the floor of a ZeroMQ hop)")
     print(f"raw INCR, poolbroker / bare-bones relay requests/s: {mean[raw] / mean[relayed]:.2f}x")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from poolbroker.broker.operate.cli import build_parser
 from poolbroker.broker.operate.metrics import PoolCollector
 from poolbroker.broker.operate.operations import RESTART_KEYS
 from poolbroker.broker.settings import BrokerConfig, PoolConfig
+from poolbroker.client import PoolBrokerError
+from poolbroker.client._errors import ERROR_CLASSES
 from poolbroker.wire.endpoint import ENDPOINT_ENV
 from poolbroker.wire.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV
 
@@ -154,7 +156,37 @@ def metrics() -> str:
     return GENERATED + "\n".join(lines) + "\n"
 
 
-PAGE_MAKERS = {"configuration.md": configuration, "cli.md": command_line, "metrics.md": metrics}
+def errors() -> str:
+    lines = [
+        "# Errors\n",
+        "Every error a client raises is a `PoolBrokerError`, importable from `poolbroker`; its message",
+        "names the pool, the limit or the reason, and `code` is the wire's error code. Some are also a",
+        "built-in (`TimeoutError`, `ValueError`), so code that catches those catches them. What to do",
+        "about each: [troubleshooting](../operate/troubleshooting.md). The adapters raise their",
+        "library's own error where the library has one for it: a lost lease or a dead upstream is",
+        "redis-py's `ConnectionError` or psycopg's `OperationalError`, so the library's retry logic",
+        "handles it.\n",
+        "| exception | is also a | wire codes | raised when |",
+        "|---|---|---|---|",
+    ]
+    codes: dict[type[PoolBrokerError], list[str]] = {}
+    for code, cls in ERROR_CLASSES.items():
+        codes.setdefault(cls, []).append(f"`{code.value}`")
+    every = [PoolBrokerError, *sorted(all_subclasses(PoolBrokerError), key=lambda cls: cls.__name__)]
+    for cls in every:
+        bases = [base.__name__ for base in cls.__mro__[1:] if base not in (object, BaseException, Exception)]
+        wire = ", ".join(codes.get(cls, [])) or f"none (`{cls.code}`: the client's own)"
+        doc = " ".join((cls.__doc__ or "").split())
+        lines.append(f"| `{cls.__name__}` | {', '.join(f'`{b}`' for b in bases) or '-'} | {wire} | {cell(doc)} |")
+    return GENERATED + "\n".join(lines) + "\n"
+
+
+def all_subclasses(cls: type) -> set[type]:
+    found = set(cls.__subclasses__())
+    return found.union(*(all_subclasses(sub) for sub in found))
+
+
+PAGE_MAKERS = {"configuration.md": configuration, "cli.md": command_line, "metrics.md": metrics, "errors.md": errors}
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ from poolbroker.broker.operate import logs
 from poolbroker.broker.operate.metrics import MetricsServer
 from poolbroker.broker.operate.operations import Operations
 from poolbroker.broker.operate.runtime import check_ipc, prepare_ipc
-from poolbroker.broker.operate.startup import describe, notify_systemd, overridden_by_flags, unguarded_pools
+from poolbroker.broker.operate.startup import describe, notify_systemd, unguarded_pools
 from poolbroker.broker.settings import (
     POOL_MODES,
     POOL_SETTINGS,
@@ -134,9 +134,10 @@ def serve(args: argparse.Namespace) -> int:
         )
 
     def reread() -> BrokerConfig:  # (a reload: the flags still win over the file, and it says so)
-        for line in overridden_by_flags(args, args.config):
+        config = read_config()
+        for line in config.overridden:
             log.warning("%s", line)
-        return read_config()
+        return config
 
     endpoint = ""
     try:
@@ -149,7 +150,7 @@ def serve(args: argparse.Namespace) -> int:
                 tls.client_context(pool)  # (a TLS file that does not load)
             if endpoint.startswith("ipc://"):
                 check_ipc(endpoint)
-            print("\n".join([describe(config, endpoint, args.config), *overridden_by_flags(args, args.config)]))
+            print("\n".join([describe(config, endpoint, args.config), *config.overridden]))
             return 0
         if endpoint.startswith("ipc://"):
             prepare_ipc(endpoint)
@@ -161,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logs.setup(config.log_level, config.log_format)
     raise_fd_limit()
-    for warning in (*overridden_by_flags(args, args.config), *unguarded_pools(config)):
+    for warning in (*config.overridden, *unguarded_pools(config)):
         log.warning("%s", warning)
     try:
         server = Server(config, curve=curve, reload_config=reread if args.config else None)

@@ -44,10 +44,10 @@ def add_parsers(commands: Any) -> None:
         ("resume", "hand out again"),
         ("drain", "close idle connections now, the others as they come back"),
     ):
-        actions.add_parser(action, parents=[reach], help=text).add_argument("name")
+        actions.add_parser(action, parents=[reach], help=text).add_argument("name", help="the pool")
     resize = actions.add_parser("resize", parents=[reach], help="set max_size; excess closes as it comes back")
-    resize.add_argument("name")
-    resize.add_argument("max_size", type=int)
+    resize.add_argument("name", help="the pool")
+    resize.add_argument("max_size", type=int, help="the new bound")
 
     commands.add_parser("reload", parents=[reach], help="reread the broker's config file, as SIGHUP does")
     commands.add_parser("shutdown", parents=[reach], help="shut the broker down, as SIGTERM does")

@@ -1,16 +1,13 @@
-"""What the broker says before it serves: the config described (`serve --check`), the file's
-settings that command-line flags override, pools whose upstream looks like a server their
-protocol does not guard; and systemd's readiness notice (Type=notify)."""
+"""What the broker says before it serves: the config described (`serve --check`), pools whose
+upstream looks like a server their protocol does not guard; and systemd's readiness notice
+(Type=notify). (The file's settings that flags override, loading reports: `config.overridden`.)"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-import tomllib
-from pathlib import Path
 
-from poolbroker.broker.settings import POOL_SETTINGS, BrokerConfig
+from poolbroker.broker.settings import BrokerConfig
 
 # Well-known ports, and the protocol a pool in front of one should speak: with "tcp" the broker
 # follows no session, so what one holder leaves (a SELECT, a transaction) reaches the next.
@@ -28,25 +25,6 @@ def describe(config: BrokerConfig, endpoint: str, path: str | None) -> str:
             f" probe {pool.probe}"
         )
     return "\n".join(lines + unguarded_pools(config))
-
-
-def overridden_by_flags(args: argparse.Namespace, config_path: str | None) -> list[str]:
-    """A line per pool setting that both the config file and a flag give: the flag wins, at start
-    and at every reload (the file's value is ignored until the flag goes)."""
-    if not config_path:
-        return []
-    try:
-        pools = tomllib.loads(Path(config_path).read_text()).get("pools", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        return []  # (loading it reports that)
-    lines = []
-    for name in POOL_SETTINGS:
-        flag = getattr(args, name, None)
-        given_in = sorted(pool for pool, table in pools.items() if isinstance(table, dict) and name in table)
-        if flag is not None and given_in:
-            option = f"--{name.replace('_', '-')}"
-            lines.append(f"{option} {flag} overrides {name} in {config_path} for pool(s) {', '.join(given_in)}")
-    return lines
 
 
 def unguarded_pools(config: BrokerConfig) -> list[str]:

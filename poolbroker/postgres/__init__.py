@@ -23,7 +23,7 @@ instead (_bridge). Closing the connection gives the lease back;
 
 A pool with `pool_mode = "transaction"` makes each connection hold a lease only from the first
 message of a transaction to its end; psycopg's prepared statements are prepared again on each
-backend that needs them (_statements). docs/libraries.md says what transaction mode can't do.
+backend that needs them (_statements). docs/guides/postgresql-modes.md says what transaction mode can't do.
 """
 
 from __future__ import annotations

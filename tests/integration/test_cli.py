@@ -254,12 +254,15 @@ def test_systemd_hears_ready_once_the_broker_serves(
 def test_every_flag_says_what_it_does_and_enumerated_ones_list_their_values() -> None:
     from poolbroker.broker.operate.cli import build_parser
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     silent, open_ended = [], []
-    for name, sub in commands.choices.items():
-        for action in sub._actions:
-            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+    todo = [("poolbroker", build_parser())]
+    while todo:  # (every command, and the commands within one: `pool resize`)
+        name, parser = todo.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub_name}", sub) for sub_name, sub in action.choices.items()]
+                continue
+            if isinstance(action, argparse._HelpAction):
                 continue
             if not action.help:
                 silent.append(f"{name} {action.dest}")

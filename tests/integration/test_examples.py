@@ -16,7 +16,8 @@ import pytest
 from poolbroker import Client
 from poolbroker.broker.config import load
 from poolbroker.broker.operate.cli import build_parser
-from tests.support import ROOT, Broker, RedisServer, free_port, short_tempdir
+from tests.support import ROOT, Broker, RedisServer, free_port, short_tempdir, wait_for
+from tests.support.web import get, status
 
 
 def test_the_example_config_loads_and_serves(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
@@ -147,3 +148,66 @@ def test_the_systemd_units_verify(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert not [line for line in result.stderr.splitlines() if "service" in line], result.stderr
+
+
+def test_the_supervisord_recipe_runs_the_broker_and_the_app(tmp_path: Path, own_redis: RedisServer) -> None:
+    """examples/supervisord.conf under a real supervisord, its paths, user and port made this
+    test's: the broker starts before the app, the app counts hits through it, HUP reloads, and a
+    stop ends both cleanly."""
+    here = short_tempdir()
+    endpoint, port = f"ipc://{here}/run/broker.sock", free_port()
+    (tmp_path / "broker.toml").write_text(
+        f'[pools.redis]\nupstream = "{own_redis.address}"\nprotocol = "redis"\nmax_size = 2\n'
+    )
+    recipe = (ROOT / "examples" / "supervisord.conf").read_text()
+    for theirs, ours in [
+        ("/opt/app/.venv/bin", str(Path(sys.executable).parent)),
+        ("/etc/poolbroker/broker.toml", str(tmp_path / "broker.toml")),
+        ("ipc:///run/poolbroker/broker.sock", endpoint),
+        ("--workers 8 --bind 127.0.0.1:8000 app:app", f"--workers 2 --bind 127.0.0.1:{port} examples.gunicorn_app:app"),
+        ("directory=/opt/app", f"directory={ROOT}"),
+        ("user=app", f"user={os.environ.get('USER') or 'root'}"),
+        ("/var/log/", f"{tmp_path}/"),
+    ]:
+        assert theirs in recipe, theirs
+        recipe = recipe.replace(theirs, ours)
+    (tmp_path / "programs.conf").write_text(recipe)
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        f"[unix_http_server]\nfile={here}/supervisor.sock\n\n"
+        f"[supervisord]\nnodaemon=true\nlogfile={tmp_path}/supervisord.log\npidfile={tmp_path}/supervisord.pid\n\n"
+        "[rpcinterface:supervisor]\n"
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
+        f"[supervisorctl]\nserverurl=unix://{here}/supervisor.sock\n\n"
+        f"[include]\nfiles={tmp_path}/programs.conf\n"
+    )
+    bin_dir = Path(sys.executable).parent
+
+    def ctl(*args: str) -> str:
+        result = subprocess.run(
+            [str(bin_dir / "supervisorctl"), "-c", str(conf), *args], capture_output=True, text=True, timeout=60
+        )
+        return result.stdout
+
+    supervisord = subprocess.Popen([str(bin_dir / "supervisord"), "-c", str(conf)], cwd=tmp_path)
+    try:
+        wait_for(lambda: ctl("status").count("RUNNING") == 2, timeout=60, what="both programs to run")
+        ping = [str(bin_dir / "poolbroker"), "ping", "--endpoint", endpoint]
+        assert subprocess.run(ping, capture_output=True, timeout=30).returncode == 0
+        wait_for(lambda: status(f"http://127.0.0.1:{port}/hit") == 200, timeout=60, what="the app to answer")
+        hits = [get(f"http://127.0.0.1:{port}/hit") for _ in range(3)]
+        assert [int(hit.split()[1]) for hit in hits] == [2, 3, 4]  # (after the first, which waited)
+        broker_log = tmp_path / "poolbroker.log"
+        ctl("signal", "HUP", "poolbroker")
+        wait_for(lambda: "reloaded" in broker_log.read_text(), timeout=30, what="the broker to reload")
+        ctl("stop", "all")
+        assert ctl("status").count("STOPPED") == 2
+        assert "Traceback" not in broker_log.read_text()
+        assert own_redis.broker_connections() == 0  # (the broker closed its connections on the way out)
+    finally:
+        ctl("shutdown")
+        try:
+            supervisord.wait(30)
+        except subprocess.TimeoutExpired:
+            supervisord.kill()
+            supervisord.wait()

@@ -12,7 +12,7 @@ from poolbroker.client._aio import AsyncClient, AsyncLease
 from poolbroker.client._client import Client
 from poolbroker.client._lease import Lease
 
-# Sync-only calls, and why (docs/client.md says the same).
+# Sync-only calls, and why (docs/guides/asyncio.md says the same).
 SYNC_ONLY = {
     (Client, "own_channel"): "a broker socket for one thread to hand to another: asyncio's tasks share their loop's",
     (Client, "own_thread"): "the calling thread's broker socket: asyncio's is its event loop's",

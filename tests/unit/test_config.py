@@ -251,3 +251,15 @@ def test_a_postgres_pool_needs_a_user() -> None:
         PoolConfig("db", "h", 5432, protocol="postgres")
     with pytest.raises(ConfigError, match='database need protocol = "postgres"'):
         PoolConfig("r", "h", 6379, protocol="redis", database="shop")
+
+
+def test_loading_says_which_file_settings_a_flag_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nmax_payload = 8192\n[pools.a]\nupstream = "h:1"\nmax_size = 3\n')
+    path.write_text(path.read_text() + '[pools.b]\nupstream = "h:2"\n')
+    config = load(path, overrides={"max_size": 8, "min_idle": 1}, broker_overrides={"max_payload": 4096})
+    assert config.overridden == (
+        f"--max-size 8 overrides max_size in {path} for pool(s) a",
+        f"--max-payload 4096 overrides [broker] max_payload in {path}",
+    )
+    assert load(path).overridden == ()

@@ -4,6 +4,9 @@ metric added or changed without regenerating them fails here."""
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sys
 
 from tests.support import ROOT
 
@@ -19,3 +22,22 @@ def test_the_reference_pages_are_current() -> None:
         if (ROOT / "docs" / "reference" / name).read_text() != make()
     ]
     assert not stale, f"{stale} are not current: run .venv/bin/python scripts/docs_reference.py"
+
+
+def test_the_benchmark_page_shows_the_kept_runs() -> None:
+    """docs/performance/benchmarks.md is made from docs/performance/runs/*.json
+    (scripts/docs_benchmarks.py): a run kept without remaking the page fails here."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "docs_benchmarks.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_front_pages_links_lead_somewhere() -> None:
+    """The README and its neighbours live outside the site, whose build checks its own links."""
+    broken = []
+    for page in ("README.md", "CONTRIBUTING.md", "CHANGELOG.md"):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (ROOT / page).read_text()):
+            if not (ROOT / target).exists():
+                broken.append(f"{page}: {target}")
+    assert not broken, broken

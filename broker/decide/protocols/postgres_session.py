@@ -9,7 +9,7 @@ LISTEN...), or must be closed (a message half sent or half read, answers still o
 
 What it reads in SQL is what a statement says on its face: a SET run inside a function, or a
 function that takes a session lock, is invisible to it. A pool in session mode runs the reset on
-every return for that reason; transaction mode trusts this tracker (docs/libraries.md, PostgreSQL).
+every return for that reason; transaction mode trusts this tracker (docs/guides/postgresql-modes.md).
 """
 
 from __future__ import annotations
