@@ -67,7 +67,7 @@ class PoolConfig:
     check_idle_after: float = _setting(0.5, "probe a connection idle this long before handing it out")
     check_interval: float = _setting(30.0, "probe idle connections this often (0: never)")
     protocol: str = _setting("tcp", "what the upstream speaks (its probe, handshake, reset): " + ", ".join(PROTOCOLS))
-    probe: str = _setting("", "how to check a connection (default: the protocol's): " + ", ".join(PROBES))
+    probe: str = _setting("", "how to check a connection: " + ", ".join(PROBES))
     probe_send: str = _setting("", "probe=send: bytes to send; probe=http: the request line")
     probe_expect: str = _setting("", "probe=send: the reply starts with this; probe=http: the status does")
     probe_timeout: float = _setting(1.0, "seconds a probe's answer may take")
