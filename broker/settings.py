@@ -75,6 +75,9 @@ class PoolConfig:
     lease_idle_timeout: float = _setting(120.0, "reclaim a lease with no I/O for this long (0: never)")
     max_lease_time: float = _setting(3600.0, "reclaim a lease held this long, busy or not (0: never)")
     max_leases_per_client: int = _setting(0, "leases one client process may hold or wait for (0: up to max_size)")
+    lend_sockets: bool = _setting(
+        True, "lend the upstream socket itself to same-host clients that ask (ipc only; never with tls)"
+    )
     tls: bool = _setting(False, "speak TLS to the upstream (verified against tls_ca_file, else the system's CAs)")
     tls_ca_file: str = _setting("", "CA certificates (PEM) that the upstream's certificate must chain to")
     tls_server_name: str = _setting("", "the name the upstream's certificate must carry (default: its host)")
@@ -93,6 +96,11 @@ class PoolConfig:
     reset: tuple[Step, ...] | str = _file_setting(
         RESET_AUTO, 'on return: "auto" (the protocol\'s, when needed), "off", "discard", or steps'
     )
+
+    @property
+    def lends(self) -> bool:
+        """Its sockets may be lent: a TLS pool's can't be (the TLS state lives in the broker)."""
+        return self.lend_sockets and not self.tls
 
     def __post_init__(self) -> None:
         where = f"pool {self.name!r}"

@@ -7,6 +7,7 @@ from poolbroker.client._errors import (
     LeaseLost,
     LimitExceeded,
     NotAuthorized,
+    NotLent,
     PoolBrokerError,
     PoolFull,
     PoolMismatch,
@@ -17,6 +18,7 @@ from poolbroker.client._errors import (
     UpstreamUnavailable,
 )
 from poolbroker.client._lease import Lease
+from poolbroker.client._lending import SocketLease
 from poolbroker.wire.endpoint import default_endpoint
 
 __all__ = [
@@ -28,11 +30,13 @@ __all__ = [
     "LeaseLost",
     "LimitExceeded",
     "NotAuthorized",
+    "NotLent",
     "PoolBrokerError",
     "PoolFull",
     "PoolMismatch",
     "PoolTimeout",
     "ProtocolError",
+    "SocketLease",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",

@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from poolbroker.client._aio_lending import AsyncLender, AsyncSocketLeasing
 from poolbroker.client._async_channel import AsyncChannel
 from poolbroker.client._channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Curve, check_reply
 from poolbroker.client._errors import BrokerUnavailable
@@ -314,6 +315,7 @@ class AsyncClient:
         self._ctx: zmq.asyncio.Context | None = None
         self._pid = os.getpid()
         self._channels: dict[asyncio.AbstractEventLoop, AsyncChannel] = {}
+        self._lenders: dict[asyncio.AbstractEventLoop, AsyncLender] = {}
         self._closed = False
         self._finalizer: weakref.finalize[Any, Any] | None = None  # closes the sockets and context
 
@@ -338,6 +340,7 @@ class AsyncClient:
     def _forget_parent(self) -> None:
         """Forked: the parent's sockets are the parent's (closing them here could disturb its
         connections)."""
+        self._lenders = {}  # (their sockets' copies here are closed after fork: _lending)
         _inherited.extend([self._ctx, self._channels])
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -353,9 +356,13 @@ class AsyncClient:
         io_timeout: float | None = None,
         lazy: bool = False,
         when_done: bool = False,
-    ) -> AsyncLease:
+        socket: bool = False,
+    ) -> Any:
         """`async with c.lease(pool) as conn:` leases on entering (or, `lazy`, with the first
-        exchange), releases on leaving normally and discards on an exception."""
+        exchange), releases on leaving normally and discards on an exception. `socket=True`: the
+        upstream socket itself, non-blocking (a SocketLease; see Client.lease)."""
+        if socket:
+            return AsyncSocketLeasing(self, pool, self.timeout if timeout is None else timeout, tag)
         return AsyncLease(
             self,
             self._channel(),
@@ -452,6 +459,9 @@ class AsyncClient:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             channel.close()
+        lenders, self._lenders = self._lenders, {}
+        for lender in lenders.values():
+            lender.close()
         if self._ctx is not None and self._pid == os.getpid():
             await asyncio.to_thread(self._ctx.term)  # (it waits for the sockets' linger: not in the loop)
         self._ctx = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any
+from typing import Any, Literal, overload
 
 import zmq
 
@@ -18,6 +18,7 @@ from poolbroker.client._channel import DEFAULT_MAX_MESSAGE_SIZE, HOSTNAME, Chann
 from poolbroker.client._errors import BrokerUnavailable
 from poolbroker.client._exchanges import DEFAULT_RECV, HOLD_WRITES_UP_TO, first_exchange
 from poolbroker.client._lease import Lease
+from poolbroker.client._lending import Lender, SocketLease
 from poolbroker.wire.endpoint import default_endpoint
 from poolbroker.wire.protocol import (
     ADMIN_DRAIN,
@@ -35,7 +36,7 @@ from poolbroker.wire.protocol import (
     stats_request,
 )
 
-__all__ = ["HOLD_WRITES_UP_TO", "Client", "Lease"]
+__all__ = ["HOLD_WRITES_UP_TO", "Client", "Lease", "SocketLease"]
 
 # Sockets and contexts a forked child inherited: never used, never closed, never collected there
 # (closing them in the child could disturb the parent's connections).
@@ -84,6 +85,7 @@ class Client:
         self._lock = threading.Lock()
         self._ctx: zmq.Context[Any] | None = None
         self._channels: list[Channel] = []
+        self._lenders: list[Lender] = []  # every thread's lending connection
         self._local = threading.local()
         self._closed = False
         self._finalizer: weakref.finalize[Any, Any] | None = None  # closes the sockets and context
@@ -100,6 +102,7 @@ class Client:
         self._lock = threading.Lock()
         self._ctx = None
         self._channels = []
+        self._lenders = []  # (the parent's: their copies here are closed after fork)
         self._local = threading.local()
 
     def own_thread(self) -> Channel | None:
@@ -129,6 +132,7 @@ class Client:
             self._channels.append(channel)
         return channel
 
+    @overload
     def lease(
         self,
         pool: str,
@@ -139,7 +143,32 @@ class Client:
         lazy: bool = False,
         when_done: bool = False,
         channel: Channel | None = None,
-    ) -> Lease:
+        socket: Literal[False] = False,
+    ) -> Lease: ...
+
+    @overload
+    def lease(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        *,
+        tag: str | None = None,
+        io_timeout: float | None = None,
+        socket: Literal[True],
+    ) -> SocketLease: ...
+
+    def lease(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        *,
+        tag: str | None = None,
+        io_timeout: float | None = None,
+        lazy: bool = False,
+        when_done: bool = False,
+        channel: Channel | None = None,
+        socket: bool = False,
+    ) -> Lease | SocketLease:
         """Lease a connection from `pool`, waiting up to `timeout` seconds for one.
 
         Use it in a `with` block: leaving normally releases it, leaving by an exception discards
@@ -148,9 +177,14 @@ class Client:
         `when_done=True` ends the lease after the read that finishes the conversation, as the
         broker's redis or http pool sees it (see Lease): no release message of its own.
         `channel` (from own_channel()) carries it instead of this thread's broker socket.
+
+        `socket=True` lends the upstream socket itself (a SocketLease; `lease.socket`), on the
+        broker's host only: NotLent where it can't be (tcp, a TLS pool, lend_sockets = false).
         """
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
+        if socket:
+            return self._lend(pool, timeout, tag, io_timeout)
         channel = channel or self._channel()
         generation = channel.generation
         token, reply = None, {}
@@ -161,6 +195,20 @@ class Client:
         lease = Lease(self, channel, generation, pool, token, io_timeout, timeout=timeout, tag=tag, when_done=when_done)
         lease.backend_pid = reply.get("backend_pid")
         return lease
+
+    def _lend(self, pool: str, timeout: float, tag: str | None, io_timeout: float) -> SocketLease:
+        lender: Lender | None = getattr(self._local, "lender", None)
+        if lender is None:
+            if self._closed:
+                raise BrokerUnavailable("this Client is closed")
+            lender = self._local.lender = Lender(self.endpoint)
+            with self._lock:
+                self._lenders.append(lender)
+        reply, fd = lender.call(lease_request(pool, timeout, lender.pid, HOSTNAME, tag), timeout + self.broker_timeout)
+        check_reply(reply)
+        if fd is None:
+            raise BrokerUnavailable("the broker's grant carried no socket")
+        return SocketLease(lender, pool, reply["lease"], fd, io_timeout, reply.get("backend_pid"))
 
     def request(
         self,
@@ -267,6 +315,9 @@ class Client:
                 self._finalizer = None
             self._ctx = None
             self._channels = []
+            for lender in self._lenders:  # (the broker ends what they still lend: cut, then closed)
+                lender.close()
+            self._lenders = []
         self._local = threading.local()
 
     def __enter__(self) -> Client:

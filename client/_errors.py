@@ -58,6 +58,13 @@ class LimitExceeded(PoolBrokerError):
     code = ErrorCode.LIMIT_EXCEEDED
 
 
+class NotLent(PoolBrokerError):
+    """A socket lease that can't be had: over tcp (another host), or from a pool that does not lend
+    (TLS, lend_sockets = false). The relay's leases still serve: adapters fall back to them."""
+
+    code = ErrorCode.NOT_LENT
+
+
 class NotAuthorized(PoolBrokerError):
     """An administrative request from a peer that may not administer this broker."""
 
@@ -91,6 +98,7 @@ ERROR_CLASSES: dict[ErrorCode, type[PoolBrokerError]] = {
     ErrorCode.UPSTREAM_TIMEOUT: UpstreamTimeout,
     ErrorCode.LEASE_LOST: LeaseLost,
     ErrorCode.LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.NOT_LENT: NotLent,
     ErrorCode.SHUTTING_DOWN: BrokerUnavailable,
     ErrorCode.BAD_REQUEST: ProtocolError,
     ErrorCode.UNSUPPORTED_VERSION: ProtocolError,

@@ -70,6 +70,8 @@ class Held(Protocol):
     def exchange(self) -> object | None: ...  # the exchange in progress
     @property
     def warned(self) -> bool: ...  # the leak warning was logged
+    @property
+    def lent(self) -> bool: ...  # its socket was lent: its I/O is not seen
 
 
 class Verdict(Enum):
@@ -88,7 +90,8 @@ def check_held(config: PoolConfig, lease: Held, now: float) -> LeaseCheck:
     """What a lease's time limits say of it now."""
     if config.max_lease_time and now - lease.since >= config.max_lease_time:
         return LeaseCheck(Verdict.RECLAIM, f"over max_lease_time={config.max_lease_time}s")
-    if config.lease_idle_timeout and lease.exchange is None and now - lease.last_io >= config.lease_idle_timeout:
+    idle_limit = config.lease_idle_timeout and not lease.lent  # (a lent socket's I/O is not seen)
+    if idle_limit and lease.exchange is None and now - lease.last_io >= config.lease_idle_timeout:
         return LeaseCheck(Verdict.RECLAIM, f"no I/O for lease_idle_timeout={config.lease_idle_timeout}s")
     if config.leak_warning_after and not lease.warned and now - lease.since >= config.leak_warning_after:
         return LeaseCheck(Verdict.WARN)
@@ -100,7 +103,7 @@ def next_look(config: PoolConfig, lease: Held, now: float) -> float | None:
     due = math.inf
     if config.leak_warning_after and not lease.warned:
         due = lease.since + config.leak_warning_after
-    if config.lease_idle_timeout:
+    if config.lease_idle_timeout and not lease.lent:
         # An exchange in progress is not idleness: look again a whole timeout from now.
         last_io = now if lease.exchange is not None else lease.last_io
         due = min(due, last_io + config.lease_idle_timeout)

@@ -36,12 +36,14 @@ class Holder(Generic[P, C, T]):
     by which the broker learns that the connection closed (the process died, or gave up).
 
     `process` is what max_leases_per_client counts by: on ipc the peer's pid as the kernel reports
-    it (all of a process's threads together), elsewhere the connection itself."""
+    it (all of a process's threads together), elsewhere the connection itself. A holder on the
+    lending socket (`lends`) is lent its leases' upstream sockets themselves."""
 
-    __slots__ = ("peer", "fd", "process", "admin", "leases", "waiters", "gone")
+    __slots__ = ("peer", "fd", "process", "admin", "lends", "leases", "waiters", "gone")
 
-    def __init__(self, peer: bytes, fd: int, process: object, admin: bool) -> None:
+    def __init__(self, peer: bytes, fd: int, process: object, admin: bool, lends: bool = False) -> None:
         self.peer = peer
+        self.lends = lends
         self.fd = fd
         self.process = process
         self.admin = admin
@@ -87,6 +89,7 @@ class Lease(Generic[P, C, T]):
         "warned",
         "session",
         "ready_from",
+        "lent",
     )
 
     def __init__(self, token: bytes, conn: C, waiter: Waiter[P, C, T], session: Session | None, now: float) -> None:
@@ -113,6 +116,8 @@ class Lease(Generic[P, C, T]):
         # PostgreSQL: where the next `ready` read starts walking the read buffer (past the rest of a
         # message a large result's last piece cut; 0 at a message boundary).
         self.ready_from = 0
+        # The upstream socket itself was lent: its bytes never pass the broker.
+        self.lent = waiter.holder.lends
 
     def __repr__(self) -> str:
         # Never the whole token: it is a capability.

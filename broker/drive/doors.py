@@ -70,6 +70,8 @@ class LeasingDoors(Loop, Protocol):
 
     def reply(self, peer: bytes, reply: dict[str, Any]) -> bool: ...  # False: the peer is gone
 
+    def lend(self, peer: bytes, grant: dict[str, Any], conn: UpstreamConn) -> bool: ...  # the grant, with its socket
+
 
 class UpstreamDoors(Loop, Protocol):
     """The upstream connections' driver's: the poller, the name resolver, and leasing's exchanges."""

@@ -64,6 +64,11 @@ class Leasing:
         if req.has_exchange and not self._exchange_fits(peer, req):
             return
         holder = self.loop.table.holders[peer]
+        if holder.lends and not pool.config.lends:
+            why = "its TLS lives in the broker" if pool.config.tls else "lend_sockets = false"
+            message = f"pool {req.pool!r} does not lend its sockets ({why}): lease through the broker's endpoint"
+            self.loop.reply(peer, error_reply(req.id, ErrorCode.NOT_LENT, message))
+            return
         waiter = Waiter(holder, req, pool, acquire_deadline(pool.config, req, now))
         refusal = admit(
             pool.config,
@@ -121,7 +126,7 @@ class Leasing:
             return
         if not req.noreply:  # the answer first: a reset that follows is no business of the client's
             self.loop.reply(peer, ok_reply(req.id))
-        self.end_lease(lease, now, keep=req.release == RELEASE_KEEP)
+        self.end_lease(lease, now, keep=req.release == RELEASE_KEEP, reported=req.session)
 
     def on_cancel(self, peer: bytes, req: Request, now: float) -> None:
         """PostgreSQL's cancel, for the lease the token names. Any socket may ask: the token is the
@@ -173,7 +178,8 @@ class Leasing:
             self.loop.upstreams.watch(conn)
             # (a postgres connection's backend pid: a driver shows it as its connection's own)
             known = {"backend_pid": conn.backend_key[0]} if conn.backend_key is not None else {}
-            if not self.loop.reply(waiter.peer, ok_reply(req.id, lease=token, **known)):
+            reply = ok_reply(req.id, lease=token, **known)
+            if not (self.loop.lend(waiter.peer, reply, conn) if lease.lent else self.loop.reply(waiter.peer, reply)):
                 # The requester left (timed out, gave up, died): the connection goes back at once.
                 self.end_lease(lease, now, keep=True)
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
@@ -300,8 +306,7 @@ class Leasing:
         if releasing:
             self.end_lease(lease, now, keep=release != RELEASE_DISCARD)
         elif not delivered and self.loop.table.active(lease):
-            # The holder is gone mid-conversation: the connection's state is unknown.
-            self.end_lease(lease, now, keep=False)
+            self._holder_lost(lease, now)
 
     def finish_error(self, exchange: DriveExchange, code: ErrorCode, message: str, now: float) -> None:
         # A failed exchange that was to end the lease, or that opened it (its requester has no
@@ -312,8 +317,18 @@ class Leasing:
         if ends:
             reply["released"] = True
         delivered = self.loop.reply(exchange.peer, reply)
-        if (ends or not delivered) and self.loop.table.active(lease):
+        if not delivered and self.loop.table.active(lease):
+            self._holder_lost(lease, now)
+        elif ends and self.loop.table.active(lease):
             self.end_lease(lease, now, keep=False)
+
+    def _holder_lost(self, lease: DriveLease, now: float) -> None:
+        """An answer could not reach the lease's holder: it is gone (died, or stopped reading)
+        before the broker heard of its connection's end. Its lease is reclaimed, as then."""
+        log.warning(
+            "pool %r: reclaiming a %s: its answer could not be delivered", lease.pool.config.name, lease.describe(now)
+        )
+        self.end_lease(lease, now, keep=False, reason="reclaimed")
 
     def _end_exchange(self, exchange: DriveExchange, now: float, *, lease_ends: bool) -> DriveLease:
         lease = exchange.lease
@@ -326,12 +341,17 @@ class Leasing:
             self.loop.upstreams.watch(lease.conn)
         return lease
 
-    def end_lease(self, lease: DriveLease, now: float, *, keep: bool, reason: str | None = None) -> None:
-        """The lease is over: its connection goes back to the pool if kept and clean, else closes."""
+    def end_lease(
+        self, lease: DriveLease, now: float, *, keep: bool, reason: str | None = None, reported: str | None = None
+    ) -> None:
+        """The lease is over: its connection goes back to the pool if kept and clean, else closes.
+        (`reported`: what a lent socket's holder says its session left.)"""
         self.loop.table.remove(lease)
         self.loop.timers.cancel(lease.timer)
         lease.timer = None
         conn = lease.conn
+        if lease.lent:  # (not kept: cut, so that no copy the holder has goes on using it)
+            conn.take_back(cut=not keep)
         exchange = lease.exchange
         if exchange is not None:
             # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.
@@ -345,7 +365,8 @@ class Leasing:
             reason = "broken" if conn.broken else conn.unfit() if keep else "discarded"
         pool = lease.pool
         if reason is None:  # clean, as far as its socket tells: what did the holder leave on it?
-            decision = pool.protocol.on_return(lease.session)
+            protocol = pool.protocol
+            decision = protocol.on_lent_return(reported) if lease.lent else protocol.on_return(lease.session)
             if decision.action == RUN_RESET:  # back to the pool only once the reset has answered
                 log.debug("pool %r: resetting a returned connection: %s", pool.config.name, decision.why)
                 self.loop.upstreams.run_reset(conn, now)

@@ -18,7 +18,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 import zmq
@@ -29,14 +29,17 @@ from poolbroker.broker.decide.actions import Close, Grant, Open, Probe, Reject
 from poolbroker.broker.decide.connection import State
 from poolbroker.broker.decide.leases import Holder, LeaseTable
 from poolbroker.broker.drive.leasing import Leasing
+from poolbroker.broker.drive.lending import Lending, is_lending_peer
 from poolbroker.broker.drive.pools import PoolState
 from poolbroker.broker.drive.resolver import Resolver
+from poolbroker.broker.drive.router import EVENTS, FD, NOBLOCK, POLLIN, RCVMORE, SNDMORE, int_option, make_router
 from poolbroker.broker.drive.security import CurveKeys, peer_credentials, peer_is_admin, serve_curve
 from poolbroker.broker.drive.tables import DriveHolder, DriveLeaseTable
 from poolbroker.broker.drive.timers import Timers
 from poolbroker.broker.drive.upstream import UpstreamConn
 from poolbroker.broker.drive.upstreams import Upstreams
 from poolbroker.broker.settings import BrokerConfig, ConfigError
+from poolbroker.wire.endpoint import lending_path
 from poolbroker.wire.protocol import (
     OP_ADMIN,
     OP_CANCEL,
@@ -53,24 +56,6 @@ from poolbroker.wire.protocol import (
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
 ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
-REPLIES_QUEUED_PER_CLIENT = 100  # then replies to that client are dropped (ZeroMQ SNDHWM)
-# ZMTP heartbeats: a client whose process is frozen (SIGSTOP, a hung host) stops answering them and
-# its connection is dropped, which reclaims its leases. A stuck Python thread still answers (libzmq
-# answers without the GIL): lease_idle_timeout and max_lease_time bound that case.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 5000
-
-
-# The hot path calls pyzmq's compiled socket methods directly, with plain ints: the Python layer
-# over them (routing-id checks, results turned into enum.Flag values) cost about 1 us a call.
-EVENTS, FD, RCVMORE = int(zmq.EVENTS), int(zmq.FD), int(zmq.RCVMORE)
-POLLIN = int(zmq.POLLIN)
-NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
-
-
-def _int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
-    """`sock.getsockopt`, for the options that are ints (FD, EVENTS, RCVMORE)."""
-    return cast(Callable[[int], int], functools.partial(zmq.backend.Socket.get, sock))
 
 
 class Server:
@@ -97,17 +82,8 @@ class Server:
         self.requests_received = 0  # every message: a one-shot lease cycle is one
         self.endpoint = ""
         self.ipc_path: str | None = None
-        self.router = self.ctx.socket(zmq.ROUTER)
-        # A reply to a peer that is gone raises EHOSTUNREACH instead of vanishing: that is how an
-        # unclaimed grant goes back to the pool.
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
-        # Replies a client leaves unread queue here; a well-behaved client has a few in flight at
-        # most, so a short queue bounds what one that never reads can make the broker hold.
-        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED_PER_CLIENT)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.lending: Lending | None = None  # beside an ipc endpoint: its sockets lent (bind makes it)
+        self.router = make_router(self.ctx, config)
         # CURVE: a client gets in only with a listed key (the check runs in pyzmq's ZAP thread).
         self.authenticator = serve_curve(self.ctx, self.router, curve) if curve is not None else None
         # Disconnect events name the fd of a connection that closed: the first message of each
@@ -115,8 +91,8 @@ class Server:
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.holders = self.table.holders  # (by routing id: the table's own dict)
         self.epoll = select.epoll()
-        self.epoll.register(_int_option(self.router)(FD), select.EPOLLIN)
-        self.epoll.register(_int_option(self.monitor)(FD), select.EPOLLIN)
+        self.epoll.register(int_option(self.router)(FD), select.EPOLLIN)
+        self.epoll.register(int_option(self.monitor)(FD), select.EPOLLIN)
         # stop() writes a byte here: the one wake-up that works from a signal handler.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -127,7 +103,7 @@ class Server:
         # using the ROUTER, ask EVENTS (or recv to EAGAIN) before waiting; asking costs a syscall,
         # so only then.
         self._router_used = False
-        self._router_get = _int_option(self.router)
+        self._router_get = int_option(self.router)
         self._router_send = functools.partial(zmq.backend.Socket.send, self.router)
         self.resolver: Resolver[UpstreamConn] = Resolver(self._wake)
         self._outbox: deque[tuple[PoolState, Any]] = deque()  # pool actions decided, not yet carried out
@@ -161,6 +137,12 @@ class Server:
         else:
             self.router.bind(endpoint)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        path = lending_path(self.endpoint)
+        if path is not None and any(pool.lends for pool in self.config.pools):
+            try:
+                self.lending = Lending(path, self.epoll, self.table, self.leasing, self.packer)
+            except OSError as exc:  # (a path too long for a Unix socket, say: the relay still serves)
+                log.warning("no socket lending at %s (leases go through the relay): %s", path, exc)
         return self.endpoint
 
     def add_operations(
@@ -203,7 +185,7 @@ class Server:
         wait = self.epoll.poll
         router_events = self._router_get
         router_fd = router_events(FD)
-        monitor_fd = _int_option(self.monitor)(FD)
+        monitor_fd = int_option(self.monitor)(FD)
         wake_fd = self._wake_r.fileno()
         conns = self.conns
         for pool in self.pools.values():
@@ -231,6 +213,8 @@ class Server:
                     monitor = True
                 elif fd == wake_fd:
                     self._drain_wake(now)
+                elif self.lending is not None and self.lending.owns(fd):
+                    self.lending.on_event(fd, now)
             if monitor:
                 self._drain_monitor(now)
             # Requests last: a close by the upstream that arrived with them is seen before a
@@ -258,6 +242,8 @@ class Server:
             self.authenticator.stop()
         self._wake_r.close()
         self._wake_w.close()
+        if self.lending is not None:
+            self.lending.close()
         self.epoll.close()
         if self.ipc_path:
             try:
@@ -419,8 +405,14 @@ class Server:
         c = pool.config
         log.info("pool %r opened: upstream %s, max_size %d, min_idle %d", c.name, c.address, c.max_size, c.min_idle)
 
+    def lend(self, peer: bytes, grant: dict[str, Any], conn: UpstreamConn) -> bool:
+        assert self.lending is not None and conn.sock is not None  # (only the lending socket's holders)
+        return self.lending.reply(peer, grant, conn.sock)
+
     def reply(self, peer: bytes, reply: dict[str, Any]) -> bool:
         """Send a reply; False when the peer is gone or not reading (never blocks the loop)."""
+        if is_lending_peer(peer):
+            return self.lending is not None and self.lending.reply(peer, reply)
         self._router_used = True
         try:
             # (the ROUTER takes the routing id and refuses, with MANDATORY, at the first frame)

@@ -194,6 +194,18 @@ class UpstreamConn:
             return "broken"
         return "unread" if peeked else "broken"  # b"": the peer closed
 
+    def take_back(self, *, cut: bool) -> None:
+        """A lent socket comes back. Its holder's copy shared the file's flags, and may have made
+        it blocking: the loop's I/O needs it non-blocking again. `cut`: shut down both ways first,
+        which reaches every copy, so a holder that keeps one fails at its next I/O."""
+        assert self.sock is not None
+        if cut:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # (already closed by the upstream)
+        self.sock.setblocking(False)
+
     def close(self) -> None:
         if self.state is not State.CLOSED:
             self.move(State.CLOSED)

@@ -54,6 +54,13 @@ RELEASE_MODES = frozenset({RELEASE_KEEP, RELEASE_DISCARD})
 RELEASE_WHEN_DONE = "when_done"
 EXCHANGE_RELEASE_MODES = RELEASE_MODES | {RELEASE_WHEN_DONE}
 
+# A lent socket's release says what its holder's session left, as the client's adapter followed it
+# (the broker saw none of its bytes); a release that says nothing gets the pool's reset.
+SESSION_CLEAN = "clean"  # as it was handed out: back as it is
+SESSION_RESET = "reset"  # changed: the pool's reset first
+SESSION_OUT_OF_SYNC = "out_of_sync"  # left mid-message or with answers owed: closed
+SESSION_VERDICTS = frozenset({SESSION_CLEAN, SESSION_RESET, SESSION_OUT_OF_SYNC})
+
 
 class ErrorCode(StrEnum):
     """Every error a reply may carry (docs/protocol.md, "Error codes"); each is one client exception."""
@@ -69,6 +76,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"  # the exchange did not finish within its io_timeout
     LEASE_LOST = "lease_lost"  # unknown token: released, reclaimed, another client's
     LIMIT_EXCEEDED = "limit_exceeded"  # over a broker limit; the message names it
+    NOT_LENT = "not_lent"  # a socket asked of a pool that does not lend (TLS, lend_sockets = false)
     NOT_AUTHORIZED = "not_authorized"  # an admin request from a peer that may not administer
     RELOAD_FAILED = "reload_failed"  # the config file does not load; nothing changed
     SHUTTING_DOWN = "shutting_down"
@@ -112,6 +120,7 @@ class Request:
     io_timeout: float | None = None
     release: str | None = None  # after the exchange: keep, discard, or when_done
     poll: bool = False  # read any: nothing within io_timeout (0: none at all) is an empty answer
+    session: str | None = None  # release of a lent socket: what its holder's session left
     action: str | None = None  # admin: what to do
     max_size: int | None = None  # admin resize: the new bound
 
@@ -189,6 +198,9 @@ def parse_request(frame: bytes) -> Request:
             _parse_exchange(body, req)
         elif op == OP_RELEASE:
             req.release = _release_mode(body, rid) or RELEASE_KEEP
+            req.session = _field(body, "session", str, rid)
+            if req.session is not None and req.session not in SESSION_VERDICTS:
+                raise BadRequest(ErrorCode.BAD_REQUEST, f"'session' must be one of {sorted(SESSION_VERDICTS)}", rid)
     elif op in (OP_STATS, OP_LEASES):
         req.pool = _short_str(body, "pool", MAX_NAME, rid)
     elif op == OP_ADMIN:

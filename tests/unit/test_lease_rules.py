@@ -31,6 +31,7 @@ class Held:
     last_io: float = 100.0
     exchange: object | None = None
     warned: bool = False
+    lent: bool = False
 
 
 def test_a_process_at_max_leases_per_client_is_refused_with_the_limit_named() -> None:
@@ -103,3 +104,13 @@ def test_every_limit_off_means_never_a_look(now: float) -> None:
 
 def test_a_look_already_due_is_now_not_in_the_past() -> None:
     assert next_look(config(max_lease_time=10.0), Held(since=0.0), now=50.0) == 50.0
+
+
+def test_a_lent_socket_s_lease_is_never_idle_to_the_broker_but_its_max_lease_time_holds() -> None:
+    """The broker sees none of a lent socket's I/O: lease_idle_timeout can't judge it."""
+    limits = config(lease_idle_timeout=10, max_lease_time=100)
+    lent = Held(lent=True)
+    assert check_held(limits, lent, now=150.0).verdict is Verdict.NOTHING
+    assert check_held(limits, Held(), now=150.0).verdict is Verdict.RECLAIM
+    assert next_look(limits, lent, now=150.0) == 200.0
+    assert check_held(limits, lent, now=200.0).verdict is Verdict.RECLAIM

@@ -306,3 +306,28 @@ def test_a_resp3_pool_says_hello_3_after_auth_and_reads_its_map_whole() -> None:
         pool(protocol="redis", resp=4)
     with pytest.raises(ConfigError, match='resp need protocol = "redis"'):
         pool(resp=3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "reported", "action"),
+    [
+        ({"protocol": "redis"}, None, RUN_RESET),  # (nothing reported: unknown, so reset)
+        ({"protocol": "redis"}, "clean", KEEP),
+        ({"protocol": "redis"}, "reset", RUN_RESET),
+        ({"protocol": "redis"}, "out_of_sync", CLOSE),
+        ({"protocol": "redis", "reset": "off"}, None, KEEP),  # (the pool's own choice)
+        ({"protocol": "redis", "reset": "discard"}, "clean", CLOSE),
+        ({"protocol": "postgres", "username": "u"}, "clean", RUN_RESET),  # (session mode: every return)
+        ({"protocol": "postgres", "username": "u", "pool_mode": "transaction"}, "clean", KEEP),
+        ({"protocol": "postgres", "username": "u", "pool_mode": "transaction"}, None, RUN_RESET),
+        ({"protocol": "http"}, None, CLOSE),  # (no reset can prove its stream in step)
+        ({"protocol": "http"}, "clean", KEEP),
+        ({"protocol": "memcached"}, None, KEEP),  # (memcached keeps no session)
+        ({"protocol": "tcp"}, None, KEEP),
+    ],
+)
+def test_a_lent_socket_s_return_goes_by_what_its_client_reports(
+    settings: dict[str, str], reported: str | None, action: str
+) -> None:
+    protocol = pool_protocol(PoolConfig("p", "h", 1, **settings))  # type: ignore[arg-type]
+    assert protocol.on_lent_return(reported).action == action

@@ -30,6 +30,7 @@ from poolbroker.broker.decide.protocols.http import HttpSession
 from poolbroker.broker.decide.protocols.postgres_session import PostgresSession
 from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
 from poolbroker.broker.settings import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
+from poolbroker.wire.protocol import SESSION_CLEAN, SESSION_OUT_OF_SYNC
 
 # What to do with a connection whose lease ended cleanly as far as its socket can tell.
 KEEP = "keep"  # back to the idle queue
@@ -103,6 +104,22 @@ class PoolProtocol:
         if self.reset_always or (outcome is RESET and self.reset_mode == RESET_AUTO):
             return Return(RUN_RESET, why=why)
         return Return(KEEP)
+
+    def on_lent_return(self, reported: str | None) -> Return:
+        """Decide what a lent socket's clean return does: the broker saw none of its bytes, so it
+        goes by what the holder's client reports of its session (None: nothing, so unknown)."""
+        if reported == SESSION_OUT_OF_SYNC:
+            return Return(CLOSE, "out_of_sync", "its holder reports it left mid-message or with answers owed")
+        if self.reset_mode == RESET_DISCARD:
+            return Return(CLOSE, "reset", "the pool's reset is discard")
+        if reported == SESSION_CLEAN and not self.reset_always:
+            return Return(KEEP)
+        if self.reset:  # changed, or not known: the reset makes it as handed out, and proves it in sync
+            why = "its holder reports a session change" if reported else "a lent socket's session is not known"
+            return Return(RUN_RESET, why=why)
+        if reported is None and self.name == "http":  # (no reset to prove a stream in step)
+            return Return(CLOSE, "out_of_sync", "a lent http connection's place in its stream is not known")
+        return Return(KEEP)  # nothing to reset: memcached, or a pool whose reset is off
 
 
 # The protocols whose stream the broker follows, and how it follows each.
