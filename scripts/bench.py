@@ -23,6 +23,7 @@ Needs the test extras (./scripts/test makes .venv with them) and redis-server.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 import shutil
@@ -37,6 +38,7 @@ import msgpack
 import zmq
 from harness import (  # (it puts the repository's root on sys.path: tests.support)
     ECHO,
+    LENDER,
     PING,
     PONG,
     POOL,
@@ -94,6 +96,11 @@ def one_client(redis: RedisServer, cycles: int) -> dict[str, Timing]:
             for _ in range(3):
                 conn.request(PING, until=b"\r\n")
 
+    def socket_lease() -> None:
+        lease = c.lease("redis", socket=True)
+        redis_ping(lease.socket)
+        lease.release("clean")
+
     def three_exchanges_lazy() -> None:
         with c.lease("redis", lazy=True) as conn:  # the lease request goes with the first exchange
             for _ in range(3):
@@ -108,10 +115,12 @@ def one_client(redis: RedisServer, cycles: int) -> dict[str, Timing]:
         ("poolbroker one-shot lease cycle", one_shot),
         ("poolbroker lease + 3 exchanges + release", three_exchanges),
         ("poolbroker lazy lease + 3 exchanges + release", three_exchanges_lazy),
+        ("poolbroker socket lease + PING + release", socket_lease),
     ]
     try:
         timings = take_turns(
-            [Variant(name, call, broker.pid if call is one_shot else None) for name, call in variants], cycles // 100
+            [Variant(name, call, broker.pid if call in (one_shot, socket_lease) else None) for name, call in variants],
+            cycles // 100,
         )
     finally:
         c.close()
@@ -178,6 +187,23 @@ def many_table(redis: RedisServer, n: int, seconds: float) -> dict[str, Run]:
     finally:
         broker.stop()
     rows["poolbroker, a pool of 10"] = pooled
+    lender_dir = short_tempdir()
+    bare_lender = Script(LENDER, f"{lender_dir}/lend.sock", str(redis.port), str(POOL))
+    try:
+        rows["bare-bones lender, 10 sockets, 1 command each"] = many(
+            "barelent", f"{lender_dir}/lend.sock", n, seconds, bare_lender.pid
+        )
+    finally:
+        bare_lender.stop()
+        shutil.rmtree(lender_dir, ignore_errors=True)
+    for kind, name in (("lent", "socket leases, 1 command each"), ("lent3", "socket leases, 3 commands each")):
+        lender = start_broker(redis, "--acquire-timeout", "60")
+        try:
+            lent_run = functools.partial(many, kind, lender.endpoint, n, seconds, lender.pid)
+            rows[f"poolbroker {name}"], peak = peak_connections(redis, lent_run)
+            notes[f"poolbroker {name}"] = f"peak Redis connections {peak}"
+        finally:
+            lender.stop()
     notes["poolbroker, a pool of 10"] = (
         f"wait p50/p99 {stats['wait_p50_ms']}/{stats['wait_p99_ms']} ms, peak Redis connections {peak}"
     )
@@ -309,6 +335,25 @@ def main() -> None:
                 f"  {n} processes: {pooled.ops / bare.ops:.2f}x the relay's operations/s (target at least 0.9x);"
                 f" CPU per cycle: broker {pooled.middle_cpu_us / bare.middle_cpu_us:.2f}x the relay's (at most"
                 f" 1.3x), clients {pooled.client_cpu_us / bare.client_cpu_us:.2f}x the relay's (at most 1.2x)"
+            )
+        print("the socket lease issue's targets (ratios from this run):")
+        lent = floors["poolbroker socket lease + PING + release"]
+        print(f"  one client, socket lease + PING + release: {relay / lent:.2f}x the relay's cycles/s")
+        for n, r in runs.items():
+            bare, direct = r["bare-bones relay, 10 connections"], r["each its own persistent connection"]
+            one, three = r["poolbroker socket leases, 1 command each"], r["poolbroker socket leases, 3 commands each"]
+            floor = r["bare-bones lender, 10 sockets, 1 command each"]
+            print(
+                f"  {n} processes: 1 command a lease {one.ops / bare.ops:.2f}x the relay's (target at least 1.5x);"
+                f" 3 commands a lease {three.ops / direct.ops:.2f}x direct sockets' commands/s (at least 0.5x);"
+                f" broker CPU per lease {one.middle_cpu_us / bare.middle_cpu_us:.2f}x the relay's per cycle"
+                " (at most 1.0x)"
+            )
+            print(
+                f"    the floor, a bare-bones lender: {floor.ops / bare.ops:.2f}x the relay's, its CPU per lease"
+                f" {floor.middle_cpu_us / bare.middle_cpu_us:.2f}x; poolbroker's socket leases reach"
+                f" {one.ops / floor.ops:.2f}x the floor's leases/s, at {one.middle_cpu_us / floor.middle_cpu_us:.2f}x"
+                " its CPU per lease"
             )
         report.save()
     finally:

@@ -126,6 +126,69 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+# The floor of lending a socket from Python: a SEQPACKET listener, 10 upstream sockets, one epoll
+# loop; a lease is one packet answered with a descriptor (SCM_RIGHTS), a release one packet back,
+# and nothing else (no tokens, limits, checks, timers or stats). Its client: BARE_LEASE below.
+LENDER = """
+import array, collections, os, select, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(sys.argv[1])
+listener.listen(1024)
+listener.setblocking(False)
+idle = collections.deque()
+for _ in range(int(sys.argv[3])):
+    sock = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    idle.append(sock)
+lent, waiting, clients = {}, collections.deque(), {}
+epoll = select.epoll()
+epoll.register(listener.fileno(), select.EPOLLIN)
+
+def lend(client, sock):
+    lent[client.fileno()] = sock
+    client.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+
+print("ready", flush=True)
+while True:
+    for fd, _ in epoll.poll():
+        if fd == listener.fileno():
+            client, _ = listener.accept()
+            client.setblocking(False)
+            clients[client.fileno()] = client
+            epoll.register(client.fileno(), select.EPOLLIN)
+            continue
+        client = clients[fd]
+        while True:
+            try:
+                data = client.recv(64)
+            except BlockingIOError:
+                break
+            if not data:  # (its process ended)
+                epoll.unregister(fd)
+                del clients[fd]
+                client.close()
+                break
+            if data == b"L":
+                if idle:
+                    lend(client, idle.popleft())
+                else:
+                    waiting.append(client)
+            else:  # a release
+                sock = lent.pop(fd)
+                if waiting:
+                    lend(waiting.popleft(), sock)
+                else:
+                    idle.append(sock)
+"""
+
+
+def bare_lease(lender: socket.socket) -> socket.socket:
+    """BARE_LEASE: ask the bare-bones lender for a socket (one packet each way)."""
+    lender.send(b"L")
+    _, ancillary, _, _ = lender.recvmsg(1, socket.CMSG_SPACE(4))
+    return socket.socket(fileno=int.from_bytes(ancillary[0][2][:4], sys.byteorder))
+
+
 class Script:
     """One of the scripts above as a process that prints "ready" once it serves."""
 
@@ -240,11 +303,31 @@ def arguments(description: str | None) -> argparse.ArgumentParser:
 
 
 def worker(kind: str, target: str, ready: Any, start: Any, end: Any, results: Any) -> None:
-    """One process: PING in a loop from the start event to the end time, then report its count and
-    its CPU time (all its threads: a ZeroMQ client's I/O thread counts too)."""
+    """One process: PING in a loop from the start event to the end time, then report its count of
+    commands and its CPU time (all its threads: a ZeroMQ client's I/O thread counts too)."""
+    commands = 3 if kind == "lent3" else 1  # (PINGs per call)
     if kind == "pool":
         c = Client(target, timeout=60.0)
         call: Callable[[], object] = lambda: c.request("redis", PING, until=b"\r\n")  # noqa: E731
+    elif kind in ("lent", "lent3"):  # a socket lease: `commands` PINGs on the lent socket itself
+        lender = Client(target, timeout=60.0)
+
+        def call() -> None:
+            lease = lender.lease("redis", socket=True)
+            for _ in range(commands):
+                redis_ping(lease.socket)
+            lease.release("clean")
+
+    elif kind == "barelent":  # the bare-bones lender: the floor of lending from Python
+        bare = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        bare.connect(target)
+
+        def call() -> None:
+            sock = bare_lease(bare)
+            redis_ping(sock)
+            sock.close()
+            bare.send(b"R")
+
     elif kind == "relay":
         sock = zmq.Context().socket(zmq.DEALER)
         sock.connect(target)
@@ -269,7 +352,7 @@ def worker(kind: str, target: str, ready: Any, start: Any, end: Any, results: An
     stop_at = end.value
     while time.monotonic() < stop_at:
         call()
-        count += 1
+        count += commands
     results.put((count, time.process_time() - cpu))
     results.close()
     results.join_thread()  # (the queue's feeder thread must send it before the exit below)
