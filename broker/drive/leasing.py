@@ -163,7 +163,8 @@ class Leasing:
         holder = waiter.holder
         self.loop.table.leaves_line(waiter)
         token = self._new_token()
-        new_session = waiter.pool.protocol.new_session
+        # (a lent socket's bytes are never seen: nothing to follow)
+        new_session = None if holder.lends else waiter.pool.protocol.new_session
         lease = Lease(token, conn, waiter, new_session() if new_session is not None else None, now)
         self.loop.table.add(lease)
         conn.move(State.LEASED)

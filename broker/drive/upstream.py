@@ -204,7 +204,8 @@ class UpstreamConn:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # (already closed by the upstream)
-        self.sock.setblocking(False)
+        if os.get_blocking(self.fd):  # (one syscall to ask: a client's socket with a timeout stays non-blocking)
+            self.sock.setblocking(False)
 
     def close(self) -> None:
         if self.state is not State.CLOSED:

@@ -188,7 +188,8 @@ def parse_request(frame: bytes) -> Request:
         req.tag = _short_str(body, "tag", MAX_TAG, rid)
         req.pid = _field(body, "pid", int, rid)
         req.host = _short_str(body, "host", MAX_NAME, rid)
-        _parse_exchange(body, req)
+        if not EXCHANGE_FIELDS.isdisjoint(body):  # (a plain lease request has none: skip their checks)
+            _parse_exchange(body, req)
     elif op in (OP_IO, OP_RELEASE, OP_CANCEL):
         token = _field(body, "lease", bytes, rid)
         if token is None or len(token) != TOKEN_BYTES:
@@ -230,6 +231,9 @@ def _release_mode(body: dict[str, Any], rid: int, modes: frozenset[str] = RELEAS
     if mode is not None and mode not in modes:
         raise BadRequest(ErrorCode.BAD_REQUEST, f"'release' must be one of {sorted(modes)}", rid)
     return mode  # type: ignore[no-any-return]
+
+
+EXCHANGE_FIELDS = frozenset({"send", "read", "n", "delim", "poll", "io_timeout", "release"})
 
 
 def _parse_exchange(body: dict[str, Any], req: Request) -> None:
