@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from poolbroker import AsyncClient, Client, NotLent, SocketLease
+from poolbroker.wire import pgwire
 from poolbroker.wire.endpoint import lending_path
 from tests.support import ROOT, Broker, RedisServer, wait_for
+from tests.support.servers import PostgresServer, pg_pool
 
 REDIS_POOL = ("--protocol", "redis", "--max-size", "1", "--check-idle-after", "60")
 
@@ -297,3 +299,35 @@ def test_an_async_socket_lease_serves_the_loop_and_a_cancelled_wait_leaks_nothin
             assert (await c.stats("redis"))["redis"]["connections_created"] == 1
 
     asyncio.run(main())
+
+
+def pg_simple(lease: SocketLease, sql: str) -> list[tuple[int, bytes]]:
+    """One simple query on the lent socket, as the server answers it, to its ReadyForQuery."""
+    lease.socket.sendall(pgwire.query(sql))
+    frames, answers = pgwire.Frames(keep=b"DEZ"), []
+    while not answers or answers[-1][0] != ord("Z"):
+        data = lease.socket.recv(65536)
+        assert data, "the server closed the connection"
+        answers += frames.feed(data)
+    return answers
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_postgres_session_left_on_a_lent_socket_never_reaches_the_next_holder(
+    mode: str, pg_server: PostgresServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", database="postgres", max_size=1, pool_mode=mode)
+    broker = start_broker("--config", config, env={**os.environ, "PG_PASSWORD": pg_server.password})
+    with Client(broker.endpoint) as c:
+        with c.lease("pg", socket=True) as lease:
+            assert lease.backend_pid is not None  # (the backend the socket reaches)
+            first_pid = lease.backend_pid
+            pg_simple(lease, "CREATE TEMPORARY TABLE left_behind (n int)")
+            pg_simple(lease, "BEGIN")  # (and a transaction left open)
+            # (nothing reported: the pool's reset runs, ROLLBACK and DISCARD ALL)
+        with c.lease("pg", socket=True) as lease:
+            assert lease.backend_pid == first_pid  # (the same connection, reset)
+            answers = pg_simple(lease, "SELECT count(*) FROM pg_class WHERE relname = 'left_behind'")
+            [row] = [body for kind, body in answers if kind == ord("D")]
+            assert row.endswith(b"0")  # (no such table)
+            assert answers[-1] == (ord("Z"), b"I")  # (idle: no transaction)
