@@ -32,7 +32,7 @@ from poolbroker.wire.protocol import (
     release_request,
 )
 
-MAX_PACKET = 65536
+MAX_PACKET = 4096  # a grant is well under 1 KiB (a bigger buffer costs every recv)
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 
 # Every lent socket and lending connection of this process: after fork, the child's copies close

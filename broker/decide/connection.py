@@ -23,6 +23,10 @@ class State(Enum):
     RESETTING = "resetting"  # the pool's reset after a holder changed the session
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: hash them so too. (Enum's own hash is a Python
+    # call on the name; every move and every poll looks a state up in a table, on the hot path.)
+    __hash__ = object.__hash__
+
 
 MOVES: dict[State, frozenset[State]] = {
     State.CONNECTING: frozenset({State.TLS, State.HANDSHAKE, State.IDLE, State.CLOSED}),
@@ -42,6 +46,8 @@ class Wait(Enum):
     NOTHING = "nothing"
     READ = "read"
     WRITE = "write"
+
+    __hash__ = object.__hash__  # (as State's)
 
 
 # What to wait for in each state; None: it depends on the work in progress (the TLS handshake's

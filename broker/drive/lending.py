@@ -43,7 +43,7 @@ log = logging.getLogger("broker.lending")
 # A lending holder's peer id: a zero byte first, which no ZeroMQ client may give its routing id,
 # and a length libzmq's own ids (5 bytes) never have. So it never names a ZeroMQ peer.
 PEER_PREFIX = b"\x00lend"
-MAX_PACKET = 65536  # a lease request or a release is a few hundred bytes
+MAX_PACKET = 4096  # a lease request or a release is a few hundred bytes (a bigger buffer costs every recv)
 LISTEN_BACKLOG = 512
 CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
