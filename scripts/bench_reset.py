@@ -24,7 +24,7 @@ import functools
 from harness import Report, Variant, arguments, take_turns  # (it puts the root on sys.path)
 
 from poolbroker import Client
-from poolbroker.broker.decide.protocols.resp import encode_command
+from poolbroker.sessions.resp import encode_command
 from tests.support import Broker, RedisServer
 
 

@@ -15,7 +15,7 @@ from poolbroker.wire.protocol import Request
 
 if TYPE_CHECKING:
     from poolbroker.broker.decide.exchange import Exchange
-    from poolbroker.broker.decide.protocols.session import Session
+    from poolbroker.sessions.verdict import Session
 
 
 class PoolRef(Protocol):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from poolbroker import Client, UpstreamUnavailable
-from poolbroker.broker.decide.protocols.resp import encode_command
+from poolbroker.sessions.resp import encode_command
 from tests.support import Broker, PostgresServer, RedisServer, free_port, pg_pool, postgres_bin, wait_for
 
 KEYS = 2_000_000  # (about two seconds of loading here)

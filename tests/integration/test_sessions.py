@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from poolbroker import Client, UpstreamTimeout
-from poolbroker.broker.decide.protocols.resp import encode_command
 from poolbroker.client._lease import Lease
 from poolbroker.redis import BrokerConnectionPool, SessionLeakWarning
+from poolbroker.sessions.resp import encode_command
 from tests.support import LOCKED_REDIS_PASSWORD, Broker, HttpUpstream, RedisServer, wait_for
 
 PASSWORD = LOCKED_REDIS_PASSWORD  # (the locked_redis fixture's)

@@ -15,8 +15,8 @@ import pytest
 import redis.asyncio
 
 from poolbroker import AsyncClient, Client, PoolBrokerError
-from poolbroker.broker.decide.protocols.resp import encode_command
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+from poolbroker.sessions.resp import encode_command
 from tests.support import Broker, RedisServer, wait_for
 
 ROUNDS, TASKS, SECONDS = 300, 8, 20.0  # (whichever ends first: rounds or seconds)

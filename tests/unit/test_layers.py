@@ -55,6 +55,7 @@ TYPE_IMPORTS = {
     name: {i for i in imports_of(path, types_too=True) if i in MODULES and i != name} for name, path in MODULES.items()
 }
 WIRE = "poolbroker.wire"  # what both sides share: its types, endpoints and key files, PostgreSQL's framing
+SESSIONS = "poolbroker.sessions"  # what a holder's stream left (pure): the relay's and the socket leases'
 SETTINGS = "poolbroker.broker.settings"  # the broker's settings (plain dataclasses)
 ADAPTERS = {
     "poolbroker",
@@ -85,6 +86,7 @@ def layer(name: str) -> str:
         "poolbroker.broker.operate",
         "poolbroker.client",
         WIRE,
+        SESSIONS,
     ):
         if name == prefix or name.startswith(prefix + "."):
             return prefix
@@ -102,13 +104,14 @@ def test_nothing_imports_the_folders_by_their_own_names() -> None:
 
 
 def test_imports_point_down_only() -> None:
-    below = {"poolbroker.broker", SETTINGS, WIRE}  # (the broker's package: its docstring and version)
+    below = {"poolbroker.broker", SETTINGS, WIRE, SESSIONS}  # (the broker's package: its docstring and version)
     allowed = {
         WIRE: {WIRE},
+        SESSIONS: {SESSIONS, WIRE},
         "poolbroker.broker": {WIRE},
         SETTINGS: set(),
         "poolbroker.broker.config": {SETTINGS, WIRE},
-        "adapters": {"adapters", "poolbroker.client", WIRE},
+        "adapters": {"adapters", "poolbroker.client", WIRE, SESSIONS},
         "poolbroker.client": {"poolbroker.client", WIRE},
         "poolbroker.broker.decide": {"poolbroker.broker.decide"} | below,
         "poolbroker.broker.drive": {"poolbroker.broker.drive", "poolbroker.broker.decide"} | below,

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from poolbroker.broker.decide.exchange import READY_CHUNK, ReadFailed, take_ready
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
-from poolbroker.broker.decide.protocols.postgres_session import PostgresSession, session_change
-from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
 from poolbroker.broker.settings import PoolConfig
+from poolbroker.sessions.postgres import PostgresSession, session_change
+from poolbroker.sessions.verdict import CLEAN, OUT_OF_SYNC, RESET
 from poolbroker.wire.pgwire import Frames, message, query
 
 

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 from poolbroker.broker.decide.probes import LineCheck, ProbeFailed
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
 from poolbroker.broker.decide.protocols.http import HttpSession
-from poolbroker.broker.decide.protocols.redis import RedisSession
-from poolbroker.broker.decide.protocols.resp import RespReader, encode_command
-from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET
 from poolbroker.broker.settings import ConfigError, PoolConfig
+from poolbroker.sessions import Outcome, report
+from poolbroker.sessions.redis import RedisSession
+from poolbroker.sessions.resp import RespReader, encode_command
+from poolbroker.sessions.verdict import CLEAN, OUT_OF_SYNC, RESET
+from poolbroker.wire.protocol import SESSION_CLEAN, SESSION_OUT_OF_SYNC, SESSION_RESET, SESSION_VERDICTS
 
 OK = b"+OK\r\n"
 
@@ -331,3 +333,12 @@ def test_a_lent_socket_s_return_goes_by_what_its_client_reports(
 ) -> None:
     protocol = pool_protocol(PoolConfig("p", "h", 1, **settings))  # type: ignore[arg-type]
     assert protocol.on_lent_return(reported).action == action
+
+
+def test_a_client_reports_a_verdict_in_the_wire_s_own_words() -> None:
+    """A socket lease's client follows its stream with the relay's own code and says the outcome
+    in its release: the outcomes are named as the wire's `session` values."""
+    assert {outcome.value for outcome in Outcome} == SESSION_VERDICTS
+    assert report(session_after([encode_command("INCR", "n")], [b":1\r\n"])) == SESSION_CLEAN
+    assert report(session_after([encode_command("SELECT", "1")], [OK])) == SESSION_RESET
+    assert report(session_after([encode_command("GET", "k")], [])) == SESSION_OUT_OF_SYNC

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from poolbroker.broker.decide.checks import Check, line_checks
 from poolbroker.broker.decide.protocols import postgres, redis
 from poolbroker.broker.decide.protocols.http import HttpSession
-from poolbroker.broker.decide.protocols.postgres_session import PostgresSession
-from poolbroker.broker.decide.protocols.session import CLEAN, OUT_OF_SYNC, RESET, Session
 from poolbroker.broker.settings import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
+from poolbroker.sessions.postgres import PostgresSession
+from poolbroker.sessions.redis import RedisSession
+from poolbroker.sessions.verdict import CLEAN, OUT_OF_SYNC, RESET, Session
 from poolbroker.wire.protocol import SESSION_CLEAN, SESSION_OUT_OF_SYNC
 
 # What to do with a connection whose lease ended cleanly as far as its socket can tell.
@@ -124,7 +125,7 @@ class PoolProtocol:
 
 # The protocols whose stream the broker follows, and how it follows each.
 SESSIONS: dict[str, Callable[[], Session]] = {
-    "redis": redis.RedisSession,
+    "redis": RedisSession,
     "http": HttpSession,
     "postgres": PostgresSession,
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import h11
 
-from poolbroker.broker.decide.protocols.session import CLEAN, Verdict, out_of_sync
+from poolbroker.sessions.verdict import CLEAN, Verdict, out_of_sync
 
 _DONE_RESPONSE = (h11.Response(status_code=200, headers=[("Content-Length", "0")]), h11.EndOfMessage())
 

@@ -35,3 +35,9 @@ class Session(Protocol):
     def received(self, data: bytes) -> None: ...
 
     def verdict(self) -> Verdict: ...
+
+
+def report(session: Session) -> str:
+    """The verdict as a lent socket's release says it (the wire's `session`: clean, reset or
+    out_of_sync, the outcomes' own names)."""
+    return session.verdict()[0].value

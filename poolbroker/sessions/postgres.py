@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from poolbroker.broker.decide.protocols.session import CLEAN, RESET, Verdict, out_of_sync
+from poolbroker.sessions.verdict import CLEAN, RESET, Verdict, out_of_sync
 from poolbroker.wire.pgwire import ANSWERED_BY_READY, SHARED_STATEMENT, Frames
 
 QUERY, PARSE, BIND, EXECUTE, TERMINATE, READY = (ord(kind) for kind in "QPBEXZ")
