@@ -6,6 +6,9 @@ public Client, AsyncClient, Lease and errors of `poolbroker.client`. Everything 
   pymemcache): each conversation on it runs on a lease of its own, taken when the library writes
   and given back when the broker sees the conversation over.
 - `AsyncConversations`: the same for asyncio libraries (redis.asyncio, httpx).
+- `LentSocket`: LeasedSocket's twin over socket leases (the upstream socket itself, same host):
+  each conversation takes the socket on its first bytes and gives it back with the verdict of a
+  `poolbroker.sessions` tracker over its bytes.
 - `described`, `described_async`: what the broker's pools speak, asked once per process and client;
   `require`: refuse a pool of the wrong kind at once (PoolMismatch names the setting).
 - `Channel`: one broker socket (`Client.own_channel()`), for a connection that one thread drives
@@ -18,6 +21,7 @@ from poolbroker.client._channel import Channel
 from poolbroker.client._exchanges import DEFAULT_RECV
 from poolbroker.client._lease import FIRST_POLL
 from poolbroker.client._leased_socket import AsyncConversations, LeasedSocket
+from poolbroker.client._lent_socket import LentSocket
 from poolbroker.client._pool_protocols import described, described_async, require
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "AsyncConversations",
     "Channel",
     "LeasedSocket",
+    "LentSocket",
     "described",
     "described_async",
     "require",

@@ -26,7 +26,8 @@ from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
 from poolbroker.client import Client, PoolMismatch
-from poolbroker.client.extension import LeasedSocket, described
+from poolbroker.client.extension import LeasedSocket, LentSocket, described
+from poolbroker.sessions.redis import RedisSession
 
 _warned: set[tuple[str, str]] = set()  # (endpoint, pool) this process has warned about
 
@@ -85,16 +86,23 @@ class LeaseConnection(Connection):
     """A redis-py connection whose socket is a LeasedSocket: a lease per command, given back when
     redis-py gives the connection back to this pool."""
 
-    def __init__(self, *, broker: Client, pool: str, tag: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, broker: Client, pool: str, tag: str | None = None, lend: bool | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self.broker = broker
         self.pool_name = pool
         self.tag = tag
+        self.lend = lend
 
-    def _connect(self) -> LeasedSocket:
+    def _connect(self) -> LeasedSocket | LentSocket:
         _warn_unless_protected(self.broker, self.pool_name)
-        settle_resp(self, described(self.broker, self.pool_name), self.pool_name, (_RESP2Parser, _RESP3Parser))
+        description = described(self.broker, self.pool_name)
+        settle_resp(self, description, self.pool_name, (_RESP2Parser, _RESP3Parser))
         # redis-py's socket_timeout, as a socket's: None waits as long as a command takes (BLPOP 0).
+        lends = description is not None and bool(description.get("lends"))
+        if self.lend if self.lend is not None else lends:  # (the upstream socket itself, same host)
+            return LentSocket(self.broker, self.pool_name, RedisSession, self.tag, self.socket_timeout)
         return LeasedSocket(self.broker, self.pool_name, self.tag, self.socket_timeout)
 
     def can_read(self, timeout: float = 0) -> bool:
@@ -102,7 +110,7 @@ class LeaseConnection(Connection):
         # connections only): say so without a round trip, since redis-py asks on every checkout.
         # Later (pub/sub) ask the lease.
         sock = self._sock
-        if isinstance(sock, LeasedSocket) and sock.lease.fresh:
+        if (isinstance(sock, LeasedSocket) and sock.lease.fresh) or (isinstance(sock, LentSocket) and not sock.holding):
             return False
         return bool(super().can_read(timeout))
 
@@ -112,12 +120,15 @@ class LeaseConnection(Connection):
         parser still holds bytes of this one (or can't say): then it is disconnected, as redis-py
         does with a connection returned before its reply was read."""
         sock = self._sock
-        if not isinstance(sock, LeasedSocket):
+        if not isinstance(sock, (LeasedSocket, LentSocket)):
             return
         buffer = getattr(self._parser, "_buffer", None)
         unread = getattr(buffer, "unread_bytes", None)
         if callable(unread) and unread() == 0:
             sock.give_back()
+        elif isinstance(sock, LentSocket):
+            sock.discard()  # (replies read here and not by redis-py: the stream is out of step)
+            self.disconnect()
         else:
             sock.lease.release()
             self.disconnect()
@@ -152,9 +163,13 @@ def lease_connection_options(kwargs: dict[str, Any], connection_class: Any, no_r
 class BrokerConnectionPool(redis.ConnectionPool):
     """A redis-py connection pool that leases from the broker's `pool` for every command or pipeline."""
 
-    def __init__(self, broker: Client, pool: str = "redis", *, tag: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, broker: Client, pool: str = "redis", *, tag: str | None = None, lend: bool | None = None, **kwargs: Any
+    ) -> None:
+        """`lend`: run each command on the upstream socket itself (a socket lease) or through the
+        broker (a relay lease); None: on the socket wherever the pool lends it (the broker's host)."""
         kwargs = lease_connection_options(kwargs, AbstractConnection, Retry(NoBackoff(), 0))
-        super().__init__(connection_class=LeaseConnection, broker=broker, pool=pool, tag=tag, **kwargs)
+        super().__init__(connection_class=LeaseConnection, broker=broker, pool=pool, tag=tag, lend=lend, **kwargs)
 
     def release(self, connection: Any) -> None:
         if isinstance(connection, LeaseConnection):

@@ -190,7 +190,8 @@ class Operations:
 
     def _on_ping(self, peer: bytes, req: Request, now: float) -> None:
         server = self.server
-        protocols = {name: describe_protocol(pool) for name, pool in server.pools.items()}
+        lends = server.lending is not None  # (a lending socket: on ipc, while a pool lent at start)
+        protocols = {name: describe_protocol(pool, lends) for name, pool in server.pools.items()}
         server.reply(peer, ok_reply(req.id, version=__version__, pools=sorted(server.pools), protocols=protocols))
 
     def _on_stats(self, peer: bytes, req: Request, now: float) -> None:
@@ -208,7 +209,7 @@ class Operations:
         server.reply(peer, ok_reply(req.id, pools=pools, broker=broker))
 
 
-def describe_protocol(pool: PoolState) -> dict[str, Any]:
+def describe_protocol(pool: PoolState, server_lends: bool) -> dict[str, Any]:
     """What a pool speaks, for ping: and for a postgres pool what a driver's bridge needs to stand
     in for the server (its user, database, mode, and what the server announced at login)."""
     config = pool.config
@@ -216,6 +217,7 @@ def describe_protocol(pool: PoolState) -> dict[str, Any]:
         "protocol": config.protocol,
         "reset": pool.protocol.reset_mode,
         "protects": pool.protocol.protects,
+        "lends": config.lends and server_lends,
     }
     if config.protocol == "redis":
         info["resp"] = config.resp

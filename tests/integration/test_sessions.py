@@ -234,8 +234,9 @@ def test_blpop_without_a_socket_timeout_waits_as_long_as_it_takes(
     broker = start_broker("--config", pool_config(tmp_path, own_redis, max_size=2))
     # A short io_timeout: the BLPOP outlives several of the lease's round trips.
     with Client(broker.endpoint, io_timeout=0.2) as c:
-        # socket_timeout=None: redis-py's way to wait for a blocking command as long as it takes.
-        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis", socket_timeout=None))
+        # socket_timeout=None: redis-py's way to wait for a blocking command as long as it takes,
+        # here on the relay's leases, whose reads go in rounds of io_timeout.
+        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis", socket_timeout=None, lend=False))
         result: list[object] = []
         waiter = threading.Thread(target=lambda: result.append(r.blpop(["queue"], timeout=0)))
         waiter.start()
@@ -283,7 +284,8 @@ def test_the_redis_adapter_warns_once_over_a_pool_that_does_not_reset(
     with Client(safe.endpoint) as c, warnings.catch_warnings():
         warnings.simplefilter("error")
         assert redis.Redis(connection_pool=BrokerConnectionPool(c, "redis")).ping()
-        assert c.ping()["protocols"]["redis"] == {"protocol": "redis", "reset": "auto", "protects": True, "resp": 2}
+        described = {"protocol": "redis", "reset": "auto", "protects": True, "lends": True, "resp": 2}
+        assert c.ping()["protocols"]["redis"] == described
 
 
 def test_an_http_connection_left_in_the_middle_of_a_response_is_closed(

@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
 from poolbroker import AsyncClient, Client, NotLent, SocketLease
+from poolbroker.client.extension import LentSocket
+from poolbroker.redis import BrokerConnectionPool
 from poolbroker.wire import pgwire
 from poolbroker.wire.endpoint import lending_path
 from tests.support import ROOT, Broker, RedisServer, wait_for
@@ -331,3 +334,26 @@ def test_a_postgres_session_left_on_a_lent_socket_never_reaches_the_next_holder(
             [row] = [body for kind, body in answers if kind == ord("D")]
             assert row.endswith(b"0")  # (no such table)
             assert answers[-1] == (ord("Z"), b"I")  # (idle: no transaction)
+
+
+def test_redis_py_runs_on_lent_sockets_by_default_and_resets_only_what_a_command_changed(
+    broker: Broker, own_redis: RedisServer
+) -> None:
+    with Client(broker.endpoint) as c:
+        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+        connection = r.connection_pool.get_connection()
+        assert isinstance(connection._sock, LentSocket)  # (what it runs its commands on)
+        r.connection_pool.release(connection)
+        assert r.incr("lent-incr") == 1  # (the connection's handshake has a RESET of its own)
+        before = resets(own_redis)
+        for n in range(2, 51):
+            assert r.incr("lent-incr") == n
+        with r.pipeline(transaction=True) as pipe:
+            assert pipe.incr("lent-incr").get("lent-incr").execute() == [51, b"51"]
+        assert resets(own_redis) == before  # (its client followed each command: nothing to reset)
+        r.execute_command("CLIENT", "SETNAME", "changed")
+        assert resets(own_redis) == before + 1  # (reported: the pool's reset ran)
+        assert r.client_getname() is None
+        stats = c.stats("redis")["redis"]
+        assert stats["requests_num"] >= 53 and stats["connections_created"] == 1
+        assert c.broker_stats()["requests_received"] < 10  # (the leases went over the lending socket)

@@ -112,7 +112,7 @@ def test_imports_point_down_only() -> None:
         SETTINGS: set(),
         "poolbroker.broker.config": {SETTINGS, WIRE},
         "adapters": {"adapters", "poolbroker.client", WIRE, SESSIONS},
-        "poolbroker.client": {"poolbroker.client", WIRE},
+        "poolbroker.client": {"poolbroker.client", WIRE, SESSIONS},
         "poolbroker.broker.decide": {"poolbroker.broker.decide"} | below,
         "poolbroker.broker.drive": {"poolbroker.broker.drive", "poolbroker.broker.decide"} | below,
         "poolbroker.broker.operate": {
