@@ -322,12 +322,17 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"<AsyncClient {self.endpoint}>"
 
-    def _channel(self) -> AsyncChannel:
+    def _this_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, whose sockets (its channel, its lending connection) this client keeps;
+        BrokerUnavailable once closed, and a forked child's own sockets from its first call on."""
         if self._closed:
             raise BrokerUnavailable("this AsyncClient is closed")
         if self._pid != os.getpid():
             self._forget_parent()
-        loop = asyncio.get_running_loop()
+        return asyncio.get_running_loop()
+
+    def _channel(self) -> AsyncChannel:
+        loop = self._this_loop()
         channel = self._channels.get(loop)
         if channel is None:
             if self._ctx is None:

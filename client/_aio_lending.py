@@ -5,8 +5,6 @@ cancelled while it waits for a grant leaks nothing: the grant, when it comes, is
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -14,42 +12,24 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from poolbroker.client._channel import HOSTNAME, check_reply
-from poolbroker.client._errors import BrokerUnavailable, NotLent
-from poolbroker.client._lending import _FD_SPACE, MAX_PACKET, SocketLease, _descriptor
-from poolbroker.wire.endpoint import lending_path
-from poolbroker.wire.protocol import VERSION, lease_request, release_request
+from poolbroker.client._errors import BrokerUnavailable
+from poolbroker.client._lending import _FD_SPACE, MAX_PACKET, LendingConnection, SocketLease, _descriptor
+from poolbroker.wire.protocol import VERSION, lease_request
 
 if TYPE_CHECKING:
     from poolbroker.client._aio import AsyncClient
 
 
-class AsyncLender:
-    """A lending connection driven by an event loop."""
+class AsyncLender(LendingConnection):
+    """A lending connection driven by an event loop: its replies read as they come."""
 
     def __init__(self, endpoint: str, loop: asyncio.AbstractEventLoop) -> None:
-        path = lending_path(endpoint)
-        if path is None:
-            raise NotLent(f"{endpoint} is not an ipc endpoint: a socket can be lent on the broker's host only")
-        self.path = path
+        super().__init__(endpoint)
         self.loop = loop
-        self.pid = os.getpid()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.setblocking(False)
-        self._ids = itertools.count(1)
-        self._packer = msgpack.Packer(use_bin_type=True)
         self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], int | None]]] = {}
-        self._connected = False
         self._failed: Exception | None = None
-
-    async def _connect(self) -> None:
-        try:
-            self.sock.connect(self.path)  # (a Unix socket connects at once, or is refused)
-        except FileNotFoundError:
-            raise NotLent(f"no lending socket at {self.path}: this broker lends no pool's sockets") from None
-        except OSError as exc:
-            raise BrokerUnavailable(f"can't reach the lending socket {self.path}: {exc}") from None
-        self.loop.add_reader(self.sock.fileno(), self._on_readable)
-        self._connected = True
+        loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         while True:
@@ -80,8 +60,6 @@ class AsyncLender:
         self._waiting.clear()
 
     async def call(self, message: dict[str, Any], wait: float) -> tuple[dict[str, Any], int | None]:
-        if not self._connected:
-            await self._connect()
         if self._failed is not None:
             raise self._failed
         rid = next(self._ids)
@@ -96,22 +74,10 @@ class AsyncLender:
         finally:
             self._waiting.pop(rid, None)
 
-    def tell(self, message: dict[str, Any]) -> None:
-        try:
-            self.sock.send(self._packer.pack({"v": VERSION, "id": next(self._ids), "noreply": True, **message}))
-        except OSError as exc:
-            raise BrokerUnavailable(f"the lending connection failed: {exc}") from None
-
-    def _give_back(self, reply: dict[str, Any], fd: int | None) -> None:
-        if fd is not None:
-            os.close(fd)
-        if reply.get("lease") is not None:
-            self.tell(release_request(reply["lease"]))
-
     def close(self) -> None:
-        if self._connected and self._failed is None and not self.loop.is_closed():
+        if self._failed is None and not self.loop.is_closed():
             self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        super().close()
 
 
 class AsyncSocketLeasing:
@@ -128,11 +94,7 @@ class AsyncSocketLeasing:
     def _lender(self) -> AsyncLender:
         """The client's lending connection for this event loop (made on first use)."""
         client = self.client
-        if client._closed:
-            raise BrokerUnavailable("this AsyncClient is closed")
-        if client._pid != os.getpid():
-            client._forget_parent()
-        loop = asyncio.get_running_loop()
+        loop = client._this_loop()
         lender = client._lenders.get(loop)
         if lender is None:
             lender = client._lenders[loop] = AsyncLender(client.endpoint, loop)

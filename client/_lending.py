@@ -19,7 +19,7 @@ import os
 import socket
 import weakref
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
@@ -38,7 +38,7 @@ _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 # Every lent socket and lending connection of this process: after fork, the child's copies close
 # (the parent's stay the parent's: the broker sees the same connection and socket as before).
 _lent: weakref.WeakSet[SocketLease] = weakref.WeakSet()
-_lenders: weakref.WeakSet[Lender] = weakref.WeakSet()
+_lenders: weakref.WeakSet[LendingConnection] = weakref.WeakSet()
 
 
 def _close_in_child() -> None:
@@ -51,16 +51,10 @@ def _close_in_child() -> None:
 os.register_at_fork(after_in_child=_close_in_child)
 
 
-class Teller(Protocol):
-    """What a lease asks of its lending connection: the process it belongs to, and a one-way send."""
-
-    pid: int
-
-    def tell(self, message: dict[str, Any]) -> None: ...
-
-
-class Lender:
-    """One connection to the broker's lending socket: a thread's own, one call at a time."""
+class LendingConnection:
+    """A connection to the broker's lending socket, made at once (a Unix socket connects or is
+    refused, never waits): what Lender and asyncio's AsyncLender share, and what a lease asks of
+    its connection (the process it belongs to, and a one-way send)."""
 
     def __init__(self, endpoint: str) -> None:
         path = lending_path(endpoint)
@@ -80,6 +74,27 @@ class Lender:
         self._ids = itertools.count(1)
         self._packer = msgpack.Packer(use_bin_type=True)
         _lenders.add(self)
+
+    def tell(self, message: dict[str, Any]) -> None:
+        """A one-way request (a release): nothing waits for its answer, as on the relay."""
+        try:
+            self.sock.send(self._packer.pack({"v": VERSION, "id": next(self._ids), "noreply": True, **message}))
+        except OSError as exc:  # (the broker is gone: it ended the lease with the connection)
+            raise BrokerUnavailable(f"the lending connection failed: {exc}") from None
+
+    def _give_back(self, reply: dict[str, Any], fd: int | None) -> None:
+        """A reply whose caller gave up: its descriptor closed, and a grant in it released."""
+        if fd is not None:
+            os.close(fd)
+        if reply.get("lease") is not None:
+            self.tell(release_request(reply["lease"]))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Lender(LendingConnection):
+    """A thread's own lending connection, one call at a time."""
 
     def call(self, message: dict[str, Any], wait: float) -> tuple[dict[str, Any], int | None]:
         """Send a request and wait up to `wait` seconds for its reply, and the descriptor a grant
@@ -102,22 +117,6 @@ class Lender:
         except (ConnectionError, BrokenPipeError) as exc:
             raise BrokerUnavailable(f"the lending connection failed: {exc}") from None
 
-    def tell(self, message: dict[str, Any]) -> None:
-        """A one-way request (a release): nothing waits for its answer, as on the relay."""
-        try:
-            self.sock.send(self._packer.pack({"v": VERSION, "id": next(self._ids), "noreply": True, **message}))
-        except OSError as exc:  # (the broker is gone: it ended the lease with the connection)
-            raise BrokerUnavailable(f"the lending connection failed: {exc}") from None
-
-    def _give_back(self, reply: dict[str, Any], fd: int | None) -> None:
-        if fd is not None:
-            os.close(fd)
-        if reply.get("lease") is not None:  # (granted after its caller gave up)
-            self.tell(release_request(reply["lease"]))
-
-    def close(self) -> None:
-        self.sock.close()
-
 
 def _descriptor(ancillary: list[tuple[int, int, bytes]]) -> int | None:
     fds = array.array("i")
@@ -139,7 +138,13 @@ class SocketLease:
     the lease's business: don't keep it, or a copy of it, past the release."""
 
     def __init__(
-        self, lender: Teller, pool: str, token: bytes, fd: int, io_timeout: float | None, backend_pid: int | None
+        self,
+        lender: LendingConnection,
+        pool: str,
+        token: bytes,
+        fd: int,
+        io_timeout: float | None,
+        backend_pid: int | None,
     ) -> None:
         self.pool = pool
         self.token = token

@@ -31,28 +31,27 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
-def samples(language: str) -> list[pytest.param]:
-    """Every fenced block of `language` in the pages, as test parameters named PAGE:LINE."""
-    found = []
+def fenced_blocks() -> Iterator[tuple[str, str, str]]:
+    """Every fenced block of the pages: its language, where it is (PAGE:LINE), and its text."""
     for page in PAGES:
         text = page.read_text()
         for match in BLOCK.finditer(text):
-            if match.group(1) == language:
-                line = text.count("\n", 0, match.start()) + 1
-                found.append(pytest.param(match.group(2), id=f"{page.relative_to(ROOT)}:{line}"))
-    return found
+            line = text.count("\n", 0, match.start()) + 1
+            yield match.group(1), f"{page.relative_to(ROOT)}:{line}", match.group(2)
+
+
+def samples(language: str) -> list[pytest.param]:
+    """Every fenced block of `language` in the pages, as test parameters named PAGE:LINE."""
+    return [pytest.param(text, id=where) for kind, where, text in fenced_blocks() if kind == language]
 
 
 def command_lines() -> list[pytest.param]:
     """The concrete `poolbroker` command lines of the pages' shell blocks (a synopsis, with `...`,
     `[optional]`, `a|b` or a placeholder such as `NAME`, is not one), continuation lines joined."""
     found = []
-    for page in PAGES:
-        text = page.read_text()
-        for match in BLOCK.finditer(text):
-            if match.group(1) not in ("", "sh", "bash", "console"):
-                continue
-            for line in match.group(2).replace("\\\n", " ").splitlines():
+    for kind, where, text in fenced_blocks():
+        if kind in ("", "sh", "bash", "console"):
+            for line in text.replace("\\\n", " ").splitlines():
                 command = re.split(r"  #| \| |; ", line)[0].strip()  # (the command, not what it pipes to)
                 words = shlex.split(command) if command and not re.search(r"\.\.\.|\[|\||<", command) else []
                 while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # (VAR=value before it)
@@ -64,7 +63,7 @@ def command_lines() -> list[pytest.param]:
                     and words[0].split("/")[-1] == "poolbroker"
                     and not any(re.fullmatch(r"[A-Z]+", w) for w in words)
                 ):
-                    found.append(pytest.param(words[1:], id=f"{page.relative_to(ROOT)}: {command[:60]}"))
+                    found.append(pytest.param(words[1:], id=f"{where.split(':')[0]}: {command[:60]}"))
     return found
 
 
