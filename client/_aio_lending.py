@@ -66,11 +66,17 @@ class AsyncLender(LendingConnection):
         waiter = self._waiting[rid] = self.loop.create_future()
         try:
             self.sock.send(self._packer.pack({"v": VERSION, "id": rid, **message}))
-            return await asyncio.wait_for(waiter, wait)
+            async with asyncio.timeout(wait):
+                return await waiter
         except TimeoutError:
             raise BrokerUnavailable(f"no answer on the lending socket within {wait:.1f}s") from None
         except OSError as exc:
             raise BrokerUnavailable(f"the lending connection failed: {exc}") from None
+        except asyncio.CancelledError:
+            # Cancelled after its answer came, before this task ran again: the grant is given back.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._give_back(*waiter.result())
+            raise
         finally:
             self._waiting.pop(rid, None)
 

@@ -6,14 +6,17 @@ read here. LeasedSocket's twin for same-host workers, whose bytes never pass the
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from poolbroker.client._errors import UpstreamError
 from poolbroker.client._exchanges import DEFAULT_RECV
 from poolbroker.sessions import Session, report
 
 if TYPE_CHECKING:
+    from poolbroker.client._aio import AsyncClient
     from poolbroker.client._client import Client
     from poolbroker.client._lending import SocketLease
 
@@ -40,12 +43,21 @@ class LentSocket:
         self.lease: SocketLease | None = None
         self._session: Session | None = None
 
-    def _current(self) -> socket.socket:
+    def current(self) -> SocketLease:
+        """The conversation's socket lease, taken now if none is held."""
         if self.lease is None:
             self.lease = self._broker.lease(self._pool, tag=self._tag, socket=True)
             self.lease.socket.settimeout(self._timeout)
             self._session = self._new_session()
-        return self.lease.socket
+        return self.lease
+
+    def _current(self) -> socket.socket:
+        return self.current().socket
+
+    @property
+    def session(self) -> Session | None:
+        """The tracker following this conversation's bytes (None between conversations)."""
+        return self._session
 
     @property
     def holding(self) -> bool:
@@ -105,3 +117,98 @@ class LentSocket:
     def close(self) -> None:
         """As a socket's: a conversation still under way is cut short (its state is unknown)."""
         self.discard()
+
+
+class AsyncLentConversations:
+    """AsyncConversations' twin over socket leases, for asyncio libraries read through streams
+    (redis.asyncio): `current()` is what the stream writes to and reads from. The first read takes
+    the socket lease and sends what was written before it; later writes go out at once, beside a
+    read that waits (a pub/sub's UNSUBSCRIBE while its poll is under way). give_back() returns the
+    socket with its session's verdict."""
+
+    def __init__(
+        self, broker: AsyncClient, pool: str, new_session: Callable[[], Session], tag: str | None = None
+    ) -> None:
+        self._broker = broker
+        self._pool = pool
+        self._new_session = new_session
+        self._tag = tag
+        self.lease: SocketLease | None = None
+        self._session: Session | None = None
+        self._held = bytearray()  # written, not yet sent
+        self._sending: asyncio.Future[None] | None = None
+        self._ended = 0  # conversations ended (a read taking a lease sees whether one ended meanwhile)
+        self.eof = False
+
+    def current(self) -> AsyncLentConversations:
+        return self
+
+    def sendall(self, data: bytes) -> None:
+        self._held += data
+        if self.lease is not None and self._sending is None:
+            self._sending = asyncio.ensure_future(self._send())
+            self._sending.add_done_callback(_retrieve)
+
+    async def _send(self) -> None:
+        assert self.lease is not None and self._session is not None
+        sock, session = self.lease.socket, self._session
+        try:
+            while self._held:
+                data, self._held = bytes(self._held), bytearray()
+                session.sent(data)  # (first: bytes cut off mid-way leave the stream out of sync)
+                await asyncio.get_running_loop().sock_sendall(sock, data)
+        except OSError as exc:
+            raise UpstreamError(f"the lent socket failed: {exc}") from exc
+        finally:
+            if self._sending is asyncio.current_task():
+                self._sending = None
+
+    async def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
+        """The socket's next bytes (b"" at its end), once what was written has gone. UpstreamError
+        if the socket fails (the broker cut it, the upstream closed it)."""
+        if self.lease is None:
+            ended = self._ended
+            lease = await self._broker.lease(self._pool, tag=self._tag, socket=True)
+            if ended != self._ended:  # (given back or discarded while its lease was on its way)
+                lease.release()
+                raise UpstreamError("the conversation ended while its socket lease was on its way")
+            self.lease, self._session = lease, self._new_session()
+        sock, session = self.lease.socket, self._session
+        assert session is not None
+        if self._sending is not None:
+            await asyncio.shield(self._sending)
+        elif self._held:
+            await self._send()
+        try:
+            data = await asyncio.get_running_loop().sock_recv(sock, bufsize)
+        except OSError as exc:
+            raise UpstreamError(f"the lent socket failed: {exc}") from exc
+        session.received(data)
+        self.eof = not data
+        return data
+
+    def _end(self) -> tuple[SocketLease | None, Session | None]:
+        lease, session, self.lease, self._session = self.lease, self._session, None, None
+        self._ended += 1
+        self._held.clear()
+        if self._sending is not None:
+            self._sending.cancel()
+            self._sending = None
+        return lease, session
+
+    async def give_back(self) -> None:
+        """The conversation is over: the socket goes back, with its session's verdict."""
+        lease, session = self._end()
+        if lease is not None:
+            lease.release(report(session) if session is not None else None)
+
+    def discard(self) -> None:
+        """The conversation was cut short: the broker closes the connection."""
+        lease, _ = self._end()
+        if lease is not None:
+            lease.discard()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # (a read that follows reports it; none may)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client._errors import PoolMismatch
+from poolbroker.wire.endpoint import lending_path
 
 if TYPE_CHECKING:
     from poolbroker.client._aio import AsyncClient
@@ -31,6 +32,15 @@ async def described_async(broker: AsyncClient, pool: str) -> dict[str, Any] | No
     if key not in _described:
         _described[key] = (await broker.ping())["protocols"].get(pool)
     return _described[key]
+
+
+def lends(broker: Client | AsyncClient, description: dict[str, Any] | None, lend: bool | None = None) -> bool:
+    """Whether an adapter's connections to a pool described so run on socket leases: `lend` if
+    given (True asks for them, and the lease says why not where they can't be), else wherever the
+    pool lends and this client can take them (an ipc endpoint: the broker's host)."""
+    if lend is not None:
+        return lend
+    return description is not None and bool(description.get("lends")) and lending_path(broker.endpoint) is not None
 
 
 def require(description: dict[str, Any] | None, pool: str, protocol: str, adapter: str, why: str) -> None:

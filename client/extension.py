@@ -8,9 +8,11 @@ public Client, AsyncClient, Lease and errors of `poolbroker.client`. Everything 
 - `AsyncConversations`: the same for asyncio libraries (redis.asyncio, httpx).
 - `LentSocket`: LeasedSocket's twin over socket leases (the upstream socket itself, same host):
   each conversation takes the socket on its first bytes and gives it back with the verdict of a
-  `poolbroker.sessions` tracker over its bytes.
+  `poolbroker.sessions` tracker over its bytes; `AsyncLentConversations`, the same for asyncio.
 - `described`, `described_async`: what the broker's pools speak, asked once per process and client;
-  `require`: refuse a pool of the wrong kind at once (PoolMismatch names the setting).
+  `require`: refuse a pool of the wrong kind at once (PoolMismatch names the setting); `lends`:
+  whether an adapter's connections should run on socket leases (the pool lends, the client is on
+  the broker's host).
 - `Channel`: one broker socket (`Client.own_channel()`), for a connection that one thread drives
   and another may hand on; `Client.lease(..., channel=)` and `LeasedSocket(channel=)` take it.
 - `DEFAULT_RECV`: the read size a lease's `recv` takes by default; `FIRST_POLL`: how soon a lazy
@@ -21,17 +23,19 @@ from poolbroker.client._channel import Channel
 from poolbroker.client._exchanges import DEFAULT_RECV
 from poolbroker.client._lease import FIRST_POLL
 from poolbroker.client._leased_socket import AsyncConversations, LeasedSocket
-from poolbroker.client._lent_socket import LentSocket
-from poolbroker.client._pool_protocols import described, described_async, require
+from poolbroker.client._lent_socket import AsyncLentConversations, LentSocket
+from poolbroker.client._pool_protocols import described, described_async, lends, require
 
 __all__ = [
     "DEFAULT_RECV",
     "FIRST_POLL",
     "AsyncConversations",
+    "AsyncLentConversations",
     "Channel",
     "LeasedSocket",
     "LentSocket",
     "described",
     "described_async",
+    "lends",
     "require",
 ]

@@ -26,7 +26,7 @@ from redis.connection import AbstractConnection, Connection
 from redis.retry import Retry
 
 from poolbroker.client import Client, PoolMismatch
-from poolbroker.client.extension import LeasedSocket, LentSocket, described
+from poolbroker.client.extension import LeasedSocket, LentSocket, described, lends
 from poolbroker.sessions.redis import RedisSession
 
 _warned: set[tuple[str, str]] = set()  # (endpoint, pool) this process has warned about
@@ -100,8 +100,7 @@ class LeaseConnection(Connection):
         description = described(self.broker, self.pool_name)
         settle_resp(self, description, self.pool_name, (_RESP2Parser, _RESP3Parser))
         # redis-py's socket_timeout, as a socket's: None waits as long as a command takes (BLPOP 0).
-        lends = description is not None and bool(description.get("lends"))
-        if self.lend if self.lend is not None else lends:  # (the upstream socket itself, same host)
+        if lends(self.broker, description, self.lend):  # (the upstream socket itself, same host)
             return LentSocket(self.broker, self.pool_name, RedisSession, self.tag, self.socket_timeout)
         return LeasedSocket(self.broker, self.pool_name, self.tag, self.socket_timeout)
 

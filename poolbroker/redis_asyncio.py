@@ -1,9 +1,13 @@
 """redis.asyncio over leases: `redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))`
 with `c` a poolbroker AsyncClient. The async twin of poolbroker.redis.
 
-Each command, and each pipeline (MULTI/EXEC included), runs on a lease of its own, asked for with
-the command (lazy) and ended by the reply that finishes it (when_done, in a `protocol = "redis"`
-pool), or when redis.asyncio gives the connection back: one message and its answer per command.
+Each command, and each pipeline (MULTI/EXEC included), runs on a lease of its own. Where the pool
+lends its sockets (the broker's host), that is a socket lease: the command goes straight to Redis
+on the upstream socket itself, followed by poolbroker.sessions' Redis tracker, and the socket goes
+back with its verdict when redis.asyncio gives the connection back (`lend=False`: the relay).
+Through the relay, the lease is asked for with the command (lazy) and ended by the reply that
+finishes it (when_done, in a `protocol = "redis"` pool), or when redis.asyncio gives the
+connection back: one message and its answer per command.
 redis.asyncio's connections stay "connected" (no connect, handshake or teardown per command); what
 they read and write goes through asyncio's own StreamReader and StreamWriter over a transport of
 leases (open_lease_streams), in place of asyncio.open_connection's. The options, and what cannot
@@ -22,8 +26,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from poolbroker.client import AsyncClient, UpstreamError, UpstreamTimeout
-from poolbroker.client.extension import AsyncConversations, described_async
+from poolbroker.client.extension import AsyncConversations, AsyncLentConversations, described_async, lends
 from poolbroker.redis import lease_connection_options, settle_resp
+from poolbroker.sessions.redis import RedisSession
 
 __all__ = ["AsyncBrokerConnectionPool", "LeaseStreamReader", "LeaseTransport", "open_lease_streams"]
 
@@ -33,7 +38,7 @@ class LeaseStreamReader(asyncio.StreamReader):
     (readline, readuntil, readexactly, read, at_eof, exception, iteration, the `_buffer` its parser
     looks into), fed from the conversation's lease instead of a socket's transport."""
 
-    def __init__(self, conversations: AsyncConversations) -> None:
+    def __init__(self, conversations: AsyncConversations | AsyncLentConversations) -> None:
         super().__init__()
         self._conversations = conversations
         self._waiting = False  # a read is waiting for data
@@ -105,7 +110,10 @@ class LeaseTransport(asyncio.Transport):
     state is unknown). There is no socket to tune: get_extra_info("socket") is None."""
 
     def __init__(
-        self, conversations: AsyncConversations, protocol: asyncio.StreamReaderProtocol, reader: LeaseStreamReader
+        self,
+        conversations: AsyncConversations | AsyncLentConversations,
+        protocol: asyncio.StreamReaderProtocol,
+        reader: LeaseStreamReader,
     ) -> None:
         super().__init__()
         self._loop = asyncio.get_running_loop()
@@ -164,7 +172,9 @@ class LeaseTransport(asyncio.Transport):
         raise NotImplementedError("a lease stream keeps its protocol")
 
 
-def open_lease_streams(conversations: AsyncConversations) -> tuple[LeaseStreamReader, asyncio.StreamWriter]:
+def open_lease_streams(
+    conversations: AsyncConversations | AsyncLentConversations,
+) -> tuple[LeaseStreamReader, asyncio.StreamWriter]:
     """What asyncio.open_connection returns, over leases: asyncio's own StreamWriter and
     StreamReaderProtocol on a LeaseTransport, and a LeaseStreamReader."""
     loop = asyncio.get_running_loop()
@@ -178,17 +188,23 @@ def open_lease_streams(conversations: AsyncConversations) -> tuple[LeaseStreamRe
 class LeaseConnection(Connection):
     """A redis.asyncio connection whose streams go through leases of the broker's `pool`."""
 
-    def __init__(self, *, broker: AsyncClient, pool: str, tag: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, broker: AsyncClient, pool: str, tag: str | None = None, lend: bool | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.broker = broker
         self.pool_name = pool
         self.tag = tag
-        self._conversations: AsyncConversations | None = None
+        self.lend = lend
+        self._conversations: AsyncConversations | AsyncLentConversations | None = None
 
     async def _connect(self) -> None:
         description = await described_async(self.broker, self.pool_name)
         settle_resp(self, description, self.pool_name, (_AsyncRESP2Parser, _AsyncRESP3Parser))
-        self._conversations = AsyncConversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
+        if lends(self.broker, description, self.lend):  # (the upstream socket itself, same host)
+            self._conversations = AsyncLentConversations(self.broker, self.pool_name, RedisSession, self.tag)
+        else:
+            self._conversations = AsyncConversations(self.broker, self.pool_name, self.tag, self.socket_timeout)
         self._reader, self._writer = open_lease_streams(self._conversations)
 
     async def give_back(self) -> None:
@@ -214,9 +230,12 @@ class AsyncBrokerConnectionPool(ConnectionPool):
     """A redis.asyncio connection pool that leases from the broker's `pool` for every command or
     pipeline (through an AsyncClient)."""
 
-    def __init__(self, broker: AsyncClient, pool: str = "redis", *, tag: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, broker: AsyncClient, pool: str = "redis", *, tag: str | None = None, lend: bool | None = None, **kwargs: Any
+    ) -> None:
+        """`lend`: as poolbroker.redis.BrokerConnectionPool's (None: socket leases wherever the pool lends)."""
         kwargs = lease_connection_options(kwargs, AbstractConnection, Retry(NoBackoff(), 0))
-        super().__init__(connection_class=LeaseConnection, broker=broker, pool=pool, tag=tag, **kwargs)
+        super().__init__(connection_class=LeaseConnection, broker=broker, pool=pool, tag=tag, lend=lend, **kwargs)
 
     async def release(self, connection: Any) -> None:
         if isinstance(connection, LeaseConnection):

@@ -67,6 +67,8 @@ class Lending:
         self.clients: dict[int, tuple[socket.socket, bytes]] = {}  # by fd: the socket, its peer id
         self.peers: dict[bytes, socket.socket] = {}
         self._ids = itertools.count(1)
+        self.requests_received = 0  # (the broker's stats add these to the ZeroMQ socket's)
+        self.bad_requests = 0
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.setblocking(False)
         try:
@@ -132,13 +134,16 @@ class Lending:
                 return
 
     def _on_message(self, peer: bytes, data: bytes, now: float) -> None:
+        self.requests_received += 1
         try:
             req = parse_request(data)
         except BadRequest as exc:
+            self.bad_requests += 1
             self.reply(peer, error_reply(exc.request_id, exc.code, exc.message))
             return
         problem = self._refusal(req)
         if problem is not None:
+            self.bad_requests += 1
             self.reply(peer, error_reply(req.id, ErrorCode.BAD_REQUEST, problem))
         elif req.op == OP_LEASE:
             self.leasing.on_lease(peer, req, now)

@@ -16,6 +16,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from poolbroker.broker.decide.actions import CLOSE_REASONS
+from poolbroker.broker.operate.operations import request_counts
 
 if TYPE_CHECKING:
     from poolbroker.broker.drive.server import Server
@@ -86,8 +87,9 @@ class PoolCollector(Collector):
                 family.add_metric([pool.config.name], buckets, histogram.total)
             yield family
         server = self.server
-        yield CounterMetricFamily("poolbroker_requests_received", "Messages received.", value=server.requests_received)
-        yield CounterMetricFamily("poolbroker_bad_requests", "Malformed requests answered.", value=server.bad_requests)
+        received, bad = request_counts(server)
+        yield CounterMetricFamily("poolbroker_requests_received", "Messages received.", value=received)
+        yield CounterMetricFamily("poolbroker_bad_requests", "Malformed requests answered.", value=bad)
 
 
 def _le(bound: float) -> str:

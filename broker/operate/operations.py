@@ -201,12 +201,21 @@ class Operations:
             return
         names = [req.pool] if req.pool is not None else list(server.pools)
         pools = {name: server.pools[name].core.stats() for name in names}
+        received, bad = request_counts(server)
         broker = {
-            "requests_received": server.requests_received,
-            "bad_requests": server.bad_requests,
+            "requests_received": received,
+            "bad_requests": bad,
             "leases_active": len(server.leases),
         }
         server.reply(peer, ok_reply(req.id, pools=pools, broker=broker))
+
+
+def request_counts(server: Server) -> tuple[int, int]:
+    """Requests received, and how many were malformed: the broker's socket's and the lending socket's."""
+    lending = server.lending
+    if lending is None:
+        return server.requests_received, server.bad_requests
+    return server.requests_received + lending.requests_received, server.bad_requests + lending.bad_requests
 
 
 def describe_protocol(pool: PoolState, server_lends: bool) -> dict[str, Any]:

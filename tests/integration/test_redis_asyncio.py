@@ -1,5 +1,6 @@
 """redis.asyncio over leases, against a real Redis: commands, pipelines and WATCH transactions from
-many tasks, each command one message and its answer, within the pool's bound."""
+many tasks, within the pool's bound; each test on both kinds of lease, the relay (each command
+one message and its answer) and the socket lease (the upstream socket itself, lent)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,20 @@ from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
 from tests.support import Broker, RedisServer
 
 
+@pytest.fixture(params=[False, True], ids=["relay", "socket"])
+def lend(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 def test_redis_asyncio_runs_each_command_on_a_lease_within_the_bound(
-    own_redis: RedisServer, start_broker: Callable[..., Broker]
+    lend: bool, own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--max-size", "2")
     other = own_redis.client()
 
     async def main() -> None:
         async with AsyncClient(broker.endpoint, timeout=30) as c:
-            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", lend=lend))
             assert await r.set("greeting", "hello") is True
             assert await r.get("greeting") == b"hello"
             async with r.pipeline(transaction=True) as pipe:
@@ -34,7 +40,8 @@ def test_redis_asyncio_runs_each_command_on_a_lease_within_the_bound(
             before = (await c.broker_stats())["requests_received"]
             for n in range(1, 51):
                 assert await r.incr("counted") == n
-            assert (await c.broker_stats())["requests_received"] - before - 1 == 50  # one message each
+            # One message each through the relay; a socket lease's request and its release.
+            assert (await c.broker_stats())["requests_received"] - before - 1 == 50 * (2 if lend else 1)
 
             async def task() -> None:
                 for _ in range(20):
@@ -68,13 +75,13 @@ def test_redis_asyncio_refuses_what_belongs_to_the_pool() -> None:
 
 
 def test_redis_asyncio_speaks_resp3_on_a_resp3_pool(
-    own_redis: RedisServer, start_broker: Callable[..., Broker]
+    lend: bool, own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
     broker = start_broker("--upstream", f"redis={own_redis.address}", "--protocol", "redis", "--resp", "3")
 
     async def main() -> None:
         async with AsyncClient(broker.endpoint, timeout=30) as c:
-            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", protocol=3))
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", lend=lend, protocol=3))
             assert await r.hset("h", mapping={"a": "1"}) == 1
             assert await r.hgetall("h") == {b"a": b"1"}
             pubsub = r.pubsub()
@@ -86,9 +93,11 @@ def test_redis_asyncio_speaks_resp3_on_a_resp3_pool(
             await r.aclose()
             # (redis.asyncio reports what its connect raised as its own ConnectionError)
             with pytest.raises((PoolMismatch, redis.ConnectionError), match="protocol=3 here"):
-                await redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", protocol=2)).get("h")
+                await redis.asyncio.Redis(
+                    connection_pool=AsyncBrokerConnectionPool(c, "redis", lend=lend, protocol=2)
+                ).get("h")
             # Asked for none: redis-py >= 8 speaks RESP3 where the server can (here, the pool's).
-            unasked = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            unasked = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", lend=lend))
             if getattr(redis.utils, "DEFAULT_RESP_VERSION", 2) == 3:
                 assert await unasked.hgetall("h") == {b"a": b"1"}
             else:
@@ -100,7 +109,7 @@ def test_redis_asyncio_speaks_resp3_on_a_resp3_pool(
 
 
 def test_pubsub_polls_with_no_wait_deliver_and_hold_one_lease(
-    own_redis: RedisServer, start_broker: Callable[..., Broker]
+    lend: bool, own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
     # get_message() with its default timeout of 0 returns at once; the round trip it started goes
     # on, as a socket goes on receiving, so a later poll finds what was published meanwhile.
@@ -108,7 +117,7 @@ def test_pubsub_polls_with_no_wait_deliver_and_hold_one_lease(
 
     async def main() -> None:
         async with AsyncClient(broker.endpoint, timeout=30) as c:
-            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", lend=lend))
             pubsub = r.pubsub()
             await pubsub.subscribe("news")
             messages = []
@@ -140,7 +149,7 @@ def test_pubsub_polls_with_no_wait_deliver_and_hold_one_lease(
 
 
 def test_a_blocking_pubsub_read_waits_as_long_as_it_does_directly(
-    own_redis: RedisServer, start_broker: Callable[..., Broker]
+    lend: bool, own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
     # get_message(timeout=None) with a socket_timeout: redis-py >= 8 waits for as long as it takes
     # (earlier releases time out). Through the broker it does what it does directly: each round
@@ -171,7 +180,7 @@ def test_a_blocking_pubsub_read_waits_as_long_as_it_does_directly(
     async def main() -> None:
         direct = await late_message(redis.asyncio.Redis(port=own_redis.port, socket_timeout=0.2))
         async with AsyncClient(broker.endpoint, timeout=30) as c:
-            pool = AsyncBrokerConnectionPool(c, "redis", socket_timeout=0.2)
+            pool = AsyncBrokerConnectionPool(c, "redis", lend=lend, socket_timeout=0.2)
             assert await late_message(redis.asyncio.Redis(connection_pool=pool)) == direct
         if getattr(redis.utils, "DEFAULT_RESP_VERSION", 2) == 3:  # (redis-py >= 8)
             assert direct == b"late"
@@ -184,7 +193,7 @@ async def _equals(count: Awaitable[int], expected: int) -> bool:
 
 
 def test_a_pubsub_write_goes_out_while_a_poll_waits(
-    own_redis: RedisServer, start_broker: Callable[..., Broker]
+    lend: bool, own_redis: RedisServer, start_broker: Callable[..., Broker]
 ) -> None:
     # get_message() gives up at once and the poll it started goes on; an unsubscribe written
     # meanwhile goes beside it, as on a socket, not after the poll's io_timeout.
@@ -198,7 +207,7 @@ def test_a_pubsub_write_goes_out_while_a_poll_waits(
 
     async def main() -> None:
         async with AsyncClient(broker.endpoint, timeout=30) as c:
-            pool = AsyncBrokerConnectionPool(c, "redis", socket_timeout=120)  # (a poll lasts as long)
+            pool = AsyncBrokerConnectionPool(c, "redis", lend=lend, socket_timeout=120)  # (a poll lasts as long)
             r = redis.asyncio.Redis(connection_pool=pool)
             pubsub = r.pubsub()
 

@@ -356,4 +356,3 @@ def test_redis_py_runs_on_lent_sockets_by_default_and_resets_only_what_a_command
         assert r.client_getname() is None
         stats = c.stats("redis")["redis"]
         assert stats["requests_num"] >= 53 and stats["connections_created"] == 1
-        assert c.broker_stats()["requests_received"] < 10  # (the leases went over the lending socket)

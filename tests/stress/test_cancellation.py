@@ -1,6 +1,7 @@
-"""Cancellation that can't wedge: AsyncClient one-shots, leases and redis.asyncio commands are
-cancelled at random points, over and over, on a pool of 2 beside two CPU hogs. After every round
-the next call is answered promptly, and at the end the pool is at rest: nothing leaked."""
+"""Cancellation that can't wedge: AsyncClient one-shots, leases and redis.asyncio commands (on
+socket leases and through the relay) are cancelled at random points, over and over, on a pool of
+2 beside two CPU hogs. After every round the next call is answered promptly, and at the end the
+pool is at rest: nothing leaked."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def test_cancelled_calls_at_random_points_never_wedge_the_next(
 
     async def main() -> None:
         async with AsyncClient(broker.endpoint, timeout=30) as c:
-            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))
+            r = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis"))  # socket leases
+            relayed = redis.asyncio.Redis(connection_pool=AsyncBrokerConnectionPool(c, "redis", lend=False))
 
             async def one_shot() -> None:
                 await c.request("redis", INCR, until=b"\r\n")
@@ -64,7 +66,11 @@ def test_cancelled_calls_at_random_points_never_wedge_the_next(
                 async with r.pipeline(transaction=True) as pipe:
                     await pipe.incr("n").incr("n").execute()
 
-            kinds: list[Callable[[], Awaitable[None]]] = [one_shot, leased, lazy, redis_py]
+            async def redis_py_relayed() -> None:
+                async with relayed.pipeline(transaction=True) as pipe:
+                    await pipe.incr("n").incr("n").execute()
+
+            kinds: list[Callable[[], Awaitable[None]]] = [one_shot, leased, lazy, redis_py, redis_py_relayed]
             deadline = time.monotonic() + SECONDS
             for _ in range(ROUNDS):
                 if time.monotonic() > deadline:
@@ -81,6 +87,7 @@ def test_cancelled_calls_at_random_points_never_wedge_the_next(
                 slowest.append(time.monotonic() - started)
                 assert answer.startswith(b":")
             await r.aclose()
+            await relayed.aclose()
 
     asyncio.run(main())
     assert len(slowest) >= 20, "too few rounds to tell"
