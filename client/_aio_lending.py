@@ -67,7 +67,8 @@ class AsyncLender(LendingConnection):
         try:
             self.sock.send(self._packer.pack({"v": VERSION, "id": rid, **message}))
             async with asyncio.timeout(wait):
-                return await waiter
+                reply, fd = await waiter
+            return reply, fd
         except TimeoutError:
             raise BrokerUnavailable(f"no answer on the lending socket within {wait:.1f}s") from None
         except OSError as exc:

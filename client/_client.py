@@ -257,7 +257,7 @@ class Client:
             "protocols": reply.get("protocols", {}),
         }
 
-    def cancel(self, lease: Lease) -> bool:
+    def cancel(self, lease: Lease | SocketLease) -> bool:
         """PostgreSQL: ask the server to cancel what `lease`'s backend is running now, as libpq's
         cancel does (the query fails with 57014). Any thread may call it, while another waits on
         the lease. False if the lease holds no connection (not granted yet, or over)."""

@@ -231,7 +231,13 @@ class AsyncBrokerConnectionPool(ConnectionPool):
     pipeline (through an AsyncClient)."""
 
     def __init__(
-        self, broker: AsyncClient, pool: str = "redis", *, tag: str | None = None, lend: bool | None = None, **kwargs: Any
+        self,
+        broker: AsyncClient,
+        pool: str = "redis",
+        *,
+        tag: str | None = None,
+        lend: bool | None = None,
+        **kwargs: Any,
     ) -> None:
         """`lend`: as poolbroker.redis.BrokerConnectionPool's (None: socket leases wherever the pool lends)."""
         kwargs = lease_connection_options(kwargs, AbstractConnection, Retry(NoBackoff(), 0))

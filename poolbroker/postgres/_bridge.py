@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import poolbroker.postgres._greeter as pg_greeter
 from poolbroker.client import Client, PoolBrokerError
@@ -37,6 +37,19 @@ from poolbroker.postgres._link import PgLink, PgLinkError, failure_response, poo
 # new connections before it is asked again: a connection per request (SQLAlchemy's NullPool)
 # should not cost a round trip more each.
 POOL_INFO_TTL = 10.0
+
+
+class Route(NamedTuple):
+    """What the connections made on one of the bridge's sockets reach, and how."""
+
+    broker: Client
+    pool: str
+    transaction_mode: bool
+    tag: str | None
+    inline: bool  # handed over to be driven by its psycopg connection (else relayed by a thread)
+    lend: bool  # on socket leases (else through the broker's relay)
+
+
 RUN_FILE = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
@@ -54,8 +67,8 @@ class Bridge:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.directory = tempfile.mkdtemp(prefix="poolbroker-pg-")  # (mkdtemp makes it 0700)
-        self._routes: dict[tuple[int, str, bool, str | None, bool], int] = {}
-        self._route_of: dict[int, tuple[Client, str, bool, str | None, bool]] = {}  # by port
+        self._routes: dict[tuple[int, str, bool, str | None, bool, bool], int] = {}
+        self._route_of: dict[int, Route] = {}  # by port
         self._listeners: dict[int, socket.socket] = {}  # by port (the greeter accepts on its copies)
         self._handed: dict[int, Inline] = {}  # inline connections whose startup is answered, by pid
         self._handed_ready = threading.Condition()
@@ -82,13 +95,14 @@ class Bridge:
         info: dict[str, Any],
         *,
         inline: bool = False,
+        lend: bool = False,
     ) -> tuple[str, int]:
         """The directory and port (libpq's host and port) that reach `pool` through `broker`;
         `info` (pool_info's) is what the connections made there answer their driver's startup with.
         `inline`: once a connection's startup is answered it is handed over (`take_handed`, by its
         BackendKeyData pid) to be driven by its psycopg connection (Inline); else a relay thread
-        carries it to its end."""
-        key = (id(broker), pool, transaction_mode, tag, inline)
+        carries it to its end. `lend`: its links run on socket leases."""
+        key = (id(broker), pool, transaction_mode, tag, inline, lend)
         with self._lock:
             port = self._routes.get(key)
             if port is None:
@@ -97,7 +111,7 @@ class Bridge:
                 listener.bind(os.path.join(self.directory, f".s.PGSQL.{port}"))
                 listener.listen(128)
                 self._listeners[port] = listener
-                self._route_of[port] = (broker, pool, transaction_mode, tag, inline)
+                self._route_of[port] = Route(broker, pool, transaction_mode, tag, inline, lend)
             if self._infos.get(port) != info or self._greeter is None:
                 self._infos[port] = info
                 self._tell_greeter(port)
@@ -110,15 +124,13 @@ class Bridge:
         if self._greeter is None:
             self._greeter = self._start_greeter()
             self._given.clear()
-        _, pool, *_ = self._route_of[port]
+        way = self._route_of[port]
         info = self._infos[port]
-        inline = self._route_of[port][4]
-        route = {"route": port, "pool": pool, "user": info["user"], "database": info["database"]}
+        route = {"route": port, "pool": way.pool, "user": info["user"], "database": info["database"]}
         # connect() never holds the GIL while it waits: its link answers, leased first in session
         # mode (the real backend's pid). Code that makes its own connections might: the bridge
         # claims those when it can (in session mode: no pid to show in transaction mode).
-        transaction_mode = self._route_of[port][2]
-        route["answer"] = "bridge" if inline else "greeter" if transaction_mode else "claimed"
+        route["answer"] = "bridge" if way.inline else "greeter" if way.transaction_mode else "claimed"
         route["parameters"] = info["parameters"]
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self._listeners[port].fileno()]))]
         self._greeter.sendmsg([json.dumps(route).encode()], [] if port in self._given else fds)
@@ -169,7 +181,7 @@ class Bridge:
             # (answered in a relay thread, which may wait for a lease: here, the next connection waits)
             if "key" in said:  # the greeter answered its startup: relayed from here
                 self._jobs.put((self._serve, sock, port, tuple(said["key"]), bytes.fromhex(said["rest"])))
-            elif self._route_of[port][4]:  # an inline route's: handed over once answered
+            elif self._route_of[port].inline:  # an inline route's: handed over once answered
                 self._jobs.put((self._answer_inline, sock, port, bytes.fromhex(said["startup"])))
             else:  # claimed: answered by its link, then relayed
                 self._jobs.put((self._serve, sock, port, None, bytes.fromhex(said["startup"])))
@@ -178,18 +190,20 @@ class Bridge:
     def _answer_inline(self, sock: socket.socket, port: int, startup: bytes) -> None:
         """An inline route's connection: its link answers the startup (in session mode, with the
         backend's own pid, once leased), then the connection is handed over to its driver."""
-        broker, pool, transaction_mode, tag, _ = self._route_of[port]
+        way = self._route_of[port]
+        broker = way.broker
         channel = self.take_channel(broker)
         link: PgLink | None = None
         try:
             link = PgLink(
                 broker,
-                pool,
+                way.pool,
                 self._infos[port],
-                transaction_mode=transaction_mode,
-                tag=tag,
+                transaction_mode=way.transaction_mode,
+                tag=way.tag,
                 channel=channel,
                 backend_pid=True,
+                lend=way.lend,
             )
             link.write(startup)
             answer = link.read(RELAY_CHUNK)
@@ -250,10 +264,16 @@ class Bridge:
         this relay thread's own broker socket (one made in the thread that receives from the
         greeter would be every connection's, and a read waiting for a lock would hold up the
         COMMIT that frees it)."""
-        broker, pool, transaction_mode, tag, _ = self._route_of[port]
+        way = self._route_of[port]
         try:
             link = PgLink(
-                broker, pool, self._infos[port], transaction_mode=transaction_mode, tag=tag, backend_pid=key is None
+                way.broker,
+                way.pool,
+                self._infos[port],
+                transaction_mode=way.transaction_mode,
+                tag=way.tag,
+                backend_pid=key is None,
+                lend=way.lend,
             )
             if key is not None:
                 link.greeted(key)

@@ -7,6 +7,11 @@ a pooled connection and every answer back.
     transaction mode:  a lease per transaction, from its first message to the ReadyForQuery that
                        ends it (status I: the broker ends the lease then, "when done")
 
+Where the pool lends its sockets (the broker's host), the leases are socket leases: the link
+writes to and reads from the upstream socket itself, and follows the session with
+poolbroker.sessions' PostgreSQL tracker (the relay's own), which says when a transaction-mode
+lease is at rest (the link gives it back then) and what the release reports.
+
 The link follows both streams (ReadyForQuery owed, COPY IN, the transaction status) to tell its
 relay when the server has more to say, and takes the driver's Terminate for itself: the pooled
 connection stays open.
@@ -25,8 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from poolbroker.client import Client, Lease, PoolBrokerError
-from poolbroker.client.extension import DEFAULT_RECV, FIRST_POLL, Channel, LeasedSocket
+from poolbroker.client import Client, Lease, PoolBrokerError, UpstreamError
+from poolbroker.client.extension import DEFAULT_RECV, FIRST_POLL, Channel, LeasedSocket, LentSocket
 from poolbroker.postgres._greeter import (
     MAX_STARTUP,
     StartupError,
@@ -36,6 +41,7 @@ from poolbroker.postgres._greeter import (
     startup_parameters,
 )
 from poolbroker.postgres._statements import Statements
+from poolbroker.sessions.postgres import PostgresSession
 from poolbroker.wire.pgwire import (
     ANSWERED_BY_READY,
     CANCEL_REQUEST_CODE,
@@ -59,6 +65,7 @@ LONE_BEGIN = re.compile(
 )
 BEGIN_ANSWER = message(b"C", b"BEGIN\0") + message(b"Z", b"T")
 FLUSH_MESSAGE = message(b"H", b"")
+LENT_READ = 256 * 1024  # the most read from a lent socket at once
 
 
 PgLinkError = StartupError  # the driver asked for something the pool can't give (another database...)
@@ -104,6 +111,7 @@ class PgLink:
         tag: str | None = None,
         channel: Channel | None = None,
         backend_pid: bool = False,
+        lend: bool = False,
     ) -> None:
         self.broker = broker
         self.pool = pool
@@ -114,8 +122,10 @@ class PgLink:
         # Session mode: lease at the startup, and answer it with the real backend's pid, which the
         # driver then shows (pg_terminate_backend() of it ends this connection's backend).
         self._backend_pid = backend_pid and not transaction_mode
-        self.upstream: Lease | LeasedSocket
-        if transaction_mode:  # each transaction on a lazy lease of its own, ended when done
+        self.upstream: Lease | LeasedSocket | LentSocket
+        if lend:  # the upstream socket itself, taken with the first message (each transaction's)
+            self.upstream = LentSocket(broker, pool, PostgresSession, tag=tag)
+        elif transaction_mode:  # each transaction on a lazy lease of its own, ended when done
             self.upstream = LeasedSocket(broker, pool, tag=tag, timeout=None, channel=channel)
         else:  # one lazy lease for the whole connection
             self.upstream = broker.lease(pool, tag=tag, lazy=True, channel=channel)
@@ -140,7 +150,7 @@ class PgLink:
         # Transaction mode: the driver's prepared statements, prepared again on each backend, and
         # the ends of messages not yet whole, held until they are (each direction's).
         self.statements = Statements() if transaction_mode else None
-        self._statements_lease: Lease | None = None  # the lease whose backend `statements.here` is
+        self._statements_lease: object = None  # the lease whose backend `statements.here` is
         self._held_out = b""
         self._held_in = b""
 
@@ -185,12 +195,15 @@ class PgLink:
             data = data[:-5]
             self.closed = True
         if data:
-            self.upstream.sendall(data)
+            try:
+                self.upstream.sendall(data)
+            except OSError as exc:  # (a lent socket: the broker cut it, or the server closed it)
+                raise UpstreamError(f"the lent socket failed: {exc}") from exc
 
     def _edit(self, data: bytes, messages: list[tuple[int, bytes]], ends: list[int]) -> bytes:
         """Transaction mode: the driver's whole messages as `statements` has them go to the server
         (a message not yet whole is held until it is)."""
-        assert self.statements is not None and isinstance(self.upstream, LeasedSocket)
+        assert self.statements is not None and isinstance(self.upstream, (LeasedSocket, LentSocket))
         lease = self.upstream.current()
         if lease is not self._statements_lease:  # (a new lease: a backend that may have none)
             self.statements.new_backend()
@@ -249,7 +262,9 @@ class PgLink:
         (a CancelRequest for it reaches the real backend through the broker)."""
         route = {**self.info, "pool": self.pool}
         startup_answer(route, asked, self.key)  # (another user or database: refused before a lease)
-        if self._backend_pid:
+        if self._backend_pid and isinstance(self.upstream, LentSocket):
+            self.key = (self.upstream.current().backend_pid or self.key[0], self.key[1])
+        elif self._backend_pid:
             lease = self.broker.lease(self.pool, tag=self.tag, channel=self.channel)
             lease.settimeout(None)
             self.upstream = lease
@@ -292,6 +307,10 @@ class PgLink:
         self._flushed = False
         while not self._answer:
             upstream = self.upstream
+            if isinstance(upstream, LentSocket):
+                if not self._fetch_lent(upstream):
+                    return  # (the server closed the connection)
+                continue
             whole = self.owed > 0 and not self.copy_in  # (a ready read: all that is owed, at once)
             data = upstream.recv_ready(self.owed) if whole else upstream.recv()
             if not data:
@@ -311,12 +330,31 @@ class PgLink:
                     statements.all_answered()
             else:
                 data = self._follow(data)
-            if self._unseen:  # (the server's answer to a BEGIN answered here already)
-                seen = min(len(self._unseen), len(data))
-                if data[:seen] != self._unseen[:seen]:
-                    raise PgLinkError("08P01", f"the server did not answer BEGIN as expected: {data[:40]!r}")
-                self._unseen, data = self._unseen[seen:], data[seen:]
-            self._answer += data
+            self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """The server's answer, followed, as the driver is to read it."""
+        if self._unseen:  # (the server's answer to a BEGIN answered here already)
+            seen = min(len(self._unseen), len(data))
+            if data[:seen] != self._unseen[:seen]:
+                raise PgLinkError("08P01", f"the server did not answer BEGIN as expected: {data[:40]!r}")
+            self._unseen, data = self._unseen[seen:], data[seen:]
+        self._answer += data
+
+    def _fetch_lent(self, upstream: LentSocket) -> bool:
+        """The server's next bytes from the lent socket itself (False: it closed). In transaction
+        mode, a lease at rest (its tracker says so: the transaction over, nothing owed) goes back."""
+        try:
+            data = upstream.recv(LENT_READ)
+        except OSError as exc:  # (the broker cut it, or the server closed it)
+            raise UpstreamError(f"the lent socket failed: {exc}") from exc
+        if not data:
+            return False
+        self._take(self._follow(data))
+        session = upstream.session
+        if self.transaction_mode and isinstance(session, PostgresSession) and session.at_rest():
+            upstream.give_back()
+        return True
 
     def _follow(self, data: bytes) -> bytes:
         """The server's messages, as they bear on what is owed and what the server waits for; what
@@ -356,7 +394,8 @@ class PgLink:
 
     def flush(self) -> None:
         """Send what the driver wrote that waits for no answer yet (COPY data, a pipeline)."""
-        self.upstream.flush()
+        if not isinstance(self.upstream, LentSocket):  # (a lent socket's writes went at once)
+            self.upstream.flush()
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -365,6 +404,9 @@ class PgLink:
         arrives on a connection of its own). A lazy lease's first exchange has no token until its
         first reply, which comes within FIRST_POLL: wait for it that long. False when it holds no
         lease, or nothing is running."""
+        if isinstance(self.upstream, LentSocket):  # (a socket lease's token comes with its grant)
+            lent = self.upstream.lease
+            return lent is not None and self.broker.cancel(lent)
         deadline = time.monotonic() + 2 * FIRST_POLL + self.broker.broker_timeout
         while True:
             upstream = self.upstream
@@ -379,7 +421,10 @@ class PgLink:
         """Give the lease back (the broker judges what was left: the reset, or a close)."""
         self.closed = True
         try:
-            self.upstream.close()
+            if isinstance(self.upstream, LentSocket):
+                self.upstream.give_back()  # (with its session's verdict)
+            else:
+                self.upstream.close()
         except PoolBrokerError:
             pass  # (the lease is over anyway: the broker reclaims what it can't hear about)
 

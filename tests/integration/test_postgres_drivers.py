@@ -1,7 +1,8 @@
 """psycopg, pg8000 and SQLAlchemy, unmodified, on a postgres pool, against a real PostgreSQL (a
 private cluster with SCRAM passwords): the bridge, what a holder leaves (never the next holder's),
 session and transaction mode, cancel, a holder killed mid-transaction, the bound as the server
-counts its backends, and the server restarted under load."""
+counts its backends, and the server restarted under load; each on both kinds of lease, the relay
+and the socket lease."""
 
 from __future__ import annotations
 
@@ -35,14 +36,19 @@ WORKER = str(Path(__file__).resolve().parents[1] / "pg_worker.py")
 POOL_NAME = "pool-under-test"  # the pool's application_name: how the server's view finds its backends
 
 
-@pytest.fixture
+@pytest.fixture(params=[False, True], ids=["relay", "socket"])
 def pg(
-    start_broker: Callable[..., Broker], pg_server: PostgresServer, tmp_path: Path
+    request: pytest.FixtureRequest,
+    start_broker: Callable[..., Broker],
+    pg_server: PostgresServer,
+    tmp_path: Path,
 ) -> Callable[..., tuple[Broker, Client]]:
-    """A broker with a postgres pool "pg" on the module's server (settings as given), and a client."""
+    """A broker with a postgres pool "pg" on the module's server (settings as given), and a client:
+    each test runs twice, its drivers on the broker's relay, and on socket leases (the pool lends)."""
 
     def start(**settings: object) -> tuple[Broker, Client]:
         settings = {"max_size": 2, "database": "postgres", "client_name": POOL_NAME, **settings}
+        settings.setdefault("lend_sockets", request.param)
         config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", **settings)
         broker = start_broker("--config", config, env={"PG_PASSWORD": pg_server.password})
         return broker, Client(broker.endpoint, timeout=30)

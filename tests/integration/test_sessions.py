@@ -1,5 +1,7 @@
 """Nothing a holder leaves on a connection reaches the next holder: seen from the next holder's
-side, on a pool of one connection, against a real Redis (and a real HTTP server)."""
+side, on a pool of one connection, against a real Redis (and a real HTTP server). What holders do
+by hand runs on both kinds of lease: the relay, and the socket lease (the upstream socket itself,
+its stream followed by the Redis tracker the adapters use, whose verdict the release reports)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import sys
 import textwrap
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,24 +19,78 @@ import redis
 
 from poolbroker import Client, UpstreamTimeout
 from poolbroker.client._lease import Lease
+from poolbroker.client.extension import LentSocket
 from poolbroker.redis import BrokerConnectionPool, SessionLeakWarning
+from poolbroker.sessions.redis import RedisSession
 from poolbroker.sessions.resp import encode_command
 from tests.support import LOCKED_REDIS_PASSWORD, Broker, HttpUpstream, RedisServer, wait_for
 
 PASSWORD = LOCKED_REDIS_PASSWORD  # (the locked_redis fixture's)
 
 
-def cmd(lease: Lease, *args: str) -> bytes:
+class Held:
+    """A holder's side of a lease of either kind: the relay's Lease, or a socket lease (LentSocket,
+    as the adapters hold one: its stream followed by the Redis tracker)."""
+
+    def __init__(self, lease: Lease | LentSocket) -> None:
+        self.lease = lease
+        self._read = b""  # (a socket lease's bytes read past the last reply)
+
+    def send(self, data: bytes) -> None:
+        self.lease.sendall(data)
+        if isinstance(self.lease, Lease):
+            self.lease.flush()
+
+    def line(self) -> bytes:
+        if isinstance(self.lease, Lease):
+            return self.lease.recv_until(b"\r\n")
+        while b"\r\n" not in self._read:
+            self._read += self.lease.recv(65536)
+        line, _, self._read = self._read.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def exactly(self, size: int) -> bytes:
+        if isinstance(self.lease, Lease):
+            return self.lease.recv_exactly(size)
+        while len(self._read) < size:
+            self._read += self.lease.recv(65536)
+        data, self._read = self._read[:size], self._read[size:]
+        return data
+
+
+@pytest.fixture(params=["relay", "socket"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@contextmanager
+def hold(c: Client, kind: str) -> Iterator[Held]:
+    """A lease of the pool "redis" of `kind`: released at the end of the block, discarded if it raises."""
+    if kind == "relay":
+        with c.lease("redis") as lease:
+            yield Held(lease)
+        return
+    lent = LentSocket(c, "redis", RedisSession)
+    try:
+        yield Held(lent)
+    except BaseException:
+        lent.discard()
+        raise
+    lent.give_back()  # (with its tracker's verdict)
+
+
+def cmd(held: Held, *args: str) -> bytes:
     """One command and its first reply line (enough for +OK, :n, -ERR, +QUEUED)."""
-    return lease.request(encode_command(*args), until=b"\r\n")
+    held.send(encode_command(*args))
+    return held.line()
 
 
-def bulk(lease: Lease, *args: str) -> bytes | None:
+def bulk(held: Held, *args: str) -> bytes | None:
     """One command whose reply is a bulk string; None for a null."""
-    header = lease.request(encode_command(*args), until=b"\r\n")
+    header = cmd(held, *args)
     assert header.startswith(b"$"), header
     size = int(header[1:-2])
-    return None if size < 0 else lease.recv_exactly(size + 2)[:-2]
+    return None if size < 0 else held.exactly(size + 2)[:-2]
 
 
 def pool_config(tmp_path: Path, server: RedisServer, extra: str = "", max_size: int = 1) -> str:
@@ -51,9 +108,11 @@ def broker(start_broker: Callable[..., Broker], tmp_path: Path, own_redis: Redis
     return start_broker("--config", pool_config(tmp_path, own_redis))
 
 
-def test_the_next_holder_gets_none_of_the_last_holders_session(broker: Broker, own_redis: RedisServer) -> None:
+def test_the_next_holder_gets_none_of_the_last_holders_session(
+    kind: str, broker: Broker, own_redis: RedisServer
+) -> None:
     with Client(broker.endpoint) as c:
-        with c.lease("redis") as a:
+        with hold(c, kind) as a:
             first_id = cmd(a, "CLIENT", "ID")
             assert cmd(a, "SELECT", "3") == b"+OK\r\n"
             assert cmd(a, "CLIENT", "SETNAME", "holder-A") == b"+OK\r\n"
@@ -61,7 +120,7 @@ def test_the_next_holder_gets_none_of_the_last_holders_session(broker: Broker, o
             assert cmd(a, "MULTI") == b"+OK\r\n"
             assert cmd(a, "SET", "left-by-a", "1") == b"+QUEUED\r\n"
         # (the with block ended normally: a release, not a discard)
-        with c.lease("redis") as b:
+        with hold(c, kind) as b:
             assert cmd(b, "CLIENT", "ID") == first_id  # the same connection, reset rather than closed
             assert bulk(b, "CLIENT", "GETNAME") is None
             assert cmd(b, "SET", "written-by-b", "1") == b"+OK\r\n"  # not QUEUED: no MULTI open
@@ -75,18 +134,18 @@ def test_the_next_holder_gets_none_of_the_last_holders_session(broker: Broker, o
 
 
 def test_an_auth_as_another_user_is_undone(
-    start_broker: Callable[..., Broker], tmp_path: Path, locked_redis: RedisServer
+    kind: str, start_broker: Callable[..., Broker], tmp_path: Path, locked_redis: RedisServer
 ) -> None:
     admin = locked_redis.client()
     admin.acl_setuser("other", enabled=True, passwords=["+other-pass"], commands=["+@all"], keys=["*"])
     config = pool_config(tmp_path, locked_redis, f'password = "{PASSWORD}"\ndb = 2\nclient_name = "pooled"')
     broker = start_broker("--config", config)
     with Client(broker.endpoint) as c:
-        with c.lease("redis") as a:
+        with hold(c, kind) as a:
             assert bulk(a, "ACL", "WHOAMI") == b"default"
             assert cmd(a, "AUTH", "other", "other-pass") == b"+OK\r\n"
             assert bulk(a, "ACL", "WHOAMI") == b"other"
-        with c.lease("redis") as b:  # RESET, then the pool's AUTH, SELECT and SETNAME again
+        with hold(c, kind) as b:  # RESET, then the pool's AUTH, SELECT and SETNAME again
             assert bulk(b, "ACL", "WHOAMI") == b"default"
             assert bulk(b, "CLIENT", "GETNAME") == b"pooled"
             assert cmd(b, "SET", "in-db-2", "1") == b"+OK\r\n"
@@ -115,12 +174,12 @@ def test_a_password_from_a_file_or_the_environment(
             assert c.request("redis", b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
 
 
-def test_a_one_shot_that_changes_nothing_costs_no_reset(broker: Broker, own_redis: RedisServer) -> None:
+def test_a_one_shot_that_changes_nothing_costs_no_reset(kind: str, broker: Broker, own_redis: RedisServer) -> None:
     with Client(broker.endpoint) as c:
         for _ in range(20):
             assert c.request("redis", encode_command("INCR", "n"), until=b"\r\n").startswith(b":")
-        with c.lease("redis") as lease:
-            cmd(lease, "SELECT", "1")
+        with hold(c, kind) as held:
+            cmd(held, "SELECT", "1")
         c.request("redis", b"PING\r\n", until=b"\r\n")  # waits for the reset: one connection
         stats = c.stats("redis")["redis"]
     # Redis counts every command it ran: the connect's RESET and PING, 20 INCR, the lease's SELECT,
@@ -130,20 +189,20 @@ def test_a_one_shot_that_changes_nothing_costs_no_reset(broker: Broker, own_redi
     assert stats["connections_created"] == 1
 
 
-def test_pipelines_and_a_watch_left_behind_are_gone(broker: Broker, own_redis: RedisServer) -> None:
+def test_pipelines_and_a_watch_left_behind_are_gone(kind: str, broker: Broker, own_redis: RedisServer) -> None:
     with Client(broker.endpoint) as c:
-        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis", lend=kind == "socket"))
         pipe = r.pipeline(transaction=False)
         pipe.execute_command("SELECT", 4)
         pipe.set("from-pipeline", 1)
         assert pipe.execute() == [True, True]
         assert r.set("after-pipeline", 1)  # the next holder writes to db 0
-        with c.lease("redis") as a:  # a WATCH never ended, then the key changes
+        with hold(c, kind) as a:  # a WATCH never ended, then the key changes
             assert cmd(a, "WATCH", "watched") == b"+OK\r\n"
         own_redis.client().set("watched", "changed")
-        with c.lease("redis") as b:  # a WATCH still in force would abort this EXEC (a null reply)
+        with hold(c, kind) as b:  # a WATCH still in force would abort this EXEC (a null reply)
             assert [cmd(b, "MULTI"), cmd(b, "SET", "t", "1"), cmd(b, "EXEC")] == [b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n"]
-            assert b.recv_until(b"\r\n") == b"+OK\r\n"
+            assert b.line() == b"+OK\r\n"
         with r.pipeline() as tx:  # redis-py's own MULTI/EXEC under one lease
             tx.watch("watched")
             tx.multi()
@@ -154,14 +213,20 @@ def test_pipelines_and_a_watch_left_behind_are_gone(broker: Broker, own_redis: R
     assert direct.exists("from-pipeline") == 0 and direct.get("t") == b"1"
 
 
-def test_a_holder_killed_in_the_middle_of_a_multi_leaves_nothing(broker: Broker, own_redis: RedisServer) -> None:
+def test_a_holder_killed_in_the_middle_of_a_multi_leaves_nothing(
+    kind: str, broker: Broker, own_redis: RedisServer
+) -> None:
     script = textwrap.dedent(
         f"""
         import sys, time
         from poolbroker import Client
-        lease = Client({broker.endpoint!r}).lease("redis")
-        lease.request(b"MULTI\\r\\n", until=b"\\r\\n")
-        lease.request(b"SET from-the-dead 1\\r\\n", until=b"\\r\\n")
+        lease = Client({broker.endpoint!r}).lease("redis", socket={kind == "socket"})
+        for command in (b"MULTI\\r\\n", b"SET from-the-dead 1\\r\\n"):
+            if {kind == "socket"}:
+                lease.socket.sendall(command)
+                lease.socket.recv(100)
+            else:
+                lease.request(command, until=b"\\r\\n")
         print("in multi", flush=True)
         time.sleep(60)
         """
@@ -171,9 +236,9 @@ def test_a_holder_killed_in_the_middle_of_a_multi_leaves_nothing(broker: Broker,
         assert holder.stdout is not None and holder.stdout.readline() == b"in multi\n"
         holder.kill()
         with Client(broker.endpoint) as c:
-            with c.lease("redis", timeout=10) as lease:  # the one connection, once reclaimed
-                assert cmd(lease, "SET", "after-the-dead", "1") == b"+OK\r\n"
-                assert cmd(lease, "EXEC") == b"-ERR EXEC without MULTI\r\n"
+            with hold(c, kind) as held:  # the one connection, once reclaimed
+                assert cmd(held, "SET", "after-the-dead", "1") == b"+OK\r\n"
+                assert cmd(held, "EXEC") == b"-ERR EXEC without MULTI\r\n"
             assert c.stats("redis")["redis"]["leases_reclaimed"] == 1
     finally:
         holder.kill()
@@ -181,16 +246,14 @@ def test_a_holder_killed_in_the_middle_of_a_multi_leaves_nothing(broker: Broker,
     assert own_redis.client().exists("from-the-dead") == 0
 
 
-def test_a_command_left_half_sent_closes_the_connection(broker: Broker, own_redis: RedisServer) -> None:
+def test_a_command_left_half_sent_closes_the_connection(kind: str, broker: Broker, own_redis: RedisServer) -> None:
     with Client(broker.endpoint) as c:
-        with c.lease("redis") as a:
-            a.sendall(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n")  # the value never follows
-            a.flush()
-        with c.lease("redis") as b:  # a new connection: the old one would take this as the value
+        with hold(c, kind) as a:
+            a.send(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n")  # the value never follows
+        with hold(c, kind) as b:  # a new connection: the old one would take this as the value
             assert cmd(b, "SET", "whole", "1") == b"+OK\r\n"
-        with c.lease("redis") as d:
-            d.sendall(encode_command("GET", "whole"))
-            d.flush()  # its reply is never read
+        with hold(c, kind) as d:
+            d.send(encode_command("GET", "whole"))  # its reply is never read
         assert c.request("redis", encode_command("GET", "whole"), exactly=7) == b"$1\r\n1\r\n"
         stats = c.stats("redis")["redis"]
     assert stats["connections_created"] == 3
@@ -201,10 +264,12 @@ def test_a_command_left_half_sent_closes_the_connection(broker: Broker, own_redi
     assert own_redis.client().exists("half") == 0
 
 
-def test_pub_sub_over_a_lease(start_broker: Callable[..., Broker], tmp_path: Path, own_redis: RedisServer) -> None:
+def test_pub_sub_over_a_lease(
+    kind: str, start_broker: Callable[..., Broker], tmp_path: Path, own_redis: RedisServer
+) -> None:
     broker = start_broker("--config", pool_config(tmp_path, own_redis, max_size=2))
     with Client(broker.endpoint) as c:
-        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis"))
+        r = redis.Redis(connection_pool=BrokerConnectionPool(c, "redis", lend=kind == "socket"))
         pubsub = r.pubsub()
         pubsub.subscribe("news")
         confirmation = pubsub.get_message(timeout=5)
@@ -223,8 +288,8 @@ def test_pub_sub_over_a_lease(start_broker: Callable[..., Broker], tmp_path: Pat
         assert r.set("meanwhile", 1)  # commands take another lease
         pubsub.close()
         wait_for(lambda: c.stats("redis")["redis"]["leases_active"] == 0, what="the pub/sub's release")
-        with c.lease("redis") as lease:  # whichever connection: not subscribed, commands work
-            assert cmd(lease, "PING") == b"+PONG\r\n"
+        with hold(c, kind) as held:  # whichever connection: not subscribed, commands work
+            assert cmd(held, "PING") == b"+PONG\r\n"
         assert own_redis.client().pubsub_numsub("news") == [(b"news", 0)]
 
 
@@ -253,7 +318,7 @@ def test_blpop_without_a_socket_timeout_waits_as_long_as_it_takes(
 
 def test_non_blocking_and_blocking_reads_on_a_lease(broker: Broker, own_redis: RedisServer) -> None:
     with Client(broker.endpoint, io_timeout=0.2) as c, c.lease("redis") as lease:
-        cmd(lease, "SUBSCRIBE", "ch")
+        lease.request(encode_command("SUBSCRIBE", "ch"), until=b"\r\n")
         lease.recv_until(b":1\r\n")
         lease.settimeout(0)
         with pytest.raises(BlockingIOError):
