@@ -49,6 +49,16 @@ class LeaseIO(io.RawIOBase):
         return self._lease.send(bytes(data))
 
 
+def socket_file(stream: _Stream, mode: str, buffering: int | None) -> io.BufferedIOBase:
+    """socket.makefile's binary files ("rb" or "wb") over a socket-like `stream` (a lease, a leased
+    or lent socket). Closing one leaves the stream open."""
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"invalid mode {mode!r}: a lease's file is binary, 'rb' or 'wb'")
+    raw = LeaseIO(stream, reading=mode == "rb")
+    size = buffering if buffering and buffering > 0 else DEFAULT_RECV
+    return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
+
+
 class Lease(LeaseCore):
     """A leased upstream connection that works like a socket: `sendall`, `send`, `recv`,
     `recv_into`, `makefile`, `settimeout`, `gettimeout`, `shutdown`, `close`, so code written for a
@@ -142,11 +152,7 @@ class Lease(LeaseCore):
 
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
         """A binary file over the lease, as socket.makefile: "rb" or "wb". Closing it leaves the lease open."""
-        if mode not in ("rb", "wb"):
-            raise ValueError(f"invalid mode {mode!r}: a lease's file is binary, 'rb' or 'wb'")
-        raw = LeaseIO(self, reading=mode == "rb")
-        size = buffering if buffering and buffering > 0 else DEFAULT_RECV
-        return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
+        return socket_file(self, mode, buffering)
 
     def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
         """Send what is held; the connection is discarded on close (its state is unusual now)."""

@@ -10,7 +10,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client._exchanges import DEFAULT_RECV
-from poolbroker.client._lease import Lease, LeaseIO
+from poolbroker.client._lease import Lease, socket_file
 
 if TYPE_CHECKING:
     from poolbroker.client._aio import AsyncClient, AsyncLease
@@ -87,11 +87,7 @@ class LeasedSocket:
 
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
         """A binary file over this socket (over whichever lease each read or write runs on)."""
-        if mode not in ("rb", "wb"):
-            raise ValueError(f"invalid mode {mode!r}: a leased socket's file is binary, 'rb' or 'wb'")
-        raw = LeaseIO(self, reading=mode == "rb")
-        size = buffering if buffering and buffering > 0 else DEFAULT_RECV
-        return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
+        return socket_file(self, mode, buffering)
 
     def settimeout(self, timeout: float | None) -> None:
         self._timeout = timeout

@@ -7,13 +7,16 @@ read here. LeasedSocket's twin for same-host workers, whose bytes never pass the
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from poolbroker.client._errors import UpstreamError
 from poolbroker.client._exchanges import DEFAULT_RECV
+from poolbroker.client._lease import socket_file
 from poolbroker.sessions import Session, report
+from poolbroker.sessions.over import conversation_over
 
 if TYPE_CHECKING:
     from poolbroker.client._aio import AsyncClient
@@ -24,8 +27,10 @@ if TYPE_CHECKING:
 class LentSocket:
     """Socket-like; each conversation runs on a socket lease, taken when the library first writes
     and given back by give_back() (the adapters call it when their library takes the connection
-    back), with the verdict of `new_session()`'s tracker over the conversation's bytes. A library
-    connection holding it stays "connected" between conversations and holds nothing then."""
+    back), with the verdict of `new_session()`'s tracker over the conversation's bytes; with
+    `when_done`, also as soon as the tracker sees the conversation over (an HTTP response read to
+    its end: a library that keeps its connection open never says). A library connection holding
+    it stays "connected" between conversations and holds nothing then."""
 
     def __init__(
         self,
@@ -34,12 +39,14 @@ class LentSocket:
         new_session: Callable[[], Session],
         tag: str | None = None,
         timeout: float | None = None,
+        when_done: bool = False,
     ) -> None:
         self._broker = broker
         self._pool = pool
         self._new_session = new_session
         self._tag = tag
         self._timeout = timeout
+        self._when_done = when_done
         self.lease: SocketLease | None = None
         self._session: Session | None = None
 
@@ -87,15 +94,24 @@ class LentSocket:
 
     def recv(self, bufsize: int = DEFAULT_RECV) -> bytes:
         data = self._current().recv(bufsize)
-        assert self._session is not None
-        self._session.received(data)
+        self._received(data)
         return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
         count = self._current().recv_into(buffer, nbytes)
-        assert self._session is not None
-        self._session.received(bytes(memoryview(buffer)[:count]))
+        self._received(bytes(memoryview(buffer)[:count]))
         return count
+
+    def _received(self, data: bytes) -> None:
+        session = self._session
+        assert session is not None
+        session.received(data)
+        if self._when_done and data and conversation_over(session):
+            self.give_back()
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
+        """A binary file over this socket (over whichever lease each read or write runs on)."""
+        return socket_file(self, mode, buffering)
 
     def settimeout(self, timeout: float | None) -> None:
         self._timeout = timeout
@@ -124,15 +140,22 @@ class AsyncLentConversations:
     (redis.asyncio): `current()` is what the stream writes to and reads from. The first read takes
     the socket lease and sends what was written before it; later writes go out at once, beside a
     read that waits (a pub/sub's UNSUBSCRIBE while its poll is under way). give_back() returns the
-    socket with its session's verdict."""
+    socket with its session's verdict, and `when_done` as soon as its tracker sees the conversation
+    over (LentSocket's)."""
 
     def __init__(
-        self, broker: AsyncClient, pool: str, new_session: Callable[[], Session], tag: str | None = None
+        self,
+        broker: AsyncClient,
+        pool: str,
+        new_session: Callable[[], Session],
+        tag: str | None = None,
+        when_done: bool = False,
     ) -> None:
         self._broker = broker
         self._pool = pool
         self._new_session = new_session
         self._tag = tag
+        self._when_done = when_done
         self.lease: SocketLease | None = None
         self._session: Session | None = None
         self._held = bytearray()  # written, not yet sent
@@ -185,6 +208,8 @@ class AsyncLentConversations:
             raise UpstreamError(f"the lent socket failed: {exc}") from exc
         session.received(data)
         self.eof = not data
+        if self._when_done and data and conversation_over(session):
+            await self.give_back()
         return data
 
     def _end(self) -> tuple[SocketLease | None, Session | None]:

@@ -17,7 +17,9 @@ ended by the end of its response, which the broker sees in an `http` pool. It mu
 another pool the first request raises PoolMismatch (a connection httpx keeps alive would keep its
 lease, and a crowd larger than the pool would wait for it until a pool timeout). TLS is the
 pool's (`tls = true`): an `https://` URL is spoken in plain HTTP to the lease, so `verify` and
-`cert` do not apply. HTTP/1.1 only.
+`cert` do not apply. HTTP/1.1 only. Where the pool lends its sockets (the broker's host, no TLS),
+each request runs on a socket lease instead, given back at its response's end (h11 follows the
+stream here); `lend=False` keeps the relay.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ import httpcore
 import httpx
 
 from poolbroker.client import AsyncClient, Client, PoolBrokerError, PoolTimeout, UpstreamTimeout
-from poolbroker.client.extension import AsyncConversations, LeasedSocket, described, described_async, require
+from poolbroker.client.extension import (
+    AsyncConversations,
+    AsyncLentConversations,
+    LeasedSocket,
+    LentSocket,
+    described,
+    described_async,
+    lends,
+    require,
+)
+from poolbroker.sessions.http import HttpSession
 
 __all__ = ["AsyncPoolBrokerTransport", "PoolBrokerTransport"]
 
@@ -54,13 +66,22 @@ def _as_httpcore_errors(reading: bool) -> Iterator[None]:
         raise (httpcore.ReadTimeout if reading else httpcore.WriteTimeout)(str(exc)) from exc
     except PoolBrokerError as exc:
         raise (httpcore.ReadError if reading else httpcore.WriteError)(str(exc)) from exc
+    except TimeoutError as exc:  # (a lent socket's own)
+        raise (httpcore.ReadTimeout if reading else httpcore.WriteTimeout)(str(exc)) from exc
+    except OSError as exc:
+        raise (httpcore.ReadError if reading else httpcore.WriteError)(str(exc)) from exc
 
 
 class LeaseStream(httpcore.NetworkStream):
-    """What httpcore takes for a TCP connection: a LeasedSocket (a lease per request)."""
+    """What httpcore takes for a TCP connection: a LeasedSocket (a lease per request), or where the
+    pool lends, a LentSocket (a socket lease per request, given back at its response's end)."""
 
-    def __init__(self, broker: Client, pool: str, tag: str | None) -> None:
-        self._socket = LeasedSocket(broker, pool, tag)
+    def __init__(self, broker: Client, pool: str, tag: str | None, lend: bool) -> None:
+        self._socket: LeasedSocket | LentSocket
+        if lend:
+            self._socket = LentSocket(broker, pool, HttpSession, tag, when_done=True)
+        else:
+            self._socket = LeasedSocket(broker, pool, tag)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         with _as_httpcore_errors(reading=True):
@@ -82,8 +103,8 @@ class LeaseStream(httpcore.NetworkStream):
 
 
 class LeaseBackend(httpcore.NetworkBackend):
-    def __init__(self, broker: Client, pool: str, tag: str | None) -> None:
-        self.broker, self.pool, self.tag = broker, pool, tag
+    def __init__(self, broker: Client, pool: str, tag: str | None, lend: bool | None) -> None:
+        self.broker, self.pool, self.tag, self.lend = broker, pool, tag, lend
 
     def connect_tcp(
         self,
@@ -93,22 +114,32 @@ class LeaseBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> LeaseStream:
-        _require_http(described(self.broker, self.pool), self.pool)
-        return LeaseStream(self.broker, self.pool, self.tag)
+        description = described(self.broker, self.pool)
+        _require_http(description, self.pool)
+        return LeaseStream(self.broker, self.pool, self.tag, lends(self.broker, description, self.lend))
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> LeaseStream:
         return self.connect_tcp(path, 0)
 
 
 class AsyncLeaseStream(httpcore.AsyncNetworkStream):
-    """The async twin of LeaseStream: each request on an AsyncLease of its own."""
+    """The async twin of LeaseStream: each request on an AsyncLease of its own (a socket lease
+    where the pool lends)."""
 
-    def __init__(self, broker: AsyncClient, pool: str, tag: str | None) -> None:
-        self._conversations = AsyncConversations(broker, pool, tag)
+    def __init__(self, broker: AsyncClient, pool: str, tag: str | None, lend: bool) -> None:
+        self._conversations: AsyncConversations | AsyncLentConversations
+        if lend:
+            self._conversations = AsyncLentConversations(broker, pool, HttpSession, tag, when_done=True)
+        else:
+            self._conversations = AsyncConversations(broker, pool, tag)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         with _as_httpcore_errors(reading=True):
-            lease = self._conversations.current()
+            conversations = self._conversations
+            if isinstance(conversations, AsyncLentConversations):
+                async with asyncio.timeout(timeout):
+                    return await conversations.recv(max_bytes)
+            lease = conversations.current()
             lease.settimeout(timeout)
             return await lease.recv(max_bytes)
 
@@ -129,8 +160,8 @@ class AsyncLeaseStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncLeaseBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, broker: AsyncClient, pool: str, tag: str | None) -> None:
-        self.broker, self.pool, self.tag = broker, pool, tag
+    def __init__(self, broker: AsyncClient, pool: str, tag: str | None, lend: bool | None) -> None:
+        self.broker, self.pool, self.tag, self.lend = broker, pool, tag, lend
 
     async def connect_tcp(
         self,
@@ -140,8 +171,9 @@ class AsyncLeaseBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> AsyncLeaseStream:
-        _require_http(await described_async(self.broker, self.pool), self.pool)
-        return AsyncLeaseStream(self.broker, self.pool, self.tag)
+        description = await described_async(self.broker, self.pool)
+        _require_http(description, self.pool)
+        return AsyncLeaseStream(self.broker, self.pool, self.tag, lends(self.broker, description, self.lend))
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None
@@ -164,7 +196,8 @@ def _pool_options(limits: httpx.Limits, retries: int) -> dict[str, Any]:
 
 
 class PoolBrokerTransport(httpx.HTTPTransport):
-    """httpx's HTTPTransport, its connections leases of the broker's `pool`."""
+    """httpx's HTTPTransport, its connections leases of the broker's `pool`. `lend`: socket leases
+    (True) or the relay (False); None: socket leases wherever the pool lends them."""
 
     def __init__(
         self,
@@ -172,17 +205,19 @@ class PoolBrokerTransport(httpx.HTTPTransport):
         pool: str,
         *,
         tag: str | None = None,
+        lend: bool | None = None,
         limits: httpx.Limits = httpx.Limits(),  # noqa: B008 (httpx's own default, immutable)
         retries: int = 0,
     ) -> None:
         super().__init__(limits=limits, retries=retries)
         self._pool = httpcore.ConnectionPool(
-            network_backend=LeaseBackend(broker, pool, tag), **_pool_options(limits, retries)
+            network_backend=LeaseBackend(broker, pool, tag, lend), **_pool_options(limits, retries)
         )
 
 
 class AsyncPoolBrokerTransport(httpx.AsyncHTTPTransport):
-    """httpx's AsyncHTTPTransport, its connections AsyncLeases of the broker's `pool`."""
+    """httpx's AsyncHTTPTransport, its connections AsyncLeases of the broker's `pool` (`lend` as
+    PoolBrokerTransport's)."""
 
     def __init__(
         self,
@@ -190,9 +225,10 @@ class AsyncPoolBrokerTransport(httpx.AsyncHTTPTransport):
         pool: str,
         *,
         tag: str | None = None,
+        lend: bool | None = None,
         limits: httpx.Limits = httpx.Limits(),  # noqa: B008
         retries: int = 0,
     ) -> None:
         super().__init__(limits=limits, retries=retries)
-        backend = AsyncLeaseBackend(broker, pool, tag)
+        backend = AsyncLeaseBackend(broker, pool, tag, lend)
         self._pool = httpcore.AsyncConnectionPool(network_backend=backend, **_pool_options(limits, retries))

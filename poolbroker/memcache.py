@@ -13,6 +13,9 @@ I/O goes through a lazy lease, asked for with the command's bytes; each command 
 back when it returns (a noreply command's bytes go with that release, in one round trip that
 raises if they could not be sent). memcached keeps no session, so nothing needs resetting between
 holders; a command that fails has its lease discarded (pymemcache closes its socket then).
+
+Where the pool lends its sockets (the broker's host), each command runs on a socket lease instead:
+pymemcache writes to and reads from memcached's socket itself (`lend=False`: the relay).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Any
 from pymemcache.client.base import Client as PymemcacheClient
 
 from poolbroker.client import Client as BrokerClient
-from poolbroker.client.extension import LeasedSocket
+from poolbroker.client.extension import LeasedSocket, LentSocket, described, lends
+from poolbroker.sessions import Stateless
 
-__all__ = ["Client", "LeaseSocket", "LeaseSocketModule"]
+__all__ = ["Client", "LeaseSocket", "LeaseSocketModule", "LentLeaseSocket"]
 
 
 class LeaseSocket(LeasedSocket):
@@ -41,6 +45,14 @@ class LeaseSocket(LeasedSocket):
         self.lease.discard()
 
 
+class LentLeaseSocket(LentSocket):
+    """The socket pymemcache holds where the pool lends: each command on a socket lease of its own,
+    given back when the command returns (discarded if pymemcache closes it after a failure)."""
+
+    def connect(self, address: Any) -> None:
+        pass  # where to connect is the broker pool's business
+
+
 class LeaseSocketModule:
     """What pymemcache's `socket_module` hook takes: the socket module's names, with sockets that
     are leases of `pool`."""
@@ -49,30 +61,42 @@ class LeaseSocketModule:
     SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY = socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY
     error, timeout = socket.error, socket.timeout
 
-    def __init__(self, broker: BrokerClient, pool: str, tag: str | None = None) -> None:
+    def __init__(self, broker: BrokerClient, pool: str, tag: str | None = None, lend: bool | None = None) -> None:
         self.broker = broker
         self.pool = pool
         self.tag = tag
+        self.lend = lend
 
     def getaddrinfo(self, host: str, port: int, *args: Any) -> list[tuple[Any, ...]]:
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
 
-    def socket(self, *args: Any) -> LeaseSocket:
+    def socket(self, *args: Any) -> LeaseSocket | LentLeaseSocket:
+        if lends(self.broker, described(self.broker, self.pool), self.lend):
+            return LentLeaseSocket(self.broker, self.pool, Stateless, self.tag)
         return LeaseSocket(self.broker, self.pool, self.tag)
 
 
 class Client(PymemcacheClient):  # type: ignore[misc]
     """pymemcache's Client, each command on a lease of the broker's `pool`. Takes pymemcache's
-    own options (serde, timeouts, default_noreply...) except where to connect."""
+    own options (serde, timeouts, default_noreply...) except where to connect. `lend`: socket
+    leases (True) or the relay (False); None: socket leases wherever the pool lends them."""
 
-    def __init__(self, broker: BrokerClient, pool: str = "memcached", *, tag: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        broker: BrokerClient,
+        pool: str = "memcached",
+        *,
+        tag: str | None = None,
+        lend: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         for key in ("server", "socket_module", "tls_context", "socket_keepalive"):
             if key in kwargs:
                 raise ValueError(f"{key}: where and how to connect is the broker pool's business")
-        super().__init__((pool, 0), socket_module=LeaseSocketModule(broker, pool, tag), **kwargs)
+        super().__init__((pool, 0), socket_module=LeaseSocketModule(broker, pool, tag, lend), **kwargs)
 
     def _give_back(self) -> None:
-        if isinstance(self.sock, LeaseSocket):  # (None after a failure: pymemcache closed it)
+        if isinstance(self.sock, (LeaseSocket, LentLeaseSocket)):  # (None after a failure: pymemcache closed it)
             self.sock.give_back()
 
     def _fetch_cmd(self, *args: Any, **kwargs: Any) -> Any:

@@ -15,7 +15,10 @@ are the pool's settings, not requests' `verify` or `cert`. The adapter keeps req
 urllib3's own machinery (retries, streaming, timeouts, cookies); under it each connection urllib3
 keeps is a LeasedSocket: each request runs on a lease of its own, asked for with the request's
 bytes and ended by the end of its response (in an `http` pool the broker sees it), or when urllib3
-takes the connection back. An idle Session holds no upstream connection.
+takes the connection back. An idle Session holds no upstream connection. Where the pool lends its
+sockets (the broker's host, no TLS), each request runs on a socket lease instead (a LentSocket:
+urllib3 writes to and reads from the upstream socket itself, the stream followed by h11 to give it
+back at the response's end); `lend=False` keeps the relay.
 """
 
 from __future__ import annotations
@@ -28,22 +31,28 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util import parse_url
 
 from poolbroker.client import Client
-from poolbroker.client.extension import LeasedSocket
+from poolbroker.client.extension import LeasedSocket, LentSocket, described, lends
+from poolbroker.sessions.http import HttpSession
 
 __all__ = ["PoolBrokerAdapter"]
 
 
 class LeaseHTTPConnection(HTTPConnection):
-    """urllib3's HTTPConnection, connected to a LeasedSocket instead of the network."""
+    """urllib3's HTTPConnection, connected to a LeasedSocket (or a LentSocket) instead of the network."""
 
-    def __init__(self, *args: Any, broker: Client, lease_pool: str, tag: str | None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, broker: Client, lease_pool: str, tag: str | None, lend: bool | None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.broker = broker
         self.lease_pool = lease_pool
         self.tag = tag
+        self.lend = lend
 
     def _new_conn(self) -> Any:
         timeout = self.timeout if isinstance(self.timeout, int | float) else None
+        if lends(self.broker, described(self.broker, self.lease_pool), self.lend):
+            return LentSocket(self.broker, self.lease_pool, HttpSession, self.tag, timeout, when_done=True)
         return LeasedSocket(self.broker, self.lease_pool, self.tag, timeout)
 
     @property
@@ -59,7 +68,7 @@ class LeaseConnectionPool(HTTPConnectionPool):
     ConnectionCls = LeaseHTTPConnection
 
     def _put_conn(self, conn: Any) -> None:
-        if conn is not None and isinstance(conn.sock, LeasedSocket):
+        if conn is not None and isinstance(conn.sock, (LeasedSocket, LentSocket)):
             conn.sock.give_back()
         super()._put_conn(conn)
 
@@ -67,12 +76,16 @@ class LeaseConnectionPool(HTTPConnectionPool):
 class PoolBrokerAdapter(HTTPAdapter):
     """A requests transport adapter sending every request through a lease of the broker's `pool`
     (an `http` pool, so that each response's end ends its lease). `pool_maxsize` bounds the
-    connections urllib3 keeps per host in this process; the broker's `max_size` bounds them all."""
+    connections urllib3 keeps per host in this process; the broker's `max_size` bounds them all.
+    `lend`: socket leases (True) or the relay (False); None: socket leases wherever the pool lends."""
 
-    def __init__(self, broker: Client, pool: str, *, tag: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, broker: Client, pool: str, *, tag: str | None = None, lend: bool | None = None, **kwargs: Any
+    ) -> None:
         self.broker = broker
         self.pool = pool
         self.tag = tag
+        self.lend = lend
         self._pools: dict[tuple[str, int | None], LeaseConnectionPool] = {}
         super().__init__(**kwargs)
 
@@ -93,6 +106,7 @@ class PoolBrokerAdapter(HTTPAdapter):
                 broker=self.broker,
                 lease_pool=self.pool,
                 tag=self.tag,
+                lend=self.lend,
             )
         return pool
 

@@ -140,7 +140,7 @@ def command_line() -> str:
 
 def metrics() -> str:
     pool = PoolState(PoolConfig("example", "127.0.0.1", 6379))
-    server = SimpleNamespace(pools={"example": pool}, requests_received=0, bad_requests=0)
+    server = SimpleNamespace(pools={"example": pool}, requests_received=0, bad_requests=0, lending=None)
     lines = [
         "# Metrics\n",
         'With `metrics_bind = "HOST:PORT"`, the broker serves Prometheus\'s `/metrics` there (and the',

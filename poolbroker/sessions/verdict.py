@@ -41,3 +41,17 @@ def report(session: Session) -> str:
     """The verdict as a lent socket's release says it (the wire's `session`: clean, reset or
     out_of_sync, the outcomes' own names)."""
     return session.verdict()[0].value
+
+
+class Stateless:
+    """A protocol that keeps no session (memcached's): a client that read every reply it asked for
+    gives the connection back as it is (one that failed mid-command discards it instead)."""
+
+    def sent(self, data: bytes | memoryview) -> None:
+        pass
+
+    def received(self, data: bytes) -> None:
+        pass
+
+    def verdict(self) -> Verdict:
+        return CLEAN, ""

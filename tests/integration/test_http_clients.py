@@ -1,7 +1,7 @@
-"""HTTP clients over leases, against a real HTTP/1.1 server with keep-alive, plain and through a pool
-with `tls = true`: requests and httpx (sync and async) work unchanged, the server sees its
-connections reused and never more of them open at once than the pool's max_size, and an idle
-client holds none."""
+"""HTTP clients over leases, against a real HTTP/1.1 server with keep-alive, plain (through the relay,
+and on socket leases) and through a pool with `tls = true` (the relay: a TLS pool never lends):
+requests and httpx (sync and async) work unchanged, the server sees its connections reused and
+never more of them open at once than the pool's max_size, and an idle client holds none."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ from tests.support import Broker, HttpUpstream, TestCertificates
 HTTP_POOL = ("--protocol", "http", "--probe-send", "HEAD /health HTTP/1.1", "--max-size", "2")
 
 
-@pytest.fixture(params=["plain", "tls"])
+@pytest.fixture(params=["relay", "socket", "tls"])
 def served(request: pytest.FixtureRequest, certs: TestCertificates) -> Iterator[tuple[HttpUpstream, tuple[str, ...]]]:
-    """The server, and the broker flags for a pool in front of it (with TLS to it when it has TLS)."""
-    if request.param == "plain":
+    """The server, and the broker flags for a pool in front of it (with TLS to it when it has TLS;
+    plain, the pool lends its sockets or not)."""
+    if request.param == "relay":
+        server, flags = HttpUpstream(), ("--no-lend-sockets",)
+    elif request.param == "socket":
         server, flags = HttpUpstream(), ()
     else:
         server, flags = (
@@ -86,8 +89,10 @@ def test_a_requests_call_is_one_message_and_its_answer(
     for _ in range(20):
         # HEAD: the server writes its answer in one piece, so one read takes it all
         assert session.head("http://api.internal/health", timeout=5).status_code == 200
-    # Each request carried its lease request, and the end of its response ended the lease.
-    assert c.broker_stats()["requests_received"] - before - 1 == 20
+    # Through the relay, each request carried its lease request, and the end of its response ended
+    # the lease. A socket lease: its request and its release.
+    per_request = 2 if "--no-lend-sockets" not in tls and "--tls" not in tls else 1
+    assert c.broker_stats()["requests_received"] - before - 1 == 20 * per_request
     c.close()
 
 
@@ -104,7 +109,9 @@ def test_httpx_sync_and_async_through_the_pool_within_the_bound(
         before = c.broker_stats()["requests_received"]
         for _ in range(20):
             assert api.head("/health").status_code == 200
-        assert c.broker_stats()["requests_received"] - before - 1 == 20  # one message per request
+        lent = "--no-lend-sockets" not in tls and "--tls" not in tls
+        # one message per request through the relay; a socket lease's request and release
+        assert c.broker_stats()["requests_received"] - before - 1 == 20 * (2 if lent else 1)
         assert c.stats("api")["api"]["leases_active"] == 0  # an idle httpx client holds no connection
 
     async def many_tasks() -> list[int]:

@@ -1,6 +1,7 @@
 """pymemcache over leases, against a real memcached: its commands work unchanged, each costs one
-round trip and a one-way release (a noreply store: one message), and however many threads use it
-memcached never sees more of the broker's connections than the pool's max_size."""
+round trip and a one-way release (a noreply store through the relay: one message), and however
+many threads use it memcached never sees more of the broker's connections than the pool's
+max_size; on both kinds of lease, the relay and the socket lease."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from poolbroker.memcache import Client as MemcacheClient
 from tests.support import BoundSampler, Broker, MemcachedServer
 
 
+@pytest.fixture(params=[False, True], ids=["relay", "socket"])
+def lend(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 def messages(c: Client, action: Callable[[], object]) -> int:
     """Messages the broker received for `action` (the stats request that counts them taken off)."""
     before = c.broker_stats()["requests_received"]
@@ -23,11 +29,11 @@ def messages(c: Client, action: Callable[[], object]) -> int:
 
 
 def test_pymemcache_runs_unchanged_each_command_on_a_lease(
-    memcached: MemcachedServer, start_broker: Callable[..., Broker]
+    lend: bool, memcached: MemcachedServer, start_broker: Callable[..., Broker]
 ) -> None:
     broker = start_broker("--upstream", f"cache=127.0.0.1:{memcached.port}", "--protocol", "memcached")
     c = Client(broker.endpoint)
-    cache = MemcacheClient(c, "cache")
+    cache = MemcacheClient(c, "cache", lend=lend)
     assert cache.set("greeting", "hello", noreply=False) is True
     assert cache.get("greeting") == b"hello"
     assert cache.add("greeting", "again", noreply=False) is False  # already there
@@ -40,8 +46,10 @@ def test_pymemcache_runs_unchanged_each_command_on_a_lease(
     assert cache.delete("a", noreply=False) is True and cache.get("a") is None
     with pytest.raises(MemcacheIllegalInputError):
         cache.get("has space")  # refused before anything is sent: no lease is asked for
-    assert messages(c, lambda: cache.get("greeting")) == 2  # the command with its lease request, the release
-    assert messages(c, lambda: cache.set("quiet", "x")) == 1  # noreply: its bytes go with the release
+    # The relay: the command with its lease request, then the release (a noreply store's bytes go
+    # with the release). A socket lease: its request and its release, the bytes on memcached's socket.
+    assert messages(c, lambda: cache.get("greeting")) == 2
+    assert messages(c, lambda: cache.set("quiet", "x")) == (2 if lend else 1)
     assert cache.get("quiet") == b"x"
     stats = c.stats("cache")["cache"]
     assert (stats["leases_active"], stats["connections_created"], stats["connections_closed"]) == (0, 1, 0)
@@ -49,7 +57,7 @@ def test_pymemcache_runs_unchanged_each_command_on_a_lease(
 
 
 def test_many_threads_stay_within_the_pools_bound(
-    memcached: MemcachedServer, start_broker: Callable[..., Broker]
+    lend: bool, memcached: MemcachedServer, start_broker: Callable[..., Broker]
 ) -> None:
     broker = start_broker(
         "--upstream", f"cache=127.0.0.1:{memcached.port}", "--protocol", "memcached", "--max-size", "2"
@@ -58,7 +66,7 @@ def test_many_threads_stay_within_the_pools_bound(
     errors: list[BaseException] = []
 
     def work(n: int) -> None:
-        cache = MemcacheClient(c, "cache")  # (a pymemcache Client is one thread's)
+        cache = MemcacheClient(c, "cache", lend=lend)  # (a pymemcache Client is one thread's)
         try:
             for i in range(100):
                 cache.set(f"k{n}", str(i), noreply=False)

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from poolbroker.broker.decide.checks import Check, line_checks
 from poolbroker.broker.decide.protocols import postgres, redis
-from poolbroker.broker.decide.protocols.http import HttpSession
 from poolbroker.broker.settings import RESET_AUTO, RESET_DISCARD, RESET_OFF, PoolConfig
+from poolbroker.sessions.http import HttpSession
+from poolbroker.sessions.over import conversation_over
 from poolbroker.sessions.postgres import PostgresSession
 from poolbroker.sessions.redis import RedisSession
 from poolbroker.sessions.verdict import CLEAN, OUT_OF_SYNC, RESET, Session
@@ -88,12 +89,8 @@ class PoolProtocol:
         return self.reset_mode in (RESET_DISCARD, "steps") or (self.name != "tcp" and self.reset_mode != RESET_OFF)
 
     def conversation_over(self, session: Session | None) -> bool:
-        """Every command has its answer and the session is as it was handed out (PostgreSQL:
-        between transactions, whatever the reset must undo): a lease asked to end "when done" ends
-        now. A pool that follows no stream (tcp, memcached) can't tell, and never ends one early."""
-        if isinstance(session, PostgresSession):
-            return session.at_rest()
-        return session is not None and session.verdict()[0] is CLEAN
+        """A lease asked to end "when done" ends now (poolbroker.sessions.over)."""
+        return conversation_over(session)
 
     def on_return(self, session: Session | None) -> Return:
         """Decide what a clean return (no failed I/O, nothing unread) does with the connection."""

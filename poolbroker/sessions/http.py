@@ -5,7 +5,7 @@ middle of a request or a response (a body it did not read, a request it did not 
 the next holder the rest. `HttpSession` follows both directions with h11, which knows HTTP's
 framing (Content-Length, chunks, HEAD, 1xx, Connection: close): the requests the holder sends are
 parsed by a server-role h11 connection, mirrored into a client-role one, which then parses the
-responses read back.
+responses read back. A client on a socket lease follows its own stream with it too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class HttpSession:
         self._error = ""
 
     def sent(self, data: bytes | memoryview) -> None:
-        if self._error:
+        if self._error or not data:  # (an empty write is no end of stream: h11 would take it for one)
             return
         try:
             self._requests.receive_data(bytes(data))
