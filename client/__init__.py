@@ -19,6 +19,7 @@ from poolbroker.client._errors import (
 )
 from poolbroker.client._lease import Lease
 from poolbroker.client._lending import SocketLease
+from poolbroker.client._scope import LeaseScope
 from poolbroker.wire.endpoint import default_endpoint
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Client",
     "Lease",
     "LeaseLost",
+    "LeaseScope",
     "LimitExceeded",
     "NotAuthorized",
     "NotLent",

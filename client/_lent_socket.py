@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from poolbroker.client._errors import UpstreamError
 from poolbroker.client._exchanges import DEFAULT_RECV
 from poolbroker.client._lease import socket_file
+from poolbroker.client._scope import kept_by_scope
 from poolbroker.sessions import Session, report
 from poolbroker.sessions.over import conversation_over
 
@@ -72,7 +73,13 @@ class LentSocket:
         return self.lease is not None
 
     def give_back(self) -> None:
-        """The conversation is over: the socket goes back, with its session's verdict."""
+        """The conversation is over: the socket goes back, with its session's verdict (when a
+        LeaseScope is open, at its end)."""
+        if self.lease is not None and not kept_by_scope(self):
+            self.end_hold()
+
+    def end_hold(self) -> None:
+        """Give the socket back now, with its session's verdict."""
         lease, session, self.lease, self._session = self.lease, self._session, None, None
         if lease is not None:
             lease.release(report(session) if session is not None else None)
@@ -222,7 +229,13 @@ class AsyncLentConversations:
         return lease, session
 
     async def give_back(self) -> None:
-        """The conversation is over: the socket goes back, with its session's verdict."""
+        """The conversation is over: the socket goes back, with its session's verdict (when a
+        LeaseScope is open, at its end)."""
+        if self.lease is not None and not kept_by_scope(self):
+            self.end_hold()
+
+    def end_hold(self) -> None:
+        """Give the socket back now, with its session's verdict."""
         lease, session = self._end()
         if lease is not None:
             lease.release(report(session) if session is not None else None)

@@ -5,8 +5,10 @@
 
 The broker has two pools: "redis" (protocol = "redis") and "api" (protocol = "http", an HTTP
 service). Paths: /hit counts a hit in Redis and answers "PID HITS"; /api asks the API's /health
-and answers its status; /hold?seconds=N holds a Redis lease that long (to show what happens when
-a worker holding one is killed). Plain ASGI, no framework: what matters is the clients.
+and answers its status; /five runs five Redis commands (a hit and four reads); /hold?seconds=N
+holds a Redis lease that long (to show what happens when a worker holding one is killed). Plain
+ASGI, no framework: what matters is the clients. `held_app` is the same app with one lease per
+request (poolbroker.web.AsyncLeasePerRequest): /five's commands then share one socket lease.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import redis.asyncio
 from poolbroker import AsyncClient
 from poolbroker.httpx import AsyncPoolBrokerTransport
 from poolbroker.redis_asyncio import AsyncBrokerConnectionPool
+from poolbroker.web import AsyncLeasePerRequest
 
 # At import time, even before fork: sockets are made per process and event loop, on first use.
 broker = AsyncClient()
@@ -38,6 +41,10 @@ async def app(
     path = scope["path"]
     if path == "/hit":
         body = f"{os.getpid()} {await cache.incr('hits')}\n".encode()
+    elif path == "/five":
+        hits = await cache.incr("hits")
+        seen = [await cache.get("hits") for _ in range(4)]
+        body = f"{os.getpid()} {hits} {len(seen)}\n".encode()
     elif path == "/api":
         body = f"{(await api.get('/health')).status_code}\n".encode()
     elif path == "/hold":
@@ -52,3 +59,6 @@ async def app(
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+held_app = AsyncLeasePerRequest(app)  # one lease per request, whatever its commands

@@ -4,8 +4,12 @@
     ... gunicorn -w 4 --preload examples.gunicorn_app:app     # the Client is made before fork: fine
 
 Paths: /hit counts a hit in Redis through redis-py (each command one lease) and answers "PID HITS";
-/raw does the same on a lease by hand; /hold?seconds=N holds a lease that long (for showing what
-happens when gunicorn's worker timeout kills a worker holding one).
+/five runs five commands (a hit and four reads); /raw does the same as /hit on a lease by hand;
+/hold?seconds=N holds a lease that long (for showing what happens when gunicorn's worker timeout
+kills a worker holding one). `held_app` is the same app with one lease per request
+(poolbroker.web.LeasePerRequest): /five's commands then share one socket lease.
+
+    ... gunicorn -w 4 examples.gunicorn_app:held_app
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import redis
 
 from poolbroker import Client
 from poolbroker.redis import BrokerConnectionPool
+from poolbroker.web import LeasePerRequest
 
 # At import time, even under --preload: no socket is made until the first request, in the worker.
 client = Client()
@@ -29,6 +34,10 @@ def app(environ: dict[str, object], start_response: Callable[..., object]) -> It
     path = environ.get("PATH_INFO")
     if path == "/hit":
         body = f"{os.getpid()} {redis_client.incr('hits')}\n".encode()
+    elif path == "/five":
+        hits = redis_client.incr("hits")
+        seen = [redis_client.get("hits") for _ in range(4)]
+        body = f"{os.getpid()} {hits} {len(seen)}\n".encode()
     elif path == "/raw":
         with client.lease("redis", tag="wsgi-raw", lazy=True) as conn:
             reply = conn.request(b"INCR hits\r\n", until=b"\r\n")  # ":<n>\r\n"
@@ -43,3 +52,6 @@ def app(environ: dict[str, object], start_response: Callable[..., object]) -> It
         return [b""]
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+held_app = LeasePerRequest(app)  # one lease per request, whatever its commands

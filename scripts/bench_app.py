@@ -2,9 +2,11 @@
 
     .venv/bin/python scripts/bench_app.py [--seconds 10] [--rounds 2] [--workers 8] [--max-size 4]
 
-examples/gunicorn_app.py (GET /hit: one Redis INCR through redis-py over BrokerConnectionPool;
-GET /raw: the same INCR in raw RESP on a lazy lease) under gunicorn with 8 sync workers, and beside
-it the same app with redis-py's own pool in each worker (`direct_app` below), and as a floor the
+examples/gunicorn_app.py (GET /hit: one Redis INCR through redis-py over BrokerConnectionPool, on
+socket leases; GET /raw: the same INCR in raw RESP on a lazy relay lease; GET /five on `held_app`:
+five commands on one socket lease per request, poolbroker.web.LeasePerRequest) under gunicorn with
+8 sync workers, and beside it the same app with redis-py's own pool in each worker (`direct_app`
+below, /hit and /five), and as a floor the
 same INCR sent raw through the bare-bones relay of scripts/bench.py (`relay_app`: one ZeroMQ round
 trip per request and nothing else), taking turns, each loaded by `wrk -t 2 -c 32 -d SECONDS
 --latency`. Printed per run: requests/s, latency p50 and p99, and the most connections Redis saw
@@ -26,11 +28,17 @@ _direct = redis.Redis.from_url(os.environ.get("BENCH_REDIS_URL", "redis://127.0.
 
 
 def direct_app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
-    """As the example's /hit, with redis-py's own connection pool (one per worker process)."""
-    if environ.get("PATH_INFO") != "/hit":
+    """As the example's /hit and /five, with redis-py's own connection pool (one per worker process)."""
+    path = environ.get("PATH_INFO")
+    if path == "/hit":
+        body = f"{os.getpid()} {_direct.incr('hits')}\n".encode()
+    elif path == "/five":
+        hits = _direct.incr("hits")
+        seen = [_direct.get("hits") for _ in range(4)]
+        body = f"{os.getpid()} {hits} {len(seen)}\n".encode()
+    else:
         start_response("404 Not Found", [("Content-Length", "0")])
         return [b""]
-    body = f"{os.getpid()} {_direct.incr('hits')}\n".encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -123,26 +131,32 @@ def main() -> None:
     redis_server = RedisServer().start()
     # One app at a time, started afresh for each run (and for poolbroker its broker): Redis's
     # connection count is then that app's.
-    direct, pooled = "redis-py's own pool per worker (direct)", f"redis-py over poolbroker (pool of {args.max_size})"
-    raw = f"raw INCR on a lazy lease, poolbroker (pool of {args.max_size})"
+    direct, pooled = "redis-py's own pool per worker (direct)", f"redis-py, socket leases (pool of {args.max_size})"
+    raw = f"raw INCR on a lazy relay lease (pool of {args.max_size})"
     relayed = f"raw INCR over the bare-bones relay ({args.max_size} conns)"
-    results: dict[str, list[tuple[float, float, float, int, int]]] = {direct: [], pooled: [], raw: [], relayed: []}
+    five_direct = "/five: redis-py's own pool per worker (direct)"
+    five_held = f"/five: one socket lease per request ({args.max_size})"
+    results: dict[str, list[tuple[float, float, float, int, int]]] = {
+        name: [] for name in (direct, pooled, raw, relayed, five_direct, five_held)
+    }
     workdir = short_tempdir()
     try:
         for _ in range(args.rounds):
             for name in results:
                 middle: Broker | Script | None = None
-                if name in (pooled, raw):
+                if name in (pooled, raw, five_held):
                     flags = ("--max-size", str(args.max_size), "--protocol", "redis")
                     middle = broker = Broker("--upstream", f"redis={redis_server.address}", *flags).start()
-                    path = "/hit" if name == pooled else "/raw"
-                    proc, url = serve("examples.gunicorn_app:app", {"POOLBROKER_ENDPOINT": broker.endpoint}, path)
+                    path, app = {pooled: ("/hit", "app"), raw: ("/raw", "app"), five_held: ("/five", "held_app")}[name]
+                    env = {"POOLBROKER_ENDPOINT": broker.endpoint}
+                    proc, url = serve(f"examples.gunicorn_app:{app}", env, path)
                 elif name == relayed:
                     endpoint = f"ipc://{workdir}/relay.sock"
                     middle = Script(RELAY, endpoint, str(redis_server.port), str(args.max_size))
                     proc, url = serve("bench_app:relay_app", {"BENCH_RELAY": endpoint})
                 else:
-                    proc, url = serve("bench_app:direct_app", {"BENCH_REDIS_URL": f"redis://{redis_server.address}"})
+                    env = {"BENCH_REDIS_URL": f"redis://{redis_server.address}"}
+                    proc, url = serve("bench_app:direct_app", env, "/five" if name == five_direct else "/hit")
                 try:
                     figures, peak = peak_connections(redis_server, lambda url=url: load(url))  # type: ignore[misc]
                 finally:
@@ -168,7 +182,15 @@ def main() -> None:
     report.add("ratios", "poolbroker / direct", requests_s=round(mean[pooled] / mean[direct], 2))
     report.add("ratios", "bare-bones relay / direct", requests_s=round(mean[relayed] / mean[direct], 2))
     report.add("ratios", "raw INCR, poolbroker / bare-bones relay", requests_s=round(mean[raw] / mean[relayed], 2))
-    print(f"poolbroker / direct requests/s: {mean[pooled] / mean[direct]:.2f}x (target at least 0.8x)")
+    report.add(
+        "ratios",
+        "/five, one socket lease per request / direct",
+        requests_s=round(mean[five_held] / mean[five_direct], 2),
+    )
+    print(f"poolbroker (socket leases) / direct requests/s: {mean[pooled] / mean[direct]:.2f}x (target at least 0.85x)")
+    print(
+        f"/five, one socket lease per request / direct: {mean[five_held] / mean[five_direct]:.2f}x (target at least 0.9x)"
+    )
     print(f"bare-bones relay / direct requests/s: {mean[relayed] / mean[direct]:.2f}x (the floor of a ZeroMQ hop)")
     print(f"raw INCR, poolbroker / bare-bones relay requests/s: {mean[raw] / mean[relayed]:.2f}x")
     report.save()

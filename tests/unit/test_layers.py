@@ -72,6 +72,7 @@ ADAPTERS = {
     "poolbroker.postgres._greeter",
     "poolbroker.postgres._statements",
     "poolbroker.pytest_plugin",
+    "poolbroker.web",
 }  # the package's face: the client's users
 
 

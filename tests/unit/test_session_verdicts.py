@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from poolbroker.broker.decide.probes import LineCheck, ProbeFailed
 from poolbroker.broker.decide.protocols import CLOSE, KEEP, RUN_RESET, pool_protocol
-from poolbroker.sessions.http import HttpSession
 from poolbroker.broker.settings import ConfigError, PoolConfig
 from poolbroker.sessions import Outcome, report
+from poolbroker.sessions.http import HttpSession
 from poolbroker.sessions.redis import RedisSession
 from poolbroker.sessions.resp import RespReader, encode_command
 from poolbroker.sessions.verdict import CLEAN, OUT_OF_SYNC, RESET
