@@ -123,6 +123,10 @@ class Lending:
                 data = sock.recv(MAX_PACKET)
             except BlockingIOError:
                 return
+            except ConnectionResetError:
+                # It closed with a reply of ours unread (a grant its exit cut short): what it sent
+                # before, a release among them, is still to be read, then its end.
+                continue
             except OSError as exc:
                 self._gone(fd, now, f"its lending connection failed: {exc}")
                 return

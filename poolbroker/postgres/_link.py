@@ -189,7 +189,7 @@ class PgLink:
                 self._unsynced = False
             elif kind == TERMINATE:
                 terminate = True
-        if ends is not None:
+        if ends is not None and not (terminate and len(messages) == 1):  # (a goodbye alone takes no lease)
             data = self._edit(data, messages, ends)
         if terminate:  # (always the driver's last message: the pooled connection stays open)
             data = data[:-5]

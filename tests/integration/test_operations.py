@@ -194,7 +194,8 @@ def test_top_refreshes_in_place_in_a_terminal(redis_server: RedisServer, start_b
         assert b"redis" in screen
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        # (read on while it stops: a full terminal would hold up its last frame, and its exit)
+        wait_for(lambda: frames() >= 0 and proc.poll() is not None, timeout=10, what="top to stop")
         os.close(controller)
 
 

@@ -52,7 +52,14 @@ def run_pytest(tests: Path, redis: RedisServer, *extra: str) -> subprocess.Popen
     argv += ["--poolbroker-protocol", "redis", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        argv, cwd=tests.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        cwd=tests.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # (as from a terminal: Ctrl-C's default, whatever this worker process was given)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

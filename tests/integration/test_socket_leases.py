@@ -129,6 +129,45 @@ def test_a_holder_killed_while_holding_is_reclaimed_at_once_and_leaves_nothing(
         holder.wait()
 
 
+EXITS_WITH_A_GRANT_UNREAD = """
+import os, select, sys
+from poolbroker import Client
+from poolbroker.wire.protocol import VERSION, lease_request
+
+c = Client(sys.argv[1])
+lease = c.lease("redis", socket=True)
+lease.socket.sendall(b"CLIENT ID\\r\\n")
+print(lease.socket.recv(100).decode().strip(":\\r\\n"), flush=True)
+lender = lease._lender
+# Another pool's lease asked for (as another thread would), its grant come and left unread; then
+# the release, one way, and the exit: the broker's next read of this connection reports a reset
+# before the release it still holds.
+lender.sock.send(lender._packer.pack({"v": VERSION, "id": 99, **lease_request("other", 5.0, os.getpid(), "h", None)}))
+select.select([lender.sock], [], [], 10)
+lease.release("clean")
+os._exit(0)
+"""
+
+
+def test_a_release_before_an_exit_with_a_grant_unread_still_counts(
+    start_broker: Callable[..., Broker], own_redis: RedisServer
+) -> None:
+    broker = start_broker("--upstream", f"redis={own_redis.address}", "--upstream", f"other={own_redis.address}")
+    holder = subprocess.run(
+        [sys.executable, "-c", EXITS_WITH_A_GRANT_UNREAD, broker.endpoint],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=30,
+        check=True,
+    )
+    first_id = int(holder.stdout)
+    with Client(broker.endpoint) as c:
+        wait_for(lambda: c.stats("other")["other"]["leases_reclaimed"] == 1, what="the unread grant's reclaim")
+        with c.lease("redis", socket=True) as lease:  # the released connection, kept: not reclaimed
+            assert command(lease, b"CLIENT ID") == f":{first_id}\r\n".encode()
+        assert c.stats("redis")["redis"]["leases_reclaimed"] == 0
+
+
 def test_a_frozen_holder_past_max_lease_time_is_cut_off_and_its_next_io_fails(
     start_broker: Callable[..., Broker], own_redis: RedisServer
 ) -> None:
@@ -334,6 +373,26 @@ def test_a_postgres_session_left_on_a_lent_socket_never_reaches_the_next_holder(
             [row] = [body for kind, body in answers if kind == ord("D")]
             assert row.endswith(b"0")  # (no such table)
             assert answers[-1] == (ord("Z"), b"I")  # (idle: no transaction)
+
+
+def test_psycopg_in_transaction_mode_takes_a_socket_lease_per_transaction_and_none_to_close(
+    pg_server: PostgresServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    from poolbroker import postgres
+
+    config = pg_pool(tmp_path, pg_server, password_env="PG_PASSWORD", database="postgres", pool_mode="transaction")
+    broker = start_broker("--config", config, env={**os.environ, "PG_PASSWORD": pg_server.password})
+    with Client(broker.endpoint) as c:
+        conn = postgres.connect(c, "pg", autocommit=True)
+        before = c.stats("pg")["pg"]["requests_num"]
+        for n in range(3):
+            assert conn.execute("SELECT %s::int", [n]).fetchone() == (n,)
+            assert c.stats("pg")["pg"]["leases_active"] == 0  # (given back at the transaction's end)
+        with conn.transaction():
+            conn.execute("SELECT 1")
+            assert c.stats("pg")["pg"]["leases_active"] == 1  # (held to the COMMIT)
+        conn.close()
+        assert c.stats("pg")["pg"]["requests_num"] - before == 4  # (the close took none)
 
 
 def test_redis_py_runs_on_lent_sockets_by_default_and_resets_only_what_a_command_changed(
