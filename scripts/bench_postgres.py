@@ -9,9 +9,13 @@ Each of N processes (forked, each with its own psycopg connections) runs a short
     persistent          one psycopg connection per process, kept (as many backends as processes)
     pgbouncer           one psycopg connection per process to PgBouncer, transaction mode, pool 10
     poolbroker-session  poolbroker.postgres.connect() per transaction on a session-mode pool of 10
-                        (each connection's lease ends with DISCARD ALL)
+                        (each connection's lease ends with DISCARD ALL), on socket leases
     poolbroker-txn      one poolbroker.postgres.connect() per process, kept, on a transaction-mode
-                        pool of 10 (a lease per transaction)
+                        pool of 10: a socket lease per transaction (the upstream socket itself)
+    poolbroker-txn-relay  the same through the broker's relay (lend=False)
+    pg8000-pgbouncer    pg8000, one connection per process to PgBouncer, as pgbouncer
+    pg8000-poolbroker   one poolbroker.postgres.pg8000_connect() per process, transaction mode: a
+                        socket lease per transaction
 
 Printed per run: transactions/s, latency p50 and p99, the most backends PostgreSQL had at once
 (sampled every 20 ms from pg_stat_activity), errors, and the CPU each transaction cost: in the
@@ -45,7 +49,16 @@ from poolbroker import Client, postgres
 from tests.support import Broker, PostgresServer, free_port, pg_pool, wait_for
 
 SQL = "SELECT count(*) FROM pg_class WHERE relkind = 'r'"
-SCENARIOS = ("new-connection", "persistent", "pgbouncer", "poolbroker-session", "poolbroker-txn")
+SCENARIOS = (
+    "new-connection",
+    "persistent",
+    "pgbouncer",
+    "poolbroker-session",
+    "poolbroker-txn",
+    "poolbroker-txn-relay",
+    "pg8000-pgbouncer",
+    "pg8000-poolbroker",
+)
 
 
 class PgBouncer:
@@ -108,16 +121,33 @@ def worker_loop(scenario: str, target: dict[str, Any], seconds: float, barrier: 
             with postgres.connect(client, "pg-session", autocommit=True) as conn:
                 transaction(conn)
 
-    else:
+    elif not scenario.startswith("pg8000"):
         if scenario == "persistent":
             conn = psycopg.connect(**target["direct"], autocommit=True)
         elif scenario == "pgbouncer":
             conn = psycopg.connect(**target["bouncer"], autocommit=True)
         else:
-            conn = postgres.connect(Client(target["endpoint"], timeout=60), "pg-txn", autocommit=True)
+            lend = scenario != "poolbroker-txn-relay"
+            conn = postgres.connect(Client(target["endpoint"], timeout=60), "pg-txn", autocommit=True, lend=lend)
 
         def run() -> None:
             transaction(conn)
+
+    elif scenario.startswith("pg8000"):
+        import pg8000.native
+
+        if scenario == "pg8000-pgbouncer":
+            bouncer = target["bouncer"]
+            native = pg8000.native.Connection(
+                bouncer["user"], host=bouncer["host"], port=bouncer["port"], database="postgres"
+            )
+        else:
+            native = postgres.pg8000_connect(Client(target["endpoint"], timeout=60), "pg-txn")
+
+        def run() -> None:
+            native.run("BEGIN")
+            native.run(SQL)
+            native.run("COMMIT")
 
     latencies, errors = array.array("d"), 0
     barrier.wait()
@@ -127,7 +157,7 @@ def worker_loop(scenario: str, target: dict[str, Any], seconds: float, barrier: 
         try:
             run()
             latencies.append(time.monotonic() - started)
-        except psycopg.Error:
+        except Exception:  # (psycopg's, pg8000's: counted, the run goes on)
             errors += 1
     results.put((latencies.tobytes(), errors, cpu_of_self() - cpu))
 
@@ -182,7 +212,7 @@ def measure(scenario: str, procs: int, seconds: float, server: PostgresServer, p
     bouncer: PgBouncer | None = None
     observer = server.connect(autocommit=True)
     wait_for(lambda: backends(observer) == 0, timeout=30, what="the last run's backends gone")
-    if scenario.startswith("poolbroker"):
+    if scenario.startswith("poolbroker") or scenario == "pg8000-poolbroker":
         config = Path(tempfile.mkdtemp(prefix="pb-bench-")) / "broker.toml"
         pools = ""
         for name, mode in (("pg-session", "session"), ("pg-txn", "transaction")):
@@ -194,7 +224,7 @@ def measure(scenario: str, procs: int, seconds: float, server: PostgresServer, p
         config.write_text(pools)
         broker = Broker("--config", str(config)).start()
         target["endpoint"] = broker.endpoint
-    elif scenario == "pgbouncer":
+    elif scenario in ("pgbouncer", "pg8000-pgbouncer"):
         bouncer = PgBouncer(server, pool)
         target["bouncer"] = bouncer.dsn()
     context = multiprocessing.get_context("fork")
@@ -311,15 +341,20 @@ def main() -> None:
         cancels = {mode: measure_cancel(server, mode) for mode in ("session", "transaction")}
     finally:
         server.stop()
-    print("\nratios (targets: at least 5x new-connection at 100 processes, at least 0.5x PgBouncer, at most")
-    print(f"{args.pool} backends):")
+    print("\nratios (socket leases' targets: at least 10x new-connection at 100 processes, at least 1.0x")
+    print(f"PgBouncer with the same driver, at most {args.pool} backends):")
     for procs in sorted({p for _, p in rows}):
-        for ours in ("poolbroker-txn", "poolbroker-session"):
+        for ours, bouncer in (
+            ("poolbroker-txn", "pgbouncer"),
+            ("poolbroker-txn-relay", "pgbouncer"),
+            ("poolbroker-session", "pgbouncer"),
+            ("pg8000-poolbroker", "pg8000-pgbouncer"),
+        ):
             if (ours, procs) not in rows:
                 continue
             row = rows[ours, procs]
             parts = []
-            for other in ("new-connection", "pgbouncer"):
+            for other in ("new-connection", bouncer):
                 if (other, procs) in rows and rows[other, procs]["tps"]:
                     parts.append(f"{row['tps'] / rows[other, procs]['tps']:.2f}x {other}")
             parts.append(f"peak {row['backends']} backends")
