@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import select
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,10 @@ class LentSocket:
 
     def _current(self) -> socket.socket:
         return self.current().socket
+
+    def readable(self) -> bool:
+        """Bytes wait to be read now (or the upstream closed): one poll, the socket left as it is."""
+        return self.lease is not None and bool(select.select([self.lease.socket], [], [], 0)[0])
 
     @property
     def session(self) -> Session | None:

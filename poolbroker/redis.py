@@ -111,7 +111,14 @@ class LeaseConnection(Connection):
         sock = self._sock
         if (isinstance(sock, LeasedSocket) and sock.lease.fresh) or (isinstance(sock, LentSocket) and not sock.holding):
             return False
+        if isinstance(sock, LentSocket) and timeout == 0 and not self._unread() and not sock.readable():
+            return False  # (one poll: redis-py's own check toggles the socket's blocking mode twice)
         return bool(super().can_read(timeout))
+
+    def _unread(self) -> int:
+        """Bytes redis-py's parser holds unread (-1: it can't say)."""
+        unread = getattr(getattr(self._parser, "_buffer", None), "unread_bytes", None)
+        return int(unread()) if callable(unread) else -1
 
     def give_back(self) -> None:
         """The command or pipeline is done: release its lease (kept by the broker if clean). The
@@ -121,9 +128,7 @@ class LeaseConnection(Connection):
         sock = self._sock
         if not isinstance(sock, (LeasedSocket, LentSocket)):
             return
-        buffer = getattr(self._parser, "_buffer", None)
-        unread = getattr(buffer, "unread_bytes", None)
-        if callable(unread) and unread() == 0:
+        if self._unread() == 0:
             sock.give_back()
         elif isinstance(sock, LentSocket):
             sock.discard()  # (replies read here and not by redis-py: the stream is out of step)

@@ -65,6 +65,52 @@ def relay_app(environ: dict[str, object], start_response: Callable[..., object])
     return [body]
 
 
+_lending: list[object] = []  # this worker's connection to the lender (the bare-bones one, or ours)
+INCR = b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n"
+
+
+def lender_app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    """As /hit through the bare-bones lender of scripts/harness.py: the upstream socket lent for the
+    request, a raw INCR on it, given back. The floor of a socket lease (raw RESP, no redis-py)."""
+    import socket
+
+    from harness import bare_lease
+
+    if environ.get("PATH_INFO") != "/hit":
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    if not _lending:
+        lender = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        lender.connect(os.environ["BENCH_LENDER"])
+        _lending.append(lender)
+    lender = _lending[0]
+    sock = bare_lease(lender)  # type: ignore[arg-type]
+    sock.sendall(INCR)
+    body = f"{os.getpid()} {int(sock.recv(100)[1:])}\n".encode()
+    sock.close()
+    lender.send(b"R")  # type: ignore[attr-defined]
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def lent_app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    """As lender_app, on poolbroker's socket lease (raw RESP, reported clean): what our lending
+    costs beside the bare-bones lender's."""
+    from poolbroker import Client
+
+    if environ.get("PATH_INFO") != "/hit":
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    if not _lending:
+        _lending.append(Client(os.environ["POOLBROKER_ENDPOINT"]))
+    with _lending[0].lease("redis", socket=True) as lease:  # type: ignore[attr-defined]
+        lease.socket.sendall(INCR)
+        body = f"{os.getpid()} {int(lease.socket.recv(100)[1:])}\n".encode()
+        lease.release("clean")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
 # -- the benchmark ------------------------------------------------------------------------------
 
 
@@ -89,7 +135,7 @@ def main() -> None:
     import urllib.request
 
     # (harness puts the repository's root on sys.path)
-    from harness import RELAY, ROOT, Report, Script, arguments, peak_connections
+    from harness import LENDER, RELAY, ROOT, Report, Script, arguments, peak_connections
 
     from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for
 
@@ -136,20 +182,31 @@ def main() -> None:
     relayed = f"raw INCR over the bare-bones relay ({args.max_size} conns)"
     five_direct = "/five: redis-py's own pool per worker (direct)"
     five_held = f"/five: one socket lease per request ({args.max_size})"
+    lent = f"raw INCR on a socket lease (pool of {args.max_size})"
+    bare_lent = f"raw INCR on the bare-bones lender ({args.max_size})"
     results: dict[str, list[tuple[float, float, float, int, int]]] = {
-        name: [] for name in (direct, pooled, raw, relayed, five_direct, five_held)
+        name: [] for name in (direct, pooled, raw, relayed, five_direct, five_held, lent, bare_lent)
     }
     workdir = short_tempdir()
     try:
         for _ in range(args.rounds):
             for name in results:
                 middle: Broker | Script | None = None
-                if name in (pooled, raw, five_held):
+                if name in (pooled, raw, five_held, lent):
                     flags = ("--max-size", str(args.max_size), "--protocol", "redis")
                     middle = broker = Broker("--upstream", f"redis={redis_server.address}", *flags).start()
-                    path, app = {pooled: ("/hit", "app"), raw: ("/raw", "app"), five_held: ("/five", "held_app")}[name]
                     env = {"POOLBROKER_ENDPOINT": broker.endpoint}
-                    proc, url = serve(f"examples.gunicorn_app:{app}", env, path)
+                    if name == lent:
+                        proc, url = serve("bench_app:lent_app", env)
+                    else:
+                        path, app = {pooled: ("/hit", "app"), raw: ("/raw", "app"), five_held: ("/five", "held_app")}[
+                            name
+                        ]
+                        proc, url = serve(f"examples.gunicorn_app:{app}", env, path)
+                elif name == bare_lent:
+                    endpoint = f"{workdir}/lend.sock"
+                    middle = Script(LENDER, endpoint, str(redis_server.port), str(args.max_size))
+                    proc, url = serve("bench_app:lender_app", {"BENCH_LENDER": endpoint})
                 elif name == relayed:
                     endpoint = f"ipc://{workdir}/relay.sock"
                     middle = Script(RELAY, endpoint, str(redis_server.port), str(args.max_size))
@@ -187,6 +244,11 @@ def main() -> None:
     print(f"redis-py on socket leases / direct requests/s: {mean[pooled] / mean[direct]:.2f}x (target at least 0.85x)")
     print(f"/five, one socket lease per request / direct: {held_ratio:.2f}x (target at least 0.9x)")
     print(f"bare-bones relay / direct requests/s: {mean[relayed] / mean[direct]:.2f}x (the floor of a ZeroMQ hop)")
+    lending = {"bare-bones lender / direct": mean[bare_lent] / mean[direct]}
+    lending["raw INCR, socket lease / bare-bones lender"] = mean[lent] / mean[bare_lent]
+    for label, ratio in lending.items():
+        report.add("ratios", label, requests_s=round(ratio, 2))
+        print(f"{label} requests/s: {ratio:.2f}x")
     print(f"raw INCR, poolbroker / bare-bones relay requests/s: {mean[raw] / mean[relayed]:.2f}x")
     report.save()
 
