@@ -172,6 +172,7 @@ def test_top_refreshes_in_place_in_a_terminal(redis_server: RedisServer, start_b
         stderr=terminal,
         cwd=ROOT,
         env={**os.environ, "COLUMNS": "160", "LINES": "40", "TERM": "xterm"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (Ctrl-C's default, as a terminal's)
     )
     os.close(terminal)
     screen = b""
@@ -195,7 +196,7 @@ def test_top_refreshes_in_place_in_a_terminal(redis_server: RedisServer, start_b
     finally:
         proc.send_signal(signal.SIGINT)
         # (read on while it stops: a full terminal would hold up its last frame, and its exit)
-        wait_for(lambda: frames() >= 0 and proc.poll() is not None, timeout=10, what="top to stop")
+        wait_for(lambda: frames() >= 0 and proc.poll() is not None, timeout=30, what="top to stop")
         os.close(controller)
 
 
