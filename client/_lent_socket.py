@@ -65,7 +65,11 @@ class LentSocket:
 
     def readable(self) -> bool:
         """Bytes wait to be read now (or the upstream closed): one poll, the socket left as it is."""
-        return self.lease is not None and bool(select.select([self.lease.socket], [], [], 0)[0])
+        if self.lease is None:
+            return False
+        poller = select.poll()  # (not select.select: a descriptor may be above 1023)
+        poller.register(self.lease.socket, select.POLLIN)
+        return bool(poller.poll(0))
 
     @property
     def session(self) -> Session | None:
@@ -205,7 +209,7 @@ class AsyncLentConversations:
             ended = self._ended
             lease = await self._broker.lease(self._pool, tag=self._tag, socket=True)
             if ended != self._ended:  # (given back or discarded while its lease was on its way)
-                lease.release()
+                lease.release("clean")  # (nothing went over it)
                 raise UpstreamError("the conversation ended while its socket lease was on its way")
             self.lease, self._session = lease, self._new_session()
         sock, session = self.lease.socket, self._session

@@ -118,14 +118,19 @@ class Lending:
 
     def _read(self, fd: int, now: float) -> None:
         sock, peer = self.clients[fd]
+        reset = False
         while True:
             try:
                 data = sock.recv(MAX_PACKET)
             except BlockingIOError:
                 return
-            except ConnectionResetError:
+            except ConnectionResetError as exc:
                 # It closed with a reply of ours unread (a grant its exit cut short): what it sent
-                # before, a release among them, is still to be read, then its end.
+                # before, a release among them, is still to be read, then its end (reported once).
+                if reset:
+                    self._gone(fd, now, f"its lending connection failed: {exc}")
+                    return
+                reset = True
                 continue
             except OSError as exc:
                 self._gone(fd, now, f"its lending connection failed: {exc}")
