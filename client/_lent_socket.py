@@ -26,7 +26,51 @@ if TYPE_CHECKING:
     from poolbroker.client._lending import SocketLease
 
 
-class LentSocket:
+class _LentConversation:
+    """What the sync and asyncio lent conversations share: the lease held for the conversation
+    (None between conversations), its session's tracker, and its end (given back with the verdict,
+    or discarded)."""
+
+    def __init__(self, pool: str, new_session: Callable[[], Session], tag: str | None, when_done: bool) -> None:
+        self._pool = pool
+        self._new_session = new_session
+        self._tag = tag
+        self._when_done = when_done
+        self.lease: SocketLease | None = None
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session | None:
+        """The tracker following this conversation's bytes (None between conversations)."""
+        return self._session
+
+    @property
+    def holding(self) -> bool:
+        """A conversation is under way (its lease held)."""
+        return self.lease is not None
+
+    def _end(self) -> tuple[SocketLease | None, Session | None]:
+        lease, session, self.lease, self._session = self.lease, self._session, None, None
+        return lease, session
+
+    def _over(self, data: bytes) -> bool:
+        """With `when_done`: the bytes just read ended the conversation (its tracker says so)."""
+        return self._when_done and bool(data) and conversation_over(self._session)
+
+    def end_hold(self) -> None:
+        """Give the socket back now, with its session's verdict."""
+        lease, session = self._end()
+        if lease is not None:
+            lease.release(report(session) if session is not None else None)
+
+    def discard(self) -> None:
+        """The conversation was cut short: the broker closes the connection (its state is unknown)."""
+        lease, _ = self._end()
+        if lease is not None:
+            lease.discard()
+
+
+class LentSocket(_LentConversation):
     """Socket-like; each conversation runs on a socket lease, taken when the library first writes
     and given back by give_back() (the adapters call it when their library takes the connection
     back), with the verdict of `new_session()`'s tracker over the conversation's bytes; with
@@ -43,14 +87,9 @@ class LentSocket:
         timeout: float | None = None,
         when_done: bool = False,
     ) -> None:
+        super().__init__(pool, new_session, tag, when_done)
         self._broker = broker
-        self._pool = pool
-        self._new_session = new_session
-        self._tag = tag
         self._timeout = timeout
-        self._when_done = when_done
-        self.lease: SocketLease | None = None
-        self._session: Session | None = None
 
     def current(self) -> SocketLease:
         """The conversation's socket lease, taken now if none is held."""
@@ -71,33 +110,11 @@ class LentSocket:
         poller.register(self.lease.socket, select.POLLIN)
         return bool(poller.poll(0))
 
-    @property
-    def session(self) -> Session | None:
-        """The tracker following this conversation's bytes (None between conversations)."""
-        return self._session
-
-    @property
-    def holding(self) -> bool:
-        """A conversation is under way (its lease held)."""
-        return self.lease is not None
-
     def give_back(self) -> None:
         """The conversation is over: the socket goes back, with its session's verdict (when a
         LeaseScope is open, at its end)."""
         if self.lease is not None and not kept_by_scope(self):
             self.end_hold()
-
-    def end_hold(self) -> None:
-        """Give the socket back now, with its session's verdict."""
-        lease, session, self.lease, self._session = self.lease, self._session, None, None
-        if lease is not None:
-            lease.release(report(session) if session is not None else None)
-
-    def discard(self) -> None:
-        """The conversation was cut short: the broker closes the connection (its state is unknown)."""
-        lease, self.lease, self._session = self.lease, None, None
-        if lease is not None:
-            lease.discard()
 
     def sendall(self, data: bytes) -> None:
         self._current().sendall(data)
@@ -122,7 +139,7 @@ class LentSocket:
         session = self._session
         assert session is not None
         session.received(data)
-        if self._when_done and data and conversation_over(session):
+        if self._over(data):
             self.give_back()
 
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedIOBase:
@@ -151,7 +168,7 @@ class LentSocket:
         self.discard()
 
 
-class AsyncLentConversations:
+class AsyncLentConversations(_LentConversation):
     """AsyncConversations' twin over socket leases, for asyncio libraries read through streams
     (redis.asyncio): `current()` is what the stream writes to and reads from. The first read takes
     the socket lease and sends what was written before it; later writes go out at once, beside a
@@ -167,13 +184,8 @@ class AsyncLentConversations:
         tag: str | None = None,
         when_done: bool = False,
     ) -> None:
+        super().__init__(pool, new_session, tag, when_done)
         self._broker = broker
-        self._pool = pool
-        self._new_session = new_session
-        self._tag = tag
-        self._when_done = when_done
-        self.lease: SocketLease | None = None
-        self._session: Session | None = None
         self._held = bytearray()  # written, not yet sent
         self._sending: asyncio.Future[None] | None = None
         self._ended = 0  # conversations ended (a read taking a lease sees whether one ended meanwhile)
@@ -224,36 +236,23 @@ class AsyncLentConversations:
             raise UpstreamError(f"the lent socket failed: {exc}") from exc
         session.received(data)
         self.eof = not data
-        if self._when_done and data and conversation_over(session):
+        if self._over(data):
             await self.give_back()
         return data
 
     def _end(self) -> tuple[SocketLease | None, Session | None]:
-        lease, session, self.lease, self._session = self.lease, self._session, None, None
         self._ended += 1
         self._held.clear()
         if self._sending is not None:
             self._sending.cancel()
             self._sending = None
-        return lease, session
+        return super()._end()
 
     async def give_back(self) -> None:
         """The conversation is over: the socket goes back, with its session's verdict (when a
         LeaseScope is open, at its end)."""
         if self.lease is not None and not kept_by_scope(self):
             self.end_hold()
-
-    def end_hold(self) -> None:
-        """Give the socket back now, with its session's verdict."""
-        lease, session = self._end()
-        if lease is not None:
-            lease.release(report(session) if session is not None else None)
-
-    def discard(self) -> None:
-        """The conversation was cut short: the broker closes the connection."""
-        lease, _ = self._end()
-        if lease is not None:
-            lease.discard()
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

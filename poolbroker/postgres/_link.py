@@ -10,7 +10,7 @@ a pooled connection and every answer back.
 Where the pool lends its sockets (the broker's host), the leases are socket leases: the link
 writes to and reads from the upstream socket itself, and follows the session with
 poolbroker.sessions' PostgreSQL tracker (the relay's own), which says when a transaction-mode
-lease is at rest (the link gives it back then) and what the release reports.
+lease is at rest (the lent socket goes back then: when_done) and what the release reports.
 
 The link follows both streams (ReadyForQuery owed, COPY IN, the transaction status) to tell its
 relay when the server has more to say, and takes the driver's Terminate for itself: the pooled
@@ -123,8 +123,8 @@ class PgLink:
         # driver then shows (pg_terminate_backend() of it ends this connection's backend).
         self._backend_pid = backend_pid and not transaction_mode
         self.upstream: Lease | LeasedSocket | LentSocket
-        if lend:  # the upstream socket itself, taken with the first message (each transaction's)
-            self.upstream = LentSocket(broker, pool, PostgresSession, tag=tag)
+        if lend:  # the upstream socket itself: a transaction's goes back when its tracker sees it over
+            self.upstream = LentSocket(broker, pool, PostgresSession, tag=tag, when_done=transaction_mode)
         elif transaction_mode:  # each transaction on a lazy lease of its own, ended when done
             self.upstream = LeasedSocket(broker, pool, tag=tag, timeout=None, channel=channel)
         else:  # one lazy lease for the whole connection
@@ -343,7 +343,7 @@ class PgLink:
 
     def _fetch_lent(self, upstream: LentSocket) -> bool:
         """The server's next bytes from the lent socket itself (False: it closed). In transaction
-        mode, a lease at rest (its tracker says so: the transaction over, nothing owed) goes back."""
+        mode the socket goes back as it reads the end of its transaction (when_done)."""
         try:
             data = upstream.recv(LENT_READ)
         except OSError as exc:  # (the broker cut it, or the server closed it)
@@ -351,9 +351,6 @@ class PgLink:
         if not data:
             return False
         self._take(self._follow(data))
-        session = upstream.session
-        if self.transaction_mode and isinstance(session, PostgresSession) and session.at_rest():
-            upstream.give_back()
         return True
 
     def _follow(self, data: bytes) -> bytes:
