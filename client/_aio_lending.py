@@ -114,7 +114,7 @@ class AsyncSocketLeasing:
         check_reply(reply)
         if fd is None:
             raise BrokerUnavailable("the broker's grant carried no socket")
-        self.lease = SocketLease(lender, self.pool, reply["lease"], fd, 0.0, reply.get("backend_pid"))
+        self.lease = SocketLease(lender, self.pool, reply["lease"], fd, 0.0, reply)
         return self.lease
 
     def __await__(self) -> Any:

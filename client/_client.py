@@ -208,7 +208,7 @@ class Client:
         check_reply(reply)
         if fd is None:
             raise BrokerUnavailable("the broker's grant carried no socket")
-        return SocketLease(lender, pool, reply["lease"], fd, io_timeout, reply.get("backend_pid"))
+        return SocketLease(lender, pool, reply["lease"], fd, io_timeout, reply)
 
     def request(
         self,

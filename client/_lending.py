@@ -17,6 +17,7 @@ import array
 import itertools
 import os
 import socket
+import struct
 import weakref
 from types import TracebackType
 from typing import Any
@@ -94,13 +95,30 @@ class LendingConnection:
 
 
 class Lender(LendingConnection):
-    """A thread's own lending connection, one call at a time."""
+    """A thread's own lending connection, one call at a time.
+
+    Its socket blocks, bounded by the kernel's own timeouts (SO_RCVTIMEO, SO_SNDTIMEO), set only
+    when a call's wait differs from the last: a Python timeout would cost a poll before every send
+    and receive, and a mode switch per call."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.sock.settimeout(None)  # (blocking, whatever socket.setdefaulttimeout says)
+        self._wait = 0.0
+
+    def _bound(self, wait: float) -> None:
+        if wait != self._wait:
+            seconds = max(wait, 1e-6)  # (zero would mean no bound at all)
+            limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            self._wait = wait
 
     def call(self, message: dict[str, Any], wait: float) -> tuple[dict[str, Any], int | None]:
         """Send a request and wait up to `wait` seconds for its reply, and the descriptor a grant
         carries. A late reply to an earlier call that gave up is skipped (a grant in it given back)."""
         rid = next(self._ids)
-        self.sock.settimeout(wait)
+        self._bound(wait)
         try:
             self.sock.send(self._packer.pack({"v": VERSION, "id": rid, **message}))
             while True:
@@ -112,7 +130,7 @@ class Lender(LendingConnection):
                 if reply.get("id") == rid:
                     return reply, fd
                 self._give_back(reply, fd)
-        except TimeoutError:
+        except BlockingIOError:  # (the kernel's timeout passed)
             raise BrokerUnavailable(f"no answer on the lending socket within {wait:.1f}s") from None
         except (ConnectionError, BrokenPipeError) as exc:
             raise BrokerUnavailable(f"the lending connection failed: {exc}") from None
@@ -144,14 +162,17 @@ class SocketLease:
         token: bytes,
         fd: int,
         io_timeout: float | None,
-        backend_pid: int | None,
+        grant: dict[str, Any],
     ) -> None:
         self.pool = pool
         self.token = token
-        self.backend_pid = backend_pid  # PostgreSQL: the backend's pid
+        self.backend_pid: int | None = grant.get("backend_pid")  # PostgreSQL: the backend's pid
         self.released = False
         self._lender = lender
-        self._socket: socket.socket | None = socket.socket(fileno=fd)
+        # The grant names the socket's family: asking the socket costs three syscalls.
+        family = grant.get("family", -1)
+        kind = socket.SOCK_STREAM if family != -1 else -1
+        self._socket: socket.socket | None = socket.socket(family, kind, 0 if family != -1 else -1, fileno=fd)
         self._socket.settimeout(io_timeout)
         _lent.add(self)
 
@@ -177,8 +198,7 @@ class SocketLease:
         if self._socket is not None:
             self._socket.close()  # (ours first: nothing here can use it after the release)
             self._socket = None
-        if os.getpid() != self._lender.pid:
-            return  # (a fork's child: the lease is its parent's to end)
+        # (A fork's child never gets here: the fork hook marked its copies released.)
         message = release_request(self.token, mode)
         if session is not None:
             message["session"] = session

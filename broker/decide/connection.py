@@ -45,6 +45,7 @@ class Wait(Enum):
 
     NOTHING = "nothing"
     READ = "read"
+    READ_ONCE = "read once"  # readable, reported once; then nothing until asked for again
     WRITE = "write"
 
     __hash__ = object.__hash__  # (as State's)
@@ -56,7 +57,7 @@ POLL: dict[State, Wait | None] = {
     State.CONNECTING: Wait.WRITE,  # writable: the connect finished, one way or the other
     State.TLS: None,
     State.HANDSHAKE: None,
-    State.IDLE: Wait.READ,  # readable while idle: closed by the upstream, or bytes nobody asked for
+    State.IDLE: Wait.READ_ONCE,  # readable while idle: closed by the upstream, or bytes nobody asked for
     State.PROBING: None,
     State.LEASED: None,
     State.RESETTING: None,

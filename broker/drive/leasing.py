@@ -351,8 +351,8 @@ class Leasing:
         self.loop.timers.cancel(lease.timer)
         lease.timer = None
         conn = lease.conn
-        if lease.lent:  # (not kept: cut, so that no copy the holder has goes on using it)
-            conn.take_back(cut=not keep)
+        if lease.lent and not keep:  # (cut, so that no copy the holder has goes on using it)
+            conn.cut()
         exchange = lease.exchange
         if exchange is not None:
             # Ended mid-operation (a release racing an I/O, or shutdown): the stream is cut short.

@@ -139,7 +139,9 @@ class Lending:
                 self._gone(fd, now, "its lending connection closed")
                 return
             self._on_message(peer, data, now)
-            if fd not in self.clients:  # (a reply it could not take ended it)
+            if not reset or fd not in self.clients:  # (gone: a reply it could not take ended it)
+                # One message an event: the poll is level-triggered, and reports the next one
+                # (a read to learn there is none would cost a syscall, most times for nothing).
                 return
 
     def _on_message(self, peer: bytes, data: bytes, now: float) -> None:
@@ -169,6 +171,8 @@ class Lending:
     def reply(self, peer: bytes, reply: dict[str, Any], lend: socket.socket | None = None) -> bool:
         """Send a reply (a grant with the socket to lend); False when the holder is gone."""
         sock = self.peers.get(peer)
+        if lend is not None:
+            reply["family"] = int(lend.family)  # (so that the holder need not ask the socket)
         return sock is not None and self._send(sock, reply, lend)
 
     def _send(self, sock: socket.socket, reply: dict[str, Any], lend: socket.socket | None = None) -> bool:

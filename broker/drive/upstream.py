@@ -45,6 +45,7 @@ class UpstreamConn:
         "watching",
         "backend_key",
         "_readable",
+        "_nowait",
     )
 
     def __init__(self, pool: PoolState, opened_at: float) -> None:
@@ -64,6 +65,9 @@ class UpstreamConn:
         self.watching = 0  # poll flags currently registered
         self.backend_key: tuple[int, int] | None = None  # postgres: its backend's pid and secret
         self._readable: select.poll | None = None  # this socket alone: is anything there, right now?
+        # Each send and recv is asked not to wait (MSG_DONTWAIT), whatever the socket's file says:
+        # a holder of the lent socket shares that file, and may have made it blocking.
+        self._nowait = socket.MSG_DONTWAIT
 
     def __repr__(self) -> str:
         return f"<UpstreamConn {self.pool.config.name} fd={self.fd} {self.state.value}>"
@@ -125,6 +129,7 @@ class UpstreamConn:
         """Wrap the connected socket in TLS; handshake() then drives the handshake."""
         assert self.sock is not None
         self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
+        self._nowait = 0  # (an SSL socket takes no flags; it is never lent, so it stays non-blocking)
         self.tls_wants = select.EPOLLOUT
 
     def handshake(self) -> int:
@@ -145,7 +150,7 @@ class UpstreamConn:
         """Send what the socket takes now; 0 when its buffer is full. Raises OSError if broken."""
         assert self.sock is not None
         try:
-            return self.sock.send(data)
+            return self.sock.send(data, self._nowait)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
 
@@ -155,7 +160,7 @@ class UpstreamConn:
         assert sock is not None
         while True:
             try:
-                n = sock.recv_into(_READ_BUFFER)
+                n = sock.recv_into(_READ_BUFFER, 0, self._nowait)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return  # (TLS: what came was records of the protocol's own, no data)
             if not n:
@@ -187,25 +192,22 @@ class UpstreamConn:
         if not self._readable.poll(0):
             return None  # nothing to read: clean (a poll costs less than a failing recv)
         try:
-            peeked = self.sock.recv(1, socket.MSG_PEEK)
+            peeked = self.sock.recv(1, socket.MSG_PEEK | self._nowait)
         except BlockingIOError:
             return None  # nothing to read: clean
         except OSError:
             return "broken"
         return "unread" if peeked else "broken"  # b"": the peer closed
 
-    def take_back(self, *, cut: bool) -> None:
-        """A lent socket comes back. Its holder's copy shared the file's flags, and may have made
-        it blocking: the loop's I/O needs it non-blocking again. `cut`: shut down both ways first,
-        which reaches every copy, so a holder that keeps one fails at its next I/O."""
+    def cut(self) -> None:
+        """Shut a lent socket down both ways, which reaches every copy: a holder that keeps one
+        fails at its next I/O. (Its file may have been made blocking by the holder: every I/O of
+        ours says MSG_DONTWAIT, so that is left as it is.)"""
         assert self.sock is not None
-        if cut:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # (already closed by the upstream)
-        if os.get_blocking(self.fd):  # (one syscall to ask: a client's socket with a timeout stays non-blocking)
-            self.sock.setblocking(False)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # (already closed by the upstream)
 
     def close(self) -> None:
         if self.state is not State.CLOSED:

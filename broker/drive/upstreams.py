@@ -27,7 +27,14 @@ log = logging.getLogger("broker.server")  # (the operator's log lines keep the n
 # cancel first, so that its query (and the locks it holds) end now, not when it next writes.
 CUT_SHORT = frozenset({"broken", "discarded", "out_of_sync", "reclaimed"})
 
-EPOLL_FLAGS = {Wait.NOTHING: 0, Wait.READ: select.EPOLLIN, Wait.WRITE: select.EPOLLOUT}
+EPOLL_FLAGS = {
+    Wait.NOTHING: 0,
+    Wait.READ: select.EPOLLIN,
+    Wait.READ_ONCE: select.EPOLLIN | select.EPOLLONESHOT,
+    Wait.WRITE: select.EPOLLOUT,
+}
+# A one-shot watch that has reported: still registered, waiting to be armed again.
+SPENT = select.EPOLLONESHOT
 
 
 class Upstreams:
@@ -165,6 +172,11 @@ class Upstreams:
         else:
             if wait is None and state is State.LEASED:
                 exchange = conn.lease.exchange if conn.lease is not None else None
+                if exchange is None and conn.watching & select.EPOLLONESHOT:
+                    # The idle watch stays: the lease's own bytes wake the loop once at most
+                    # (and seldom), and its return finds it still armed, mostly. Two epoll_ctl
+                    # calls a lease saved; a lent socket's lease is little more than those.
+                    return
                 wait = Wait.NOTHING if exchange is None else Wait.WRITE if exchange.send is not None else Wait.READ
             elif wait is None:  # a run of checks
                 run = conn.checks
@@ -181,6 +193,8 @@ class Upstreams:
 
     def on_event(self, conn: UpstreamConn, now: float) -> None:
         """What an event means depends on the connection's state, and on nothing else."""
+        if conn.watching & select.EPOLLONESHOT:
+            conn.watching = SPENT  # (reported: the kernel disarmed it)
         state = conn.state
         if state is State.LEASED:
             exchange = conn.lease.exchange if conn.lease is not None else None
@@ -198,8 +212,9 @@ class Upstreams:
         elif state is State.IDLE:
             # Idle and readable: the upstream closed it, or sent bytes nobody asked for.
             reason = conn.unfit()
-            if reason is None:
-                return  # nothing there: an event from the poll that saw the fd's former owner
+            if reason is None:  # nothing there: an event from the poll that saw the fd's former owner
+                self.watch(conn)  # (armed again)
+                return
             conn.error = "closed by the upstream while idle" if reason == "broken" else "unasked bytes while idle"
             self.loop.carry_out(conn.pool, conn.pool.core.lost(conn, now, reason), now)
         elif state in CHECKING:
