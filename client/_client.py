@@ -184,7 +184,7 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         io_timeout = self.io_timeout if io_timeout is None else io_timeout
         if socket:
-            return self._lend(pool, timeout, tag, io_timeout)
+            return self._lend(pool, tag, io_timeout, timeout)
         channel = channel or self._channel()
         generation = channel.generation
         token, reply = None, {}
@@ -196,7 +196,10 @@ class Client:
         lease.backend_pid = reply.get("backend_pid")
         return lease
 
-    def _lend(self, pool: str, timeout: float, tag: str | None, io_timeout: float) -> SocketLease:
+    def _lend(self, pool: str, tag: str | None, io_timeout: float | None, timeout: float | None = None) -> SocketLease:
+        """A socket lease whose socket has exactly `io_timeout` (None: it blocks), for the adapters
+        (lease(socket=True) gives the Client's io_timeout for None)."""
+        timeout = self.timeout if timeout is None else timeout
         lender: Lender | None = getattr(self._local, "lender", None)
         if lender is None:
             if self._closed:

@@ -94,8 +94,7 @@ class LentSocket(_LentConversation):
     def current(self) -> SocketLease:
         """The conversation's socket lease, taken now if none is held."""
         if self.lease is None:
-            self.lease = self._broker.lease(self._pool, tag=self._tag, socket=True)
-            self.lease.socket.settimeout(self._timeout)
+            self.lease = self._broker._lend(self._pool, self._tag, self._timeout)
             self._session = self._new_session()
         return self.lease
 

@@ -10,7 +10,8 @@ below, /hit and /five), and as a floor the
 same INCR sent raw through the bare-bones relay of scripts/bench.py (`relay_app`: one ZeroMQ round
 trip per request and nothing else), taking turns, each loaded by `wrk -t 2 -c 32 -d SECONDS
 --latency`. Printed per run: requests/s, latency p50 and p99, and the most connections Redis saw
-at once (sampled every 10 ms from its own connected_clients). Needs wrk (./scripts/test's set-up
+at once (sampled every 10 ms from its own connected_clients), and the CPU time per request of
+gunicorn's processes, of the broker (or bare-bones relay or lender), and of Redis. Needs wrk (./scripts/test's set-up
 installs it), redis-server, and the test extras in .venv.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import redis
 
@@ -135,7 +137,7 @@ def main() -> None:
     import urllib.request
 
     # (harness puts the repository's root on sys.path)
-    from harness import LENDER, RELAY, ROOT, Report, Script, arguments, peak_connections
+    from harness import LENDER, RELAY, ROOT, Report, Script, arguments, cpu_seconds, peak_connections
 
     from tests.support import Broker, RedisServer, free_port, short_tempdir, wait_for
 
@@ -174,6 +176,17 @@ def main() -> None:
         command = [wrk, "-t", "2", "-c", str(args.connections), "-d", f"{args.seconds}s", "--latency", url]
         return parse_wrk(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
+    def workers_of(proc: subprocess.Popen[bytes]) -> list[int]:
+        """gunicorn's master and its workers (their CPU is the app's)."""
+        found = [proc.pid]
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # (ended meanwhile)
+        return found
+
     redis_server = RedisServer().start()
     # One app at a time, started afresh for each run (and for poolbroker its broker): Redis's
     # connection count is then that app's.
@@ -184,7 +197,7 @@ def main() -> None:
     five_held = f"/five: one socket lease per request ({args.max_size})"
     lent = f"raw INCR on a socket lease (pool of {args.max_size})"
     bare_lent = f"raw INCR on the bare-bones lender ({args.max_size})"
-    results: dict[str, list[tuple[float, float, float, int, int]]] = {
+    results: dict[str, list[tuple[float, float, float, int, int, int, int, int]]] = {
         name: [] for name in (direct, pooled, raw, relayed, five_direct, five_held, lent, bare_lent)
     }
     workdir = short_tempdir()
@@ -214,14 +227,22 @@ def main() -> None:
                 else:
                     env = {"BENCH_REDIS_URL": f"redis://{redis_server.address}"}
                     proc, url = serve("bench_app:direct_app", env, "/five" if name == five_direct else "/hit")
+                apps = workers_of(proc)
+                watched = [("app", apps), ("middle", [middle.pid] if middle is not None else [])]
+                assert redis_server.proc is not None
+                watched.append(("redis", [redis_server.proc.pid]))
                 try:
+                    before = {part: sum(cpu_seconds(pid) for pid in pids) for part, pids in watched}
                     figures, peak = peak_connections(redis_server, lambda url=url: load(url))  # type: ignore[misc]
+                    served = figures[0] * args.seconds
+                    used = {part: sum(cpu_seconds(pid) for pid in pids) - before[part] for part, pids in watched}
                 finally:
                     proc.terminate()
                     proc.wait(15)
                     if middle is not None:
                         middle.stop()
-                results[name].append((*figures, peak))
+                cpu_us = tuple(round(used[part] / served * 1e6) for part, _ in watched)
+                results[name].append((*figures, peak, *cpu_us))
     finally:
         redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -229,12 +250,17 @@ def main() -> None:
         f"gunicorn, {args.workers} sync workers, GET /hit (one Redis INCR), wrk -t 2 -c {args.connections}"
         f" -d {args.seconds}s, {args.rounds} rounds taking turns:"
     )
-    print(f"  {'':45s} {'requests/s':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} {'Redis peak conns':>16s}")
+    heads = ("requests/s", "p50 ms", "p99 ms", "errors", "Redis peak", "CPU us/req: app", "middle", "redis")
+    print(f"  {'':45s} {heads[0]:>11s} {heads[1]:>7s} {heads[2]:>7s} {heads[3]:>6s} {heads[4]:>10s}", *heads[5:])
     for name, runs in results.items():
-        for turn, (rate, p50, p99, errors, peak) in enumerate(runs, 1):
-            print(f"  {name:45s} {rate:11,.0f} {p50:7.2f} {p99:7.2f} {errors:6d} {peak:16d}")
+        for turn, (rate, p50, p99, errors, peak, app_us, middle_us, redis_us) in enumerate(runs, 1):
+            print(
+                f"  {name:45s} {rate:11,.0f} {p50:7.2f} {p99:7.2f} {errors:6d} {peak:10d}"
+                f" {app_us:15d} {middle_us:6d} {redis_us:5d}"
+            )
             figures = {"requests_s": round(rate), "p50_ms": p50, "p99_ms": p99, "errors": errors}
-            report.add(f"round {turn}", name, **figures, redis_peak=peak)
+            cpu = {"app_cpu_us": app_us, "middle_cpu_us": middle_us, "redis_cpu_us": redis_us}
+            report.add(f"round {turn}", name, **figures, redis_peak=peak, **cpu)
     mean = {name: sum(run[0] for run in runs) / len(runs) for name, runs in results.items()}
     report.add("ratios", "poolbroker / direct", requests_s=round(mean[pooled] / mean[direct], 2))
     report.add("ratios", "bare-bones relay / direct", requests_s=round(mean[relayed] / mean[direct], 2))

@@ -171,8 +171,6 @@ class Lending:
     def reply(self, peer: bytes, reply: dict[str, Any], lend: socket.socket | None = None) -> bool:
         """Send a reply (a grant with the socket to lend); False when the holder is gone."""
         sock = self.peers.get(peer)
-        if lend is not None:
-            reply["family"] = int(lend.family)  # (so that the holder need not ask the socket)
         return sock is not None and self._send(sock, reply, lend)
 
     def _send(self, sock: socket.socket, reply: dict[str, Any], lend: socket.socket | None = None) -> bool:

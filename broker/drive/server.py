@@ -407,6 +407,7 @@ class Server:
 
     def lend(self, peer: bytes, grant: dict[str, Any], conn: UpstreamConn) -> bool:
         assert self.lending is not None and conn.sock is not None  # (only the lending socket's holders)
+        grant["family"] = conn.family  # (so that the holder need not ask the socket)
         return self.lending.reply(peer, grant, conn.sock)
 
     def reply(self, peer: bytes, reply: dict[str, Any]) -> bool:
@@ -430,7 +431,9 @@ class Server:
         """Carry out what a pool core decided, in order, in this one place. Actions that carrying
         out one of them leads to (a release that grants the next waiter, say) join the back of the
         queue: each action runs to its end before the next begins, never from inside another."""
-        self._outbox.extend((pool, action) for action in actions)
+        outbox = self._outbox
+        for action in actions:
+            outbox.append((pool, action))
         if self._carrying_out:
             return
         self._carrying_out = True

@@ -33,6 +33,7 @@ class UpstreamConn:
         "opened_at",
         "sock",
         "fd",
+        "family",
         "rbuf",
         "eof",
         "broken",
@@ -53,6 +54,7 @@ class UpstreamConn:
         self.opened_at = opened_at  # when the broker began to open it (monotonic seconds)
         self.sock: socket.socket | None = None
         self.fd = -1
+        self.family = 0  # the socket's address family, as a plain int (socket.family makes an enum)
         self.rbuf = bytearray()  # bytes read from the upstream and not yet handed to a client
         self.eof = False  # the upstream closed its side
         self.broken = False  # an I/O failed or was cut short: never reuse
@@ -67,7 +69,7 @@ class UpstreamConn:
         self._readable: select.poll | None = None  # this socket alone: is anything there, right now?
         # Each send and recv is asked not to wait (MSG_DONTWAIT), whatever the socket's file says:
         # a holder of the lent socket shares that file, and may have made it blocking.
-        self._nowait = socket.MSG_DONTWAIT
+        self._nowait: int = socket.MSG_DONTWAIT
 
     def __repr__(self) -> str:
         return f"<UpstreamConn {self.pool.config.name} fd={self.fd} {self.state.value}>"
@@ -97,7 +99,7 @@ class UpstreamConn:
         """Begin a non-blocking connect; True if it completed at once. Raises OSError on failure."""
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        self.sock, self.fd = sock, sock.fileno()
+        self.sock, self.fd, self.family = sock, sock.fileno(), int(family)
         self._readable = select.poll()
         self._readable.register(self.fd, select.POLLIN)
         if family in (socket.AF_INET, socket.AF_INET6):

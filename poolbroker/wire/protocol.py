@@ -136,8 +136,8 @@ class Request:
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: int | None) -> Any:
     value = body.get(name)
-    if value is None:
-        return None
+    if value is None or type(value) is kind:  # (absent, or exactly the type asked: the usual case)
+        return value
     # bool is an int in Python: never accept it where a number is asked for.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise BadRequest(ErrorCode.BAD_REQUEST, f"field {name!r} has the wrong type", rid)
