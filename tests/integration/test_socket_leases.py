@@ -23,7 +23,7 @@ from poolbroker.client.extension import LentSocket
 from poolbroker.redis import BrokerConnectionPool
 from poolbroker.wire import pgwire
 from poolbroker.wire.endpoint import lending_path
-from tests.support import ROOT, Broker, RedisServer, wait_for
+from tests.support import ROOT, Broker, RedisServer, short_tempdir, wait_for
 from tests.support.servers import PostgresServer, pg_pool
 
 REDIS_POOL = ("--protocol", "redis", "--max-size", "1", "--check-idle-after", "60")
@@ -415,3 +415,57 @@ def test_redis_py_runs_on_lent_sockets_by_default_and_resets_only_what_a_command
         assert r.client_getname() is None
         stats = c.stats("redis")["redis"]
         assert stats["requests_num"] >= 53 and stats["connections_created"] == 1
+
+
+def test_a_lending_socket_that_never_answers_fails_the_lease_within_its_wait() -> None:
+    """The client's lending socket blocks under the kernel's timeout: a broker that accepted and
+    then hangs (stopped, wedged) fails the lease with BrokerUnavailable once the wait is over."""
+    import socket
+
+    from poolbroker import BrokerUnavailable
+
+    directory = short_tempdir()
+    endpoint = f"ipc://{directory}/broker.sock"
+    path = lending_path(endpoint)
+    assert path is not None
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hung.bind(path)
+    hung.listen(1)  # (accepted by the kernel, never answered)
+    client = Client(endpoint, timeout=0.3, broker_timeout=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="no answer on the lending socket"):
+            client.lease("redis", socket=True)
+        assert time.monotonic() - started < 5.0  # (bounded by the wait, 0.5 s, not forever)
+    finally:
+        client.close()
+        hung.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_connections_lent_then_killed_while_idle_are_seen_closed_and_never_lent(
+    start_broker: Callable[..., Broker], own_redis: RedisServer
+) -> None:
+    """An idle connection's watch is one-shot and stays through a lent lease (whose own replies
+    may spend it): each one lent and given back is watched again, and its close by the upstream
+    is seen at once, with no lease asking."""
+    broker = start_broker("--upstream", f"redis={own_redis.address}", *REDIS_POOL, "--max-size", "4")
+    with Client(broker.endpoint) as c:
+        for _ in range(3):  # (each connection lent and given back more than once)
+            leases = [c.lease("redis", socket=True) for _ in range(4)]
+            for lease in leases:
+                lease.socket.sendall(b"PING\r\n")
+            for lease in leases:
+                assert lease.socket.recv(100) == b"+PONG\r\n"
+                lease.release("clean")
+        wait_for(lambda: c.stats("redis")["redis"]["pool_idle"] == 4, what="the four back idle")
+        r = own_redis.client()
+        try:
+            assert r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") == 4
+        finally:
+            r.close()
+        wait_for(lambda: c.stats("redis")["redis"]["connections_closed_broken"] == 4, what="the four closes seen")
+        with c.lease("redis", socket=True) as lease:  # (a new connection, not a dead one)
+            lease.socket.sendall(b"PING\r\n")
+            assert lease.socket.recv(100) == b"+PONG\r\n"
+            lease.release("clean")
