@@ -218,6 +218,7 @@ def main() -> None:
                         proc, url = serve(f"examples.gunicorn_app:{app}", env, path)
                 elif name == bare_lent:
                     endpoint = f"{workdir}/lend.sock"
+                    Path(endpoint).unlink(missing_ok=True)  # (the last round's lender, stopped, left it)
                     middle = Script(LENDER, endpoint, str(redis_server.port), str(args.max_size))
                     proc, url = serve("bench_app:lender_app", {"BENCH_LENDER": endpoint})
                 elif name == relayed:
