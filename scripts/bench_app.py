@@ -9,10 +9,10 @@ five commands on one socket lease per request, poolbroker.web.LeasePerRequest) u
 below, /hit and /five), and as a floor the
 same INCR sent raw through the bare-bones relay of scripts/bench.py (`relay_app`: one ZeroMQ round
 trip per request and nothing else), taking turns, each loaded by `wrk -t 2 -c 32 -d SECONDS
---latency`. Printed per run: requests/s, latency p50 and p99, and the most connections Redis saw
-at once (sampled every 10 ms from its own connected_clients), and the CPU time per request of
-gunicorn's processes, of the broker (or bare-bones relay or lender), and of Redis. Needs wrk (./scripts/test's set-up
-installs it), redis-server, and the test extras in .venv.
+--latency`. Printed per run: requests/s, latency p50 and p99, the most connections Redis saw at
+once (sampled every 10 ms from its own connected_clients), and the CPU time per request of
+gunicorn's processes, of the broker (or bare-bones relay or lender), and of Redis. Needs wrk
+(./scripts/test's set-up installs it), redis-server, and the test extras in .venv.
 """
 
 from __future__ import annotations
