@@ -169,10 +169,12 @@ class SocketLease:
         self.backend_pid: int | None = grant.get("backend_pid")  # PostgreSQL: the backend's pid
         self.released = False
         self._lender = lender
-        # The grant names the socket's family: asking the socket costs three syscalls.
-        family = grant.get("family", -1)
-        kind = socket.SOCK_STREAM if family != -1 else -1
-        self._socket: socket.socket | None = socket.socket(family, kind, 0 if family != -1 else -1, fileno=fd)
+        # The grant names the socket's family, so that its type and protocol need not be asked of
+        # the socket (two syscalls); a grant without it (an older broker's) leaves them to be asked.
+        family = grant.get("family")
+        self._socket: socket.socket | None = (
+            socket.socket(fileno=fd) if family is None else socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+        )
         self._socket.settimeout(io_timeout)
         _lent.add(self)
 
