@@ -2,7 +2,7 @@
 exchange may take, and when a held lease is warned about or reclaimed. The driver asks with what
 it knows (the settings, the tables' counts, the time) and carries out the answer.
 
-Lease time limits, each off at 0:
+Lease time limits, each off at 0 (a pool's LeaseClock finds which fall due):
     leak_warning_after   held this long: one warning naming the holder
     lease_idle_timeout   no I/O for this long (an exchange in progress is not idleness): reclaimed
     max_lease_time       held this long, busy or not: reclaimed
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from poolbroker.broker.settings import PoolConfig
 from poolbroker.wire.protocol import ErrorCode, Request
@@ -67,15 +67,13 @@ class Held(Protocol):
     @property
     def last_io(self) -> float: ...  # when its last exchange ended (or it was granted)
     @property
-    def exchange(self) -> object | None: ...  # the exchange in progress
-    @property
-    def warned(self) -> bool: ...  # the leak warning was logged
-    @property
     def lent(self) -> bool: ...  # its socket was lent: its I/O is not seen
 
 
+L = TypeVar("L", bound=Held)
+
+
 class Verdict(Enum):
-    NOTHING = "nothing"
     WARN = "warn"  # a possible leak: log it, once
     RECLAIM = "reclaim"  # end the lease and close its connection (its state is unknown)
 
@@ -86,27 +84,76 @@ class LeaseCheck:
     why: str = ""  # for RECLAIM: which limit, for the operator's log
 
 
-def check_held(config: PoolConfig, lease: Held, now: float) -> LeaseCheck:
-    """What a lease's time limits say of it now."""
-    if config.max_lease_time and now - lease.since >= config.max_lease_time:
-        return LeaseCheck(Verdict.RECLAIM, f"over max_lease_time={config.max_lease_time}s")
-    idle_limit = config.lease_idle_timeout and not lease.lent  # (a lent socket's I/O is not seen)
-    if idle_limit and lease.exchange is None and now - lease.last_io >= config.lease_idle_timeout:
-        return LeaseCheck(Verdict.RECLAIM, f"no I/O for lease_idle_timeout={config.lease_idle_timeout}s")
-    if config.leak_warning_after and not lease.warned and now - lease.since >= config.leak_warning_after:
-        return LeaseCheck(Verdict.WARN)
-    return LeaseCheck(Verdict.NOTHING)
+class LeaseClock(Generic[L]):
+    """A pool's held leases in the order their time limits fall due, so that the driver keeps one
+    timer a pool, not one a lease (a timer per lease cost more than the rest of a lent socket's
+    lease in the pool's books). Three insertion-ordered dicts, each with its soonest due first:
 
+        held       every lease, in grant order: max_lease_time
+        unwarned   those not yet warned of, in grant order: leak_warning_after
+        resting    relayed leases with no exchange running, by last I/O: lease_idle_timeout
+                   (an exchange in progress is not idleness; a lent socket's I/O is not seen)
+    """
 
-def next_look(config: PoolConfig, lease: Held, now: float) -> float | None:
-    """When the lease may next be due for the leak warning or reclaiming (None: never)."""
-    due = math.inf
-    if config.leak_warning_after and not lease.warned:
-        due = lease.since + config.leak_warning_after
-    if config.lease_idle_timeout and not lease.lent:
-        # An exchange in progress is not idleness: look again a whole timeout from now.
-        last_io = now if lease.exchange is not None else lease.last_io
-        due = min(due, last_io + config.lease_idle_timeout)
-    if config.max_lease_time:
-        due = min(due, lease.since + config.max_lease_time)
-    return None if due == math.inf else max(due, now)
+    def __init__(self) -> None:
+        self._held: dict[L, None] = {}
+        self._unwarned: dict[L, None] = {}
+        self._resting: dict[L, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, lease: L) -> None:
+        """A lease granted now (the latest `since` and `last_io`: it goes last everywhere)."""
+        self._held[lease] = None
+        self._unwarned[lease] = None
+        if not lease.lent:
+            self._resting[lease] = None
+
+    def io_started(self, lease: L) -> None:
+        self._resting.pop(lease, None)
+
+    def io_ended(self, lease: L) -> None:
+        """An exchange ended now: the lease rests again, the most recent of all."""
+        if lease in self._held:
+            self._resting[lease] = None
+
+    def remove(self, lease: L) -> None:
+        self._held.pop(lease, None)
+        self._unwarned.pop(lease, None)
+        self._resting.pop(lease, None)
+
+    def next_due(self, config: PoolConfig, now: float) -> float | None:
+        """When the soonest limit falls due (never before `now`; None: nothing to look for)."""
+        due = math.inf
+        if config.max_lease_time and self._held:
+            due = next(iter(self._held)).since + config.max_lease_time
+        if config.leak_warning_after and self._unwarned:
+            due = min(due, next(iter(self._unwarned)).since + config.leak_warning_after)
+        if config.lease_idle_timeout and self._resting:
+            due = min(due, next(iter(self._resting)).last_io + config.lease_idle_timeout)
+        return None if due == math.inf else max(due, now)
+
+    def due(self, config: PoolConfig, now: float) -> dict[L, LeaseCheck]:
+        """The leases whose limits have fallen due by `now`, each with what to do (a reclaim
+        over a warning). A warned lease is warned of no more; the caller ends reclaimed ones."""
+        found: dict[L, LeaseCheck] = {}
+        if config.leak_warning_after:
+            for lease in list(self._unwarned):
+                if now - lease.since < config.leak_warning_after:
+                    break
+                del self._unwarned[lease]
+                found[lease] = LeaseCheck(Verdict.WARN)
+        if config.lease_idle_timeout:
+            why = f"no I/O for lease_idle_timeout={config.lease_idle_timeout}s"
+            for lease in self._resting:
+                if now - lease.last_io < config.lease_idle_timeout:
+                    break
+                found[lease] = LeaseCheck(Verdict.RECLAIM, why)
+        if config.max_lease_time:
+            why = f"over max_lease_time={config.max_lease_time}s"
+            for lease in self._held:
+                if now - lease.since < config.max_lease_time:
+                    break
+                found[lease] = LeaseCheck(Verdict.RECLAIM, why)
+        return found

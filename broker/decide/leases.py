@@ -85,8 +85,6 @@ class Lease(Generic[P, C, T]):
         "bytes_received",
         "busy",
         "exchange",
-        "timer",
-        "warned",
         "session",
         "ready_from",
         "lent",
@@ -109,8 +107,6 @@ class Lease(Generic[P, C, T]):
         self.bytes_received = 0
         self.busy = 0.0  # seconds spent in I/O operations: held minus busy is held but idle
         self.exchange: Exchange[P, C, T] | None = None
-        self.timer: T | None = None  # the next look at how long it has been held or idle
-        self.warned = False  # the leak warning was logged
         # What the holder sends and reads, followed by the pool's protocol: what it left behind.
         self.session = session
         # PostgreSQL: where the next `ready` read starts walking the read buffer (past the rest of a

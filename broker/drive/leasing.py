@@ -12,17 +12,10 @@ from typing import TYPE_CHECKING
 
 from poolbroker.broker.decide.connection import State
 from poolbroker.broker.decide.exchange import Exchange, ReadFailed, over_limits
-from poolbroker.broker.decide.lease_rules import (
-    Verdict,
-    acquire_deadline,
-    admit,
-    check_held,
-    exchange_deadline,
-    next_look,
-)
+from poolbroker.broker.decide.lease_rules import Verdict, acquire_deadline, admit, exchange_deadline
 from poolbroker.broker.decide.leases import Lease, Waiter
 from poolbroker.broker.decide.protocols import CLOSE, RUN_RESET
-from poolbroker.broker.drive.pools import unknown_pool
+from poolbroker.broker.drive.pools import PoolState, unknown_pool
 from poolbroker.broker.drive.upstream import UpstreamConn
 from poolbroker.wire.protocol import (
     READ_ANY,
@@ -186,7 +179,10 @@ class Leasing:
         # A one-shot cycle (its first exchange carries the release) ends with that exchange, whose
         # own deadline bounds it: it needs no watch of its own.
         if self.loop.table.active(lease) and not (req.ends_lease and lease.exchange is not None):
-            self._schedule_lease_check(lease, now)
+            pool = waiter.pool
+            pool.leases.add(lease)
+            if pool.lease_timer is None:  # (else it is due no later than this lease's first limit)
+                self.look_at_leases_later(pool, now)
 
     def _new_token(self) -> bytes:
         """128 bits from the OS's random source (as secrets.token_bytes), drawn TOKEN_BATCH at a time."""
@@ -197,30 +193,31 @@ class Leasing:
         self._token_at = at + TOKEN_BYTES
         return self._tokens[at : at + TOKEN_BYTES]
 
-    def _schedule_lease_check(self, lease: DriveLease, now: float) -> None:
-        """Look at the lease again when it may next be due for the leak warning or reclaiming."""
-        due = next_look(lease.pool.config, lease, now)
+    def look_at_leases_later(self, pool: PoolState, now: float) -> None:
+        """Time the pool's next look at its leases' limits (again, when its settings change)."""
+        self.loop.timers.cancel(pool.lease_timer)
+        due = pool.leases.next_due(pool.config, now)
+        pool.lease_timer = None
         if due is not None:
-            lease.timer = self.loop.timers.call_at(due, lambda t: self._check_lease(lease, t))
+            pool.lease_timer = self.loop.timers.call_at(due, lambda t: self._look_at_leases(pool, t))
 
-    def _check_lease(self, lease: DriveLease, now: float) -> None:
-        lease.timer = None
-        check = check_held(lease.pool.config, lease, now)
-        name = lease.pool.config.name
-        if check.verdict is Verdict.RECLAIM:
-            log.warning("pool %r: reclaiming a %s: %s", name, lease.describe(now), check.why)
-            self.end_lease(lease, now, keep=False, reason="reclaimed")
-            return
-        if check.verdict is Verdict.WARN:
-            lease.warned = True
-            log.warning("pool %r: possible leak: a %s", name, lease.describe(now))
-        self._schedule_lease_check(lease, now)
+    def _look_at_leases(self, pool: PoolState, now: float) -> None:
+        pool.lease_timer = None
+        name = pool.config.name
+        for lease, check in pool.leases.due(pool.config, now).items():
+            if check.verdict is Verdict.RECLAIM:
+                log.warning("pool %r: reclaiming a %s: %s", name, lease.describe(now), check.why)
+                self.end_lease(lease, now, keep=False, reason="reclaimed")
+            else:
+                log.warning("pool %r: possible leak: a %s", name, lease.describe(now))
+        self.look_at_leases_later(pool, now)
 
     def _start_exchange(self, lease: DriveLease, peer: bytes, req: Request, now: float, first: bool) -> None:
         exchange = Exchange(lease, peer, req, first, self.loop.config.max_payload, now)
         lease.exchange = exchange
         lease.ops += 1
         lease.last_io = now
+        lease.pool.leases.io_started(lease)
         if exchange.poll and exchange.send is None:
             try:  # what arrived while nobody read (a leased socket is polled only during an exchange)
                 lease.conn.fill()
@@ -339,6 +336,7 @@ class Leasing:
         lease.last_io = now
         lease.busy += now - exchange.started
         if not lease_ends:  # (else _end_lease sets what to watch, once)
+            lease.pool.leases.io_ended(lease)
             self.loop.upstreams.watch(lease.conn)
         return lease
 
@@ -348,8 +346,7 @@ class Leasing:
         """The lease is over: its connection goes back to the pool if kept and clean, else closes.
         (`reported`: what a lent socket's holder says its session left.)"""
         self.loop.table.remove(lease)
-        self.loop.timers.cancel(lease.timer)
-        lease.timer = None
+        lease.pool.leases.remove(lease)
         conn = lease.conn
         if lease.lent and not keep:  # (cut, so that no copy the holder has goes on using it)
             conn.cut()

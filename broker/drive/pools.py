@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from poolbroker.broker.decide.lease_rules import LeaseClock
 from poolbroker.broker.decide.pool import PoolCore
 from poolbroker.broker.decide.probes import ProbeSpec, probe_spec
 from poolbroker.broker.decide.protocols import pool_protocol
@@ -15,7 +16,8 @@ from poolbroker.broker.settings import PoolConfig
 from poolbroker.wire.protocol import ErrorCode, Request, error_reply
 
 if TYPE_CHECKING:
-    from poolbroker.broker.drive.tables import DriveWaiter
+    from poolbroker.broker.drive.tables import DriveLease, DriveWaiter
+    from poolbroker.broker.drive.timers import Timer
     from poolbroker.broker.drive.upstream import UpstreamConn
 
 TLS_KEYS = ("tls", "tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file")
@@ -32,6 +34,8 @@ class PoolState:
         self.address: AddrInfo | None = numeric_address(config.host, config.port)  # None: look it up
         self.tls: ssl.SSLContext | None = tls.client_context(config)  # raises ConfigError
         self.server_parameters: dict[str, str] = {}  # postgres: what the last login's server announced
+        self.leases: LeaseClock[DriveLease] = LeaseClock()  # its leases, as their time limits fall due
+        self.lease_timer: Timer | None = None  # the next look at them
 
     def __repr__(self) -> str:
         return repr(self.core).replace("PoolCore", "Pool", 1)

@@ -168,7 +168,9 @@ class Operations:
             elif pool_config != old[name]:
                 differ = _differences(old[name], pool_config, [f.name for f in dataclasses.fields(pool_config)])
                 log.info("pool %r: changed by a reload: %s", name, ", ".join(differ))
-                server.carry_out(server.pools[name], server.pools[name].reconfigure(pool_config, now), now)
+                pool = server.pools[name]
+                server.carry_out(pool, pool.reconfigure(pool_config, now), now)
+                server.leasing.look_at_leases_later(pool, now)  # (its lease limits may have changed)
                 changes["changed"].append(name)
         server.config = dataclasses.replace(config, **{key: getattr(server.config, key) for key in RESTART_KEYS})
         logs.set_level(server.config.log_level)

@@ -335,6 +335,23 @@ def test_sighup_reloads_pools_without_touching_active_leases(workload_broker: An
     c.close()
 
 
+def test_a_reload_that_lowers_max_lease_time_reclaims_a_lease_already_held(
+    redis_server: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """The new limit holds for leases granted before the reload, not only for those after it."""
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[pools.p]\nupstream = "{redis_server.address}"\n')
+    broker = start_broker("--config", str(config))
+    with Client(broker.endpoint) as c, c.lease("p", socket=True) as held:
+        config.write_text(f'[pools.p]\nupstream = "{redis_server.address}"\nmax_lease_time = 0.5\n')
+        assert c.reload_broker() == {"added": [], "removed": [], "changed": ["p"]}
+        wait_for(lambda: c.stats("p")["p"]["leases_reclaimed"] == 1, timeout=10, what="the lease reclaimed")
+        assert "over max_lease_time=0.5s" in broker.log()
+        with pytest.raises(OSError):  # (cut: the holder's next I/O fails)
+            held.socket.sendall(b"PING\r\n")
+            assert held.socket.recv(100)
+
+
 def test_operations_are_for_administrators_only(redis_server: RedisServer, start_broker: Callable[..., Broker]) -> None:
     broker = start_broker("--upstream", f"redis={redis_server.address}", endpoint=f"tcp://127.0.0.1:{free_port()}")
     with Client(broker.endpoint) as c:
