@@ -21,6 +21,7 @@ from poolbroker.broker.settings import (
     REPLY_OVERHEAD,
     RESET_MODES,
     BrokerConfig,
+    ClusterConfig,
     ConfigError,
     PoolConfig,
     Step,
@@ -118,14 +119,17 @@ def load(
     """
     file_broker: dict[str, Any] = {}
     file_pools: dict[str, Any] = {}
+    cluster: ClusterConfig | None = None
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"can't read config {path}: {exc}") from None
-        unknown = set(data) - {"broker", "pools"}
+        unknown = set(data) - {"broker", "pools", "cluster"}
         if unknown:
-            raise ConfigError(f"{path}: unknown tables {sorted(unknown)} (known: broker, pools)")
+            raise ConfigError(f"{path}: unknown tables {sorted(unknown)} (known: broker, pools, cluster)")
+        if "cluster" in data:
+            cluster = _cluster(data["cluster"])
         file_broker = data.get("broker", {})
         file_pools = data.get("pools", {})
         bad = set(file_broker) - BROKER_KEYS
@@ -159,6 +163,7 @@ def load(
     max_waiting_payload = given.get("max_waiting_payload", max(DEFAULT_MAX_WAITING_PAYLOAD, max_payload))
     return BrokerConfig(
         overridden=_overridden(path, file_pools, file_broker, overrides, broker_overrides),
+        cluster=cluster,
         bind=bind or os.environ.get(ENDPOINT_ENV) or given.get("bind"),
         pools=tuple(PoolConfig(**settings) for settings in pools.values()),
         max_message_size=max_message_size,
@@ -172,6 +177,22 @@ def load(
         ),
         **strings,
     )
+
+
+def _cluster(table: Any) -> ClusterConfig:
+    """[cluster]: etcd = ["http://HOST:PORT", ...], name = "...", ttl = SECONDS."""
+    if not isinstance(table, dict):
+        raise ConfigError("[cluster] must be a table")
+    if unknown := set(table) - {"etcd", "name", "ttl"}:
+        raise ConfigError(f"[cluster]: unknown keys {sorted(unknown)} (known: etcd, name, ttl)")
+    if "etcd" not in table or "name" not in table:
+        raise ConfigError('[cluster] needs etcd = ["http://HOST:PORT", ...] and name = "..."')
+    etcd = table["etcd"]
+    if not isinstance(etcd, list) or not all(isinstance(url, str) for url in etcd):
+        raise ConfigError('[cluster] etcd must be a list of URLs: ["http://HOST:PORT", ...]')
+    name = _typed("[cluster] name", table["name"], str)
+    ttl = _typed("[cluster] ttl", table.get("ttl", 10), int)
+    return ClusterConfig(etcd=tuple(etcd), name=str(name), ttl=int(ttl))
 
 
 def _overridden(

@@ -96,6 +96,8 @@ class PoolConfig:
     reset: tuple[Step, ...] | str = _file_setting(
         RESET_AUTO, 'on return: "auto" (the protocol\'s, when needed), "off", "discard", or steps'
     )
+    cluster_max_size: int = _setting(0, "with [cluster]: connections all brokers open in all, at most (0: not shared)")
+    reserved: int = _setting(0, "with [cluster]: this broker's share that needs no permit (with or without etcd)")
 
     @property
     def lends(self) -> bool:
@@ -143,10 +145,28 @@ class PoolConfig:
             raise ConfigError(f'{where}: pool_mode is "session" or "transaction", not {self.pool_mode!r}')
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"{where}: protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        self._check_cluster_settings(where)
         self._check_session_settings(where)
         if not self.probe:  # the protocol's own
             object.__setattr__(self, "probe", PROTOCOL_PROBES[self.protocol])
         self._check_probe(where)
+
+    def _check_cluster_settings(self, where: str) -> None:
+        if self.cluster_max_size < 0 or self.reserved < 0:
+            raise ConfigError(f"{where}: cluster_max_size and reserved must not be negative")
+        if not self.cluster_max_size:
+            if self.reserved:
+                raise ConfigError(f"{where}: reserved needs cluster_max_size (the budget it is a share of)")
+            return
+        if self.reserved > min(self.max_size, self.cluster_max_size):
+            raise ConfigError(f"{where}: reserved must not exceed max_size or cluster_max_size")
+        if self.min_idle > self.reserved:
+            raise ConfigError(f"{where}: min_idle must not exceed reserved (connections kept ready need no permit)")
+
+    @property
+    def shared(self) -> bool:
+        """Its connections count against a budget that brokers on many hosts share ([cluster])."""
+        return self.cluster_max_size > 0
 
     def _check_session_settings(self, where: str) -> None:
         every = {key for keys in SESSION_KEYS.values() for key in keys}
@@ -196,6 +216,34 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
+CLUSTER_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_CLUSTER_NAME = 40  # (it names connections: PostgreSQL's application_name holds 63 bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """[cluster]: brokers on many hosts share their pools' budgets through etcd."""
+
+    etcd: tuple[str, ...]  # the etcd cluster's client URLs
+    name: str  # this broker's name in the cluster: unique, and stable across its restarts
+    ttl: int = 10  # seconds its etcd lease lives unrefreshed: how long a lost broker's share stays away
+
+    def __post_init__(self) -> None:
+        if not self.etcd:
+            raise ConfigError("[cluster] etcd lists no endpoints")
+        for url in self.etcd:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("http", "https") or not rest:
+                raise ConfigError(f"[cluster] etcd endpoint {url!r} is not http://HOST:PORT or https://HOST:PORT")
+            parse_address(rest.rstrip("/"))
+        if not 0 < len(self.name) <= MAX_CLUSTER_NAME or not set(self.name) <= CLUSTER_NAME_CHARACTERS:
+            raise ConfigError(
+                f"[cluster] name {self.name!r} must be 1 to {MAX_CLUSTER_NAME} letters, digits, '.', '_' or '-'"
+            )
+        if not 1 <= self.ttl <= 3600:
+            raise ConfigError("[cluster] ttl must be between 1 and 3600 seconds")
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole broker: where it listens and its pools."""
@@ -218,6 +266,7 @@ class BrokerConfig:
     )
     curve_clients: str | None = _setting(None, "a directory of the public keys of the clients to let in")
     admin_keys: str | None = _setting(None, "a directory of the public keys that may also administer")
+    cluster: ClusterConfig | None = None  # [cluster]: a budget shared with brokers on other hosts
     # What loading found: a line per file setting a flag overrides (the flag wins, at every reload).
     overridden: tuple[str, ...] = ()
 
@@ -225,6 +274,8 @@ class BrokerConfig:
         names = [pool.name for pool in self.pools]
         if len(set(names)) != len(names):
             raise ConfigError("pool names must be unique")
+        if self.cluster is None and (shared := [pool.name for pool in self.pools if pool.shared]):
+            raise ConfigError(f"pool(s) {', '.join(shared)}: cluster_max_size needs a [cluster] table")
         if self.max_message_size < 4096:
             raise ConfigError("max_message_size must be at least 4096 bytes")
         if not 1 <= self.max_payload <= self.max_message_size - REPLY_OVERHEAD:

@@ -18,12 +18,13 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # The Debian service each server package starts system-wide (on the default ports).
 declare -A SERVICE_OF=([redis-server]=redis-server [memcached]=memcached [nutcracker]=nutcracker
-                       [postgresql]=postgresql [pgbouncer]=pgbouncer)
+                       [postgresql]=postgresql [pgbouncer]=pgbouncer [etcd-server]=etcd)
 
 ensure_servers() {
     # Real upstreams for the tests and the demo: Debian's redis-server (built with TLS) and
     # memcached; openssl makes the test certificates; the benchmarks' load generator (wrk) and
-    # peers (twemproxy, packaged as nutcracker; PgBouncer).
+    # peers (twemproxy, packaged as nutcracker; PgBouncer); etcd, the coordinator of brokers that
+    # share one budget across hosts.
     local missing=()
     for tool in redis-server memcached openssl wrk nutcracker; do  # (each package has its command's name)
         command -v "$tool" >/dev/null || missing+=("$tool")
@@ -31,6 +32,7 @@ ensure_servers() {
     # PostgreSQL keeps its programs out of PATH (/usr/lib/postgresql/NN/bin).
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || missing+=(pgbouncer)
+    command -v etcd >/dev/null || missing+=(etcd-server)
     [ ${#missing[@]} = 0 ] && return
     echo "setup: installing ${missing[*]} (Debian packages)" >&2
     as_root apt-get update -qq >/dev/null

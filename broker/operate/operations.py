@@ -45,6 +45,7 @@ RESTART_KEYS = (
     "admin_keys",
     "metrics_bind",
     "log_format",
+    "cluster",  # (the etcd session and this broker's name in it)
 )
 
 Handler = Callable[[bytes, Request, float], None]

@@ -263,3 +263,44 @@ def test_loading_says_which_file_settings_a_flag_overrides(tmp_path: Path) -> No
         f"--max-payload 4096 overrides [broker] max_payload in {path}",
     )
     assert load(path).overridden == ()
+
+
+CLUSTER = '[cluster]\netcd = ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]\nname = "web-1"\n'
+
+
+def test_a_cluster_table_and_pools_that_share_a_budget(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        CLUSTER
+        + 'ttl = 5\n[pools.db]\nupstream = "db:5432"\nmax_size = 20\ncluster_max_size = 100\nreserved = 10\n'
+        + '[pools.cache]\nupstream = "cache:11211"\n',
+    )
+    config = load(path)
+    assert config.cluster is not None
+    assert config.cluster.etcd == ("http://127.0.0.1:2379", "http://10.0.0.2:2379")
+    assert (config.cluster.name, config.cluster.ttl) == ("web-1", 5)
+    db, cache = config.pools
+    assert (db.shared, db.cluster_max_size, db.reserved) == (True, 100, 10)
+    assert not cache.shared  # (bounded by this broker alone, as without [cluster])
+    assert load(write(tmp_path, CLUSTER + '[pools.p]\nupstream = "h:1"\n')).cluster.ttl == 10  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[pools.p]\nupstream = "h:1"\ncluster_max_size = 5\n', "cluster_max_size needs a [cluster] table"),
+        ('[cluster]\nname = "a"\n[pools.p]\nupstream = "h:1"\n', "needs etcd"),
+        ('[cluster]\netcd = "http://h:1"\nname = "a"\n[pools.p]\nupstream = "h:1"\n', "must be a list of URLs"),
+        ('[cluster]\netcd = []\nname = "a"\n[pools.p]\nupstream = "h:1"\n', "lists no endpoints"),
+        ('[cluster]\netcd = ["h:1"]\nname = "a"\n[pools.p]\nupstream = "h:1"\n', "is not http://HOST:PORT"),
+        ('[cluster]\netcd = ["http://h:1"]\nname = "a b"\n[pools.p]\nupstream = "h:1"\n', "letters, digits"),
+        ('[cluster]\netcd = ["http://h:1"]\nname = "a"\nttl = 0\n[pools.p]\nupstream = "h:1"\n', "ttl must be"),
+        ('[cluster]\netcd = ["http://h:1"]\nname = "a"\nport = 1\n[pools.p]\nupstream = "h:1"\n', "unknown keys"),
+        (CLUSTER + '[pools.p]\nupstream = "h:1"\nreserved = 2\n', "reserved needs cluster_max_size"),
+        (CLUSTER + '[pools.p]\nupstream = "h:1"\nmax_size = 4\ncluster_max_size = 9\nreserved = 5\n', "reserved must"),
+        (CLUSTER + '[pools.p]\nupstream = "h:1"\ncluster_max_size = 9\nreserved = 1\nmin_idle = 2\n', "min_idle"),
+    ],
+)
+def test_a_wrong_cluster_setting_is_named(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("]", r"\]")):
+        load(write(tmp_path, text))
