@@ -57,9 +57,11 @@ OPEN = Open()
 # came back with bytes nobody read; out_of_sync: its protocol's stream was left in the middle of a
 # message, or with answers still owed (redis, http); idle / lifetime: the reaper; reclaimed: taken
 # back from a holder that died or held it too long; resized: over a lowered max_size; drained: an
-# operator drained the pool (or its upstream changed); reset: the pool's reset rule is "discard"
+# operator drained the pool (or its upstream changed); budget: a shared budget's share moved to
+# another broker ([cluster]); reset: the pool's reset rule is "discard"
 # (its session state is unknown); shutdown.
 CLOSE_REASONS = (
+    "budget",
     "discarded",
     "broken",
     "unread",

@@ -77,16 +77,12 @@ def plan(me: str, permits: int, free: int, demands: Mapping[str, Demand], in_use
     share (open or opening: each holds a permit)."""
     mine = demands[me]
     shares = fair_shares(permits, {name: demand.need for name, demand in demands.items()})
-    if sum(demand.need for demand in demands.values()) <= permits:
-        target = mine.need  # every need fits: claim what it needs
-    else:
-        target = shares[me]
+    fits = sum(demand.need for demand in demands.values()) <= permits
+    target = mine.need if fits else shares[me]  # (when every need fits, claim what it needs)
     if mine.held < target:
         return Plan(claim=min(target - mine.held, free))
     keep = max(in_use, mine.need)  # (a permit that backs nothing goes back at once)
-    starved = any(
-        demand.held < shares[name] and demand.waiting > 0 for name, demand in demands.items() if name != me
-    )
+    starved = any(demand.held < shares[name] and demand.waiting > 0 for name, demand in demands.items() if name != me)
     if starved:
         keep = min(keep, shares[me])  # (the rest back, as its connections close)
     return Plan(release=max(0, mine.held - keep))

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 from poolbroker.broker.decide.actions import CLOSE_REASONS, OPEN, Action, Close, Grant, Probe, Reject
 from poolbroker.broker.decide.histogram import Histogram
+from poolbroker.broker.decide.pool_stats import pool_stats
 from poolbroker.broker.decide.waiting import WaitingLine
 from poolbroker.broker.settings import PoolConfig
 from poolbroker.wire.protocol import ErrorCode
@@ -51,6 +52,7 @@ class PoolCore(Generic[C, R]):
     def __init__(self, config: PoolConfig, rng: Callable[[], float] = random.random) -> None:
         self.name = config.name
         self._rng = rng
+        self._limit: int | None = None  # a bound below max_size from outside (a shared budget's share)
         self._apply(config)
         self.idle: list[C] = []  # LIFO: the last one pushed is the warmest
         self.leased: set[C] = set()
@@ -88,7 +90,7 @@ class PoolCore(Generic[C, R]):
 
     def _apply(self, config: PoolConfig) -> None:
         self.config = config
-        self.max_size = config.max_size
+        self.max_size = config.max_size if self._limit is None else min(config.max_size, self._limit)
         self._idle_timeout = _off_is_inf(config.idle_timeout)
         self._max_lifetime = _off_is_inf(config.max_lifetime)
         self._check_interval = _off_is_inf(config.check_interval)
@@ -265,6 +267,17 @@ class PoolCore(Generic[C, R]):
         self._next_care = now  # timeouts may have changed: look at the idle connections again
         return actions + self._serve_waiters(now)
 
+    def limit(self, bound: int | None, now: float) -> list[Action[C, R]]:
+        """Bound the pool below max_size from outside: a shared budget's share ([cluster]). Idle
+        connections over it close now, leased ones as they come back ("budget"); a raised one
+        opens what the waiters need. None: max_size alone again."""
+        self._limit = bound
+        self._apply(self.config)
+        actions: list[Action[C, R]] = []
+        while self.idle and self.size > self.max_size:
+            actions += self._close(self.idle.pop(0), "budget")  # the coldest first
+        return actions + self._serve_waiters(now)
+
     def drain(self, now: float) -> list[Action[C, R]]:
         """Recycle every connection: idle ones close now, the others when they come back."""
         self.drained_at = now
@@ -287,36 +300,7 @@ class PoolCore(Generic[C, R]):
 
     def stats(self) -> dict[str, int | float]:
         """Gauges read now, counters since start, and the wait-time summary in milliseconds."""
-        stats: dict[str, int | float] = {
-            "pool_max": self.max_size,
-            "pool_size": self.size,
-            "pool_peak": self.peak,
-            "pool_idle": len(self.idle),
-            "pool_checking": len(self.checking),
-            "pool_connecting": self.connecting,
-            "leases_active": len(self.leased),
-            "requests_waiting": self.waiting,
-            "upstream_failing": int(self.failures > 0),
-            "pool_paused": int(self.paused),
-            "requests_num": self.requests_num,
-            "requests_queued": self.requests_queued,
-            "requests_timeouts": self.requests_timeouts,
-            "requests_rejected": self.requests_rejected,
-            "requests_failed": self.requests_failed,
-            "requests_abandoned": self.requests_abandoned,
-            "connections_created": self.connections_created,
-            "connections_failed": self.connections_failed,
-            "connections_closed": sum(self.connections_closed.values()),
-            "checks_run": self.checks_run,
-            "checks_failed": self.checks_failed,
-            "leases_reclaimed": self.connections_closed["reclaimed"],
-        }
-        for reason, count in self.connections_closed.items():
-            stats[f"connections_closed_{reason}"] = count
-        stats.update(self.wait_time.summary_ms("wait"))
-        stats.update(self.hold_time.summary_ms("hold"))
-        stats.update(self.connect_time.summary_ms("connect"))
-        return stats
+        return pool_stats(self)
 
     def histograms(self) -> dict[str, Histogram]:
         """The distributions, by name: wait (for a lease), hold (a lease), connect (to the upstream)."""
@@ -383,7 +367,7 @@ class PoolCore(Generic[C, R]):
         if times.opened <= self.drained_at:
             return "drained"
         if self.size > self.max_size:
-            return "resized"
+            return "budget" if self.max_size < self.config.max_size else "resized"
         return None
 
     def _lease(self, conn: C, now: float) -> None:

@@ -48,6 +48,22 @@ def test_lowering_max_size_closes_idle_now_and_the_rest_as_they_come_back() -> N
     assert (stats["pool_max"], stats["pool_size"], stats["connections_closed_resized"]) == (1, 1, 3)
 
 
+def test_a_limit_from_outside_bounds_below_max_size_and_gives_way_to_it() -> None:
+    """A shared budget's share ([cluster]): lowered, idle connections close now and leased ones as
+    they come back; raised, what the waiters need opens; never over max_size."""
+    pool = make(max_size=4)
+    fill(pool, "c1", "c2", "c3")
+    pool.release("c3", 1.0)
+    assert pool.limit(1, 2.0) == [Close("c3", "budget")]
+    assert pool.release("c1", 3.0) == [Close("c1", "budget")]
+    assert pool.request("w1", 3.0, 9.0) == [] and pool.request("w2", 3.0, 9.0) == []  # (c2 is the one)
+    assert pool.limit(9, 4.0) == [OPEN, OPEN]  # (what the two waiters need; max_size still bounds it)
+    assert pool.stats()["pool_max"] == 4
+    assert pool.reconfigure(dataclasses.replace(pool.config, max_size=2), 5.0) == []
+    assert pool.stats()["pool_max"] == 2  # (the lower of the two)
+    assert pool.limit(None, 6.0) == [] and pool.stats()["connections_closed_budget"] == 2
+
+
 def test_raising_max_size_opens_what_the_waiters_need() -> None:
     pool = make(max_size=1)
     fill(pool, "c1")
