@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from poolbroker.broker.decide.fence import connection_name
 from poolbroker.broker.settings import (
     BROKER_KEYS,
     BROKER_STRINGS,
@@ -29,6 +30,8 @@ from poolbroker.broker.settings import (
     parse_upstream,
 )
 from poolbroker.wire.endpoint import ENDPOINT_ENV
+
+MAX_APPLICATION_NAME = 63  # PostgreSQL's NAMEDATALEN - 1: a longer one is cut, and would not be fenced
 
 
 def _pool_settings(name: str, table: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +164,9 @@ def load(
     max_payload = int(_typed("[broker] max_payload", max_payload, int))
     # Unless given, max_waiting_payload follows a larger max_payload up.
     max_waiting_payload = given.get("max_waiting_payload", max(DEFAULT_MAX_WAITING_PAYLOAD, max_payload))
+    if cluster is not None:
+        for settings in pools.values():
+            _name_for_fencing(settings, cluster.name)
     return BrokerConfig(
         overridden=_overridden(path, file_pools, file_broker, overrides, broker_overrides),
         cluster=cluster,
@@ -177,6 +183,17 @@ def load(
         ),
         **strings,
     )
+
+
+def _name_for_fencing(settings: dict[str, Any], broker: str) -> None:
+    """A shared pool's connections carry this broker's name (Redis CLIENT SETNAME, PostgreSQL's
+    application_name), by which another broker fences them if this one is lost (decide/fence.py)."""
+    if not settings.get("cluster_max_size") or settings.get("protocol") not in ("redis", "postgres"):
+        return
+    name = connection_name(settings.get("client_name", ""), broker)
+    if settings["protocol"] == "postgres" and len(name) > MAX_APPLICATION_NAME:
+        raise ConfigError(f"pool {settings['name']!r}: application_name {name!r} is over {MAX_APPLICATION_NAME} bytes")
+    settings["client_name"] = name
 
 
 def _cluster(table: Any) -> ClusterConfig:

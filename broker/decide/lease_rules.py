@@ -103,6 +103,10 @@ class LeaseClock(Generic[L]):
     def __len__(self) -> int:
         return len(self._held)
 
+    def held(self) -> list[L]:
+        """Its leases, in grant order."""
+        return list(self._held)
+
     def add(self, lease: L) -> None:
         """A lease granted now (the latest `since` and `last_io`: it goes last everywhere)."""
         self._held[lease] = None

@@ -53,6 +53,7 @@ class PoolCore(Generic[C, R]):
         self.name = config.name
         self._rng = rng
         self._limit: int | None = None  # a bound below max_size from outside (a shared budget's share)
+        self._limit_until, self._limit_then = math.inf, 0  # when it falls back, and to what
         self._apply(config)
         self.idle: list[C] = []  # LIFO: the last one pushed is the warmest
         self.leased: set[C] = set()
@@ -66,6 +67,7 @@ class PoolCore(Generic[C, R]):
         self.line: WaitingLine[R] = WaitingLine()  # requests waiting for a connection
         self._next_care: float | None = None  # when an idle connection next needs the reaper or a probe
         self._reap_held = False  # the reaper spared connections past idle_timeout to keep min_idle
+        self._check_next = False  # the next connection to come back is checked (check_one)
         # The upstream's health, from connects: consecutive failures and when to try again.
         self.failures = 0
         self.last_error = ""
@@ -197,6 +199,9 @@ class PoolCore(Generic[C, R]):
         if unfit is not None:
             return self._close(conn, unfit) + self._serve_waiters(now)
         times.idle_since = times.last_ok = now
+        if self._check_next:  # (a check the driver wants run on one of ours: before any waiter)
+            self._check_next = False
+            return [self._start_check(conn, for_checkout=False)]
         return self._hand_over(conn, now)
 
     def cancel(self, request: R) -> None:
@@ -267,16 +272,24 @@ class PoolCore(Generic[C, R]):
         self._next_care = now  # timeouts may have changed: look at the idle connections again
         return actions + self._serve_waiters(now)
 
-    def limit(self, bound: int | None, now: float) -> list[Action[C, R]]:
-        """Bound the pool below max_size from outside: a shared budget's share ([cluster]). Idle
-        connections over it close now, leased ones as they come back ("budget"); a raised one
-        opens what the waiters need. None: max_size alone again."""
-        self._limit = bound
+    def limit(self, bound: int | None, now: float, until: float = math.inf, then: int = 0) -> list[Action[C, R]]:
+        """Bound the pool below max_size from outside ([cluster]: its share of a budget), up to
+        `until` (its etcd lease may be gone by then: `then` from then on, nothing opens beyond it
+        even before the driver hears). Idle connections over it close now, leased ones as they
+        come back ("budget"); a raised one opens what the waiters need. None: max_size alone."""
+        self._limit, self._limit_until, self._limit_then = bound, until, then
         self._apply(self.config)
         actions: list[Action[C, R]] = []
         while self.idle and self.size > self.max_size:
             actions += self._close(self.idle.pop(0), "budget")  # the coldest first
         return actions + self._serve_waiters(now)
+
+    def check_one(self) -> list[Action[C, R]]:
+        """Probe one connection for a check of the driver's (a fence): an idle one, else the next back."""
+        if self.idle:
+            return [self._start_check(self.idle.pop(), for_checkout=False)]
+        self._check_next = True
+        return []
 
     def drain(self, now: float) -> list[Action[C, R]]:
         """Recycle every connection: idle ones close now, the others when they come back."""
@@ -326,6 +339,9 @@ class PoolCore(Generic[C, R]):
     def _serve_waiters(self, now: float) -> list[Action[C, R]]:
         """Give idle connections to waiters, then open what the waiters and min_idle still need."""
         actions: list[Action[C, R]] = []
+        if now >= self._limit_until:  # (a share whose etcd lease may be gone: see limit())
+            self._limit, self._limit_until = self._limit_then, math.inf
+            self._apply(self.config)
         if self.paused:
             return actions
         while self.waiting > self._checkout_checks and self.idle:

@@ -4,8 +4,11 @@ upstream is and how to speak TLS to it."""
 from __future__ import annotations
 
 import ssl
+from collections import deque
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from poolbroker.broker.decide.checks import Check
 from poolbroker.broker.decide.lease_rules import LeaseClock
 from poolbroker.broker.decide.pool import PoolCore
 from poolbroker.broker.decide.probes import ProbeSpec, probe_spec
@@ -36,6 +39,9 @@ class PoolState:
         self.server_parameters: dict[str, str] = {}  # postgres: what the last login's server announced
         self.leases: LeaseClock[DriveLease] = LeaseClock()  # its leases, as their time limits fall due
         self.lease_timer: Timer | None = None  # the next look at them
+        # Fences to run on its next probed connection ([cluster]: the agent waits on each Future).
+        self.fences: deque[tuple[Check, Future[int]]] = deque()
+        self.cluster: dict[str, int] = {}  # [cluster]: its share of the budget, as the agent last saw it
 
     def __repr__(self) -> str:
         return repr(self.core).replace("PoolCore", "Pool", 1)

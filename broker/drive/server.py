@@ -18,7 +18,8 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
@@ -53,6 +54,7 @@ from poolbroker.wire.protocol import (
     parse_request,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("broker.server")  # (the operator's log lines keep the name they always had)
 
 ROUTER_BATCH = 256  # messages taken per wake-up before looking at upstream sockets again
@@ -71,6 +73,7 @@ class Server:
         self.config = config
         self.reload_config = reload_config  # reads the config file again (SIGHUP, admin reload)
         self._reload_requested = False
+        self._calls: deque[tuple[Callable[[float], Any], Future[Any]]] = deque()  # call_soon_threadsafe's
         self.ctx = ctx or zmq.Context()
         self.pools = {pool.name: PoolState(pool) for pool in config.pools}
         self.table: DriveLeaseTable = LeaseTable()  # holders, waiters and leases
@@ -172,6 +175,13 @@ class Server:
         """Reread the config file soon, in the loop (safe from a signal handler: SIGHUP)."""
         self._reload_requested = True
         self._wake()
+
+    def call_soon_threadsafe(self, call: Callable[[float], T]) -> Future[T]:
+        """Run call(now) in the loop, from another thread; the Future has what it returned."""
+        done: Future[T] = Future()
+        self._calls.append((call, done))
+        self._wake()
+        return done
 
     def _wake(self) -> None:
         try:
@@ -277,6 +287,12 @@ class Server:
                 pass
         except BlockingIOError:
             pass
+        while self._calls:
+            call, done = self._calls.popleft()
+            try:
+                done.set_result(call(now))
+            except Exception as exc:  # (the caller's to see)
+                done.set_exception(exc)
         for conn, answer in self.resolver.results():
             if conn.state is not State.CLOSED:  # else its connect timed out while the lookup ran
                 self.upstreams.connect_to(conn, answer, now)

@@ -235,6 +235,9 @@ class Upstreams:
 
     def start_probe(self, conn: UpstreamConn, now: float) -> None:
         pool = conn.pool
+        if pool.fences:  # (the core lent this one for a fence: core.check_one)
+            self._start_fence(conn, now)
+            return
         if pool.probe is None:  # tcp: open and nothing unread, known without a round trip
             unfit = conn.unfit()
             if unfit is None:
@@ -250,6 +253,22 @@ class Upstreams:
             "probe_timeout",
             now,
         )
+
+    def _start_fence(self, conn: UpstreamConn, now: float) -> None:
+        """A fence on one of this pool's own connections (decide/fence.py): the Future has how many
+        connections it ended, or the failure; the connection goes back to the pool either way,
+        unless its I/O failed."""
+        check, done = conn.pool.fences.popleft()
+
+        def passed(conn: UpstreamConn, now: float) -> None:
+            done.set_result(getattr(check, "ended", 0))
+            self._probe_passed(conn, now)
+
+        def failed(conn: UpstreamConn, failure: ProbeFailed, now: float) -> None:
+            done.set_exception(failure)
+            self._probe_failed(conn, failure, now)
+
+        self.run_checks(conn, State.PROBING, ProbeRun("fence", [check], passed, failed), "io_timeout", now)
 
     def run_checks(self, conn: UpstreamConn, state: State, run: ProbeRun, limit: str | None, now: float) -> None:
         """Start `run` on `conn` (moving it into `state`), bounded by the pool's setting named

@@ -183,6 +183,22 @@ def serve(args: argparse.Namespace) -> int:
     log.info("poolbroker %s listening on %s", __version__, endpoint)
     if metrics is not None:
         log.info("metrics on http://%s/metrics", config.metrics_bind)
+    cluster = None
+    if config.cluster is not None and any(pool.shared for pool in config.pools):
+        try:
+            from poolbroker.broker.drive.cluster import ClusterAgent  # (etcd3gw: the cluster extra)
+        except ImportError as exc:
+            print(f"poolbroker: [cluster] needs {exc.name}: pip install 'poolbroker[cluster]'", file=sys.stderr)
+            server.close()
+            return 2
+        cluster = ClusterAgent(server, config.cluster)
+        try:
+            cluster.join()
+        except ConfigError as exc:
+            print(f"poolbroker: {exc}", file=sys.stderr)
+            server.close()
+            return 2
+        cluster.start()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where it is
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
@@ -195,6 +211,8 @@ def serve(args: argparse.Namespace) -> int:
         server.serve()
     finally:
         signal.set_wakeup_fd(-1)
+        if cluster is not None:
+            cluster.close()
         if metrics is not None:
             metrics.close()
         server.close()

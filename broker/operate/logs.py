@@ -38,3 +38,4 @@ def setup(level: str, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # (etcd3gw's every request, at debug)

@@ -203,7 +203,7 @@ class Operations:
             server.reply(peer, unknown_pool(server.pools, req))
             return
         names = [req.pool] if req.pool is not None else list(server.pools)
-        pools = {name: server.pools[name].core.stats() for name in names}
+        pools = {name: {**server.pools[name].core.stats(), **server.pools[name].cluster} for name in names}
         received, bad = request_counts(server)
         broker = {
             "requests_received": received,

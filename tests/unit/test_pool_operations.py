@@ -64,6 +64,16 @@ def test_a_limit_from_outside_bounds_below_max_size_and_gives_way_to_it() -> Non
     assert pool.limit(None, 6.0) == [] and pool.stats()["connections_closed_budget"] == 2
 
 
+def test_a_limit_that_lapses_opens_nothing_beyond_what_holds_without_it() -> None:
+    """A share whose etcd lease may be gone by `until`: from then on, the fallback bounds what
+    opens, even before the driver hears (a broker frozen past its ttl, then let go)."""
+    pool = make(max_size=6)
+    assert pool.limit(5, 0.0, until=10.0, then=1) == []
+    assert [pool.request(w, 1.0, 99.0) for w in ("w1", "w2")] == [[OPEN], [OPEN]]  # (before: within 5)
+    assert pool.request("w3", 10.0, 99.0) == []  # (lapsed: 2 opening already, over the fallback's 1)
+    assert pool.stats()["pool_max"] == 1
+
+
 def test_raising_max_size_opens_what_the_waiters_need() -> None:
     pool = make(max_size=1)
     fill(pool, "c1")
