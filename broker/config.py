@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from poolbroker.broker.decide.fence import connection_name
 from poolbroker.broker.settings import (
     BROKER_KEYS,
     BROKER_STRINGS,
@@ -26,6 +25,7 @@ from poolbroker.broker.settings import (
     ConfigError,
     PoolConfig,
     Step,
+    connection_name,
     parse_address,
     parse_upstream,
 )

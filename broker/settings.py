@@ -216,6 +216,15 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
+NAME_MARK = "poolbroker."  # a shared pool's connections are named for their broker (decide/fence.py)
+
+
+def connection_name(client_name: str, broker: str) -> str:
+    """What a shared pool's connections are named (Redis's CLIENT SETNAME, PostgreSQL's
+    application_name): `broker` is fenced by it, if it is lost."""
+    return f"{client_name}.{NAME_MARK}{broker}" if client_name else f"{NAME_MARK}{broker}"
+
+
 CLUSTER_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_CLUSTER_NAME = 40  # (it names connections: PostgreSQL's application_name holds 63 bytes)
 
@@ -224,9 +233,9 @@ MAX_CLUSTER_NAME = 40  # (it names connections: PostgreSQL's application_name ho
 class ClusterConfig:
     """[cluster]: brokers on many hosts share their pools' budgets through etcd."""
 
-    etcd: tuple[str, ...]  # the etcd cluster's client URLs
-    name: str  # this broker's name in the cluster: unique, and stable across its restarts
-    ttl: int = 10  # seconds its etcd lease lives unrefreshed: how long a lost broker's share stays away
+    etcd: tuple[str, ...] = field(metadata={"help": 'the etcd cluster\'s client URLs: ["http://HOST:PORT", ...]'})
+    name: str = field(metadata={"help": "this broker's name in the cluster: unique, and the same across its restarts"})
+    ttl: int = _setting(10, "seconds its etcd lease lives unrefreshed: how long a lost broker's permits stay away")
 
     def __post_init__(self) -> None:
         if not self.etcd:

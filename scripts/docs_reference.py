@@ -20,7 +20,7 @@ from poolbroker.broker.drive.pools import PoolState
 from poolbroker.broker.operate.cli import build_parser
 from poolbroker.broker.operate.metrics import PoolCollector
 from poolbroker.broker.operate.operations import RESTART_KEYS
-from poolbroker.broker.settings import BrokerConfig, PoolConfig
+from poolbroker.broker.settings import BrokerConfig, ClusterConfig, PoolConfig
 from poolbroker.client import PoolBrokerError
 from poolbroker.client._errors import ERROR_CLASSES
 from poolbroker.wire.endpoint import ENDPOINT_ENV
@@ -63,6 +63,17 @@ def configuration() -> str:
         lines.append(
             f"| `{field.name}` | {kind} | {default_of(field)} | {flag} | {reload} | {cell(field.metadata['help'])} |"
         )
+    lines += [
+        "\n## `[cluster]`\n",
+        "Brokers on many hosts share their pools' budgets through etcd ([one budget across",
+        "hosts](../deploy/cluster.md)); a pool takes part with `cluster_max_size` and `reserved`. The",
+        "table is read at start (a reload keeps it), and has no flags.\n",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for field in dataclasses.fields(ClusterConfig):
+        default = "required" if field.default is dataclasses.MISSING else default_of(field)
+        lines.append(f"| `{field.name}` | {cell(field.type)} | {default} | {cell(field.metadata['help'])} |")
     lines += [
         "\n## `[pools.NAME]`\n",
         "Every pool setting reloads: a pool whose settings changed takes them at once; a new upstream",

@@ -16,17 +16,11 @@ memcached, HTTP and tcp upstreams name no connection: they can't be fenced (docs
 from __future__ import annotations
 
 from poolbroker.broker.decide.checks import Check, ProbeFailed
-from poolbroker.broker.settings import PoolConfig
+from poolbroker.broker.settings import NAME_MARK, PoolConfig
 from poolbroker.sessions.resp import encode_command
 from poolbroker.wire.pgwire import Frames, query
 
-NAME_MARK = "poolbroker."
 MAX_LISTING = 16 * 1024 * 1024  # CLIENT LIST of a busy Redis: about 300 bytes a connection
-
-
-def connection_name(client_name: str, broker: str) -> str:
-    """What a shared pool's connections are named, for `broker` to be fenced by."""
-    return f"{client_name}.{NAME_MARK}{broker}" if client_name else f"{NAME_MARK}{broker}"
 
 
 def names_broker(name: str, broker: str) -> bool:

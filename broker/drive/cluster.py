@@ -27,8 +27,9 @@ import math
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from poolbroker.broker.decide.cluster import Demand, join_refusal, permit_count, plan
 from poolbroker.broker.decide.fence import fence_check
@@ -37,15 +38,20 @@ from poolbroker.broker.drive.etcd import Entry, Etcd, EtcdUnavailable
 from poolbroker.broker.settings import ClusterConfig, ConfigError
 
 if TYPE_CHECKING:
+    from poolbroker.broker.drive.doors import ClusterDoors
     from poolbroker.broker.drive.pools import PoolState
-    from poolbroker.broker.drive.server import Server
 
 log = logging.getLogger("broker.cluster")
+T = TypeVar("T")
 
 PREFIX = b"/poolbroker/"
 LOOK_EVERY = 0.1  # seconds between looks at etcd: permits follow demand within a few
 MARGIN = 0.2  # of the ttl: its lease counts as lost this much before etcd drops it
 LOOP_WAIT = 10.0  # seconds to wait for the loop to carry out a limit
+
+
+class Stopping(Exception):
+    """close() was called while the agent waited on the loop."""
 
 
 @dataclass
@@ -94,7 +100,7 @@ def key(*parts: str | int) -> bytes:
 class ClusterAgent:
     """This broker in the cluster: see the module docstring."""
 
-    def __init__(self, server: Server, config: ClusterConfig) -> None:
+    def __init__(self, server: ClusterDoors, config: ClusterConfig) -> None:
         self.server = server
         self.config = config
         self.name = config.name
@@ -105,6 +111,7 @@ class ClusterAgent:
         self.joined: set[str] = set()  # pools whose roster has our share
         self.joining: set[str] = set()  # pools we joined: our share waits for permits over the new count
         self.published: dict[str, Demand] = {}
+        self.unused: dict[str, int] = {}  # each pool's permits that backed no connection, at the last step
         self.limits: dict[str, tuple[int, float]] = {}  # each pool's limit and until when, as last set
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poolbroker-cluster", daemon=True)
@@ -146,13 +153,16 @@ class ClusterAgent:
     def _run(self) -> None:
         while not self._stop.wait(LOOK_EVERY):
             try:
-                self._step()
-            except EtcdUnavailable as exc:
-                log.debug("cluster: %s", exc)
+                try:
+                    self._step()
+                except EtcdUnavailable as exc:
+                    log.debug("cluster: %s", exc)
+                if self.lease and time.monotonic() >= self.valid_until:
+                    self._lost("etcd did not answer within its lease's ttl")
+            except Stopping:
+                return
             except Exception:  # (a bug of ours must not end the broker's share of the budget)
                 log.exception("cluster: a step failed")
-            if self.lease and time.monotonic() >= self.valid_until:
-                self._lost("etcd did not answer within its lease's ttl")
 
     def _step(self) -> None:
         if not self.lease:
@@ -204,6 +214,7 @@ class ClusterAgent:
         for pool in self.pools():
             self._set_limit(pool, pool.config.reserved, reclaim=True)
             pool.cluster = {**pool.cluster, "cluster_permits_held": 0}
+        time.sleep(LOOK_EVERY)  # (the upstream lets go of the closed connections: see _balance)
         try:
             self.etcd.revoke(lease)  # (our permits free at once, if etcd answers)
         except EtcdUnavailable:
@@ -263,11 +274,13 @@ class ClusterAgent:
         held = len(mine) + len(claimed)
         limit = reserved + held - len(beyond) - move.release
         open_now = self._set_limit(pool, limit)
-        # Give back what backs no connection now, of what is to go: those over the count first.
-        idle_permits = held - max(0, open_now - reserved)
-        going = (beyond + sorted(set(mine) - set(beyond), reverse=True))[
-            : min(len(beyond) + move.release, idle_permits)
-        ]
+        # Give back, of what is to go, what backed no connection at the last step already and
+        # still backs none (those over the count first): a connection closes at the upstream a
+        # moment after its socket (a PostgreSQL backend leaves pg_stat_activity as it exits).
+        unused = held - max(0, open_now - reserved)
+        settled = min(unused, self.unused.get(name, 0))
+        self.unused[name] = unused
+        going = (beyond + sorted(set(mine) - set(beyond), reverse=True))[: min(len(beyond) + move.release, settled)]
         for k in going:
             self.etcd.txn(
                 [etcd.held_by(key("pools", name, "permits", k), self.lease)],
@@ -335,7 +348,9 @@ class ClusterAgent:
 
         self.server.call_soon_threadsafe(start)
         try:
-            ended = done.result(timeout=pool.config.io_timeout + LOOP_WAIT)
+            ended = self._wait(done, pool.config.io_timeout + LOOP_WAIT)
+        except Stopping:
+            raise
         except Exception as exc:
             log.warning("cluster: pool %r: fencing %r failed (its permits wait): %s", pool.config.name, broker, exc)
             return False
@@ -369,4 +384,16 @@ class ClusterAgent:
         if (limit, until) == self.limits.get(name) and not reclaim:
             return pool.core.size + pool.core.connecting  # (read across threads: a count, whole)
         self.limits[name] = (limit, until)
-        return self.server.call_soon_threadsafe(apply).result(timeout=LOOP_WAIT)
+        return self._wait(self.server.call_soon_threadsafe(apply), LOOP_WAIT)
+
+    def _wait(self, done: Future[T], timeout: float) -> T:
+        """What the loop's call gave; Stopping once close() was called (the loop may be over)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return done.result(timeout=0.1)
+            except FutureTimeout:
+                if self._stop.is_set():
+                    raise Stopping from None
+                if time.monotonic() > deadline:
+                    raise

@@ -5,12 +5,14 @@ the same doors; the decisions behind them never change."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from poolbroker.broker.drive.pools import PoolState
     from poolbroker.broker.drive.resolver import Resolver
-    from poolbroker.broker.drive.tables import DriveExchange, DriveLeaseTable
+    from poolbroker.broker.drive.tables import DriveExchange, DriveLease, DriveLeaseTable
     from poolbroker.broker.drive.timers import Timers
     from poolbroker.broker.drive.upstream import UpstreamConn
     from poolbroker.broker.settings import BrokerConfig
@@ -84,3 +86,25 @@ class UpstreamDoors(Loop, Protocol):
 
     @property
     def leasing(self) -> Exchanges: ...
+
+
+T = TypeVar("T")
+
+
+class Ending(Protocol):
+    """What the cluster agent asks of leasing: end a lease (over a share that was lost)."""
+
+    def end_lease(self, lease: DriveLease, now: float, *, keep: bool, reason: str | None = None) -> None: ...
+
+
+class ClusterDoors(Loop, Protocol):
+    """The cluster agent's, from its own thread: the pools, and a call into the loop (every use of
+    a pool's state goes through it, but reading a count)."""
+
+    @property
+    def pools(self) -> dict[str, PoolState]: ...
+
+    @property
+    def leasing(self) -> Ending: ...
+
+    def call_soon_threadsafe(self, call: Callable[[float], T]) -> Future[T]: ...

@@ -15,8 +15,8 @@ from poolbroker.broker import __version__
 from poolbroker.broker.config import load
 from poolbroker.broker.drive import security, tls
 from poolbroker.broker.drive.server import Server
+from poolbroker.broker.operate import cluster_command, logs
 from poolbroker.broker.operate import commands as operator_commands
-from poolbroker.broker.operate import logs
 from poolbroker.broker.operate.metrics import MetricsServer
 from poolbroker.broker.operate.operations import Operations
 from poolbroker.broker.operate.runtime import check_ipc, prepare_ipc
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace an existing pair (every client holding the old key is locked out)"
     )
     operator_commands.add_parsers(commands)
+    cluster_command.add_parser(commands)
     return parser
 
 
@@ -241,4 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command == "keygen":
         return keygen(args)
+    if args.command == "cluster":
+        return cluster_command.run(args)
     return operator_commands.run(args)

@@ -46,6 +46,12 @@ COUNTERS = {
     "checks_failed": ("checks_failed", "Probes failed."),
     "leases_reclaimed": ("leases_reclaimed", "Leases taken back from holders that died or held too long."),
 }
+CLUSTER_GAUGES = {  # a shared pool's ([cluster]), as the cluster agent last saw them
+    "cluster_reserved": "This broker's reserved share of the pool's budget across brokers.",
+    "cluster_permits_held": "Permits this broker holds: connections it may open beyond its reserved share.",
+    "cluster_permits": "The budget's permits, across brokers: what the reserved shares leave.",
+    "cluster_brokers": "Brokers alive in the cluster.",
+}
 HISTOGRAMS = {
     "wait": "Seconds a lease request waited for a connection.",
     "hold": "Seconds a lease was held, grant to release.",
@@ -86,6 +92,12 @@ class PoolCollector(Collector):
                 buckets = [(_le(bound), count) for bound, count in histogram.cumulative()]
                 family.add_metric([pool.config.name], buckets, histogram.total)
             yield family
+        for key, help_text in CLUSTER_GAUGES.items():
+            gauge = GaugeMetricFamily(f"poolbroker_{key}", help_text, labels=["pool"])
+            for pool in pools:
+                if key in pool.cluster:  # (shared pools only)
+                    gauge.add_metric([pool.config.name], pool.cluster[key])
+            yield gauge
         server = self.server
         received, bad = request_counts(server)
         yield CounterMetricFamily("poolbroker_requests_received", "Messages received.", value=received)

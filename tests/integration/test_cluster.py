@@ -4,7 +4,10 @@ budget, while permits follow the demand from one broker to another."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +17,8 @@ from typing import Any
 import pytest
 
 from poolbroker import Client
-from tests.support import Broker, RedisServer, wait_for
-from tests.support.etcd import EtcdServer
+from tests.support import Broker, PostgresServer, RedisServer, wait_for
+from tests.support.etcd import EtcdCluster, EtcdServer
 
 BUDGET = 6
 
@@ -28,21 +31,26 @@ def etcd() -> Iterator[EtcdServer]:
 
 
 class UpstreamCount:
-    """Redis's own count of the brokers' connections (those named poolbroker.*), sampled every
-    few ms in a thread; `peak` is the most it saw."""
+    """The upstream's own count of the brokers' connections (those named poolbroker.*: Redis's
+    CLIENT LIST, PostgreSQL's pg_stat_activity), sampled every few ms in a thread; `peak` is the
+    most it saw."""
 
-    def __init__(self, server: RedisServer) -> None:
-        self.redis = server.client()
+    def __init__(self, server: RedisServer | PostgresServer) -> None:
+        if isinstance(server, RedisServer):
+            r = server.client()
+            self.count = lambda: sum(1 for c in r.client_list() if "poolbroker." in c.get("name", ""))
+        else:
+            pg = server.connect(autocommit=True)
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%poolbroker.%'"
+            self.count = lambda: pg.execute(query).fetchone()[0]
         self.peak = 0
-        self.last = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.003):
-            self.last = sum(1 for c in self.redis.client_list() if "poolbroker." in c.get("name", ""))
-            self.peak = max(self.peak, self.last)
+            self.peak = max(self.peak, self.count())
 
     def stop(self) -> int:
         self._stop.set()
@@ -54,8 +62,11 @@ class Demand:
     """`threads` threads, each leasing from `pool` on `broker` in a loop and holding each lease a
     while: demand on one broker, stopped by stop()."""
 
-    def __init__(self, endpoint: str, threads: int, hold: float = 0.02, timeout: float = 30) -> None:
+    def __init__(
+        self, endpoint: str, threads: int, hold: float = 0.02, timeout: float = 30, pool: str = "p", ping: bool = True
+    ) -> None:
         self.client = Client(endpoint, timeout=timeout, broker_timeout=min(timeout, 5))
+        self.pool, self.ping = pool, ping
         self.done = 0
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -66,8 +77,9 @@ class Demand:
     def _run(self, hold: float) -> None:
         while not self._stop.is_set():
             try:
-                with self.client.lease("p") as lease:
-                    assert lease.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
+                with self.client.lease(self.pool) as lease:
+                    if self.ping:
+                        assert lease.request(b"PING\r\n", until=b"\r\n") == b"+PONG\r\n"
                     time.sleep(hold)
                 self.done += 1
             except Exception as exc:  # (a broker killed under it: the test says whether that is expected)
@@ -81,10 +93,13 @@ class Demand:
         self.client.close()
 
 
-def cluster_config(tmp_path: Path, etcd: EtcdServer, redis_server: RedisServer, name: str, **pool: Any) -> str:
+def cluster_config(
+    tmp_path: Path, etcd: EtcdCluster, redis_server: RedisServer, name: str, ttl: int = 2, **pool: Any
+) -> str:
     settings = {"max_size": BUDGET, "cluster_max_size": BUDGET, "reserved": 1, **pool}
+    endpoints = ", ".join(f'"{endpoint}"' for endpoint in etcd.endpoints)
     lines = [
-        f'[cluster]\netcd = ["{etcd.endpoint}"]\nname = "{name}"\nttl = 2\n',
+        f'[cluster]\netcd = [{endpoints}]\nname = "{name}"\nttl = {ttl}\n',
         f'[pools.p]\nupstream = "{redis_server.address}"\nprotocol = "redis"',
         *(f"{key} = {value}" for key, value in settings.items()),
     ]
@@ -93,9 +108,9 @@ def cluster_config(tmp_path: Path, etcd: EtcdServer, redis_server: RedisServer, 
     return str(path)
 
 
-def share(broker: Broker) -> dict[str, Any]:
+def share(broker: Broker, pool: str = "p") -> dict[str, Any]:
     with Client(broker.endpoint) as c:
-        return c.stats("p")["p"]
+        return c.stats(pool)[pool]
 
 
 @pytest.fixture
@@ -189,3 +204,116 @@ def test_a_frozen_broker_is_fenced_before_its_permits_move_and_serves_again_afte
     busy_b.stop()
     busy_a.stop()
     assert count.stop() <= BUDGET
+
+
+def test_a_frozen_broker_is_fenced_at_postgresql_too(
+    etcd: EtcdServer, pg_server: PostgresServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """pg_terminate_backend, by application_name, on one of the claimer's own connections."""
+
+    def start(name: str) -> Broker:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'[cluster]\netcd = ["{etcd.endpoint}"]\nname = "{name}"\nttl = 2\n'
+            f'[pools.pg]\nupstream = "{pg_server.address}"\nprotocol = "postgres"\nusername = "{pg_server.user}"\n'
+            f'password = "{pg_server.password}"\ndatabase = "postgres"\n'
+            "max_size = 4\ncluster_max_size = 4\nreserved = 1\n"
+        )
+        return start_broker("--config", str(path))
+
+    a, b = start("a"), start("b")
+    busy_a = Demand(a.endpoint, threads=4, timeout=5, pool="pg", ping=False)
+    wait_for(lambda: share(a, "pg")["pool_size"] == 3, timeout=20, what="a to take both permits")
+    count = UpstreamCount(pg_server)
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        busy_b = Demand(b.endpoint, threads=4, pool="pg", ping=False)
+        wait_for(lambda: share(b, "pg")["cluster_permits_held"] == 2, timeout=20, what="b to take a's permits")
+        assert "fenced 'a', whose etcd lease expired: 3 connections ended" in b.log()
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    busy_b.stop()
+    busy_a.stop()
+    assert count.stop() <= 4
+
+
+def test_brokers_keep_their_shares_when_etcd_s_leader_is_killed(
+    own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    etcd = EtcdCluster(3).start()
+    try:
+        a, b = (start_broker("--config", cluster_config(tmp_path, etcd, own_redis, n, ttl=5)) for n in "ab")
+        busy_a = Demand(a.endpoint, threads=8)
+        wait_for(lambda: share(a)["cluster_permits_held"] == BUDGET - 2, timeout=20, what="a to take every permit")
+        count = UpstreamCount(own_redis)
+        etcd.leader().kill()
+        etcd.leader()  # (a new one elected)
+        served = busy_a.done
+        busy_b = Demand(b.endpoint, threads=8)
+        # Demand still moves: b gets its fair share from a, through the members left.
+        wait_for(lambda: share(b)["cluster_permits_held"] == 2, timeout=20, what="b to get its fair share")
+        wait_for(lambda: busy_a.done > served + 50, what="a to serve on")
+        busy_a.stop()
+        busy_b.stop()
+        assert count.stop() <= BUDGET
+        assert not busy_a.errors and not busy_b.errors
+        assert "lost the etcd session" not in a.log() + b.log()
+    finally:
+        etcd.stop()
+
+
+def test_with_all_of_etcd_down_each_broker_serves_its_reserved_share_and_grows_when_it_is_back(
+    cluster: Callable[..., Broker], own_redis: RedisServer, etcd: EtcdServer
+) -> None:
+    a, b = cluster("a"), cluster("b")
+    busy_a, busy_b = Demand(a.endpoint, threads=8), Demand(b.endpoint, threads=8)
+    wait_for(
+        lambda: share(a)["cluster_permits_held"] == share(b)["cluster_permits_held"] == 2,
+        timeout=20,
+        what="a fair split",
+    )
+    count = UpstreamCount(own_redis)
+    [member] = etcd.members
+    member.stop()
+    wait_for(
+        lambda: share(a)["pool_size"] == share(b)["pool_size"] == 1,
+        timeout=20,
+        what="both back to their reserved shares",
+    )
+    served_a, served_b = busy_a.done, busy_b.done
+    wait_for(lambda: busy_a.done > served_a + 50 and busy_b.done > served_b + 50, what="both to serve on")
+    etcd.restart(member)
+    wait_for(
+        lambda: share(a)["cluster_permits_held"] == share(b)["cluster_permits_held"] == 2,
+        timeout=20,
+        what="a fair split again",
+    )
+    busy_a.stop()
+    busy_b.stop()
+    assert count.stop() <= BUDGET
+    assert not busy_a.errors and not busy_b.errors
+
+
+def test_the_cluster_command_and_the_stats_show_each_broker_s_share(
+    cluster: Callable[..., Broker], etcd: EtcdServer
+) -> None:
+    a, b = cluster("a"), cluster("b", reserved=2)
+    busy = Demand(a.endpoint, threads=3)  # (its reserved share and 2 permits)
+    wait_for(lambda: share(a)["cluster_permits_held"] == 2, timeout=20, what="a to hold permits for its demand")
+    stats = share(a)
+    assert (stats["cluster_reserved"], stats["cluster_permits"], stats["cluster_brokers"]) == (1, 3, 2)
+    command = [sys.executable, "-m", "poolbroker", "cluster", "--etcd", etcd.endpoint]
+    listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert listing["p"]["budget"] == BUDGET and listing["p"]["permits"] == 3
+    brokers = listing["p"]["brokers"]
+    assert (brokers["a"]["alive"], brokers["a"]["reserved"], brokers["a"]["permits_held"]) == (True, 1, 2)
+    assert (brokers["b"]["alive"], brokers["b"]["reserved"], brokers["b"]["permits_held"]) == (True, 2, 0)
+    text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "pool p: budget 6, 3 permits (1 free)" in text
+    busy.stop()
+    assert b.proc is not None
+    b.proc.terminate()  # (a clean stop: it leaves the cluster at once, and stays on the roster)
+    assert b.proc.wait(10) == 0
+    listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert listing["p"]["brokers"]["b"]["alive"] is False and listing["p"]["brokers"]["b"]["reserved"] == 2
