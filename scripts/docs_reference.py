@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from poolbroker.broker.drive.pools import PoolState
 from poolbroker.broker.operate.cli import build_parser
-from poolbroker.broker.operate.metrics import PoolCollector
+from poolbroker.broker.operate.metrics import CLUSTER_GAUGES, PoolCollector
 from poolbroker.broker.operate.operations import RESTART_KEYS
 from poolbroker.broker.settings import BrokerConfig, ClusterConfig, PoolConfig
 from poolbroker.client import PoolBrokerError
@@ -151,6 +151,7 @@ def command_line() -> str:
 
 def metrics() -> str:
     pool = PoolState(PoolConfig("example", "127.0.0.1", 6379))
+    pool.cluster = dict.fromkeys(CLUSTER_GAUGES, 0)  # (as a shared pool's: [cluster])
     server = SimpleNamespace(pools={"example": pool}, requests_received=0, bad_requests=0, lending=None)
     lines = [
         "# Metrics\n",
