@@ -48,6 +48,7 @@ PREFIX = b"/poolbroker/"
 LOOK_EVERY = 0.1  # seconds between looks at etcd: permits follow demand within a few
 MARGIN = 0.2  # of the ttl: its lease counts as lost this much before etcd drops it
 LOOP_WAIT = 10.0  # seconds to wait for the loop to carry out a limit
+FENCE_WAIT = 1.0  # seconds a step waits for a fence (the next step waits on, for the same one)
 
 
 class Stopping(Exception):
@@ -67,30 +68,34 @@ class PoolView:
 
 
 def read_view(entries: list[Entry]) -> tuple[set[str], dict[str, PoolView]]:
-    """The live brokers and each pool's view, from every key under PREFIX."""
+    """The live brokers and each pool's view, from every key under PREFIX (a key that is not
+    ours to read, written by hand or by another version, is passed over)."""
     live: set[str] = set()
     views: dict[str, PoolView] = {}
     for entry in entries:
         parts = entry.key[len(PREFIX) :].decode(errors="replace").split("/")
         if parts[0] == "members" and len(parts) == 2:
             live.add(parts[1])
-            continue
-        if parts[0] != "pools" or len(parts) < 3:
-            continue
-        view = views.setdefault(parts[1], PoolView())
-        kind, rest = parts[2], parts[3:]
-        value = entry.value.decode(errors="replace")
-        if kind == "budget":
-            view.budget, view.budget_revision = int(value), entry.mod_revision
-        elif kind == "reserved" and rest:
-            view.roster[rest[0]] = int(value)
-        elif kind == "demand" and rest:
-            view.demands[rest[0]] = Demand(**json.loads(value))
-        elif kind == "permits" and rest and rest[0].isdigit():
-            view.permits[int(rest[0])] = value
-        elif kind == "last" and rest and rest[0].isdigit():
-            view.last[int(rest[0])] = (value, entry.mod_revision)
+        elif parts[0] == "pools" and len(parts) >= 3:
+            try:
+                _read_pool_key(views.setdefault(parts[1], PoolView()), parts[2], parts[3:], entry)
+            except (ValueError, TypeError) as exc:
+                log.debug("cluster: passing over %r: %s", entry.key, exc)
     return live, views
+
+
+def _read_pool_key(view: PoolView, kind: str, rest: list[str], entry: Entry) -> None:
+    value = entry.value.decode(errors="replace")
+    if kind == "budget":
+        view.budget, view.budget_revision = int(value), entry.mod_revision
+    elif kind == "reserved" and rest:
+        view.roster[rest[0]] = int(value)
+    elif kind == "demand" and rest:
+        view.demands[rest[0]] = Demand(**json.loads(value))
+    elif kind == "permits" and rest and rest[0].isdigit():
+        view.permits[int(rest[0])] = value
+    elif kind == "last" and rest and rest[0].isdigit():
+        view.last[int(rest[0])] = (value, entry.mod_revision)
 
 
 def key(*parts: str | int) -> bytes:
@@ -111,6 +116,7 @@ class ClusterAgent:
         self.joined: set[str] = set()  # pools whose roster has our share
         self.joining: set[str] = set()  # pools we joined: our share waits for permits over the new count
         self.published: dict[str, Demand] = {}
+        self.fencing: dict[tuple[str, str], Future[int]] = {}  # fences on their way, by pool and broker
         self.unused: dict[str, int] = {}  # each pool's permits that backed no connection, at the last step
         self.limits: dict[str, tuple[int, float]] = {}  # each pool's limit and until when, as last set
         self._stop = threading.Event()
@@ -336,30 +342,34 @@ class ClusterAgent:
         return claimed
 
     def _fence(self, pool: PoolState, broker: str) -> bool:
-        """End `broker`'s connections to the pool's upstream, on one of our own connections."""
+        """End `broker`'s connections to the pool's upstream, on one of our own connections: True
+        once done. It waits for one to be free (the next back, if none is idle), a step at most
+        at a time, so that this thread still keeps our own lease; a later step takes it up."""
         check = fence_check(pool.config, broker)
         if check is None:
-            return True  # (an upstream that names no connection: docs/guides/cluster.md)
-        done: Future[int] = Future()
+            return True  # (an upstream that names no connection: docs/deploy/cluster.md)
+        name = pool.config.name
+        done = self.fencing.get((name, broker))
+        if done is None:
+            done = self.fencing[name, broker] = Future()
 
-        def start(now: float) -> None:
-            pool.fences.append((check, done))
-            self.server.carry_out(pool, pool.core.check_one(), now)
+            def start(now: float, done: Future[int] = done) -> None:
+                pool.fences.append((check, done))
+                self.server.carry_out(pool, pool.core.check_one(), now)
 
-        self.server.call_soon_threadsafe(start)
+            self.server.call_soon_threadsafe(start)
         try:
-            ended = self._wait(done, pool.config.io_timeout + LOOP_WAIT)
+            ended = self._wait(done, min(FENCE_WAIT, self.config.ttl / 4))
+        except FutureTimeout:
+            return False  # (still on its way)
         except Stopping:
             raise
         except Exception as exc:
-            log.warning("cluster: pool %r: fencing %r failed (its permits wait): %s", pool.config.name, broker, exc)
+            del self.fencing[name, broker]
+            log.warning("cluster: pool %r: fencing %r failed (its permits wait): %s", name, broker, exc)
             return False
-        log.warning(
-            "cluster: pool %r: fenced %r, whose etcd lease expired: %d connections ended",
-            pool.config.name,
-            broker,
-            ended,
-        )
+        del self.fencing[name, broker]
+        log.warning("cluster: pool %r: fenced %r, whose etcd lease expired: %d connections ended", name, broker, ended)
         return True
 
     def _set_limit(self, pool: PoolState, limit: int, reclaim: bool = False) -> int:

@@ -66,3 +66,32 @@ def test_the_join_check_counts_every_reserved_share_on_the_roster() -> None:
     assert refusal is not None and "11, over cluster_max_size=10" in refusal and "a 4, b 3" in refusal
     assert join_refusal(10, {"a": 4, "c": 9}, "c", 6) is None  # (its own old share is replaced)
     assert permit_count(10, [4, 3]) == 3 and permit_count(5, [4, 3]) == 0
+
+
+def test_a_read_of_etcd_makes_each_pool_s_view_and_passes_over_what_is_not_ours() -> None:
+    from poolbroker.broker.drive.cluster import PREFIX, read_view
+    from poolbroker.broker.drive.etcd import Entry
+
+    def entry(key: str, value: str, revision: int = 5) -> Entry:
+        return Entry(PREFIX + key.encode(), value.encode(), revision, 0)
+
+    demand = '{"reserved": 1, "max_size": 6, "held": 2, "busy": 3, "waiting": 1}'
+    live, views = read_view(
+        [
+            entry("members/a", "{}"),
+            entry("pools/p/budget", "6", 9),
+            entry("pools/p/reserved/a", "1"),
+            entry("pools/p/reserved/b", "2"),
+            entry("pools/p/demand/a", demand),
+            entry("pools/p/demand/b", "not json"),  # (passed over)
+            entry("pools/p/permits/0", "a"),
+            entry("pools/p/last/0", "a", 7),
+            entry("pools/p/last/x", "a"),  # (not a permit's number)
+            entry("elsewhere/key", "?"),
+        ]
+    )
+    assert live == {"a"}
+    view = views["p"]
+    assert (view.budget, view.budget_revision, view.roster) == (6, 9, {"a": 1, "b": 2})
+    assert view.demands == {"a": Demand(reserved=1, max_size=6, held=2, busy=3, waiting=1)}
+    assert (view.permits, view.last) == ({0: "a"}, {0: ("a", 7)})
