@@ -113,6 +113,16 @@ def share(broker: Broker, pool: str = "p") -> dict[str, Any]:
         return c.stats(pool)[pool]
 
 
+def held(broker: Broker) -> int:
+    """The permits it holds."""
+    return int(share(broker)["cluster_permits_held"])
+
+
+def size(broker: Broker) -> int:
+    """Its open connections."""
+    return int(share(broker)["pool_size"])
+
+
 @pytest.fixture
 def cluster(
     etcd: EtcdServer, own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
@@ -264,35 +274,27 @@ def test_brokers_keep_their_shares_when_etcd_s_leader_is_killed(
 
 
 def test_with_all_of_etcd_down_each_broker_serves_its_reserved_share_and_grows_when_it_is_back(
-    cluster: Callable[..., Broker], own_redis: RedisServer, etcd: EtcdServer
+    own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
 ) -> None:
-    a, b = cluster("a"), cluster("b")
-    busy_a, busy_b = Demand(a.endpoint, threads=8), Demand(b.endpoint, threads=8)
-    wait_for(
-        lambda: share(a)["cluster_permits_held"] == share(b)["cluster_permits_held"] == 2,
-        timeout=20,
-        what="a fair split",
-    )
-    count = UpstreamCount(own_redis)
-    [member] = etcd.members
-    member.stop()
-    wait_for(
-        lambda: share(a)["pool_size"] == share(b)["pool_size"] == 1,
-        timeout=20,
-        what="both back to their reserved shares",
-    )
-    served_a, served_b = busy_a.done, busy_b.done
-    wait_for(lambda: busy_a.done > served_a + 50 and busy_b.done > served_b + 50, what="both to serve on")
-    etcd.restart(member)
-    wait_for(
-        lambda: share(a)["cluster_permits_held"] == share(b)["cluster_permits_held"] == 2,
-        timeout=20,
-        what="a fair split again",
-    )
-    busy_a.stop()
-    busy_b.stop()
-    assert count.stop() <= BUDGET
-    assert not busy_a.errors and not busy_b.errors
+    etcd = EtcdCluster(3).start()
+    try:
+        a, b = (start_broker("--config", cluster_config(tmp_path, etcd, own_redis, n)) for n in "ab")
+        busy_a, busy_b = Demand(a.endpoint, threads=8), Demand(b.endpoint, threads=8)
+        wait_for(lambda: held(a) == held(b) == 2, timeout=20, what="a fair split")
+        count = UpstreamCount(own_redis)
+        for member in etcd.members:
+            member.stop()
+        wait_for(lambda: size(a) == size(b) == 1, timeout=20, what="both back to their reserved shares")
+        served_a, served_b = busy_a.done, busy_b.done
+        wait_for(lambda: busy_a.done > served_a + 50 and busy_b.done > served_b + 50, what="both to serve on")
+        etcd.restart(*etcd.members)
+        wait_for(lambda: held(a) == held(b) == 2, timeout=30, what="a fair split again")
+        busy_a.stop()
+        busy_b.stop()
+        assert count.stop() <= BUDGET
+        assert not busy_a.errors and not busy_b.errors
+    finally:
+        etcd.stop()
 
 
 def test_the_cluster_command_and_the_stats_show_each_broker_s_share(

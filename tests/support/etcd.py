@@ -99,10 +99,12 @@ class EtcdCluster:
         wait_for(lambda: all(m.healthy() for m in self.members), timeout=30, what="etcd to be healthy")
         return self
 
-    def restart(self, member: EtcdMember) -> None:
-        """Bring a stopped or killed member back, with its data (it rejoins as it was)."""
-        member.start(self.initial_cluster, state="existing")
-        wait_for(member.healthy, timeout=30, what=f"etcd member {member.name} back")
+    def restart(self, *members: EtcdMember) -> None:
+        """Bring stopped or killed members back, with their data (they rejoin as they were;
+        together, when a quorum of them must be back before any answers)."""
+        for member in members:
+            member.start(self.initial_cluster, state="existing")
+        wait_for(lambda: all(m.healthy() for m in members), timeout=30, what="etcd members back")
 
     def leader(self) -> EtcdMember:
         return wait_for(
