@@ -141,6 +141,12 @@ class ClusterAgent:
             self._join_rosters(strict=True)
         except EtcdUnavailable as exc:
             log.warning("cluster: etcd out of reach (%s): serving the reserved shares, trying again", exc)
+        for pool in self.pools():
+            if (
+                pool.config.name in self.joining
+            ):  # (new on the roster: none until the permits over the new count are back)
+                self.server.carry_out(pool, pool.core.limit(0, now), now)
+                self.limits[pool.config.name] = (0, math.inf)
 
     def start(self) -> None:
         self._thread.start()

@@ -319,3 +319,21 @@ def test_the_cluster_command_and_the_stats_show_each_broker_s_share(
     assert b.proc.wait(10) == 0
     listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout)
     assert listing["p"]["brokers"]["b"]["alive"] is False and listing["p"]["brokers"]["b"]["reserved"] == 2
+
+
+def test_a_broker_that_joins_waits_for_the_permits_its_share_takes_from_the_count(
+    cluster: Callable[..., Broker], own_redis: RedisServer
+) -> None:
+    """A new reserved share leaves fewer permits: those over the new count go back first."""
+    a, _ = cluster("a"), cluster("b")
+    busy_a = Demand(a.endpoint, threads=8)
+    wait_for(lambda: held(a) == BUDGET - 2, timeout=20, what="a to take every permit")
+    count = UpstreamCount(own_redis)
+    c = cluster("c", reserved=2)  # (6 - 1 - 1 - 2: 2 permits now)
+    busy_c = Demand(c.endpoint, threads=2)
+    wait_for(lambda: busy_c.done > 50, timeout=20, what="c to serve from its reserved share")
+    assert held(a) <= 2 and size(c) == 2
+    busy_c.stop()
+    busy_a.stop()
+    assert count.stop() <= BUDGET
+    assert not busy_a.errors and not busy_c.errors
