@@ -186,6 +186,7 @@ class ClusterAgent:
         if len(self.joined) < len(self.pools()):
             self._join_rosters(strict=False)
         live, views = read_view(self.etcd.read(PREFIX))
+        self._drop_fences(live)
         for pool in self.pools():
             if pool.config.name in self.joined:
                 self._balance(pool, views.get(pool.config.name, PoolView()), live)
@@ -377,6 +378,20 @@ class ClusterAgent:
         del self.fencing[name, broker]
         log.warning("cluster: pool %r: fenced %r, whose etcd lease expired: %d connections ended", name, broker, ended)
         return True
+
+    def _drop_fences(self, live: set[str]) -> None:
+        """A fence still waiting for a connection, of a broker alive again (it shrank to its share
+        when it lost its lease, and rejoined): dropped, so that it ends none of its new connections."""
+        for (name, broker), done in list(self.fencing.items()):
+            pool = self.server.pools.get(name)
+            if broker in live and pool is not None:
+                del self.fencing[name, broker]
+
+                def drop(now: float, pool: PoolState = pool, done: Future[int] = done) -> None:
+                    for item in [item for item in pool.fences if item[1] is done]:
+                        pool.fences.remove(item)
+
+                self.server.call_soon_threadsafe(drop)
 
     def _set_limit(self, pool: PoolState, limit: int, reclaim: bool = False) -> int:
         """Set the pool core's limit in the loop (ending the newest leases over it, if `reclaim`);

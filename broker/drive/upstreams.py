@@ -256,8 +256,8 @@ class Upstreams:
 
     def _start_fence(self, conn: UpstreamConn, now: float) -> None:
         """A fence on one of this pool's own connections (decide/fence.py): the Future has how many
-        connections it ended, or the failure; the connection goes back to the pool either way,
-        unless its I/O failed."""
+        connections it ended, or the failure. The connection then goes back to the pool, or, if
+        the fence failed, closes as after a failed probe (what it left unread is unknown)."""
         check, done = conn.pool.fences.popleft()
 
         def passed(conn: UpstreamConn, now: float) -> None:
