@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,21 @@ from typing import Any
 import pytest
 
 from poolbroker import Client
-from tests.support import Broker, PostgresServer, RedisServer, wait_for
-from tests.support.etcd import EtcdCluster, EtcdServer
+from tests.support import Broker, PostgresServer, RedisServer, free_port, wait_for
+from tests.support.etcd import EtcdCluster
 
 BUDGET = 6
 
 
 @pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    server = EtcdServer().start()
+def etcd(request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """One etcd member, or as many as the test asks (indirect parametrization: three for the faults)."""
+    server = EtcdCluster(getattr(request, "param", 1)).start()
     yield server
     server.stop()
+
+
+THREE = pytest.mark.parametrize("etcd", [3], indirect=True, ids=["3 etcd members"])
 
 
 class UpstreamCount:
@@ -125,10 +130,10 @@ def size(broker: Broker) -> int:
 
 @pytest.fixture
 def cluster(
-    etcd: EtcdServer, own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
+    etcd: EtcdCluster, own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
 ) -> Callable[..., Broker]:
-    def start(name: str, **pool: Any) -> Broker:
-        return start_broker("--config", cluster_config(tmp_path, etcd, own_redis, name, **pool))
+    def start(name: str, *flags: str, ttl: int = 2, **pool: Any) -> Broker:
+        return start_broker("--config", cluster_config(tmp_path, etcd, own_redis, name, ttl, **pool), *flags)
 
     return start
 
@@ -155,6 +160,7 @@ def test_permits_follow_demand_and_the_upstream_never_counts_more_than_the_budge
     assert share(a)["connections_closed_budget"] >= 1  # (it gave connections back for b)
 
 
+@THREE
 def test_a_broker_killed_with_its_permits_frees_them_after_its_ttl(
     cluster: Callable[..., Broker], own_redis: RedisServer
 ) -> None:
@@ -178,7 +184,7 @@ def test_a_broker_killed_with_its_permits_frees_them_after_its_ttl(
 
 
 def test_a_broker_whose_reserved_share_does_not_fit_the_budget_refuses_to_start(
-    cluster: Callable[..., Broker], tmp_path: Path, etcd: EtcdServer, own_redis: RedisServer
+    cluster: Callable[..., Broker], tmp_path: Path, etcd: EtcdCluster, own_redis: RedisServer
 ) -> None:
     cluster("a", reserved=4)
     refused = Broker("--config", cluster_config(tmp_path, etcd, own_redis, "b", reserved=3))
@@ -187,6 +193,7 @@ def test_a_broker_whose_reserved_share_does_not_fit_the_budget_refuses_to_start(
     assert "reserved shares would add up to 7, over cluster_max_size=6" in refused.log()
 
 
+@THREE
 def test_a_frozen_broker_is_fenced_before_its_permits_move_and_serves_again_after(
     cluster: Callable[..., Broker], own_redis: RedisServer
 ) -> None:
@@ -216,15 +223,16 @@ def test_a_frozen_broker_is_fenced_before_its_permits_move_and_serves_again_afte
     assert count.stop() <= BUDGET
 
 
+@THREE
 def test_a_frozen_broker_is_fenced_at_postgresql_too(
-    etcd: EtcdServer, pg_server: PostgresServer, start_broker: Callable[..., Broker], tmp_path: Path
+    etcd: EtcdCluster, pg_server: PostgresServer, start_broker: Callable[..., Broker], tmp_path: Path
 ) -> None:
     """pg_terminate_backend, by application_name, on one of the claimer's own connections."""
 
     def start(name: str) -> Broker:
         path = tmp_path / f"{name}.toml"
         path.write_text(
-            f'[cluster]\netcd = ["{etcd.endpoint}"]\nname = "{name}"\nttl = 2\n'
+            f'[cluster]\netcd = [{", ".join(repr(url) for url in etcd.endpoints)}]\nname = "{name}"\nttl = 2\n'
             f'[pools.pg]\nupstream = "{pg_server.address}"\nprotocol = "postgres"\nusername = "{pg_server.user}"\n'
             f'password = "{pg_server.password}"\ndatabase = "postgres"\n'
             "max_size = 4\ncluster_max_size = 4\nreserved = 1\n"
@@ -248,64 +256,63 @@ def test_a_frozen_broker_is_fenced_at_postgresql_too(
     assert count.stop() <= 4
 
 
+@THREE
 def test_brokers_keep_their_shares_when_etcd_s_leader_is_killed(
-    own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
+    cluster: Callable[..., Broker], own_redis: RedisServer, etcd: EtcdCluster
 ) -> None:
-    etcd = EtcdCluster(3).start()
-    try:
-        a, b = (start_broker("--config", cluster_config(tmp_path, etcd, own_redis, n, ttl=5)) for n in "ab")
-        busy_a = Demand(a.endpoint, threads=8)
-        wait_for(lambda: share(a)["cluster_permits_held"] == BUDGET - 2, timeout=20, what="a to take every permit")
-        count = UpstreamCount(own_redis)
-        etcd.leader().kill()
-        etcd.leader()  # (a new one elected)
-        served = busy_a.done
-        busy_b = Demand(b.endpoint, threads=8)
-        # Demand still moves: b gets its fair share from a, through the members left.
-        wait_for(lambda: share(b)["cluster_permits_held"] == 2, timeout=20, what="b to get its fair share")
-        wait_for(lambda: busy_a.done > served + 50, what="a to serve on")
-        busy_a.stop()
-        busy_b.stop()
-        assert count.stop() <= BUDGET
-        assert not busy_a.errors and not busy_b.errors
-        assert "lost the etcd session" not in a.log() + b.log()
-    finally:
-        etcd.stop()
+    a, b = cluster("a", ttl=5), cluster("b", ttl=5)
+    busy_a = Demand(a.endpoint, threads=8)
+    wait_for(lambda: held(a) == BUDGET - 2, timeout=20, what="a to take every permit")
+    count = UpstreamCount(own_redis)
+    etcd.leader().kill()
+    etcd.leader()  # (a new one elected)
+    served = busy_a.done
+    busy_b = Demand(b.endpoint, threads=8)
+    # Demand still moves: b gets its fair share from a, through the members left.
+    wait_for(lambda: held(b) == 2, timeout=20, what="b to get its fair share")
+    wait_for(lambda: busy_a.done > served + 50, what="a to serve on")
+    busy_a.stop()
+    busy_b.stop()
+    assert count.stop() <= BUDGET
+    assert not busy_a.errors and not busy_b.errors
+    assert "lost the etcd session" not in a.log() + b.log()
 
 
+@THREE
 def test_with_all_of_etcd_down_each_broker_serves_its_reserved_share_and_grows_when_it_is_back(
-    own_redis: RedisServer, start_broker: Callable[..., Broker], tmp_path: Path
+    cluster: Callable[..., Broker], own_redis: RedisServer, etcd: EtcdCluster
 ) -> None:
-    etcd = EtcdCluster(3).start()
-    try:
-        a, b = (start_broker("--config", cluster_config(tmp_path, etcd, own_redis, n)) for n in "ab")
-        busy_a, busy_b = Demand(a.endpoint, threads=8), Demand(b.endpoint, threads=8)
-        wait_for(lambda: held(a) == held(b) == 2, timeout=20, what="a fair split")
-        count = UpstreamCount(own_redis)
-        for member in etcd.members:
-            member.stop()
-        wait_for(lambda: size(a) == size(b) == 1, timeout=20, what="both back to their reserved shares")
-        served_a, served_b = busy_a.done, busy_b.done
-        wait_for(lambda: busy_a.done > served_a + 50 and busy_b.done > served_b + 50, what="both to serve on")
-        etcd.restart(*etcd.members)
-        wait_for(lambda: held(a) == held(b) == 2, timeout=30, what="a fair split again")
-        busy_a.stop()
-        busy_b.stop()
-        assert count.stop() <= BUDGET
-        assert not busy_a.errors and not busy_b.errors
-    finally:
-        etcd.stop()
+    a, b = cluster("a"), cluster("b")
+    busy_a, busy_b = Demand(a.endpoint, threads=8), Demand(b.endpoint, threads=8)
+    wait_for(lambda: held(a) == held(b) == 2, timeout=20, what="a fair split")
+    count = UpstreamCount(own_redis)
+    for member in etcd.members:
+        member.stop()
+    wait_for(lambda: size(a) == size(b) == 1, timeout=20, what="both back to their reserved shares")
+    served_a, served_b = busy_a.done, busy_b.done
+    wait_for(lambda: busy_a.done > served_a + 50 and busy_b.done > served_b + 50, what="both to serve on")
+    etcd.restart(*etcd.members)
+    wait_for(lambda: held(a) == held(b) == 2, timeout=30, what="a fair split again")
+    busy_a.stop()
+    busy_b.stop()
+    assert count.stop() <= BUDGET
+    assert not busy_a.errors and not busy_b.errors
 
 
-def test_the_cluster_command_and_the_stats_show_each_broker_s_share(
-    cluster: Callable[..., Broker], etcd: EtcdServer
+def test_the_cluster_command_the_stats_and_the_metrics_show_each_broker_s_share(
+    cluster: Callable[..., Broker], etcd: EtcdCluster
 ) -> None:
-    a, b = cluster("a"), cluster("b", reserved=2)
+    port = free_port()
+    a, b = cluster("a", "--metrics-bind", f"127.0.0.1:{port}"), cluster("b", reserved=2)
     busy = Demand(a.endpoint, threads=3)  # (its reserved share and 2 permits)
     wait_for(lambda: share(a)["cluster_permits_held"] == 2, timeout=20, what="a to hold permits for its demand")
     stats = share(a)
     assert (stats["cluster_reserved"], stats["cluster_permits"], stats["cluster_brokers"]) == (1, 3, 2)
-    command = [sys.executable, "-m", "poolbroker", "cluster", "--etcd", etcd.endpoint]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        metrics = answer.read().decode()
+    for line in ('poolbroker_cluster_permits_held{pool="p"} 2.0', 'poolbroker_cluster_reserved{pool="p"} 1.0'):
+        assert line in metrics
+    command = [sys.executable, "-m", "poolbroker", "cluster", "--etcd", etcd.endpoints[0]]
     listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout)
     assert listing["p"]["budget"] == BUDGET and listing["p"]["permits"] == 3
     brokers = listing["p"]["brokers"]
