@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 from poolbroker.broker.decide.actions import CLOSE_REASONS, OPEN, Action, Close, Grant, Probe, Reject
 from poolbroker.broker.decide.histogram import Histogram
-from poolbroker.broker.decide.pool_stats import pool_stats
+from poolbroker.broker.decide.pool_stats import describe, pool_stats
 from poolbroker.broker.decide.waiting import WaitingLine
 from poolbroker.broker.settings import PoolConfig
 from poolbroker.wire.protocol import ErrorCode
@@ -53,7 +53,7 @@ class PoolCore(Generic[C, R]):
         self.name = config.name
         self._rng = rng
         self._limit: int | None = None  # a bound below max_size from outside (a shared budget's share)
-        self._limit_until, self._limit_then = math.inf, 0  # when it falls back, and to what
+        self.limit_until, self._limit_then = math.inf, 0  # when it falls back, and to what
         self._apply(config)
         self.idle: list[C] = []  # LIFO: the last one pushed is the warmest
         self.leased: set[C] = set()
@@ -108,11 +108,7 @@ class PoolCore(Generic[C, R]):
         return self.line.count
 
     def __repr__(self) -> str:
-        return (
-            f"<PoolCore {self.name} [Requests: {len(self.leased)} leased, {self.waiting} waiting"
-            f" | Connections: {self.size} open, {len(self.idle)} idle, {len(self.checking)} checking,"
-            f" {self.connecting} connecting | max_size {self.max_size}]>"
-        )
+        return describe(self)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -273,16 +269,20 @@ class PoolCore(Generic[C, R]):
         return actions + self._serve_waiters(now)
 
     def limit(self, bound: int | None, now: float, until: float = math.inf, then: int = 0) -> list[Action[C, R]]:
-        """Bound the pool below max_size from outside ([cluster]: its share of a budget), up to
-        `until` (its etcd lease may be gone by then: `then` from then on, nothing opens beyond it
-        even before the driver hears). Idle connections over it close now, leased ones as they
-        come back ("budget"); a raised one opens what the waiters need. None: max_size alone."""
-        self._limit, self._limit_until, self._limit_then = bound, until, then
+        """Bound the pool below max_size from outside ([cluster]: its share of a budget) up to `until`
+        (when its etcd lease may be gone: `then` from then on, even before the driver hears). Idle
+        connections over it close now, leased ones as they come back ("budget"). None: max_size."""
+        self._limit, self.limit_until, self._limit_then = bound, until, then
         self._apply(self.config)
         actions: list[Action[C, R]] = []
         while self.idle and self.size > self.max_size:
             actions += self._close(self.idle.pop(0), "budget")  # the coldest first
         return actions + self._serve_waiters(now)
+
+    def open_withdrawn(self, now: float) -> list[Action[C, R]]:
+        """An Open the driver did not carry out: by the clock, the limit lapsed before it could."""
+        self.connecting -= 1
+        return self._serve_waiters(now)
 
     def check_one(self) -> list[Action[C, R]]:
         """Probe one connection for a check of the driver's (a fence): an idle one, else the next back."""
@@ -339,8 +339,8 @@ class PoolCore(Generic[C, R]):
     def _serve_waiters(self, now: float) -> list[Action[C, R]]:
         """Give idle connections to waiters, then open what the waiters and min_idle still need."""
         actions: list[Action[C, R]] = []
-        if now >= self._limit_until:  # (a share whose etcd lease may be gone: see limit())
-            self._limit, self._limit_until = self._limit_then, math.inf
+        if now >= self.limit_until:  # (a share whose etcd lease may be gone: see limit())
+            self._limit, self.limit_until = self._limit_then, math.inf
             self._apply(self.config)
         if self.paused:
             return actions

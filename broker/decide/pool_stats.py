@@ -1,5 +1,5 @@
 """A pool core's stats (pure): its gauges read now, its counters since start, and the summaries of
-its wait, hold and connect times, as `poolbroker stats` and the metrics show them."""
+its wait, hold and connect times, as `poolbroker stats` and the metrics show them; and its repr."""
 
 from __future__ import annotations
 
@@ -41,3 +41,12 @@ def pool_stats(core: PoolCore[Any, Any]) -> dict[str, int | float]:
     stats.update(core.hold_time.summary_ms("hold"))
     stats.update(core.connect_time.summary_ms("connect"))
     return stats
+
+
+def describe(core: PoolCore[Any, Any]) -> str:
+    """The core in one line, for logs and debugging (its repr)."""
+    return (
+        f"<PoolCore {core.name} [Requests: {len(core.leased)} leased, {core.waiting} waiting"
+        f" | Connections: {core.size} open, {len(core.idle)} idle, {len(core.checking)} checking,"
+        f" {core.connecting} connecting | max_size {core.max_size}]>"
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import select
+import time
 from typing import TYPE_CHECKING
 
 from poolbroker.broker.decide.checks import NotReady, ProbeFailed
@@ -53,6 +54,12 @@ class Upstreams:
         self.run_checks(conn, State.RESETTING, run, "probe_timeout", now)
 
     def open(self, pool: PoolState, now: float) -> None:
+        if time.monotonic() >= pool.core.limit_until:
+            # A shared pool's share lapsed while this loop was stopped (frozen past its etcd lease,
+            # with `now` read before): its connections may be fenced and its permits taken. The
+            # clock is read here, at the last moment before the connect, not at the loop's turn.
+            self.loop.carry_out(pool, pool.core.open_withdrawn(time.monotonic()), now)
+            return
         config = pool.config
         conn = UpstreamConn(pool, now)
         # The deadline covers the name lookup too.
