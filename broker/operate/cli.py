@@ -197,9 +197,14 @@ def serve(args: argparse.Namespace) -> int:
             cluster.join()
         except ConfigError as exc:
             print(f"poolbroker: {exc}", file=sys.stderr)
+            cluster.close()  # (its etcd lease revoked: no member left behind)
+            if metrics is not None:
+                metrics.close()
             server.close()
             return 2
         cluster.start()
+    elif config.cluster is not None:
+        log.warning("[cluster] is given, but no pool has cluster_max_size: no budget is shared")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where it is
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
