@@ -18,6 +18,9 @@ def add_parser(commands: Any) -> None:
     where.add_argument("--config", help="a broker's config file: its [cluster] table names etcd")
     where.add_argument("--etcd", action="append", help="an etcd endpoint, http://HOST:PORT (repeat for more)")
     cluster.add_argument("--json", action="store_true", help="as JSON: {pool: {budget, permits, brokers: {...}}}")
+    cluster.add_argument(
+        "--forget", metavar="NAME", help="take a broker that is gone for good off every roster (its reserved shares)"
+    )
 
 
 def listing(endpoints: list[str]) -> dict[str, Any]:
@@ -45,6 +48,31 @@ def listing(endpoints: list[str]) -> dict[str, Any]:
     return pools
 
 
+def forget(endpoints: list[str], broker: str) -> list[str]:
+    """Take `broker`'s reserved share off every pool's roster (its share becomes permits again):
+    the pools it was on. Refused while it is alive: a running broker keeps its share."""
+    from poolbroker.broker.drive import etcd
+    from poolbroker.broker.drive.cluster import PREFIX, key, read_view
+    from poolbroker.broker.drive.etcd import Etcd
+
+    client = Etcd(endpoints, timeout=2.0)
+    live, views = read_view(client.read(PREFIX))
+    if broker in live:
+        raise ConfigError(f"broker {broker!r} is alive: stop it first (a running broker keeps its share)")
+    pools = sorted(name for name, view in views.items() if broker in view.roster)
+    for name in pools:
+        view = views[name]
+        budget = key("pools", name, "budget")
+        # (the budget key's revision orders roster changes, as a join's does)
+        done = client.txn(
+            [etcd.unchanged(budget, view.budget_revision)],
+            [etcd.put(budget, str(view.budget).encode()), etcd.delete(key("pools", name, "reserved", broker))],
+        )
+        if not done:
+            raise ConfigError(f"pool {name!r}: its roster changed meanwhile: try again")
+    return pools
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from poolbroker.broker.drive.etcd import EtcdUnavailable  # (etcd3gw: the cluster extra)
@@ -58,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
             if cluster is None:
                 raise ConfigError(f"{args.config} has no [cluster] table")
             endpoints = list(cluster.etcd)
+        if args.forget:
+            forgotten = forget(endpoints, args.forget)
+            print(f"{args.forget} forgotten: off the roster of {', '.join(forgotten) or 'no pool'}")
+            return 0
         pools = listing(endpoints)
     except (ConfigError, EtcdUnavailable) as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)

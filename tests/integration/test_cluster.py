@@ -328,6 +328,13 @@ def test_the_cluster_command_the_stats_and_the_metrics_show_each_broker_s_share(
     assert b.proc.wait(10) == 0
     listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout)
     assert listing["p"]["brokers"]["b"]["alive"] is False and listing["p"]["brokers"]["b"]["reserved"] == 2
+    # Gone for good: its share goes back to the permits. A live broker's can't be taken.
+    refused = subprocess.run([*command, "--forget", "a"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "'a' is alive" in refused.stderr
+    forgotten = subprocess.run([*command, "--forget", "b"], capture_output=True, text=True, check=True)
+    assert "b forgotten: off the roster of p" in forgotten.stdout
+    listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert "b" not in listing["p"]["brokers"] and listing["p"]["permits"] == BUDGET - 1
 
 
 def test_a_broker_that_joins_waits_for_the_permits_its_share_takes_from_the_count(
