@@ -11,6 +11,7 @@ Lease time limits, each off at 0 (a pool's LeaseClock finds which fall due):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, Protocol, TypeVar
@@ -143,21 +144,26 @@ class LeaseClock(Generic[L]):
         over a warning). A warned lease is warned of no more; the caller ends reclaimed ones."""
         found: dict[L, LeaseCheck] = {}
         if config.leak_warning_after:
-            for lease in list(self._unwarned):
-                if now - lease.since < config.leak_warning_after:
-                    break
+            for lease in _overdue(self._unwarned, config.leak_warning_after, now, lambda lease: lease.since):
                 del self._unwarned[lease]
                 found[lease] = LeaseCheck(Verdict.WARN)
         if config.lease_idle_timeout:
-            why = f"no I/O for lease_idle_timeout={config.lease_idle_timeout}s"
-            for lease in self._resting:
-                if now - lease.last_io < config.lease_idle_timeout:
-                    break
-                found[lease] = LeaseCheck(Verdict.RECLAIM, why)
+            idle = LeaseCheck(Verdict.RECLAIM, f"no I/O for lease_idle_timeout={config.lease_idle_timeout}s")
+            for lease in _overdue(self._resting, config.lease_idle_timeout, now, lambda lease: lease.last_io):
+                found[lease] = idle
         if config.max_lease_time:
-            why = f"over max_lease_time={config.max_lease_time}s"
-            for lease in self._held:
-                if now - lease.since < config.max_lease_time:
-                    break
-                found[lease] = LeaseCheck(Verdict.RECLAIM, why)
+            held = LeaseCheck(Verdict.RECLAIM, f"over max_lease_time={config.max_lease_time}s")
+            for lease in _overdue(self._held, config.max_lease_time, now, lambda lease: lease.since):
+                found[lease] = held
         return found
+
+
+def _overdue(leases: Iterable[L], limit: float, now: float, stamp: Callable[[L], float]) -> list[L]:
+    """The leases at the head of `leases` (kept in order of `stamp`) whose stamp is `limit` or more
+    before `now`: the rest are due later."""
+    overdue = []
+    for lease in leases:
+        if now - stamp(lease) < limit:
+            break
+        overdue.append(lease)
+    return overdue
